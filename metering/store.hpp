@@ -1,0 +1,77 @@
+// The metering store: users, keys, usage. SQLite is the embedded implementation;
+// the interface lets a shared server database replace it for several replicas.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "metering/types.hpp"
+
+namespace tollgate::metering {
+
+// A store call that failed for a reason the caller can report (unknown user,
+// ambiguous prefix, ...). Database corruption and I/O failures throw
+// std::runtime_error instead.
+struct StoreError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct NewKey {
+  std::string user_name;  // the user is created when missing
+  std::string prefix;
+  std::string sha256_hex;
+  std::optional<EpochMs> expires_at;
+  std::vector<std::string> models;
+  Limits limits;
+};
+
+class Store {
+ public:
+  virtual ~Store() = default;
+
+  // Users.
+  virtual User ensure_user(std::string_view name) = 0;
+  virtual std::optional<User> find_user(std::string_view name) = 0;
+  virtual std::vector<User> list_users() = 0;
+  virtual void set_user_limits(std::string_view name, const Limits& limits) = 0;  // StoreError if unknown
+
+  // Keys.
+  virtual ApiKey insert_key(const NewKey& key) = 0;
+  virtual std::vector<ApiKey> list_keys(std::optional<std::string_view> user = std::nullopt) = 0;
+  virtual std::optional<ApiKey> find_key_by_hash(std::string_view sha256_hex) = 0;
+  // Revokes the one key whose prefix starts with `prefix`; StoreError when none
+  // or several match. Returns the revoked key.
+  virtual ApiKey revoke_key(std::string_view prefix, EpochMs now) = 0;
+  virtual void set_key_limits(std::string_view prefix, const Limits& limits) = 0;
+  // A number that changes whenever users or keys change, from any process.
+  virtual std::int64_t keys_version() = 0;
+
+  // Settings (e.g. the admin key's hash).
+  virtual std::optional<std::string> get_setting(std::string_view name) = 0;
+  virtual void put_setting(std::string_view name, std::string_view value) = 0;
+
+  // Usage: one transaction for the whole batch (events and rollups).
+  virtual void append_usage(std::span<const UsageEvent> events) = 0;
+  virtual std::vector<UsageRow> usage(const UsageQuery& query) = 0;
+  virtual std::int64_t count_usage_events() = 0;
+
+  // Current-window counts per user id and per key id, of events with counted=1.
+  struct QuotaState {
+    std::map<std::int64_t, SubjectUsage> users;
+    std::map<std::int64_t, SubjectUsage> keys;
+  };
+  virtual QuotaState quota_state(EpochMs now) = 0;
+};
+
+// Opens (creating and migrating as needed) a SQLite store at `path` in WAL mode.
+// Each call opens its own connection; a connection is used from one thread at a
+// time (the object serialises its own calls).
+std::unique_ptr<Store> open_sqlite_store(const std::string& path);
+
+}  // namespace tollgate::metering

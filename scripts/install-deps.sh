@@ -1,0 +1,32 @@
+#!/bin/sh
+# Installs what Tollgate needs to build and test, from Debian packages only.
+# Idempotent: packages already present are skipped, so a second run costs
+# one dpkg query.
+set -eu
+
+packages="
+  build-essential cmake ninja-build ccache pkg-config git
+  libboost1.81-dev libboost-json1.81-dev libboost-url1.81-dev
+  libssl-dev openssl libsqlite3-dev sqlite3 libyaml-cpp-dev catch2
+  prometheus nginx-light wrk curl python3 ca-certificates
+"
+
+missing=""
+for p in $packages; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed'; then
+    missing="$missing $p"
+  fi
+done
+
+if [ -n "$missing" ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "install-deps: installing:$missing"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  # The prometheus and nginx packages try to start their services; tests run
+  # their own instances on loopback ports, so policy-rc.d keeps them down.
+  $sudo sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+  $sudo apt-get install -y -qq --no-install-recommends $missing
+  $sudo rm -f /usr/sbin/policy-rc.d
+fi
