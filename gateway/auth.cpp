@@ -1,0 +1,118 @@
+#include "gateway/auth.hpp"
+
+#include <cctype>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+
+#include "metering/api_key.hpp"
+
+namespace tollgate::gateway {
+
+std::optional<std::string_view> presented_key(std::string_view authorization, std::string_view x_api_key) {
+  auto trim = [](std::string_view s) {
+    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+    return s;
+  };
+  authorization = trim(authorization);
+  constexpr std::string_view kBearer = "bearer ";
+  if (authorization.size() > kBearer.size()) {
+    bool is_bearer = true;
+    for (std::size_t i = 0; i < kBearer.size(); ++i) {
+      if (std::tolower(static_cast<unsigned char>(authorization[i])) != kBearer[i]) is_bearer = false;
+    }
+    if (is_bearer) {
+      auto key = trim(authorization.substr(kBearer.size()));
+      if (!key.empty()) return key;
+    }
+  }
+  x_api_key = trim(x_api_key);
+  if (!x_api_key.empty()) return x_api_key;
+  return std::nullopt;
+}
+
+KeyCache::KeyCache(std::unique_ptr<metering::Store> store) : store_(std::move(store)) {
+  std::lock_guard lock(store_mutex_);
+  loaded_version_ = store_->keys_version();
+  reload();
+}
+
+KeyCache::~KeyCache() {
+  {
+    std::lock_guard lock(stop_mutex_);
+    stopping_ = true;
+  }
+  stop_cv_.notify_all();
+  if (refresher_.joinable()) refresher_.join();
+}
+
+void KeyCache::reload() {
+  std::map<std::int64_t, metering::Limits> user_limits;
+  for (const auto& user : store_->list_users()) user_limits[user.id] = user.limits;
+  auto snapshot = std::make_shared<Snapshot>();
+  for (auto& key : store_->list_keys()) {
+    auto entry = std::make_shared<KeyEntry>();
+    entry->user_limits = user_limits[key.user_id];
+    std::string hash = key.sha256_hex;
+    entry->key = std::move(key);
+    snapshot->emplace(std::move(hash), std::move(entry));
+  }
+  std::lock_guard lock(snapshot_mutex_);
+  snapshot_ = std::move(snapshot);
+}
+
+bool KeyCache::refresh_if_changed() {
+  std::lock_guard lock(store_mutex_);
+  auto version = store_->keys_version();
+  if (version == loaded_version_) return false;
+  loaded_version_ = version;
+  reload();
+  return true;
+}
+
+void KeyCache::start_refreshing(std::chrono::milliseconds interval) {
+  refresher_ = std::thread([this, interval] {
+    std::unique_lock lock(stop_mutex_);
+    while (!stop_cv_.wait_for(lock, interval, [this] { return stopping_; })) {
+      lock.unlock();
+      try {
+        refresh_if_changed();
+      } catch (const std::exception& e) {
+        // A busy or briefly locked database only delays the refresh.
+        std::cerr << "tollgate: key refresh failed: " << e.what() << "\n";
+      }
+      lock.lock();
+    }
+  });
+}
+
+AuthOutcome KeyCache::authenticate(std::string_view key, metering::EpochMs now) const {
+  std::shared_ptr<const Snapshot> snapshot;
+  {
+    std::lock_guard lock(snapshot_mutex_);
+    snapshot = snapshot_;
+  }
+  auto it = snapshot->find(metering::sha256_hex(key));
+  if (it == snapshot->end()) return {AuthOutcome::Status::unknown, nullptr};
+  const auto& k = it->second->key;
+  if (k.revoked_at) return {AuthOutcome::Status::revoked, it->second};
+  if (k.expires_at && *k.expires_at <= now) return {AuthOutcome::Status::expired, it->second};
+  return {AuthOutcome::Status::ok, it->second};
+}
+
+bool AdminKey::matches(std::string_view presented) const {
+  return metering::constant_time_equal(metering::sha256_hex(presented), sha256_hex);
+}
+
+AdminKey establish_admin_key(metering::Store& store) {
+  if (const char* env = std::getenv("TOLLGATE_ADMIN_KEY"); env && *env) {
+    return {metering::sha256_hex(env), std::nullopt};
+  }
+  if (auto stored = store.get_setting("admin_key_sha256")) return {*stored, std::nullopt};
+  auto generated = metering::generate_api_key("tg-admin-");
+  store.put_setting("admin_key_sha256", generated.sha256_hex);
+  return {generated.sha256_hex, generated.plaintext};
+}
+
+}  // namespace tollgate::gateway

@@ -1,0 +1,324 @@
+#include "gateway/cli.hpp"
+
+#include <boost/json.hpp>
+
+#include <algorithm>
+#include <charconv>
+#include <cstdio>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "gateway/admin.hpp"
+#include "gateway/config.hpp"
+#include "gateway/server.hpp"
+#include "metering/quota.hpp"
+#include "metering/store.hpp"
+
+namespace tollgate::gateway {
+namespace {
+
+constexpr const char* kUsage = R"(tollgate — LLM API gateway and metering proxy
+
+usage:
+  tollgate serve [--config FILE] [--listen HOST:PORT] [--db FILE]
+  tollgate keys create --user NAME [--rpm N] [--tpm N] [--rpd N] [--tpd N]
+                       [--tokens-per-month N] [--models a,b] [--expires DATE] [--db FILE]
+  tollgate keys list [--user NAME] [--db FILE]
+  tollgate keys revoke PREFIX [--db FILE]
+  tollgate users list [--db FILE]
+  tollgate users limits NAME [--rpm N] [--tpm N] [--rpd N] [--tpd N] [--tokens-per-month N] [--db FILE]
+  tollgate usage [--user NAME] [--since DATE] [--by-day] [--by-model] [--json] [--db FILE]
+  tollgate config default          print the embedded default configuration
+  tollgate config check FILE       validate a configuration file
+
+Every command that reads the database takes --db FILE, or --config FILE to use
+the file's `database` (default ./tollgate.db). DATE is YYYY-MM-DD[THH:MM[:SS]] UTC.
+)";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Parsed "--name value" options and "--flag" switches, plus positionals.
+class Args {
+ public:
+  Args(int argc, char** argv, int first, const std::vector<std::string>& flags) {
+    for (int i = first; i < argc; ++i) {
+      std::string a = argv[i];
+      if (a.rfind("--", 0) == 0) {
+        std::string name = a.substr(2);
+        if (auto eq = name.find('='); eq != std::string::npos) {
+          options_[name.substr(0, eq)] = name.substr(eq + 1);
+        } else if (std::find(flags.begin(), flags.end(), name) != flags.end()) {
+          options_[name] = "";
+        } else if (i + 1 < argc) {
+          options_[name] = argv[++i];
+        } else {
+          throw UsageError("option --" + name + " needs a value");
+        }
+      } else {
+        positionals_.push_back(a);
+      }
+    }
+  }
+
+  std::optional<std::string> take(const std::string& name) {
+    auto it = options_.find(name);
+    if (it == options_.end()) return std::nullopt;
+    auto v = it->second;
+    options_.erase(it);
+    return v;
+  }
+  bool flag(const std::string& name) { return take(name).has_value(); }
+  std::optional<std::int64_t> number(const std::string& name) {
+    auto v = take(name);
+    if (!v) return std::nullopt;
+    std::int64_t n = 0;
+    auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), n);
+    if (ec != std::errc() || end != v->data() + v->size() || n < 0) {
+      throw UsageError("--" + name + " needs a non-negative integer, got '" + *v + "'");
+    }
+    return n;
+  }
+  std::vector<std::string>& positionals() { return positionals_; }
+  // Anything left over is a mistake worth naming.
+  void finish() {
+    if (!options_.empty()) throw UsageError("unknown option --" + options_.begin()->first);
+  }
+
+ private:
+  std::map<std::string, std::string> options_;
+  std::vector<std::string> positionals_;
+};
+
+std::string database_path(Args& args) {
+  auto db = args.take("db");
+  auto config = args.take("config");
+  if (db) return *db;
+  if (config) return load_config_file(*config).database;
+  return "./tollgate.db";
+}
+
+metering::Limits read_limits(Args& args) {
+  metering::Limits l;
+  l.requests_per_minute = args.number("rpm");
+  l.tokens_per_minute = args.number("tpm");
+  l.requests_per_day = args.number("rpd");
+  l.tokens_per_day = args.number("tpd");
+  l.tokens_per_month = args.number("tokens-per-month");
+  return l;
+}
+
+std::vector<std::string> split_commas(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+std::string limit_text(const metering::Limits& l) {
+  std::string s;
+  auto add = [&](const char* name, const std::optional<std::int64_t>& v) {
+    if (v) s += (s.empty() ? "" : " ") + std::string(name) + "=" + std::to_string(*v);
+  };
+  add("rpm", l.requests_per_minute);
+  add("tpm", l.tokens_per_minute);
+  add("rpd", l.requests_per_day);
+  add("tpd", l.tokens_per_day);
+  add("tokens-per-month", l.tokens_per_month);
+  return s.empty() ? "-" : s;
+}
+
+std::string time_text(const std::optional<metering::EpochMs>& t) {
+  if (!t) return "-";
+  return metering::day_string(*t);
+}
+
+int serve(Args& args) {
+  auto config_path = args.take("config");
+  auto listen = args.take("listen");
+  auto db = args.take("db");
+  args.finish();
+  Config config = config_path ? load_config_file(*config_path) : embedded_default_config();
+  if (listen) {
+    auto a = parse_listen(*listen);
+    if (!a) throw UsageError("--listen needs HOST:PORT, got '" + *listen + "'");
+    config.listen = *a;
+  }
+  if (db) config.database = *db;
+  return run_server(config);
+}
+
+int keys_create(Args& args) {
+  KeyRequest request;
+  auto user = args.take("user");
+  if (!user) throw UsageError("keys create needs --user NAME");
+  request.user = *user;
+  request.limits = read_limits(args);
+  if (auto models = args.take("models")) request.models = split_commas(*models);
+  if (auto expires = args.take("expires")) {
+    request.expires_at = metering::parse_utc_time(*expires);
+    if (!request.expires_at) throw UsageError("--expires needs YYYY-MM-DD[THH:MM[:SS]], got '" + *expires + "'");
+  }
+  auto db = database_path(args);
+  args.finish();
+  auto store = metering::open_sqlite_store(db);
+  auto created = create_key(*store, request);
+  const auto& k = created.key;
+  std::cout << "created key " << k.prefix << " for user " << k.user_name << " (limits: " << limit_text(k.limits)
+            << "; models: " << (k.models.empty() ? "all" : boost::json::serialize(key_json(k)["models"]))
+            << "; expires: " << time_text(k.expires_at) << ")\n"
+            << "this is the only time the key is shown:\n"
+            << created.plaintext << std::endl;
+  return 0;
+}
+
+int keys_list(Args& args) {
+  auto user = args.take("user");
+  auto db = database_path(args);
+  args.finish();
+  auto store = metering::open_sqlite_store(db);
+  std::printf("%-14s %-20s %-10s %-10s %-10s %-20s %s\n", "PREFIX", "USER", "CREATED", "EXPIRES", "REVOKED",
+              "MODELS", "LIMITS");
+  for (const auto& k : store->list_keys(user ? std::optional<std::string_view>(*user) : std::nullopt)) {
+    std::string models;
+    for (const auto& m : k.models) models += (models.empty() ? "" : ",") + m;
+    std::printf("%-14s %-20s %-10s %-10s %-10s %-20s %s\n", k.prefix.c_str(), k.user_name.c_str(),
+                metering::day_string(k.created_at).c_str(), time_text(k.expires_at).c_str(),
+                time_text(k.revoked_at).c_str(), models.empty() ? "all" : models.c_str(), limit_text(k.limits).c_str());
+  }
+  return 0;
+}
+
+int keys_revoke(Args& args) {
+  auto db = database_path(args);
+  args.finish();
+  if (args.positionals().size() != 1) throw UsageError("keys revoke needs exactly one PREFIX");
+  auto store = metering::open_sqlite_store(db);
+  auto key = store->revoke_key(args.positionals()[0], metering::now_ms());
+  std::cout << "revoked key " << key.prefix << " of user " << key.user_name << std::endl;
+  return 0;
+}
+
+int users_list(Args& args) {
+  auto db = database_path(args);
+  args.finish();
+  auto store = metering::open_sqlite_store(db);
+  std::printf("%-24s %-10s %s\n", "USER", "CREATED", "LIMITS");
+  for (const auto& u : store->list_users()) {
+    std::printf("%-24s %-10s %s\n", u.name.c_str(), metering::day_string(u.created_at).c_str(),
+                limit_text(u.limits).c_str());
+  }
+  return 0;
+}
+
+int users_limits(Args& args) {
+  auto limits = read_limits(args);
+  auto db = database_path(args);
+  args.finish();
+  if (args.positionals().size() != 1) throw UsageError("users limits needs exactly one NAME");
+  auto store = metering::open_sqlite_store(db);
+  auto user = store->ensure_user(args.positionals()[0]);
+  store->set_user_limits(user.name, limits);
+  std::cout << "limits of user " << user.name << ": " << limit_text(limits) << std::endl;
+  return 0;
+}
+
+int usage(Args& args) {
+  metering::UsageQuery query;
+  if (auto user = args.take("user")) query.user = *user;
+  if (auto since = args.take("since")) {
+    query.since = metering::parse_utc_time(*since);
+    if (!query.since) throw UsageError("--since needs YYYY-MM-DD, got '" + *since + "'");
+  }
+  query.by_day = args.flag("by-day");
+  query.by_model = args.flag("by-model");
+  bool as_json = args.flag("json");
+  auto db = database_path(args);
+  args.finish();
+  auto store = metering::open_sqlite_store(db);
+  auto rows = store->usage(query);
+  if (as_json) {
+    boost::json::array data;
+    for (const auto& r : rows) data.push_back(usage_row_json(r));
+    std::cout << boost::json::serialize(boost::json::object{{"object", "list"}, {"data", data}}) << std::endl;
+    return 0;
+  }
+  std::printf("%-24s %-10s %-24s %10s %8s %14s %14s\n", "USER", "DAY", "MODEL", "REQUESTS", "ERRORS", "PROMPT_TOK",
+              "COMPLETION_TOK");
+  for (const auto& r : rows) {
+    std::printf("%-24s %-10s %-24s %10lld %8lld %14lld %14lld\n", r.user.c_str(), r.day.empty() ? "*" : r.day.c_str(),
+                r.model.empty() ? "*" : r.model.c_str(), static_cast<long long>(r.requests),
+                static_cast<long long>(r.errors), static_cast<long long>(r.prompt_tokens),
+                static_cast<long long>(r.completion_tokens));
+  }
+  return 0;
+}
+
+int dispatch(int argc, char** argv) {
+  std::string command = argc > 1 ? argv[1] : "";
+  std::string sub = argc > 2 ? argv[2] : "";
+  const std::vector<std::string> flags = {"json", "by-day", "by-model"};
+  if (command == "serve") {
+    Args args(argc, argv, 2, flags);
+    return serve(args);
+  }
+  if (command == "keys" || command == "users") {
+    Args args(argc, argv, 3, flags);
+    if (command == "keys" && sub == "create") return keys_create(args);
+    if (command == "keys" && sub == "list") return keys_list(args);
+    if (command == "keys" && sub == "revoke") return keys_revoke(args);
+    if (command == "users" && sub == "list") return users_list(args);
+    if (command == "users" && sub == "limits") return users_limits(args);
+    throw UsageError("unknown command '" + command + " " + sub + "'");
+  }
+  if (command == "usage") {
+    Args args(argc, argv, 2, flags);
+    return usage(args);
+  }
+  if (command == "config" && sub == "default") {
+    std::cout << embedded_default_yaml();
+    return 0;
+  }
+  if (command == "config" && sub == "check") {
+    if (argc != 4) throw UsageError("config check needs exactly one FILE");
+    load_config_file(argv[3]);
+    std::cout << argv[3] << ": ok" << std::endl;
+    return 0;
+  }
+  if (command == "help" || command == "--help" || command == "-h") {
+    std::cout << kUsage;
+    return 0;
+  }
+  throw UsageError(command.empty() ? "no command given" : "unknown command '" + command + "'");
+}
+
+}  // namespace
+
+int run_cli(int argc, char** argv) {
+  try {
+    return dispatch(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "tollgate: " << e.what() << "\n\n" << kUsage;
+    return 2;
+  } catch (const ConfigError& e) {
+    std::cerr << "tollgate: configuration error: " << e.what() << "\n";
+    return 1;
+  } catch (const metering::StoreError& e) {
+    std::cerr << "tollgate: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "tollgate: " << e.what() << "\n";
+    return 1;
+  }
+}
+
+}  // namespace tollgate::gateway

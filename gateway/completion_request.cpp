@@ -1,0 +1,223 @@
+#include "gateway/completion_request.hpp"
+
+#include <boost/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+
+namespace tollgate::gateway {
+namespace json = boost::json;
+namespace {
+
+constexpr std::int64_t kMaxTokensCap = 1'000'000;
+constexpr std::size_t kMaxStopSequences = 4;
+
+using Result = std::variant<ParsedCompletion, ApiError>;
+
+std::optional<ApiError> read_number(const json::object& o, const char* name, double min, double max,
+                                    double& out) {
+  auto it = o.find(name);
+  if (it == o.end() || it->value().is_null()) return std::nullopt;
+  const auto& v = it->value();
+  if (!v.is_number()) return bad_request(std::string("'") + name + "' must be a number", name, "invalid_type");
+  double d = v.to_number<double>();
+  if (!std::isfinite(d) || d < min || d > max) {
+    return bad_request(std::string("'") + name + "' must be between " + json::serialize(json::value(min)) +
+                           " and " + json::serialize(json::value(max)),
+                       name);
+  }
+  out = d;
+  return std::nullopt;
+}
+
+std::optional<ApiError> read_bool(const json::object& o, const char* name, bool& out) {
+  auto it = o.find(name);
+  if (it == o.end() || it->value().is_null()) return std::nullopt;
+  if (!it->value().is_bool()) return bad_request(std::string("'") + name + "' must be a boolean", name, "invalid_type");
+  out = it->value().get_bool();
+  return std::nullopt;
+}
+
+// A message's content: a string, or an array of {"type":"text","text":...} parts.
+std::optional<ApiError> read_content(const json::value& v, const std::string& param, std::string& out) {
+  if (v.is_string()) {
+    out = v.get_string();
+    return std::nullopt;
+  }
+  if (v.is_array()) {
+    for (const auto& part : v.get_array()) {
+      const auto* p = part.if_object();
+      const json::value* type = p ? p->if_contains("type") : nullptr;
+      if (!type || !type->is_string()) {
+        return bad_request("each content part must be an object with a 'type'", param, "invalid_type");
+      }
+      if (type->get_string() != "text") {
+        return bad_request("content parts of type '" + std::string(type->get_string()) + "' are not supported",
+                           param, "unsupported_content");
+      }
+      const json::value* text = p->if_contains("text");
+      if (!text || !text->is_string()) return bad_request("a text part needs a string 'text'", param, "invalid_type");
+      out += text->get_string();
+    }
+    return std::nullopt;
+  }
+  return bad_request("'content' must be a string or an array of text parts", param, "invalid_type");
+}
+
+std::optional<ApiError> read_messages(const json::object& o, backends::CompletionRequest& r) {
+  auto it = o.find("messages");
+  if (it == o.end()) return bad_request("'messages' is required", "messages", "missing_required_parameter");
+  if (!it->value().is_array()) return bad_request("'messages' must be an array", "messages", "invalid_type");
+  const auto& messages = it->value().get_array();
+  if (messages.empty()) return bad_request("'messages' must not be empty", "messages");
+  for (std::size_t i = 0; i < messages.size(); ++i) {
+    std::string param = "messages[" + std::to_string(i) + "]";
+    const auto* m = messages[i].if_object();
+    if (!m) return bad_request(param + " must be an object", param, "invalid_type");
+    const json::value* role = m->if_contains("role");
+    if (!role || !role->is_string()) {
+      return bad_request(param + " needs a string 'role'", param + ".role", "invalid_type");
+    }
+    std::string_view role_name = role->get_string();
+    if (role_name != "system" && role_name != "user" && role_name != "assistant" && role_name != "tool" &&
+        role_name != "developer") {
+      return bad_request("unknown role '" + std::string(role_name) + "'", param + ".role");
+    }
+    backends::ChatMessage message{std::string(role_name), {}};
+    const json::value* content = m->if_contains("content");
+    // An assistant turn that only called tools carries no content.
+    bool content_optional = role_name == "assistant";
+    if (!content || content->is_null()) {
+      if (!content_optional) {
+        return bad_request(param + " needs 'content'", param + ".content", "missing_required_parameter");
+      }
+    } else if (auto e = read_content(*content, param + ".content", message.content)) {
+      return e;
+    }
+    r.messages.push_back(std::move(message));
+  }
+  return std::nullopt;
+}
+
+std::optional<ApiError> read_prompt(const json::object& o, backends::CompletionRequest& r) {
+  auto it = o.find("prompt");
+  if (it == o.end()) return bad_request("'prompt' is required", "prompt", "missing_required_parameter");
+  const auto& v = it->value();
+  if (v.is_string()) {
+    r.prompt = v.get_string();
+    return std::nullopt;
+  }
+  if (v.is_array()) {
+    const auto& a = v.get_array();
+    if (a.size() == 1 && a[0].is_string()) {
+      r.prompt = a[0].get_string();
+      return std::nullopt;
+    }
+    return bad_request("'prompt' must be a string or an array of one string (batches and token arrays are not supported)",
+                       "prompt", "unsupported_value");
+  }
+  return bad_request("'prompt' must be a string", "prompt", "invalid_type");
+}
+
+std::optional<ApiError> read_max_tokens(const json::object& o, backends::CompletionRequest& r) {
+  for (const char* name : {"max_completion_tokens", "max_tokens"}) {
+    auto it = o.find(name);
+    if (it == o.end() || it->value().is_null()) continue;
+    const auto& v = it->value();
+    std::int64_t n = 0;
+    if (v.is_int64()) {
+      n = v.get_int64();
+    } else if (v.is_uint64()) {
+      n = kMaxTokensCap + 1;
+    } else if (v.is_double() && std::floor(v.get_double()) == v.get_double()) {
+      n = static_cast<std::int64_t>(std::clamp(v.get_double(), -1.0, double(kMaxTokensCap + 1)));
+    } else {
+      return bad_request(std::string("'") + name + "' must be an integer", name, "invalid_type");
+    }
+    if (n < 1 || n > kMaxTokensCap) {
+      return bad_request(std::string("'") + name + "' must be between 1 and " + std::to_string(kMaxTokensCap), name);
+    }
+    r.max_tokens = n;
+    return std::nullopt;
+  }
+  return std::nullopt;
+}
+
+std::optional<ApiError> read_stop(const json::object& o, backends::CompletionRequest& r) {
+  auto it = o.find("stop");
+  if (it == o.end() || it->value().is_null()) return std::nullopt;
+  const auto& v = it->value();
+  auto add = [&](const json::value& s) -> std::optional<ApiError> {
+    if (!s.is_string()) return bad_request("'stop' must be a string or an array of strings", "stop", "invalid_type");
+    if (s.get_string().empty()) return bad_request("stop sequences must not be empty", "stop");
+    r.stop.emplace_back(s.get_string());
+    return std::nullopt;
+  };
+  if (v.is_array()) {
+    if (v.get_array().size() > kMaxStopSequences) {
+      return bad_request("at most " + std::to_string(kMaxStopSequences) + " stop sequences are allowed", "stop");
+    }
+    for (const auto& s : v.get_array()) {
+      if (auto e = add(s)) return e;
+    }
+    return std::nullopt;
+  }
+  return add(v);
+}
+
+}  // namespace
+
+Result parse_completion_request(std::string_view body, bool chat) {
+  json::error_code ec;
+  json::value root = json::parse(body, ec);
+  if (ec) {
+    if (ec == json::error::syntax || ec == json::error::incomplete || ec == json::error::extra_data) {
+      return bad_request("the request body is not valid JSON (" + ec.message() + ")", std::nullopt, "invalid_json");
+    }
+    return bad_request("the request body could not be parsed: " + ec.message(), std::nullopt, "invalid_json");
+  }
+  const auto* o = root.if_object();
+  if (!o) return bad_request("the request body must be a JSON object", std::nullopt, "invalid_json");
+
+  ParsedCompletion parsed;
+  auto& r = parsed.request;
+  r.chat = chat;
+
+  const json::value* model = o->if_contains("model");
+  if (!model) return bad_request("'model' is required", "model", "missing_required_parameter");
+  if (!model->is_string()) return bad_request("'model' must be a string", "model", "invalid_type");
+  if (model->get_string().empty()) return bad_request("'model' must not be empty", "model");
+  r.model = model->get_string();
+
+  if (auto e = chat ? read_messages(*o, r) : read_prompt(*o, r)) return *e;
+  if (auto e = read_max_tokens(*o, r)) return *e;
+  if (auto e = read_stop(*o, r)) return *e;
+  if (auto e = read_number(*o, "temperature", 0.0, 2.0, r.temperature)) return *e;
+  if (auto e = read_number(*o, "top_p", 0.0, 1.0, r.top_p)) return *e;
+  if (auto e = read_number(*o, "presence_penalty", -2.0, 2.0, r.presence_penalty)) return *e;
+  if (auto e = read_number(*o, "frequency_penalty", -2.0, 2.0, r.frequency_penalty)) return *e;
+  if (auto e = read_bool(*o, "stream", r.stream)) return *e;
+
+  if (const json::value* n = o->if_contains("n"); n && !n->is_null()) {
+    if (!n->is_number()) return bad_request("'n' must be an integer", "n", "invalid_type");
+    if (n->to_number<double>() != 1.0) return bad_request("only n = 1 is supported", "n", "unsupported_value");
+  }
+  if (const json::value* seed = o->if_contains("seed"); seed && !seed->is_null()) {
+    if (seed->is_int64()) r.seed = static_cast<std::uint64_t>(seed->get_int64());
+    else if (seed->is_uint64()) r.seed = seed->get_uint64();
+    else return bad_request("'seed' must be an integer", "seed", "invalid_type");
+  }
+  if (const json::value* so = o->if_contains("stream_options"); so && !so->is_null()) {
+    if (!so->is_object()) return bad_request("'stream_options' must be an object", "stream_options", "invalid_type");
+    if (!r.stream) {
+      return bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options");
+    }
+    if (auto e = read_bool(so->get_object(), "include_usage", parsed.include_usage)) {
+      e->param = "stream_options.include_usage";
+      return *e;
+    }
+  }
+  return parsed;
+}
+
+}  // namespace tollgate::gateway

@@ -1,0 +1,60 @@
+#include "gateway/gateway_metrics.hpp"
+
+namespace tollgate::gateway {
+
+GatewayMetrics::GatewayMetrics(bool per_user_series)
+    : per_user(per_user_series),
+      requests(registry.counter("tollgate_http_requests_total", "HTTP requests answered, by route and status.",
+                                {"route", "status"})),
+      request_duration(registry.histogram("tollgate_http_request_duration_seconds",
+                                          "Time from request headers to the last byte of the response.", {"route"},
+                                          metering::latency_buckets())),
+      gateway_overhead(registry
+                           .histogram("tollgate_gateway_overhead_seconds",
+                                      "Time a request spent in the gateway itself, outside any backend.", {},
+                                      metering::latency_buckets())
+                           .labels({})),
+      time_to_first_token(registry.histogram("tollgate_time_to_first_token_seconds",
+                                             "Time from request to the first streamed token.", {"model", "backend"},
+                                             metering::latency_buckets())),
+      tokens(registry.counter("tollgate_tokens_total", "Tokens processed, by direction (prompt or completion).",
+                              {"direction", "model", "backend"})),
+      quota_rejections(registry.counter("tollgate_quota_rejections_total",
+                                        "Requests refused with 429 by a quota or rate limit.", {"limit"})),
+      auth_failures(registry.counter("tollgate_auth_failures_total", "Requests refused with 401 or 403.",
+                                     {"reason"})),
+      in_flight(registry.gauge("tollgate_http_requests_in_flight", "Requests being handled now.").labels({})),
+      open_connections(registry.gauge("tollgate_http_connections_open", "Client connections open now.").labels({})),
+      rejected_connections(registry
+                               .counter("tollgate_http_connections_rejected_total",
+                                        "Connections closed at accept because max_connections was reached.")
+                               .labels({})),
+      metering_queue_depth(registry
+                               .gauge("tollgate_metering_queue_depth",
+                                      "Usage events waiting for the writer thread.")
+                               .labels({})),
+      metering_flush_duration(registry
+                                  .histogram("tollgate_metering_flush_duration_seconds",
+                                             "Time to commit one batch of usage events to SQLite.", {},
+                                             metering::latency_buckets())
+                                  .labels({})),
+      metering_rows(registry.counter("tollgate_metering_rows_written_total", "Usage events committed to SQLite.")
+                        .labels({})),
+      user_requests(registry.counter("tollgate_user_requests_total",
+                                     "Requests per user (only when metering.per_user_metrics is on).", {"user"})),
+      user_tokens(registry.counter("tollgate_user_tokens_total",
+                                   "Tokens per user (only when metering.per_user_metrics is on).",
+                                   {"user", "direction"})) {
+  metering::add_process_collector(registry);
+}
+
+std::string_view route_label(std::string_view path) {
+  for (std::string_view known : {"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz",
+                                 "/metrics"}) {
+    if (path == known) return known;
+  }
+  if (path.starts_with("/admin/")) return "/admin";
+  return "other";
+}
+
+}  // namespace tollgate::gateway

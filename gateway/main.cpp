@@ -1,1 +1,3 @@
-int main() { return 0; }
+#include "gateway/cli.hpp"
+
+int main(int argc, char** argv) { return tollgate::gateway::run_cli(argc, argv); }

@@ -1,0 +1,744 @@
+#include "gateway/server.hpp"
+
+#include <boost/asio.hpp>
+#include <boost/asio/experimental/concurrent_channel.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/json.hpp>
+
+#include <atomic>
+#include <deque>
+#include <iostream>
+#include <list>
+#include <mutex>
+#include <thread>
+
+#include "backends/echo.hpp"
+#include "backends/router.hpp"
+#include "gateway/admin.hpp"
+#include "gateway/auth.hpp"
+#include "gateway/completion_request.hpp"
+#include "gateway/completion_response.hpp"
+#include "gateway/gateway_metrics.hpp"
+#include "gateway/http_error.hpp"
+#include "metering/quota.hpp"
+#include "metering/usage_writer.hpp"
+
+namespace tollgate::gateway {
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace json = boost::json;
+using tcp = net::ip::tcp;
+using net::awaitable;
+using net::use_awaitable;
+using SteadyClock = std::chrono::steady_clock;
+constexpr auto as_tuple = net::as_tuple(use_awaitable);
+
+using Request = http::request<http::string_body>;
+using Response = http::response<http::string_body>;
+
+double seconds_since(SteadyClock::time_point t) {
+  return std::chrono::duration<double>(SteadyClock::now() - t).count();
+}
+std::int64_t micros_since(SteadyClock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - t).count();
+}
+
+// A connection the shutdown can reach: idle ones are closed at once, busy ones
+// finish their request first.
+struct Connection {
+  explicit Connection(tcp::socket socket) : stream(std::move(socket)) {}
+  beast::tcp_stream stream;
+  std::atomic<bool> idle{true};
+};
+
+// What one process serves: configuration, routing, keys, quotas, metering.
+struct Gateway {
+  Config config;
+  GatewayMetrics metrics;
+  backends::Router router;
+  std::unique_ptr<KeyCache> keys;
+  AdminKey admin_key;
+  std::unique_ptr<metering::Store> admin_store;  // blocking: used on admin_pool only
+  net::thread_pool admin_pool{1};
+  metering::QuotaLimiter quotas;
+  std::unique_ptr<metering::UsageWriter> usage;
+  std::atomic<bool> stopping{false};
+  std::atomic<std::size_t> open_connections{0};
+
+  std::mutex connections_mutex;
+  std::list<std::weak_ptr<Connection>> connections;
+
+  explicit Gateway(const Config& c) : config(c), metrics(c.metering.per_user_metrics) {}
+};
+
+// Coroutines take their state as parameters, never as lambda captures: g++ 12
+// destroys a capturing coroutine lambda's captures twice.
+template <class F>
+awaitable<std::invoke_result_t<F>> invoke(F f) {
+  co_return f();
+}
+
+// Runs `f` on the admin pool (SQLite may block) and resumes on the caller's executor.
+template <class F>
+awaitable<std::invoke_result_t<F>> run_blocking(Gateway& gw, F f) {
+  co_return co_await net::co_spawn(gw.admin_pool, invoke(std::move(f)), use_awaitable);
+}
+
+void set_rate_limit_headers(http::fields& res, const metering::RateLimitStatus& status) {
+  if (status.requests) {
+    res.set("x-ratelimit-limit-requests", std::to_string(status.requests->limit));
+    res.set("x-ratelimit-remaining-requests", std::to_string(status.requests->remaining));
+    res.set("x-ratelimit-reset-requests", metering::format_reset(status.requests->reset_ms));
+  }
+  if (status.tokens) {
+    res.set("x-ratelimit-limit-tokens", std::to_string(status.tokens->limit));
+    res.set("x-ratelimit-remaining-tokens", std::to_string(status.tokens->remaining));
+    res.set("x-ratelimit-reset-tokens", metering::format_reset(status.tokens->reset_ms));
+  }
+}
+
+Response make_response(const Request& req, http::status status, std::string body,
+                       std::string_view content_type = "application/json") {
+  Response res{status, req.version()};
+  res.set(http::field::server, "tollgate");
+  res.set(http::field::content_type, content_type);
+  res.keep_alive(req.keep_alive());
+  res.body() = std::move(body);
+  res.prepare_payload();
+  return res;
+}
+
+Response error_response(const Request& req, const ApiError& e) {
+  auto res = make_response(req, static_cast<http::status>(e.status), e.body());
+  if (e.retry_after_s) res.set(http::field::retry_after, std::to_string(*e.retry_after_s));
+  return res;
+}
+
+// One request's bookkeeping: metrics and the usage row, recorded once at the end.
+struct Exchange {
+  Gateway& gw;
+  SteadyClock::time_point started = SteadyClock::now();
+  metering::UsageEvent event;
+  std::string_view route;
+  bool metered = false;  // a usage row is written (the caller presented a known key)
+  std::shared_ptr<const KeyEntry> caller;
+  std::optional<metering::Admission> admission;
+  std::chrono::microseconds backend_time{0};
+
+  Exchange(Gateway& g, std::string_view path) : gw(g), route(route_label(path)) {
+    event.ts = metering::now_ms();
+    event.route = std::string(route);
+    gw.metrics.in_flight.add(1);
+  }
+  Exchange(const Exchange&) = delete;
+  Exchange& operator=(const Exchange&) = delete;
+
+  void identify(std::shared_ptr<const KeyEntry> entry) {
+    caller = std::move(entry);
+    metered = true;
+    event.user_id = caller->key.user_id;
+    event.key_id = caller->key.id;
+  }
+
+  metering::QuotaSubject subject() const {
+    return {caller->key.user_id, caller->key.id, caller->user_limits, caller->key.limits};
+  }
+
+  void finish(int status) {
+    auto& m = gw.metrics;
+    m.in_flight.add(-1);
+    double took = seconds_since(started);
+    std::string status_text = std::to_string(status);
+    m.requests.labels({route, status_text}).inc();
+    m.request_duration.labels({route}).observe(took);
+    m.gateway_overhead.observe(std::max(0.0, took - std::chrono::duration<double>(backend_time).count()));
+    if (!event.model.empty() && (event.prompt_tokens || event.completion_tokens)) {
+      m.tokens.labels({"prompt", event.model, event.backend}).inc(static_cast<double>(event.prompt_tokens));
+      m.tokens.labels({"completion", event.model, event.backend}).inc(static_cast<double>(event.completion_tokens));
+    }
+    if (status == 429) {
+      // Which limit refused is in the message; the label stays bounded.
+      m.quota_rejections.labels({event.route}).inc();
+    }
+    if (!metered) return;
+    if (m.per_user) {
+      const auto& user = caller->key.user_name;
+      m.user_requests.labels({user}).inc();
+      m.user_tokens.labels({user, "prompt"}).inc(static_cast<double>(event.prompt_tokens));
+      m.user_tokens.labels({user, "completion"}).inc(static_cast<double>(event.completion_tokens));
+    }
+    if (admission && admission->allowed) {
+      gw.quotas.settle(*admission, event.prompt_tokens + event.completion_tokens, metering::now_ms());
+    }
+    event.status = status;
+    event.latency_us = micros_since(started);
+    event.counted = admission && admission->allowed;
+    gw.usage->enqueue(std::move(event));
+  }
+};
+
+// Receives backend events on any thread and wakes the session coroutine.
+class SessionSink final : public backends::CompletionSink {
+ public:
+  explicit SessionSink(net::any_io_executor ex) : signal_(ex, 1) {}
+
+  void on_event(backends::CompletionEvent event) override {
+    {
+      std::lock_guard lock(mutex_);
+      events_.push_back(std::move(event));
+    }
+    // A failed try_send means a wake-up is already pending: nothing is lost.
+    signal_.try_send(boost::system::error_code{});
+  }
+
+  awaitable<std::deque<backends::CompletionEvent>> next() {
+    for (;;) {
+      {
+        std::lock_guard lock(mutex_);
+        if (!events_.empty()) co_return std::exchange(events_, {});
+      }
+      co_await signal_.async_receive(use_awaitable);
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::deque<backends::CompletionEvent> events_;
+  net::experimental::concurrent_channel<void(boost::system::error_code)> signal_;
+};
+
+class Session {
+ public:
+  Session(Gateway& gw, std::shared_ptr<Connection> conn) : gw_(gw), conn_(std::move(conn)) {}
+
+  awaitable<void> run();
+
+ private:
+  beast::tcp_stream& stream() { return conn_->stream; }
+  const ServerLimits& limits() const { return gw_.config.limits; }
+
+  awaitable<bool> write(Response res);
+  awaitable<bool> read_body(http::request_parser<http::string_body>& parser, Exchange& x);
+  awaitable<bool> handle(http::request_parser<http::string_body>& parser);
+  awaitable<bool> respond_error(const Request& req, Exchange& x, const ApiError& e, bool close = false);
+  awaitable<bool> handle_admin_route(http::request_parser<http::string_body>& parser, Exchange& x);
+  awaitable<bool> handle_models(const Request& req, Exchange& x);
+  awaitable<bool> handle_completion(const Request& req, Exchange& x, bool chat);
+  std::optional<ApiError> authenticate(const Request& req, Exchange& x);
+
+  Gateway& gw_;
+  std::shared_ptr<Connection> conn_;
+  beast::flat_buffer buffer_;
+  bool close_after_ = false;  // the request's body was not read: framing is lost
+};
+
+awaitable<bool> Session::write(Response res) {
+  if (close_after_ || gw_.stopping) res.keep_alive(false);
+  bool keep = res.keep_alive();
+  stream().expires_after(limits().idle_timeout);
+  auto [ec, n] = co_await http::async_write(stream(), res, as_tuple);
+  co_return !ec && keep;
+}
+
+awaitable<bool> Session::respond_error(const Request& req, Exchange& x, const ApiError& e, bool close) {
+  if (close) close_after_ = true;
+  auto res = error_response(req, e);
+  if (x.caller) set_rate_limit_headers(res, x.admission ? x.admission->status : gw_.quotas.status(x.subject(), metering::now_ms()));
+  x.finish(e.status);
+  co_return co_await write(std::move(res));
+}
+
+std::optional<ApiError> Session::authenticate(const Request& req, Exchange& x) {
+  auto key = presented_key(req[http::field::authorization], req["x-api-key"]);
+  if (!key) {
+    gw_.metrics.auth_failures.labels({"missing"}).inc();
+    return unauthorized("missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'", "missing_api_key");
+  }
+  auto outcome = gw_.keys->authenticate(*key, metering::now_ms());
+  switch (outcome.status) {
+    case AuthOutcome::Status::ok:
+      x.identify(outcome.entry);
+      return std::nullopt;
+    case AuthOutcome::Status::revoked:
+      x.identify(outcome.entry);
+      gw_.metrics.auth_failures.labels({"revoked"}).inc();
+      return unauthorized("this API key has been revoked", "revoked_api_key");
+    case AuthOutcome::Status::expired:
+      x.identify(outcome.entry);
+      gw_.metrics.auth_failures.labels({"expired"}).inc();
+      return unauthorized("this API key has expired", "expired_api_key");
+    case AuthOutcome::Status::missing:
+    case AuthOutcome::Status::unknown:
+      break;
+  }
+  gw_.metrics.auth_failures.labels({"unknown"}).inc();
+  return unauthorized("invalid API key");
+}
+
+awaitable<bool> Session::read_body(http::request_parser<http::string_body>& parser, Exchange& x) {
+  auto& req = parser.get();
+  if (parser.is_done()) co_return true;
+  if (beast::iequals(req[http::field::expect], "100-continue")) {
+    http::response<http::empty_body> cont{http::status::continue_, req.version()};
+    stream().expires_after(limits().idle_timeout);
+    auto [ec, n] = co_await http::async_write(stream(), cont, as_tuple);
+    if (ec) co_return false;
+  }
+  stream().expires_after(limits().body_timeout);
+  auto [ec, n] = co_await http::async_read(stream(), buffer_, parser, as_tuple);
+  if (ec == http::error::body_limit) {
+    co_await respond_error(req, x,
+                           {413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
+                            "invalid_request_error", std::nullopt, "request_too_large", {}},
+                           true);
+    co_return false;
+  }
+  if (ec) {
+    // Timeout or a broken body: the connection's framing is lost, so it closes.
+    if (ec != beast::error::timeout && ec != http::error::end_of_stream && ec != net::error::eof) {
+      co_await respond_error(req, x, bad_request("malformed request body: " + ec.message(), std::nullopt, "bad_body"),
+                             true);
+    } else {
+      x.finish(408);
+    }
+    co_return false;
+  }
+  co_return true;
+}
+
+awaitable<bool> Session::handle_models(const Request& req, Exchange& x) {
+  x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
+  if (!x.admission->allowed) {
+    co_return co_await respond_error(req, x, rate_limited(x.admission->reason, x.admission->retry_after_s));
+  }
+  json::array data;
+  for (const auto& route : gw_.router.routes()) {
+    if (!x.caller->key.allows_model(route.model)) continue;
+    data.push_back(json::object{{"id", route.model}, {"object", "model"}, {"created", 0}, {"owned_by", "tollgate"}});
+  }
+  auto res = make_response(req, http::status::ok, json::serialize(json::object{{"object", "list"}, {"data", data}}));
+  set_rate_limit_headers(res, x.admission->status);
+  x.finish(200);
+  co_return co_await write(std::move(res));
+}
+
+awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool chat) {
+  auto parsed = parse_completion_request(req.body(), chat);
+  if (auto* e = std::get_if<ApiError>(&parsed)) co_return co_await respond_error(req, x, *e);
+  auto& completion = std::get<ParsedCompletion>(parsed);
+  auto& creq = completion.request;
+  x.event.model = creq.model;
+
+  auto deployment = gw_.router.pick(creq.model);
+  if (!deployment) {
+    co_return co_await respond_error(req, x, not_found("the model '" + creq.model + "' does not exist", "model_not_found"));
+  }
+  if (!x.caller->key.allows_model(creq.model)) {
+    gw_.metrics.auth_failures.labels({"model_not_allowed"}).inc();
+    co_return co_await respond_error(req, x, forbidden("this API key may not use the model '" + creq.model + "'"));
+  }
+  auto* backend = deployment->backend;
+  x.event.backend = backend->name();
+  auto caps = backend->capabilities();
+  if ((chat && !caps.chat) || (!chat && !caps.completions) || (creq.stream && !caps.streaming)) {
+    co_return co_await respond_error(
+        req, x, bad_request("the model '" + creq.model + "' does not support this kind of request", "model"));
+  }
+  creq.upstream_model = deployment->upstream_model;
+  creq.user = x.caller->key.user_name;
+
+  std::int64_t prompt_estimate = backend->estimate_prompt_tokens(creq);
+  std::int64_t reserve = prompt_estimate +
+                         creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
+  x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
+  if (!x.admission->allowed) {
+    co_return co_await respond_error(req, x, rate_limited(x.admission->reason, x.admission->retry_after_s));
+  }
+
+  CompletionFormatter format(chat, creq.model, completion.include_usage);
+  auto sink = std::make_shared<SessionSink>(stream().get_executor());
+  bool stream_mode = creq.stream;
+  auto backend_started = SteadyClock::now();
+  auto handle = backend->start(std::move(creq), sink);
+
+  std::string text;             // non-streaming: the whole reply
+  std::int64_t deltas = 0;      // what reached the client, should the backend never report usage
+  bool headers_sent = false;
+  std::optional<http::response_serializer<http::empty_body>> serializer;
+  http::response<http::empty_body> stream_head{http::status::ok, req.version()};
+
+  // Streams one piece of SSE data to the client; false when the client is gone.
+  auto send_chunk = [&](std::string data) -> awaitable<bool> {
+    stream().expires_after(limits().idle_timeout);
+    if (!headers_sent) {
+      headers_sent = true;
+      stream_head.set(http::field::server, "tollgate");
+      stream_head.set(http::field::content_type, "text/event-stream");
+      stream_head.set(http::field::cache_control, "no-cache");
+      stream_head.set("x-accel-buffering", "no");
+      set_rate_limit_headers(stream_head, x.admission->status);
+      stream_head.keep_alive(req.keep_alive() && !gw_.stopping);
+      stream_head.chunked(true);
+      serializer.emplace(stream_head);
+      auto [ec, n] = co_await http::async_write_header(stream(), *serializer, as_tuple);
+      if (ec) co_return false;
+    }
+    auto [ec, n] = co_await net::async_write(stream(), http::make_chunk(net::buffer(data)), as_tuple);
+    co_return !ec;
+  };
+
+  for (;;) {
+    auto events = co_await sink->next();
+    for (auto& ev : events) {
+      switch (ev.type) {
+        case backends::CompletionEvent::Type::delta:
+          if (deltas++ == 0 && stream_mode) {
+            x.event.ttft_us = micros_since(x.started);
+            gw_.metrics.time_to_first_token.labels({x.event.model, x.event.backend})
+                .observe(static_cast<double>(*x.event.ttft_us) / 1e6);
+          }
+          if (!stream_mode) {
+            text += ev.text;
+          } else if (!co_await send_chunk(format.delta_event(ev.text))) {
+            handle->cancel();
+            x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
+            x.event.completion_tokens = deltas;
+            x.event.prompt_tokens = prompt_estimate;
+            x.event.estimated = true;
+            x.finish(499);  // the client went away mid-stream
+            co_return false;
+          }
+          break;
+        case backends::CompletionEvent::Type::done: {
+          x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
+          x.event.prompt_tokens = ev.usage.prompt_tokens;
+          x.event.completion_tokens = ev.usage.completion_tokens;
+          x.event.estimated = ev.usage.estimated;
+          if (!stream_mode) {
+            auto res = make_response(req, http::status::ok, format.full_response(text, ev.finish_reason, ev.usage));
+            set_rate_limit_headers(res, x.admission->status);
+            x.finish(200);
+            co_return co_await write(std::move(res));
+          }
+          std::string tail = format.finish_event(ev.finish_reason);
+          if (completion.include_usage) tail += format.usage_event(ev.usage);
+          tail += CompletionFormatter::done_event();
+          bool ok = co_await send_chunk(std::move(tail));
+          x.finish(ok ? 200 : 499);
+          if (!ok) co_return false;
+          stream().expires_after(limits().idle_timeout);
+          auto [ec, n] = co_await net::async_write(stream(), http::make_chunk_last(), as_tuple);
+          co_return !ec && stream_head.keep_alive() && !close_after_;
+        }
+        case backends::CompletionEvent::Type::error: {
+          x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
+          x.event.prompt_tokens = ev.usage.prompt_tokens;
+          x.event.completion_tokens = ev.usage.completion_tokens;
+          x.event.estimated = ev.usage.estimated;
+          auto api_error = from_backend(ev.error);
+          if (!headers_sent) co_return co_await respond_error(req, x, api_error);
+          // Mid-stream: the status is already 200; an error event tells the client.
+          bool ok = co_await send_chunk(format.error_event(api_error));
+          x.finish(api_error.status);
+          // The stream ends here either way; a failed last chunk changes nothing.
+          if (ok) co_await net::async_write(stream(), http::make_chunk_last(), as_tuple);
+          co_return false;
+        }
+      }
+    }
+  }
+}
+
+awaitable<bool> Session::handle_admin_route(http::request_parser<http::string_body>& parser, Exchange& x) {
+  auto& req = parser.get();
+  auto key = presented_key(req[http::field::authorization], req["x-api-key"]);
+  if (!key) {
+    co_return co_await respond_error(req, x, unauthorized("missing admin key", "missing_api_key"), !parser.is_done());
+  }
+  if (!gw_.admin_key.matches(*key)) {
+    auto outcome = gw_.keys->authenticate(*key, metering::now_ms());
+    if (outcome.status == AuthOutcome::Status::ok) {
+      x.identify(outcome.entry);
+      gw_.metrics.auth_failures.labels({"not_admin"}).inc();
+      co_return co_await respond_error(req, x, forbidden("this key is not the admin key", "admin_key_required"),
+                                       !parser.is_done());
+    }
+    co_return co_await respond_error(req, x, unauthorized("invalid admin key"), !parser.is_done());
+  }
+  if (!co_await read_body(parser, x)) co_return false;
+  std::string method(req.method_string()), target(req.target()), body = req.body();
+  auto admin_call = [this, method, target, body] {
+    try {
+      return handle_admin(*gw_.admin_store, method, target, body, metering::now_ms());
+    } catch (const std::exception& e) {
+      return AdminResponse{500, ApiError{500, e.what(), "server_error", std::nullopt, "internal_error", {}}.body()};
+    }
+  };
+  auto result = co_await run_blocking(gw_, std::move(admin_call));
+  if (result.keys_changed) {
+    auto refresh = [this] { return gw_.keys->refresh_if_changed(); };
+    co_await run_blocking(gw_, std::move(refresh));
+  }
+  auto res = make_response(req, static_cast<http::status>(result.status), std::move(result.body));
+  x.finish(result.status);
+  co_return co_await write(std::move(res));
+}
+
+// Dispatches one request whose headers have been read; returns whether the
+// connection stays open for another.
+awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser) {
+  auto& req = parser.get();
+  auto target = req.target();
+  std::string_view path = target.substr(0, target.find('?'));
+  Exchange x(gw_, path);
+  auto method = req.method();
+
+  if (path.starts_with("/admin/") || path == "/admin") co_return co_await handle_admin_route(parser, x);
+
+  // Public routes.
+  if (path == "/healthz" || path == "/readyz" || path == "/metrics") {
+    if (!co_await read_body(parser, x)) co_return false;
+    if (method != http::verb::get) {
+      co_return co_await respond_error(req, x, {405, "use GET", "invalid_request_error", std::nullopt, "method_not_allowed", {}});
+    }
+    Response res;
+    if (path == "/metrics") {
+      gw_.metrics.metering_queue_depth.set(static_cast<double>(gw_.usage->queue_depth()));
+      res = make_response(req, http::status::ok, gw_.metrics.registry.render(), "text/plain; version=0.0.4; charset=utf-8");
+    } else if (path == "/readyz" && gw_.stopping) {
+      res = make_response(req, http::status::service_unavailable, R"({"status":"stopping"})");
+    } else {
+      res = make_response(req, http::status::ok, R"({"status":"ok"})");
+    }
+    x.finish(res.result_int());
+    co_return co_await write(std::move(res));
+  }
+
+  bool is_chat = path == "/v1/chat/completions";
+  bool is_completion = path == "/v1/completions";
+  bool is_models = path == "/v1/models";
+  if (!is_chat && !is_completion && !is_models) {
+    if (!co_await read_body(parser, x)) co_return false;
+    co_return co_await respond_error(req, x, not_found("no route for " + std::string(path), "unknown_route"));
+  }
+
+  // Authenticate before reading a body, so strangers cannot make us buffer one.
+  if (auto e = authenticate(req, x)) co_return co_await respond_error(req, x, *e, !parser.is_done());
+  if (!co_await read_body(parser, x)) co_return false;
+
+  if (is_models) {
+    if (method != http::verb::get) {
+      co_return co_await respond_error(req, x, {405, "use GET", "invalid_request_error", std::nullopt, "method_not_allowed", {}});
+    }
+    co_return co_await handle_models(req, x);
+  }
+  if (method != http::verb::post) {
+    co_return co_await respond_error(req, x, {405, "use POST", "invalid_request_error", std::nullopt, "method_not_allowed", {}});
+  }
+  co_return co_await handle_completion(req, x, is_chat);
+}
+
+awaitable<void> Session::run() {
+  bool first = true;
+  for (;;) {
+    if (buffer_.size() == 0) {
+      // Waiting for a request: only now may the shutdown close the connection.
+      conn_->idle = true;
+      if (gw_.stopping) break;
+      stream().expires_after(first ? limits().header_timeout : limits().idle_timeout);
+      auto [ec, n] = co_await stream().async_read_some(buffer_.prepare(8192), as_tuple);
+      if (ec) break;  // idle timeout, client closed, or shutdown
+      buffer_.commit(n);
+    }
+    conn_->idle = false;
+    first = false;
+
+    http::request_parser<http::string_body> parser;
+    parser.header_limit(static_cast<std::uint32_t>(limits().max_header));
+    parser.body_limit(limits().max_body);
+    stream().expires_after(limits().header_timeout);
+    auto [ec, n] = co_await http::async_read_header(stream(), buffer_, parser, as_tuple);
+    if (ec) {
+      // A slow or vanished client gets no answer; protocol errors get one and a close.
+      if (ec == beast::error::timeout || ec == http::error::end_of_stream || ec == net::error::eof ||
+          ec == net::error::connection_reset || ec == net::error::operation_aborted) {
+        break;
+      }
+      Request req;
+      req.version(11);
+      Exchange x(gw_, "other");
+      if (ec == http::error::header_limit) {
+        co_await respond_error(req, x, {431, "request headers are too large", "invalid_request_error", std::nullopt,
+                                        "headers_too_large", {}}, true);
+      } else if (ec == http::error::body_limit) {
+        co_await respond_error(req, x, {413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
+                                        "invalid_request_error", std::nullopt, "request_too_large", {}}, true);
+      } else {
+        co_await respond_error(req, x, bad_request("malformed HTTP request: " + ec.message(), std::nullopt, "bad_http"), true);
+      }
+      break;
+    }
+    close_after_ = false;
+    if (!co_await handle(parser)) break;
+    if (close_after_) break;
+  }
+  beast::error_code ignored;
+  stream().socket().shutdown(tcp::socket::shutdown_send, ignored);
+  stream().close();
+}
+
+void log_session_error(std::exception_ptr e) {
+  if (!e) return;
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& ex) {
+    std::cerr << "tollgate: session failed: " << ex.what() << "\n";
+  }
+}
+
+awaitable<void> run_session(Gateway& gw, std::shared_ptr<Connection> conn) {
+  Session session(gw, std::move(conn));
+  co_await session.run();
+}
+
+awaitable<void> accept_loop(Gateway& gw, tcp::acceptor& acceptor) {
+  for (;;) {
+    auto [ec, socket] = co_await acceptor.async_accept(as_tuple);
+    if (ec == net::error::operation_aborted || !acceptor.is_open()) co_return;  // shutdown closed the acceptor
+    if (ec) continue;  // e.g. EMFILE: the client retries; we keep serving the rest
+    if (gw.open_connections.load() >= gw.config.limits.max_connections) {
+      gw.metrics.rejected_connections.inc();
+      beast::error_code ignored;
+      socket.close(ignored);
+      continue;
+    }
+    socket.set_option(tcp::no_delay(true), ec);
+    auto conn = std::make_shared<Connection>(std::move(socket));
+    {
+      std::lock_guard lock(gw.connections_mutex);
+      std::erase_if(gw.connections, [](const auto& w) { return w.expired(); });
+      gw.connections.push_back(conn);
+    }
+    gw.open_connections.fetch_add(1);
+    gw.metrics.open_connections.add(1);
+    net::co_spawn(
+        acceptor.get_executor(), run_session(gw, std::move(conn)),
+        [&gw](std::exception_ptr e) {
+          gw.open_connections.fetch_sub(1);
+          gw.metrics.open_connections.add(-1);
+          log_session_error(e);
+        });
+  }
+}
+
+// Waits for busy connections to finish, at most shutdown_grace, then stops every context.
+awaitable<void> drain(Gateway& gw, std::vector<std::unique_ptr<net::io_context>>& contexts) {
+  auto deadline = SteadyClock::now() + gw.config.limits.shutdown_grace;
+  net::steady_timer timer(co_await net::this_coro::executor);
+  while (gw.open_connections.load() > 0 && SteadyClock::now() < deadline) {
+    timer.expires_after(std::chrono::milliseconds(20));
+    co_await timer.async_wait(use_awaitable);
+  }
+  for (auto& c : contexts) c->stop();
+}
+
+std::unique_ptr<backends::Backend> make_backend(const BackendConfig& b) {
+  if (b.type == "echo") return backends::make_echo_backend({b.name, b.token_delay});
+  throw ConfigError("backend '" + b.name + "': unknown type '" + b.type + "'");
+}
+
+}  // namespace
+
+int run_server(const Config& config) {
+  Gateway gw(config);
+  for (const auto& b : config.backends) gw.router.add_backend(make_backend(b));
+  for (const auto& m : config.models) {
+    backends::Route route{m.name, {}};
+    for (const auto& d : m.deployments) route.deployments.push_back({gw.router.backend(d.backend), d.model});
+    gw.router.add_route(std::move(route));
+  }
+
+  // Opening the store migrates the schema before anything else touches it.
+  gw.admin_store = metering::open_sqlite_store(config.database);
+  gw.admin_key = establish_admin_key(*gw.admin_store);
+  if (gw.admin_key.created_plaintext) {
+    std::cout << "tollgate: created the admin key (shown once, keep it): " << *gw.admin_key.created_plaintext
+              << std::endl;
+  }
+  gw.keys = std::make_unique<KeyCache>(metering::open_sqlite_store(config.database));
+  gw.keys->start_refreshing(std::chrono::seconds(1));
+  auto now = metering::now_ms();
+  gw.quotas.restore(gw.admin_store->quota_state(now), now);
+  gw.usage = std::make_unique<metering::UsageWriter>(
+      metering::open_sqlite_store(config.database), config.metering.flush_interval, 4096,
+      [&gw](std::size_t rows, std::chrono::microseconds took) {
+        gw.metrics.metering_rows.inc(static_cast<double>(rows));
+        gw.metrics.metering_flush_duration.observe(std::chrono::duration<double>(took).count());
+      });
+
+  int threads = config.io_threads > 0 ? config.io_threads
+                                      : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // One io_context per thread, each with its own SO_REUSEPORT acceptor: the
+  // kernel spreads connections and no session ever crosses threads.
+  std::vector<std::unique_ptr<net::io_context>> contexts;
+  std::vector<std::unique_ptr<tcp::acceptor>> acceptors;
+  tcp::endpoint endpoint(net::ip::make_address(config.listen.host), config.listen.port);
+  for (int i = 0; i < threads; ++i) {
+    contexts.push_back(std::make_unique<net::io_context>(1));
+    auto acceptor = std::make_unique<tcp::acceptor>(*contexts.back());
+    acceptor->open(endpoint.protocol());
+    acceptor->set_option(net::socket_base::reuse_address(true));
+    acceptor->set_option(net::detail::socket_option::boolean<SOL_SOCKET, SO_REUSEPORT>(true));
+    acceptor->bind(endpoint);
+    acceptor->listen(net::socket_base::max_listen_connections);
+    endpoint = acceptor->local_endpoint();  // a port of 0 is now the real one, shared by the rest
+    acceptors.push_back(std::move(acceptor));
+  }
+  for (int i = 0; i < threads; ++i) {
+    net::co_spawn(*contexts[i], accept_loop(gw, *acceptors[i]), net::detached);
+  }
+
+  net::signal_set signals(*contexts[0], SIGINT, SIGTERM);
+  signals.async_wait([&](const boost::system::error_code& ec, int) {
+    if (ec) return;
+    gw.stopping = true;
+    for (int i = 0; i < threads; ++i) {
+      net::post(*contexts[i], [&, i] {
+        beast::error_code ignored;
+        acceptors[i]->close(ignored);
+      });
+    }
+    {
+      std::lock_guard lock(gw.connections_mutex);
+      for (auto& weak : gw.connections) {
+        auto conn = weak.lock();
+        if (!conn) continue;
+        net::post(conn->stream.get_executor(), [conn] {
+          if (conn->idle) conn->stream.cancel();
+        });
+      }
+    }
+    // Busy connections finish their request; past the grace period the contexts stop.
+    net::co_spawn(*contexts[0], drain(gw, contexts), net::detached);
+  });
+
+  std::cout << "tollgate: listening on http://" << (endpoint.address().is_v6() ? "[" : "")
+            << endpoint.address().to_string() << (endpoint.address().is_v6() ? "]" : "") << ":" << endpoint.port()
+            << std::endl;
+
+  std::vector<std::thread> workers;
+  for (int i = 1; i < threads; ++i) workers.emplace_back([&, i] { contexts[i]->run(); });
+  contexts[0]->run();
+  for (auto& w : workers) w.join();
+
+  gw.usage->stop();
+  auto stats = gw.usage->stats();
+  std::cout << "tollgate: stopped; " << stats.written << " usage events written" << std::endl;
+  return 0;
+}
+
+}  // namespace tollgate::gateway

@@ -93,6 +93,10 @@ class Registry {
   std::vector<std::unique_ptr<Family<Gauge>>> gauges_;
   std::vector<std::unique_ptr<Family<Histogram>>> histograms_;
   std::vector<std::function<void(std::string&)>> collectors_;
+  // One renderer per family, in registration order whatever the family's type.
+  std::vector<std::function<void(std::string&)>> family_renderers_;
+
+  void check_new_name(const std::string& name) const;  // requires mutex_
 };
 
 // process_resident_memory_bytes, process_virtual_memory_bytes,

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 
 #include "metering/store.hpp"
@@ -74,6 +75,11 @@ class QuotaLimiter {
   struct Counters {
     Window minute, day, month;
   };
+
+  // Zeroes every window of `c` that is not the one containing `now`.
+  static void roll(Counters& c, EpochMs now);
+  // The counts of `c` in the windows containing `now` (zero for stale windows).
+  static SubjectUsage current_usage(const Counters* c, EpochMs now);
 
   std::mutex mutex_;
   std::unordered_map<std::int64_t, Counters> users_;

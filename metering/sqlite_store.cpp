@@ -1,0 +1,733 @@
+// The embedded metering store: one SQLite connection in WAL mode per object.
+#include <sqlite3.h>
+
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+
+#include "metering/store.hpp"
+
+namespace tollgate::metering {
+namespace {
+
+// Ordered schema migrations: step i brings the database to user_version i + 1.
+// A schema change appends a step; existing steps never change.
+constexpr const char* kMigrations[] = {
+    R"sql(
+CREATE TABLE users (
+  id INTEGER PRIMARY KEY,
+  name TEXT NOT NULL UNIQUE,
+  created_at INTEGER NOT NULL,
+  rpm INTEGER, tpm INTEGER, rpd INTEGER, tpd INTEGER, tokens_per_month INTEGER
+);
+CREATE TABLE api_keys (
+  id INTEGER PRIMARY KEY,
+  user_id INTEGER NOT NULL REFERENCES users(id),
+  prefix TEXT NOT NULL,
+  sha256 TEXT NOT NULL UNIQUE,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER,
+  revoked_at INTEGER,
+  models TEXT NOT NULL DEFAULT '',
+  rpm INTEGER, tpm INTEGER, rpd INTEGER, tpd INTEGER, tokens_per_month INTEGER
+);
+CREATE INDEX api_keys_user ON api_keys(user_id);
+CREATE TABLE settings (
+  name TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
+CREATE TABLE usage_events (
+  id INTEGER PRIMARY KEY,
+  ts INTEGER NOT NULL,
+  user_id INTEGER,
+  key_id INTEGER,
+  route TEXT NOT NULL,
+  model TEXT NOT NULL,
+  backend TEXT NOT NULL,
+  status INTEGER NOT NULL,
+  prompt_tokens INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL,
+  latency_us INTEGER NOT NULL,
+  ttft_us INTEGER,
+  counted INTEGER NOT NULL,
+  estimated INTEGER NOT NULL
+);
+CREATE INDEX usage_events_user_ts ON usage_events(user_id, ts);
+CREATE INDEX usage_events_key_ts ON usage_events(key_id, ts);
+-- user_id 0 / key_id 0 hold calls made without a user or key.
+CREATE TABLE usage_daily (
+  day TEXT NOT NULL,
+  user_id INTEGER NOT NULL,
+  key_id INTEGER NOT NULL,
+  model TEXT NOT NULL,
+  requests INTEGER NOT NULL,
+  counted_requests INTEGER NOT NULL,
+  errors INTEGER NOT NULL,
+  prompt_tokens INTEGER NOT NULL,
+  completion_tokens INTEGER NOT NULL,
+  counted_tokens INTEGER NOT NULL,
+  PRIMARY KEY (day, user_id, key_id, model)
+) WITHOUT ROWID;
+-- Bumped by triggers on every change to users, keys or settings, whichever
+-- connection or process makes it, so keys_version() does not move when only
+-- usage is written.
+CREATE TABLE access_generation (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  value INTEGER NOT NULL
+);
+INSERT INTO access_generation (id, value) VALUES (1, 0);
+CREATE TRIGGER users_insert AFTER INSERT ON users
+  BEGIN UPDATE access_generation SET value = value + 1; END;
+CREATE TRIGGER users_update AFTER UPDATE ON users
+  BEGIN UPDATE access_generation SET value = value + 1; END;
+CREATE TRIGGER users_delete AFTER DELETE ON users
+  BEGIN UPDATE access_generation SET value = value + 1; END;
+CREATE TRIGGER api_keys_insert AFTER INSERT ON api_keys
+  BEGIN UPDATE access_generation SET value = value + 1; END;
+CREATE TRIGGER api_keys_update AFTER UPDATE ON api_keys
+  BEGIN UPDATE access_generation SET value = value + 1; END;
+CREATE TRIGGER api_keys_delete AFTER DELETE ON api_keys
+  BEGIN UPDATE access_generation SET value = value + 1; END;
+CREATE TRIGGER settings_insert AFTER INSERT ON settings
+  BEGIN UPDATE access_generation SET value = value + 1; END;
+CREATE TRIGGER settings_update AFTER UPDATE ON settings
+  BEGIN UPDATE access_generation SET value = value + 1; END;
+CREATE TRIGGER settings_delete AFTER DELETE ON settings
+  BEGIN UPDATE access_generation SET value = value + 1; END;
+)sql",
+};
+
+// --- UTC civil-date arithmetic (Howard Hinnant's algorithms) ---------------
+
+constexpr std::int64_t kMsPerMinute = 60'000;
+constexpr std::int64_t kMsPerDay = 86'400'000;
+
+constexpr std::int64_t floor_div(std::int64_t a, std::int64_t b) {
+  return a / b - ((a % b != 0) && ((a < 0) != (b < 0)) ? 1 : 0);
+}
+
+// Days since 1970-01-01 of the proleptic Gregorian date y-m-d.
+constexpr std::int64_t days_from_civil(std::int64_t y, unsigned m, unsigned d) {
+  y -= m <= 2 ? 1 : 0;
+  const std::int64_t era = floor_div(y, 400);
+  const auto yoe = static_cast<unsigned>(y - era * 400);                 // [0, 399]
+  const unsigned doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;  // [0, 365]
+  const unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;            // [0, 146096]
+  return era * 146097 + static_cast<std::int64_t>(doe) - 719468;
+}
+
+struct CivilDate {
+  std::int64_t year;
+  unsigned month;  // 1..12
+  unsigned day;    // 1..31
+};
+
+constexpr CivilDate civil_from_days(std::int64_t z) {
+  z += 719468;
+  const std::int64_t era = floor_div(z, 146097);
+  const auto doe = static_cast<unsigned>(z - era * 146097);                    // [0, 146096]
+  const unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;  // [0, 399]
+  const unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);                // [0, 365]
+  const unsigned mp = (5 * doy + 2) / 153;                                     // [0, 11]
+  const unsigned d = doy - (153 * mp + 2) / 5 + 1;                             // [1, 31]
+  const unsigned m = mp < 10 ? mp + 3 : mp - 9;                                // [1, 12]
+  return {static_cast<std::int64_t>(yoe) + era * 400 + (m <= 2 ? 1 : 0), m, d};
+}
+
+static_assert(days_from_civil(1970, 1, 1) == 0);
+static_assert(days_from_civil(2000, 3, 1) == 11017);
+static_assert(civil_from_days(-1).year == 1969 && civil_from_days(-1).day == 31);
+
+std::string format_day(const CivilDate& date) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%04lld-%02u-%02u", static_cast<long long>(date.year),
+                date.month, date.day);
+  return text;
+}
+
+std::string utc_day(EpochMs t) { return format_day(civil_from_days(floor_div(t, kMsPerDay))); }
+
+// First day of t's UTC month and of the month after, as YYYY-MM-DD.
+std::pair<std::string, std::string> utc_month_bounds(EpochMs t) {
+  const CivilDate date = civil_from_days(floor_div(t, kMsPerDay));
+  const CivilDate first{date.year, date.month, 1};
+  const CivilDate next =
+      date.month == 12 ? CivilDate{date.year + 1, 1, 1} : CivilDate{date.year, date.month + 1, 1};
+  return {format_day(first), format_day(next)};
+}
+
+// --- sqlite3 helpers -------------------------------------------------------
+
+[[noreturn]] void fail(sqlite3* db, int rc, std::string_view what) {
+  std::string message = std::string(what) + ": " + (db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+  // A constraint (duplicate key hash, ...) is the caller's mistake, not the database's.
+  if ((rc & 0xff) == SQLITE_CONSTRAINT) throw StoreError(message);
+  throw std::runtime_error("sqlite: " + message);
+}
+
+// One execution of a cached prepared statement; resets it when done.
+class Query {
+ public:
+  Query(sqlite3* db, sqlite3_stmt* stmt) : db_(db), stmt_(stmt) {}
+  ~Query() {
+    sqlite3_reset(stmt_);
+    sqlite3_clear_bindings(stmt_);
+  }
+  Query(const Query&) = delete;
+  Query& operator=(const Query&) = delete;
+
+  Query& bind(int index, std::int64_t value) {
+    check(sqlite3_bind_int64(stmt_, index, value));
+    return *this;
+  }
+  Query& bind(int index, std::string_view value) {
+    check(sqlite3_bind_text(stmt_, index, value.data(), static_cast<int>(value.size()),
+                            SQLITE_TRANSIENT));
+    return *this;
+  }
+  Query& bind(int index, const std::string& value) { return bind(index, std::string_view(value)); }
+  Query& bind(int index, const char* value) { return bind(index, std::string_view(value)); }
+  Query& bind(int index, const std::optional<std::int64_t>& value) {
+    check(value ? sqlite3_bind_int64(stmt_, index, *value) : sqlite3_bind_null(stmt_, index));
+    return *this;
+  }
+  Query& bind(int index, const std::optional<std::string>& value) {
+    return value ? bind(index, std::string_view(*value)) : bind_null(index);
+  }
+  Query& bind_null(int index) {
+    check(sqlite3_bind_null(stmt_, index));
+    return *this;
+  }
+  // Binds the five limit columns at first, first + 1, ...
+  Query& bind_limits(int first, const Limits& limits) {
+    bind(first, limits.requests_per_minute);
+    bind(first + 1, limits.tokens_per_minute);
+    bind(first + 2, limits.requests_per_day);
+    bind(first + 3, limits.tokens_per_day);
+    return bind(first + 4, limits.tokens_per_month);
+  }
+
+  // True while there is a row to read.
+  bool step() {
+    const int rc = sqlite3_step(stmt_);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    fail(db_, rc, sqlite3_sql(stmt_));
+  }
+  void run() {
+    while (step()) {
+    }
+  }
+
+  std::int64_t int64_at(int column) const { return sqlite3_column_int64(stmt_, column); }
+  std::optional<std::int64_t> optional_at(int column) const {
+    if (sqlite3_column_type(stmt_, column) == SQLITE_NULL) return std::nullopt;
+    return sqlite3_column_int64(stmt_, column);
+  }
+  std::string text_at(int column) const {
+    const auto* text = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, column));
+    return text ? std::string(text, static_cast<std::size_t>(sqlite3_column_bytes(stmt_, column)))
+                : std::string();
+  }
+  Limits limits_at(int first) const {
+    return {optional_at(first), optional_at(first + 1), optional_at(first + 2),
+            optional_at(first + 3), optional_at(first + 4)};
+  }
+
+ private:
+  void check(int rc) {
+    if (rc != SQLITE_OK) fail(db_, rc, "bind");
+  }
+
+  sqlite3* db_;
+  sqlite3_stmt* stmt_;
+};
+
+std::string join_models(const std::vector<std::string>& models) {
+  std::string out;
+  for (const auto& model : models) {
+    if (model.empty() || model.find(',') != std::string::npos) {
+      throw StoreError("invalid model name '" + model + "' (empty or containing a comma)");
+    }
+    if (!out.empty()) out += ',';
+    out += model;
+  }
+  return out;
+}
+
+std::vector<std::string> split_models(const std::string& text) {
+  std::vector<std::string> models;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    std::size_t end = text.find(',', start);
+    if (end == std::string::npos) end = text.size();
+    models.push_back(text.substr(start, end - start));
+    start = end + 1;
+  }
+  return models;
+}
+
+constexpr const char* kSelectUser =
+    "SELECT id, name, created_at, rpm, tpm, rpd, tpd, tokens_per_month FROM users";
+
+User read_user(const Query& q) {
+  return {q.int64_at(0), q.text_at(1), q.int64_at(2), q.limits_at(3)};
+}
+
+constexpr const char* kSelectKey =
+    "SELECT k.id, k.user_id, u.name, k.prefix, k.sha256, k.created_at, k.expires_at,"
+    " k.revoked_at, k.models, k.rpm, k.tpm, k.rpd, k.tpd, k.tokens_per_month"
+    " FROM api_keys k JOIN users u ON u.id = k.user_id";
+
+ApiKey read_key(const Query& q) {
+  ApiKey key;
+  key.id = q.int64_at(0);
+  key.user_id = q.int64_at(1);
+  key.user_name = q.text_at(2);
+  key.prefix = q.text_at(3);
+  key.sha256_hex = q.text_at(4);
+  key.created_at = q.int64_at(5);
+  key.expires_at = q.optional_at(6);
+  key.revoked_at = q.optional_at(7);
+  key.models = split_models(q.text_at(8));
+  key.limits = q.limits_at(9);
+  return key;
+}
+
+class SqliteStore final : public Store {
+ public:
+  explicit SqliteStore(const std::string& path) {
+    const int rc =
+        sqlite3_open_v2(path.c_str(), &db_,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+    if (rc != SQLITE_OK) {
+      std::string message =
+          "sqlite: cannot open " + path + ": " + (db_ ? sqlite3_errmsg(db_) : sqlite3_errstr(rc));
+      sqlite3_close(db_);
+      throw std::runtime_error(message);
+    }
+    try {
+      sqlite3_busy_timeout(db_, 5000);
+      exec("PRAGMA journal_mode = WAL");
+      exec("PRAGMA synchronous = NORMAL");
+      exec("PRAGMA foreign_keys = ON");
+      migrate();
+    } catch (...) {
+      close();
+      throw;
+    }
+  }
+
+  ~SqliteStore() override { close(); }
+
+  User ensure_user(std::string_view name) override {
+    std::lock_guard lock(mutex_);
+    Transaction tx(*this);
+    User user = ensure_user_locked(name);
+    tx.commit();
+    return user;
+  }
+
+  std::optional<User> find_user(std::string_view name) override {
+    std::lock_guard lock(mutex_);
+    return find_user_locked(name);
+  }
+
+  std::vector<User> list_users() override {
+    std::lock_guard lock(mutex_);
+    std::vector<User> users;
+    Query q = query(std::string(kSelectUser) + " ORDER BY name");
+    while (q.step()) users.push_back(read_user(q));
+    return users;
+  }
+
+  void set_user_limits(std::string_view name, const Limits& limits) override {
+    std::lock_guard lock(mutex_);
+    query(
+        "UPDATE users SET rpm = ?2, tpm = ?3, rpd = ?4, tpd = ?5, tokens_per_month = ?6"
+        " WHERE name = ?1")
+        .bind(1, name)
+        .bind_limits(2, limits)
+        .run();
+    if (sqlite3_changes(db_) == 0) throw StoreError("no user named '" + std::string(name) + "'");
+  }
+
+  ApiKey insert_key(const NewKey& key) override {
+    if (key.prefix.empty()) throw StoreError("a key needs a prefix");
+    if (key.sha256_hex.empty()) throw StoreError("a key needs a hash");
+    const std::string models = join_models(key.models);
+    std::lock_guard lock(mutex_);
+    Transaction tx(*this);
+    const User user = ensure_user_locked(key.user_name);
+    std::int64_t id = 0;
+    {
+      Query q = query(
+          "INSERT INTO api_keys (user_id, prefix, sha256, created_at, expires_at, models,"
+          " rpm, tpm, rpd, tpd, tokens_per_month)"
+          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id");
+      q.bind(1, user.id)
+          .bind(2, key.prefix)
+          .bind(3, key.sha256_hex)
+          .bind(4, now_ms())
+          .bind(5, key.expires_at)
+          .bind(6, models)
+          .bind_limits(7, key.limits);
+      if (!q.step()) throw std::runtime_error("sqlite: INSERT ... RETURNING gave no row");
+      id = q.int64_at(0);
+      q.run();
+    }
+    ApiKey inserted = key_by_id_locked(id);
+    tx.commit();
+    return inserted;
+  }
+
+  std::vector<ApiKey> list_keys(std::optional<std::string_view> user) override {
+    std::lock_guard lock(mutex_);
+    std::vector<ApiKey> keys;
+    Query q = query(std::string(kSelectKey) + " WHERE ?1 IS NULL OR u.name = ?1 ORDER BY k.id");
+    if (user) q.bind(1, *user);
+    while (q.step()) keys.push_back(read_key(q));
+    return keys;
+  }
+
+  std::optional<ApiKey> find_key_by_hash(std::string_view sha256_hex) override {
+    std::lock_guard lock(mutex_);
+    Query q = query(std::string(kSelectKey) + " WHERE k.sha256 = ?1");
+    q.bind(1, sha256_hex);
+    if (!q.step()) return std::nullopt;
+    return read_key(q);
+  }
+
+  ApiKey revoke_key(std::string_view prefix, EpochMs now) override {
+    std::lock_guard lock(mutex_);
+    Transaction tx(*this);
+    const std::int64_t id = resolve_prefix_locked(prefix);
+    query("UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1").bind(1, id).bind(2, now).run();
+    ApiKey revoked = key_by_id_locked(id);
+    tx.commit();
+    return revoked;
+  }
+
+  void set_key_limits(std::string_view prefix, const Limits& limits) override {
+    std::lock_guard lock(mutex_);
+    Transaction tx(*this);
+    const std::int64_t id = resolve_prefix_locked(prefix);
+    query(
+        "UPDATE api_keys SET rpm = ?2, tpm = ?3, rpd = ?4, tpd = ?5, tokens_per_month = ?6"
+        " WHERE id = ?1")
+        .bind(1, id)
+        .bind_limits(2, limits)
+        .run();
+    tx.commit();
+  }
+
+  std::int64_t keys_version() override {
+    std::lock_guard lock(mutex_);
+    Query q = query("SELECT value FROM access_generation WHERE id = 1");
+    if (!q.step()) throw std::runtime_error("sqlite: access_generation row is missing");
+    return q.int64_at(0);
+  }
+
+  std::optional<std::string> get_setting(std::string_view name) override {
+    std::lock_guard lock(mutex_);
+    Query q = query("SELECT value FROM settings WHERE name = ?1");
+    q.bind(1, name);
+    if (!q.step()) return std::nullopt;
+    return q.text_at(0);
+  }
+
+  void put_setting(std::string_view name, std::string_view value) override {
+    std::lock_guard lock(mutex_);
+    query(
+        "INSERT INTO settings (name, value) VALUES (?1, ?2)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+        .bind(1, name)
+        .bind(2, value)
+        .run();
+  }
+
+  void append_usage(std::span<const UsageEvent> events) override {
+    if (events.empty()) return;
+    std::lock_guard lock(mutex_);
+    Transaction tx(*this);
+    for (const UsageEvent& e : events) {
+      query(
+          "INSERT INTO usage_events (ts, user_id, key_id, route, model, backend, status,"
+          " prompt_tokens, completion_tokens, latency_us, ttft_us, counted, estimated)"
+          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)")
+          .bind(1, e.ts)
+          .bind(2, e.user_id)
+          .bind(3, e.key_id)
+          .bind(4, e.route)
+          .bind(5, e.model)
+          .bind(6, e.backend)
+          .bind(7, std::int64_t{e.status})
+          .bind(8, e.prompt_tokens)
+          .bind(9, e.completion_tokens)
+          .bind(10, e.latency_us)
+          .bind(11, e.ttft_us)
+          .bind(12, std::int64_t{e.counted})
+          .bind(13, std::int64_t{e.estimated})
+          .run();
+      const std::int64_t tokens = e.prompt_tokens + e.completion_tokens;
+      query(
+          "INSERT INTO usage_daily (day, user_id, key_id, model, requests, counted_requests,"
+          " errors, prompt_tokens, completion_tokens, counted_tokens)"
+          " VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9)"
+          " ON CONFLICT (day, user_id, key_id, model) DO UPDATE SET"
+          " requests = requests + 1,"
+          " counted_requests = counted_requests + excluded.counted_requests,"
+          " errors = errors + excluded.errors,"
+          " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+          " completion_tokens = completion_tokens + excluded.completion_tokens,"
+          " counted_tokens = counted_tokens + excluded.counted_tokens")
+          .bind(1, utc_day(e.ts))
+          .bind(2, e.user_id.value_or(0))
+          .bind(3, e.key_id.value_or(0))
+          .bind(4, e.model)
+          .bind(5, std::int64_t{e.counted})
+          .bind(6, std::int64_t{e.status >= 400})
+          .bind(7, e.prompt_tokens)
+          .bind(8, e.completion_tokens)
+          .bind(9, e.counted ? tokens : 0)
+          .run();
+    }
+    tx.commit();
+  }
+
+  std::vector<UsageRow> usage(const UsageQuery& request) override {
+    std::string sql = std::string("SELECT u.name, ") + (request.by_day ? "d.day" : "''") + ", " +
+                      (request.by_model ? "d.model" : "''") +
+                      ", SUM(d.requests), SUM(d.errors), SUM(d.prompt_tokens),"
+                      " SUM(d.completion_tokens)"
+                      " FROM usage_daily d JOIN users u ON u.id = d.user_id"
+                      " WHERE (?1 IS NULL OR u.name = ?1) AND (?2 IS NULL OR d.day >= ?2)"
+                      " GROUP BY u.id";
+    if (request.by_day) sql += ", d.day";
+    if (request.by_model) sql += ", d.model";
+    sql += " ORDER BY u.name";
+    if (request.by_day) sql += ", d.day";
+    if (request.by_model) sql += ", d.model";
+
+    std::lock_guard lock(mutex_);
+    std::vector<UsageRow> rows;
+    Query q = query(sql);
+    q.bind(1, request.user);
+    if (request.since) q.bind(2, utc_day(*request.since));
+    while (q.step()) {
+      rows.push_back({q.text_at(0), q.text_at(1), q.text_at(2), q.int64_at(3), q.int64_at(4),
+                      q.int64_at(5), q.int64_at(6)});
+    }
+    return rows;
+  }
+
+  std::int64_t count_usage_events() override {
+    std::lock_guard lock(mutex_);
+    Query q = query("SELECT COUNT(*) FROM usage_events");
+    q.step();
+    return q.int64_at(0);
+  }
+
+  QuotaState quota_state(EpochMs now) override {
+    const EpochMs minute_start = floor_div(now, kMsPerMinute) * kMsPerMinute;
+    const std::string today = utc_day(now);
+    const auto [month_first, next_month_first] = utc_month_bounds(now);
+
+    std::lock_guard lock(mutex_);
+    // One read transaction so the windows agree with each other.
+    query("BEGIN").run();
+    QuotaState state;
+    try {
+      // Driven from users / api_keys so the (user_id, ts) and (key_id, ts) indexes serve it.
+      read_windows(
+          "SELECT e.user_id, COUNT(*), SUM(e.prompt_tokens + e.completion_tokens)"
+          " FROM users s JOIN usage_events e ON e.user_id = s.id"
+          " WHERE e.ts >= ?1 AND e.ts < ?2 AND e.counted = 1 GROUP BY e.user_id",
+          minute_start, minute_start + kMsPerMinute, state.users, &SubjectUsage::minute);
+      read_windows(
+          "SELECT e.key_id, COUNT(*), SUM(e.prompt_tokens + e.completion_tokens)"
+          " FROM api_keys s JOIN usage_events e ON e.key_id = s.id"
+          " WHERE e.ts >= ?1 AND e.ts < ?2 AND e.counted = 1 GROUP BY e.key_id",
+          minute_start, minute_start + kMsPerMinute, state.keys, &SubjectUsage::minute);
+      read_windows(
+          "SELECT user_id, SUM(counted_requests), SUM(counted_tokens) FROM usage_daily"
+          " WHERE day >= ?1 AND day <= ?2 AND user_id <> 0 GROUP BY user_id",
+          today, today, state.users, &SubjectUsage::day);
+      read_windows(
+          "SELECT key_id, SUM(counted_requests), SUM(counted_tokens) FROM usage_daily"
+          " WHERE day >= ?1 AND day <= ?2 AND key_id <> 0 GROUP BY key_id",
+          today, today, state.keys, &SubjectUsage::day);
+      read_windows(
+          "SELECT user_id, SUM(counted_requests), SUM(counted_tokens) FROM usage_daily"
+          " WHERE day >= ?1 AND day < ?2 AND user_id <> 0 GROUP BY user_id",
+          month_first, next_month_first, state.users, &SubjectUsage::month);
+      read_windows(
+          "SELECT key_id, SUM(counted_requests), SUM(counted_tokens) FROM usage_daily"
+          " WHERE day >= ?1 AND day < ?2 AND key_id <> 0 GROUP BY key_id",
+          month_first, next_month_first, state.keys, &SubjectUsage::month);
+    } catch (...) {
+      rollback_quietly();
+      throw;
+    }
+    query("COMMIT").run();
+    return state;
+  }
+
+ private:
+  // BEGIN IMMEDIATE on construction, ROLLBACK unless committed.
+  class Transaction {
+   public:
+    explicit Transaction(SqliteStore& store) : store_(store) {
+      store_.query("BEGIN IMMEDIATE").run();
+    }
+    ~Transaction() {
+      if (!committed_) store_.rollback_quietly();
+    }
+    Transaction(const Transaction&) = delete;
+    Transaction& operator=(const Transaction&) = delete;
+    void commit() {
+      store_.query("COMMIT").run();
+      committed_ = true;
+    }
+
+   private:
+    SqliteStore& store_;
+    bool committed_ = false;
+  };
+
+  void exec(const char* sql) {
+    char* error = nullptr;
+    const int rc = sqlite3_exec(db_, sql, nullptr, nullptr, &error);
+    if (rc != SQLITE_OK) {
+      std::string message = error ? error : sqlite3_errstr(rc);
+      sqlite3_free(error);
+      throw std::runtime_error("sqlite: " + message);
+    }
+  }
+
+  std::int64_t user_version() {
+    Query q = query("PRAGMA user_version");
+    q.step();
+    return q.int64_at(0);
+  }
+
+  void migrate() {
+    const auto latest = static_cast<std::int64_t>(std::size(kMigrations));
+    while (true) {
+      Transaction tx(*this);
+      // Read inside the write transaction: another process may be migrating too.
+      const std::int64_t version = user_version();
+      if (version > latest) {
+        throw std::runtime_error("sqlite: database schema version " + std::to_string(version) +
+                                 " is newer than this build (" + std::to_string(latest) + ")");
+      }
+      if (version == latest) return;
+      exec(kMigrations[version]);
+      exec(("PRAGMA user_version = " + std::to_string(version + 1)).c_str());
+      tx.commit();
+    }
+  }
+
+  // The cached prepared statement for `sql`, ready for one execution.
+  Query query(const std::string& sql) {
+    auto it = statements_.find(sql);
+    if (it == statements_.end()) {
+      sqlite3_stmt* stmt = nullptr;
+      const int rc = sqlite3_prepare_v3(db_, sql.c_str(), static_cast<int>(sql.size()),
+                                        SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
+      if (rc != SQLITE_OK) fail(db_, rc, "prepare " + sql);
+      it = statements_.emplace(sql, stmt).first;
+    }
+    return Query(db_, it->second);
+  }
+
+  void rollback_quietly() {
+    if (!sqlite3_get_autocommit(db_)) sqlite3_exec(db_, "ROLLBACK", nullptr, nullptr, nullptr);
+  }
+
+  void close() {
+    for (auto& [sql, stmt] : statements_) sqlite3_finalize(stmt);
+    statements_.clear();
+    sqlite3_close(db_);
+    db_ = nullptr;
+  }
+
+  std::optional<User> find_user_locked(std::string_view name) {
+    Query q = query(std::string(kSelectUser) + " WHERE name = ?1");
+    q.bind(1, name);
+    if (!q.step()) return std::nullopt;
+    return read_user(q);
+  }
+
+  User ensure_user_locked(std::string_view name) {
+    if (name.empty()) throw StoreError("a user name must not be empty");
+    query("INSERT INTO users (name, created_at) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING")
+        .bind(1, name)
+        .bind(2, now_ms())
+        .run();
+    auto user = find_user_locked(name);
+    if (!user) throw std::runtime_error("sqlite: user vanished after insert");
+    return *user;
+  }
+
+  ApiKey key_by_id_locked(std::int64_t id) {
+    Query q = query(std::string(kSelectKey) + " WHERE k.id = ?1");
+    q.bind(1, id);
+    if (!q.step()) throw std::runtime_error("sqlite: key vanished");
+    return read_key(q);
+  }
+
+  // The id of the one unrevoked key whose prefix starts with `prefix`.
+  std::int64_t resolve_prefix_locked(std::string_view prefix) {
+    const std::string shown(prefix);
+    if (prefix.empty()) throw StoreError("an empty prefix matches every key");
+    Query q = query(
+        "SELECT id, revoked_at IS NULL FROM api_keys"
+        " WHERE substr(prefix, 1, length(?1)) = ?1 ORDER BY id");
+    q.bind(1, prefix);
+    std::int64_t matches = 0;
+    std::int64_t active = 0;
+    std::int64_t id = 0;
+    while (q.step()) {
+      ++matches;
+      if (q.int64_at(1)) {
+        ++active;
+        id = q.int64_at(0);
+      }
+    }
+    if (matches == 0) throw StoreError("no key with prefix " + shown);
+    if (active == 0) throw StoreError("key " + shown + " is already revoked");
+    if (active > 1) {
+      throw StoreError("prefix " + shown + " is ambiguous: " + std::to_string(active) + " keys");
+    }
+    return id;
+  }
+
+  template <typename Bound>
+  void read_windows(const std::string& sql, const Bound& from, const Bound& to,
+                    std::map<std::int64_t, SubjectUsage>& out, WindowCounts SubjectUsage::*window) {
+    Query q = query(sql);
+    q.bind(1, from).bind(2, to);
+    while (q.step()) {
+      WindowCounts& counts = out[q.int64_at(0)].*window;
+      counts.requests = q.int64_at(1);
+      counts.tokens = q.int64_at(2);
+    }
+  }
+
+  std::mutex mutex_;
+  sqlite3* db_ = nullptr;
+  std::unordered_map<std::string, sqlite3_stmt*> statements_;
+};
+
+}  // namespace
+
+std::unique_ptr<Store> open_sqlite_store(const std::string& path) {
+  return std::make_unique<SqliteStore>(path);
+}
+
+}  // namespace tollgate::metering

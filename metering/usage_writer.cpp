@@ -1,0 +1,150 @@
+#include "metering/usage_writer.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <exception>
+#include <iterator>
+#include <string>
+
+namespace tollgate::metering {
+
+UsageWriter::UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds flush_interval,
+                         std::size_t max_batch, FlushObserver observer)
+    : store_(std::move(store)),
+      flush_interval_(std::max(flush_interval, std::chrono::milliseconds(1))),
+      max_batch_(std::max<std::size_t>(max_batch, 1)),
+      observer_(std::move(observer)) {
+  thread_ = std::thread([this] { run(); });
+}
+
+UsageWriter::~UsageWriter() { stop(); }
+
+void UsageWriter::enqueue(UsageEvent event) {
+  std::unique_lock lock(mutex_);
+  if (writer_done_) {
+    write_after_stop(std::move(event));
+    return;
+  }
+  queue_.push_back(std::move(event));
+  ++enqueued_;
+  depth_.store(queue_.size(), std::memory_order_relaxed);
+  // Wake the writer once per full batch, not per event; the timer covers the rest.
+  const bool full = queue_.size() == max_batch_;
+  lock.unlock();
+  if (full) wake_.notify_one();
+}
+
+// A request that finishes after stop() still gets its row; the write is
+// synchronous because no writer thread is left. mutex_ is held.
+void UsageWriter::write_after_stop(UsageEvent event) {
+  ++enqueued_;
+  try {
+    store_->append_usage(std::span<const UsageEvent>(&event, 1));
+    ++committed_;
+    ++stats_.written;
+    ++stats_.batches;
+  } catch (const std::exception& e) {
+    ++stats_.failures;
+    std::fprintf(stderr, "usage writer: 1 usage row lost after stop: %s\n", e.what());
+  }
+}
+
+void UsageWriter::flush() {
+  std::unique_lock lock(mutex_);
+  const std::uint64_t target = enqueued_;
+  if (committed_ >= target) return;
+  flush_requested_ = true;
+  wake_.notify_one();
+  flushed_.wait(lock, [&] { return committed_ >= target || writer_done_; });
+}
+
+void UsageWriter::stop() {
+  std::lock_guard stop_lock(stop_mutex_);
+  {
+    std::lock_guard lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_one();
+  if (thread_.joinable()) thread_.join();
+}
+
+UsageWriter::Stats UsageWriter::stats() const {
+  std::lock_guard lock(mutex_);
+  return stats_;
+}
+
+void UsageWriter::run() {
+  std::vector<UsageEvent> batch;  // reused so its capacity survives between batches
+  bool retrying = false;
+  std::unique_lock lock(mutex_);
+  while (true) {
+    if (retrying) {
+      // After a failure, wait a full interval even if a flush is requested, so
+      // a broken disk is not hammered in a tight loop.
+      wake_.wait_for(lock, flush_interval_, [&] { return stopping_; });
+    } else {
+      wake_.wait_for(lock, flush_interval_,
+                     [&] { return stopping_ || flush_requested_ || queue_.size() >= max_batch_; });
+    }
+    flush_requested_ = false;
+    const bool last = stopping_;
+    if (queue_.empty()) {
+      if (last) break;
+      continue;
+    }
+
+    batch.swap(queue_);
+    depth_.store(0, std::memory_order_relaxed);
+    lock.unlock();
+    const auto started = std::chrono::steady_clock::now();
+    std::string error;
+    try {
+      store_->append_usage(batch);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    const auto took = std::chrono::duration_cast<std::chrono::microseconds>(
+        std::chrono::steady_clock::now() - started);
+    if (error.empty() && observer_) {
+      try {
+        observer_(batch.size(), took);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "usage writer: flush observer failed: %s\n", e.what());
+      }
+    }
+    lock.lock();
+
+    if (error.empty()) {
+      committed_ += batch.size();
+      stats_.written += batch.size();
+      ++stats_.batches;
+      batch.clear();
+      retrying = false;
+      depth_.store(queue_.size(), std::memory_order_relaxed);
+      flushed_.notify_all();
+      continue;  // when stopping, loops until nothing is left
+    }
+
+    ++stats_.failures;
+    // Keep the failed rows, oldest first, ahead of what arrived meanwhile.
+    batch.insert(batch.end(), std::make_move_iterator(queue_.begin()),
+                 std::make_move_iterator(queue_.end()));
+    queue_.clear();
+    queue_.swap(batch);
+    depth_.store(queue_.size(), std::memory_order_relaxed);
+    if (last) {
+      std::fprintf(stderr, "usage writer: final flush failed, %zu usage rows lost: %s\n",
+                   queue_.size(), error.c_str());
+      queue_.clear();
+      depth_.store(0, std::memory_order_relaxed);
+      break;
+    }
+    std::fprintf(stderr, "usage writer: writing %zu usage rows failed, will retry: %s\n",
+                 queue_.size(), error.c_str());
+    retrying = true;
+  }
+  writer_done_ = true;
+  flushed_.notify_all();
+}
+
+}  // namespace tollgate::metering

@@ -47,6 +47,7 @@ class UsageWriter {
 
  private:
   void run();
+  void write_after_stop(UsageEvent event);
 
   std::unique_ptr<Store> store_;
   std::chrono::milliseconds flush_interval_;
@@ -61,8 +62,10 @@ class UsageWriter {
   std::uint64_t committed_ = 0;  // total ever committed (guarded by mutex_)
   bool flush_requested_ = false;
   bool stopping_ = false;
+  bool writer_done_ = false;  // the writer thread has exited (guarded by mutex_)
   Stats stats_;
   std::atomic<std::size_t> depth_{0};
+  std::mutex stop_mutex_;  // serialises stop() so only one caller joins
   std::thread thread_;
 };
 

@@ -26,7 +26,11 @@ if [ -n "$missing" ]; then
   $sudo apt-get update -qq
   # The prometheus and nginx packages try to start their services; tests run
   # their own instances on loopback ports, so policy-rc.d keeps them down.
-  $sudo sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+  created_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    $sudo sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+    created_policy=1
+  fi
   $sudo apt-get install -y -qq --no-install-recommends $missing
-  $sudo rm -f /usr/sbin/policy-rc.d
+  [ -z "$created_policy" ] || $sudo rm -f /usr/sbin/policy-rc.d
 fi

@@ -1,0 +1,99 @@
+// The one seam between the gateway and whatever produces completions: a
+// Backend takes a validated request and delivers a stream of events to a sink.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tollgate::backends {
+
+struct ChatMessage {
+  std::string role;  // system | user | assistant | tool | developer
+  std::string content;
+};
+
+struct CompletionRequest {
+  bool chat = false;           // /v1/chat/completions (messages) or /v1/completions (prompt)
+  std::string model;           // the public name the client asked for
+  std::string upstream_model;  // the deployment's name for it
+  std::vector<ChatMessage> messages;
+  std::string prompt;
+  std::optional<std::int64_t> max_tokens;
+  double temperature = 1.0;
+  double top_p = 1.0;
+  double presence_penalty = 0.0;
+  double frequency_penalty = 0.0;
+  std::optional<std::uint64_t> seed;
+  std::vector<std::string> stop;
+  bool stream = false;
+  std::string user;  // the authenticated Tollgate user
+};
+
+struct Usage {
+  std::int64_t prompt_tokens = 0;
+  std::int64_t completion_tokens = 0;
+  bool estimated = false;  // counted by us, not reported by the producer
+};
+
+// HTTP-meaningful failure kinds; the gateway maps them to status codes.
+enum class ErrorKind { bad_request, not_found, overloaded, upstream_failed, timeout, rate_limited, internal };
+
+struct BackendError {
+  ErrorKind kind = ErrorKind::internal;
+  std::string message;
+  std::optional<std::int64_t> retry_after_s;
+};
+
+// Text deltas, then exactly one `done` or `error`. Usage rides on both final
+// events (for an error: what was produced before it).
+struct CompletionEvent {
+  enum class Type { delta, done, error };
+  Type type = Type::delta;
+  std::string text;           // delta
+  std::string finish_reason;  // done: "stop" or "length"
+  Usage usage;                // done, error
+  BackendError error;         // error
+};
+
+// Receives a request's events, possibly from another thread, in order; nothing
+// arrives after the final event.
+class CompletionSink {
+ public:
+  virtual ~CompletionSink() = default;
+  virtual void on_event(CompletionEvent event) = 0;
+};
+
+// Stops a running request; the backend then sends no further events. Safe to
+// call from any thread, at any time, more than once.
+class CompletionHandle {
+ public:
+  virtual ~CompletionHandle() = default;
+  virtual void cancel() = 0;
+};
+
+struct Capabilities {
+  bool chat = true;
+  bool completions = true;
+  bool streaming = true;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual const std::string& name() const = 0;
+  virtual std::string type() const = 0;  // config type: "echo", "openai", "local"
+  virtual Capabilities capabilities() const = 0;
+
+  // A fast estimate of the prompt's tokens, for quota reservations before the call.
+  virtual std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const = 0;
+
+  // Starts the request; the sink may be called before start() returns.
+  virtual std::unique_ptr<CompletionHandle> start(CompletionRequest request,
+                                                  std::shared_ptr<CompletionSink> sink) = 0;
+};
+
+}  // namespace tollgate::backends

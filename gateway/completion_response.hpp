@@ -1,0 +1,44 @@
+// Builds OpenAI response bodies and server-sent events from backend events
+// (pure, no I/O), so every backend gets both wire formats.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "backends/backend.hpp"
+#include "gateway/http_error.hpp"
+
+namespace tollgate::gateway {
+
+class CompletionFormatter {
+ public:
+  // `chat` selects chat.completion(.chunk) over text_completion objects.
+  CompletionFormatter(bool chat, std::string model, bool include_usage);
+
+  const std::string& id() const { return id_; }
+
+  // One SSE event ("data: {...}\n\n") per call. The first chat delta also
+  // carries the assistant role.
+  std::string delta_event(std::string_view text);
+  std::string finish_event(std::string_view finish_reason);
+  std::string usage_event(const backends::Usage& usage) const;  // choices: [], only with include_usage
+  std::string error_event(const ApiError& error) const;
+  static std::string done_event() { return "data: [DONE]\n\n"; }
+
+  // The whole non-streaming response.
+  std::string full_response(std::string_view text, std::string_view finish_reason,
+                            const backends::Usage& usage) const;
+
+ private:
+  std::string chunk(std::string_view text, const char* finish_reason, bool with_role) const;
+
+  bool chat_;
+  std::string model_;
+  bool include_usage_;
+  std::string id_;
+  std::int64_t created_;
+  bool sent_role_ = false;
+};
+
+}  // namespace tollgate::gateway

@@ -1,0 +1,84 @@
+// The gateway's configuration: YAML with ${ENV} interpolation, validated at
+// load (unknown keys are errors naming the key), or the embedded default.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace tollgate::gateway {
+
+struct ConfigError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct ListenAddress {
+  std::string host = "127.0.0.1";
+  std::uint16_t port = 8080;
+};
+
+struct ServerLimits {
+  std::size_t max_body = 4 * 1024 * 1024;  // 413 past it
+  std::size_t max_header = 16 * 1024;      // 431 past it
+  std::chrono::milliseconds header_timeout{10'000};  // first byte to end of headers
+  std::chrono::milliseconds body_timeout{30'000};    // end of headers to end of body
+  std::chrono::milliseconds idle_timeout{60'000};    // keep-alive wait, and each write to a client
+  std::chrono::milliseconds shutdown_grace{20'000};  // in-flight requests get this long on SIGTERM
+  std::size_t max_connections = 10'000;
+};
+
+struct MeteringConfig {
+  std::chrono::milliseconds flush_interval{1'000};
+  bool per_user_metrics = false;
+  // Tokens reserved for a completion that sets no max_tokens, until it settles.
+  std::int64_t default_reserve_tokens = 1024;
+};
+
+struct BackendConfig {
+  std::string name;
+  std::string type;  // "echo"
+  std::chrono::milliseconds token_delay{0};  // echo
+};
+
+struct DeploymentConfig {
+  std::string backend;
+  std::string model;  // the backend's name for it; defaults to the public name
+};
+
+struct ModelConfig {
+  std::string name;
+  std::vector<DeploymentConfig> deployments;
+};
+
+struct Config {
+  ListenAddress listen;
+  std::string database = "./tollgate.db";
+  int io_threads = 0;  // 0: one per core
+  ServerLimits limits;
+  MeteringConfig metering;
+  std::vector<BackendConfig> backends;
+  std::vector<ModelConfig> models;
+};
+
+// Parses YAML text; `source` names it in error messages. Throws ConfigError.
+Config parse_config(const std::string& yaml_text, const std::string& source);
+Config load_config_file(const std::string& path);
+// What `tollgate serve` runs with no --config.
+Config embedded_default_config();
+const std::string& embedded_default_yaml();
+
+// Replaces ${NAME} and ${NAME:-fallback} with the environment's values;
+// ConfigError for an unset NAME without fallback.
+std::string interpolate_env(const std::string& text, const std::string& where);
+
+// "250ms", "10s", "2m", "1h" -> milliseconds.
+std::optional<std::chrono::milliseconds> parse_duration(const std::string& text);
+// "4MiB", "512KiB", "1MB", "1048576" -> bytes.
+std::optional<std::size_t> parse_size(const std::string& text);
+// "HOST:PORT", "[::1]:PORT", ":PORT".
+std::optional<ListenAddress> parse_listen(const std::string& text);
+
+}  // namespace tollgate::gateway

@@ -1,0 +1,38 @@
+// The gateway's Prometheus metrics, declared once here.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "metering/metrics.hpp"
+
+namespace tollgate::gateway {
+
+struct GatewayMetrics {
+  explicit GatewayMetrics(bool per_user);
+
+  metering::Registry registry;
+  bool per_user;
+
+  metering::Family<metering::Counter>& requests;            // route, status
+  metering::Family<metering::Histogram>& request_duration;  // route
+  metering::Histogram& gateway_overhead;                    // time not spent in a backend
+  metering::Family<metering::Histogram>& time_to_first_token;  // model, backend
+  metering::Family<metering::Counter>& tokens;              // direction, model, backend
+  metering::Family<metering::Counter>& quota_rejections;    // limit
+  metering::Family<metering::Counter>& auth_failures;       // reason
+  metering::Gauge& in_flight;
+  metering::Gauge& open_connections;
+  metering::Counter& rejected_connections;
+  metering::Gauge& metering_queue_depth;
+  metering::Histogram& metering_flush_duration;
+  metering::Counter& metering_rows;
+  metering::Family<metering::Counter>& user_requests;  // user (only when per_user)
+  metering::Family<metering::Counter>& user_tokens;    // user, direction (only when per_user)
+};
+
+// The route label: known routes by name, everything else folded so a client
+// cannot create unbounded series.
+std::string_view route_label(std::string_view path);
+
+}  // namespace tollgate::gateway

@@ -1,0 +1,193 @@
+#include "metering/usage_writer.hpp"
+
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "tests/metering/temp_database.hpp"
+
+using namespace tollgate::metering;
+using namespace std::chrono_literals;
+using tollgate::metering::test::TempDatabase;
+
+namespace {
+
+UsageEvent make_event(std::int64_t n) {
+  UsageEvent e;
+  e.ts = 1'700'000'000'000 + n;
+  e.route = "/v1/completions";
+  e.model = "m";
+  e.status = 200;
+  e.prompt_tokens = 1;
+  e.completion_tokens = 2;
+  return e;
+}
+
+// Delegates to a real store; fails the next N append_usage calls (all of them when N < 0).
+class FlakyStore : public Store {
+ public:
+  FlakyStore(std::unique_ptr<Store> inner, std::shared_ptr<std::atomic<int>> failures_left)
+      : inner_(std::move(inner)), failures_left_(std::move(failures_left)) {}
+
+  User ensure_user(std::string_view name) override { return inner_->ensure_user(name); }
+  std::optional<User> find_user(std::string_view name) override { return inner_->find_user(name); }
+  std::vector<User> list_users() override { return inner_->list_users(); }
+  void set_user_limits(std::string_view name, const Limits& limits) override {
+    inner_->set_user_limits(name, limits);
+  }
+  ApiKey insert_key(const NewKey& key) override { return inner_->insert_key(key); }
+  std::vector<ApiKey> list_keys(std::optional<std::string_view> user) override {
+    return inner_->list_keys(user);
+  }
+  std::optional<ApiKey> find_key_by_hash(std::string_view hash) override {
+    return inner_->find_key_by_hash(hash);
+  }
+  ApiKey revoke_key(std::string_view prefix, EpochMs now) override {
+    return inner_->revoke_key(prefix, now);
+  }
+  void set_key_limits(std::string_view prefix, const Limits& limits) override {
+    inner_->set_key_limits(prefix, limits);
+  }
+  std::int64_t keys_version() override { return inner_->keys_version(); }
+  std::optional<std::string> get_setting(std::string_view name) override {
+    return inner_->get_setting(name);
+  }
+  void put_setting(std::string_view name, std::string_view value) override {
+    inner_->put_setting(name, value);
+  }
+  void append_usage(std::span<const UsageEvent> events) override {
+    if (failures_left_->load() != 0) {
+      failures_left_->fetch_sub(1);
+      throw std::runtime_error("disk on fire (test)");
+    }
+    inner_->append_usage(events);
+  }
+  std::vector<UsageRow> usage(const UsageQuery& query) override { return inner_->usage(query); }
+  std::int64_t count_usage_events() override { return inner_->count_usage_events(); }
+  QuotaState quota_state(EpochMs now) override { return inner_->quota_state(now); }
+
+ private:
+  std::unique_ptr<Store> inner_;
+  std::shared_ptr<std::atomic<int>> failures_left_;
+};
+
+}  // namespace
+
+TEST_CASE("stop() writes every event enqueued from several threads, in batches",
+          "[metering][usage_writer]") {
+  TempDatabase db;
+  constexpr int kThreads = 4;
+  constexpr int kPerThread = 2500;
+  std::atomic<std::size_t> observed_rows{0};
+  std::atomic<int> observed_batches{0};
+  UsageWriter::Stats stats;
+  {
+    UsageWriter writer(open_sqlite_store(db.path()), 20ms, 1024,
+                       [&](std::size_t rows, std::chrono::microseconds took) {
+                         observed_rows += rows;
+                         ++observed_batches;
+                         CHECK(took.count() >= 0);
+                       });
+    std::vector<std::thread> producers;
+    for (int t = 0; t < kThreads; ++t) {
+      producers.emplace_back([&writer, t] {
+        for (int i = 0; i < kPerThread; ++i) writer.enqueue(make_event(t * kPerThread + i));
+      });
+    }
+    for (auto& producer : producers) producer.join();
+    writer.stop();
+    writer.stop();  // idempotent
+    stats = writer.stats();
+    CHECK(writer.queue_depth() == 0);
+  }
+  CHECK(stats.written == 10'000);
+  CHECK(stats.failures == 0);
+  CHECK(stats.batches >= 1);
+  CHECK(stats.batches <= 100);  // many rows per transaction, not one each
+  CHECK(observed_rows == 10'000);
+  CHECK(observed_batches == static_cast<int>(stats.batches));
+
+  auto fresh = open_sqlite_store(db.path());
+  CHECK(fresh->count_usage_events() == 10'000);
+  const auto rows = fresh->usage({});
+  CHECK(rows.empty());  // no user on these events: stored, but in nobody's report
+}
+
+TEST_CASE("flush() makes enqueued rows visible without waiting for the interval",
+          "[metering][usage_writer]") {
+  TempDatabase db;
+  auto reader = open_sqlite_store(db.path());
+  UsageWriter writer(open_sqlite_store(db.path()), 60s);
+
+  for (int i = 0; i < 3; ++i) writer.enqueue(make_event(i));
+  CHECK(writer.queue_depth() == 3);
+  CHECK(reader->count_usage_events() == 0);
+
+  const auto started = std::chrono::steady_clock::now();
+  writer.flush();
+  CHECK(std::chrono::steady_clock::now() - started < 10s);
+  CHECK(reader->count_usage_events() == 3);
+  CHECK(writer.queue_depth() == 0);
+  CHECK(writer.stats().written == 3);
+
+  writer.flush();  // nothing pending: returns at once
+  writer.enqueue(make_event(3));
+  writer.flush();
+  CHECK(reader->count_usage_events() == 4);
+  CHECK(writer.stats().batches == 2);
+}
+
+TEST_CASE("a full batch wakes the writer before the interval", "[metering][usage_writer]") {
+  TempDatabase db;
+  auto reader = open_sqlite_store(db.path());
+  UsageWriter writer(open_sqlite_store(db.path()), 60s, 8);
+  for (int i = 0; i < 8; ++i) writer.enqueue(make_event(i));
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (reader->count_usage_events() < 8 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+  }
+  CHECK(reader->count_usage_events() == 8);
+}
+
+TEST_CASE("failed batches are retried, not dropped", "[metering][usage_writer]") {
+  TempDatabase db;
+  auto failures_left = std::make_shared<std::atomic<int>>(2);
+  auto reader = open_sqlite_store(db.path());
+  UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures_left),
+                     10ms);
+  for (int i = 0; i < 50; ++i) writer.enqueue(make_event(i));
+  writer.flush();
+  CHECK(failures_left->load() == 0);
+  CHECK(reader->count_usage_events() == 50);
+  const auto stats = writer.stats();
+  CHECK(stats.failures == 2);
+  CHECK(stats.written == 50);
+}
+
+TEST_CASE("stop() returns when the store keeps failing", "[metering][usage_writer]") {
+  TempDatabase db;
+  auto failures_left = std::make_shared<std::atomic<int>>(-1);  // fail forever
+  auto reader = open_sqlite_store(db.path());
+  UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures_left),
+                     10ms);
+  for (int i = 0; i < 5; ++i) writer.enqueue(make_event(i));
+  writer.stop();
+  writer.flush();  // the writer is gone: must not hang
+  CHECK(writer.stats().failures >= 1);
+  CHECK(writer.stats().written == 0);
+  CHECK(writer.queue_depth() == 0);
+  CHECK(reader->count_usage_events() == 0);
+}
+
+TEST_CASE("events enqueued after stop() are still written", "[metering][usage_writer]") {
+  TempDatabase db;
+  UsageWriter writer(open_sqlite_store(db.path()), 10ms);
+  writer.enqueue(make_event(1));
+  writer.stop();
+  writer.enqueue(make_event(2));
+  writer.flush();
+  CHECK(writer.stats().written == 2);
+  CHECK(open_sqlite_store(db.path())->count_usage_events() == 2);
+}
