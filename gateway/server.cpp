@@ -40,6 +40,10 @@ constexpr auto as_tuple = net::as_tuple(use_awaitable);
 using Request = http::request<http::string_body>;
 using Response = http::response<http::string_body>;
 
+// Bodies up to this size are read even when the request is refused before
+// needing them, to keep the connection.
+constexpr std::uint64_t kDrainableBody = 64 * 1024;
+
 double seconds_since(SteadyClock::time_point t) {
   return std::chrono::duration<double>(SteadyClock::now() - t).count();
 }
@@ -526,8 +530,13 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
     co_return co_await respond_error(req, x, not_found("no route for " + std::string(path), "unknown_route"));
   }
 
-  // Authenticate before reading a body, so strangers cannot make us buffer one.
-  if (auto e = authenticate(req, x)) co_return co_await respond_error(req, x, *e, !parser.is_done());
+  // Authenticate before reading a body, so strangers cannot make us buffer a
+  // large one; a small one is read so the connection stays usable.
+  if (auto e = authenticate(req, x)) {
+    bool small = parser.content_length() && *parser.content_length() <= kDrainableBody;
+    if (small && !co_await read_body(parser, x)) co_return false;
+    co_return co_await respond_error(req, x, *e, !parser.is_done());
+  }
   if (!co_await read_body(parser, x)) co_return false;
 
   if (is_models) {

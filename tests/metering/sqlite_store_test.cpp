@@ -449,7 +449,7 @@ TEST_CASE("quota_state's month window crosses the year correctly", "[metering][s
       event(k2024_12_31_235959, a.user_id, a.id, "m", 200, 2, 0),
       event(k2024_11_30_120000, a.user_id, a.id, "m", 200, 4, 0),
   });
-  const SubjectUsage& december = store->quota_state(k2024_12_31_235959).users.at(a.user_id);
+  const SubjectUsage december = store->quota_state(k2024_12_31_235959).users.at(a.user_id);
   CHECK(december.month.requests == 2);
   CHECK(december.month.tokens == 3);
   CHECK(december.day.tokens == 2);

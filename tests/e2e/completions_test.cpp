@@ -1,0 +1,64 @@
+// The OpenAI-compatible routes through the real binary.
+#include <catch2/catch.hpp>
+
+#include <thread>
+
+#include "harness.hpp"
+
+using namespace tollgate::test;
+namespace json = boost::json;
+
+TEST_CASE("chat completion, non-streaming, answers in OpenAI's shape with usage", "[e2e][completions]") {
+  TempDir dir;
+  GatewayProcess gw(dir);
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  auto r = client.post("/v1/chat/completions", key, chat_body("echo", "hello gateway world"));
+  REQUIRE(r.status == 200);
+  auto body = r.json().as_object();
+  CHECK(body.at("object") == "chat.completion");
+  CHECK(body.at("model") == "echo");
+  auto& choice = body.at("choices").as_array().at(0).as_object();
+  CHECK(choice.at("message").at("role") == "assistant");
+  CHECK(choice.at("message").at("content") == "hello gateway world");
+  CHECK(choice.at("finish_reason") == "stop");
+  CHECK(body.at("usage").at("prompt_tokens") == 3);
+  CHECK(body.at("usage").at("completion_tokens") == 3);
+  CHECK(body.at("usage").at("total_tokens") == 6);
+}
+
+TEST_CASE("streamed completion sends SSE chunks, usage when asked, and [DONE]", "[e2e][completions]") {
+  TempDir dir;
+  GatewayProcess gw(dir);
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  auto r = client.post("/v1/completions", key,
+                       R"({"model":"echo","prompt":"one two three four","max_tokens":3,"stream":true,)"
+                       R"("stream_options":{"include_usage":true}})");
+  REQUIRE(r.status == 200);
+  CHECK(r.header("content-type") == "text/event-stream");
+  std::vector<json::value> events;
+  std::size_t pos = 0;
+  bool done = false;
+  while ((pos = r.body.find("data: ", pos)) != std::string::npos) {
+    auto end = r.body.find("\n\n", pos);
+    auto data = r.body.substr(pos + 6, end - pos - 6);
+    pos = end;
+    if (data == "[DONE]") {
+      done = true;
+      continue;
+    }
+    events.push_back(json::parse(data));
+  }
+  CHECK(done);
+  REQUIRE(events.size() == 5);  // three tokens, the finish, the usage
+  std::string text;
+  for (int i = 0; i < 3; ++i) text += events[i].at("choices").at(0).at("text").as_string();
+  CHECK(text == "one two three");
+  CHECK(events[3].at("choices").at(0).at("finish_reason") == "length");
+  CHECK(events[4].at("choices").as_array().empty());
+  CHECK(events[4].at("usage").at("completion_tokens") == 3);
+  CHECK(events[4].at("usage").at("prompt_tokens") == 4);
+}
