@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 
 namespace tollgate::gateway {
 namespace json = boost::json;
@@ -22,9 +23,13 @@ std::optional<ApiError> read_number(const json::object& o, const char* name, dou
   if (!v.is_number()) return bad_request(std::string("'") + name + "' must be a number", name, "invalid_type");
   double d = v.to_number<double>();
   if (!std::isfinite(d) || d < min || d > max) {
-    return bad_request(std::string("'") + name + "' must be between " + json::serialize(json::value(min)) +
-                           " and " + json::serialize(json::value(max)),
-                       name);
+    // Plain decimal bounds ("0 and 2"): json::serialize would write "0E0 and 2E0".
+    auto text = [](double x) {
+      std::ostringstream s;
+      s << x;
+      return s.str();
+    };
+    return bad_request(std::string("'") + name + "' must be between " + text(min) + " and " + text(max), name);
   }
   out = d;
   return std::nullopt;

@@ -4,8 +4,10 @@
 
 #include <cctype>
 #include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -207,7 +209,8 @@ std::string interpolate_env(const std::string& text, const std::string& where) {
 std::optional<std::chrono::milliseconds> parse_duration(const std::string& text) {
   double value = 0;
   auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc() || value < 0) return std::nullopt;
+  // from_chars accepts "inf" and "nan": neither is a duration.
+  if (ec != std::errc() || !std::isfinite(value) || value < 0) return std::nullopt;
   std::string unit(end, text.data() + text.size());
   double ms = 0;
   if (unit == "ms") ms = value;
@@ -215,6 +218,8 @@ std::optional<std::chrono::milliseconds> parse_duration(const std::string& text)
   else if (unit == "m") ms = value * 60'000;
   else if (unit == "h") ms = value * 3'600'000;
   else return std::nullopt;
+  // Capped at ~30 years, well before nanosecond timers overflow (~292 years).
+  if (ms > 1e12) return std::nullopt;
   return std::chrono::milliseconds(static_cast<std::int64_t>(ms));
 }
 
@@ -232,6 +237,7 @@ std::optional<std::size_t> parse_size(const std::string& text) {
   else if (unit == "MB") mult = 1000 * 1000;
   else if (unit == "GB") mult = 1000ull * 1000 * 1000;
   else return std::nullopt;
+  if (value > std::numeric_limits<std::size_t>::max() / mult) return std::nullopt;  // would wrap around
   return static_cast<std::size_t>(value * mult);
 }
 

@@ -132,6 +132,7 @@ struct Exchange {
   std::shared_ptr<const KeyEntry> caller;
   std::optional<metering::Admission> admission;
   std::chrono::microseconds backend_time{0};
+  bool finished = false;
 
   Exchange(Gateway& g, std::string_view path) : gw(g), route(route_label(path)) {
     event.ts = metering::now_ms();
@@ -152,7 +153,13 @@ struct Exchange {
     return {caller->key.user_id, caller->key.id, caller->user_limits, caller->key.limits};
   }
 
+  // A request that ends by an exception is still counted and metered.
+  ~Exchange() {
+    if (!finished) finish(500);
+  }
+
   void finish(int status) {
+    finished = true;
     auto& m = gw.metrics;
     m.in_flight.add(-1);
     double took = seconds_since(started);
@@ -164,9 +171,9 @@ struct Exchange {
       m.tokens.labels({"prompt", event.model, event.backend}).inc(static_cast<double>(event.prompt_tokens));
       m.tokens.labels({"completion", event.model, event.backend}).inc(static_cast<double>(event.completion_tokens));
     }
-    if (status == 429) {
-      // Which limit refused is in the message; the label stays bounded.
-      m.quota_rejections.labels({event.route}).inc();
+    if (admission && !admission->allowed) {
+      // The kind of limit keeps the label bounded; which user or key is in the message.
+      m.quota_rejections.labels({admission->limit}).inc();
     }
     if (!metered) return;
     if (m.per_user) {
@@ -229,6 +236,7 @@ class Session {
   awaitable<bool> read_body(http::request_parser<http::string_body>& parser, Exchange& x);
   awaitable<bool> handle(http::request_parser<http::string_body>& parser);
   awaitable<bool> respond_error(const Request& req, Exchange& x, const ApiError& e, bool close = false);
+  awaitable<bool> refuse(http::request_parser<http::string_body>& parser, Exchange& x, ApiError error);
   awaitable<bool> handle_admin_route(http::request_parser<http::string_body>& parser, Exchange& x);
   awaitable<bool> handle_models(const Request& req, Exchange& x);
   awaitable<bool> handle_completion(const Request& req, Exchange& x, bool chat);
@@ -295,17 +303,17 @@ awaitable<bool> Session::read_body(http::request_parser<http::string_body>& pars
   stream().expires_after(limits().body_timeout);
   auto [ec, n] = co_await http::async_read(stream(), buffer_, parser, as_tuple);
   if (ec == http::error::body_limit) {
-    co_await respond_error(req, x,
-                           {413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
-                            "invalid_request_error", std::nullopt, "request_too_large", {}},
-                           true);
+    // g++ 12 destroys a braced temporary inside a co_await twice: name it first.
+    ApiError too_large{413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
+                       "invalid_request_error", std::nullopt, "request_too_large", {}};
+    co_await respond_error(req, x, too_large, true);
     co_return false;
   }
   if (ec) {
     // Timeout or a broken body: the connection's framing is lost, so it closes.
     if (ec != beast::error::timeout && ec != http::error::end_of_stream && ec != net::error::eof) {
-      co_await respond_error(req, x, bad_request("malformed request body: " + ec.message(), std::nullopt, "bad_body"),
-                             true);
+      auto bad = bad_request("malformed request body: " + ec.message(), std::nullopt, "bad_body");
+      co_await respond_error(req, x, bad, true);
     } else {
       x.finish(408);
     }
@@ -314,10 +322,19 @@ awaitable<bool> Session::read_body(http::request_parser<http::string_body>& pars
   co_return true;
 }
 
+// Refuses a request before its body is needed: a small body is read so the
+// connection stays usable; a large one is left unread and the connection closes.
+awaitable<bool> Session::refuse(http::request_parser<http::string_body>& parser, Exchange& x, ApiError error) {
+  bool small = parser.content_length() && *parser.content_length() <= kDrainableBody;
+  if (small && !co_await read_body(parser, x)) co_return false;
+  co_return co_await respond_error(parser.get(), x, error, !parser.is_done());
+}
+
 awaitable<bool> Session::handle_models(const Request& req, Exchange& x) {
   x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
   if (!x.admission->allowed) {
-    co_return co_await respond_error(req, x, rate_limited(x.admission->reason, x.admission->retry_after_s));
+    auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
+    co_return co_await respond_error(req, x, limited);
   }
   json::array data;
   for (const auto& route : gw_.router.routes()) {
@@ -339,18 +356,20 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
 
   auto deployment = gw_.router.pick(creq.model);
   if (!deployment) {
-    co_return co_await respond_error(req, x, not_found("the model '" + creq.model + "' does not exist", "model_not_found"));
+    auto unknown = not_found("the model '" + creq.model + "' does not exist", "model_not_found");
+    co_return co_await respond_error(req, x, unknown);
   }
   if (!x.caller->key.allows_model(creq.model)) {
     gw_.metrics.auth_failures.labels({"model_not_allowed"}).inc();
-    co_return co_await respond_error(req, x, forbidden("this API key may not use the model '" + creq.model + "'"));
+    auto denied = forbidden("this API key may not use the model '" + creq.model + "'");
+    co_return co_await respond_error(req, x, denied);
   }
   auto* backend = deployment->backend;
   x.event.backend = backend->name();
   auto caps = backend->capabilities();
   if ((chat && !caps.chat) || (!chat && !caps.completions) || (creq.stream && !caps.streaming)) {
-    co_return co_await respond_error(
-        req, x, bad_request("the model '" + creq.model + "' does not support this kind of request", "model"));
+    auto unsupported = bad_request("the model '" + creq.model + "' does not support this kind of request", "model");
+    co_return co_await respond_error(req, x, unsupported);
   }
   creq.upstream_model = deployment->upstream_model;
   creq.user = x.caller->key.user_name;
@@ -360,14 +379,25 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
                          creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
   x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
   if (!x.admission->allowed) {
-    co_return co_await respond_error(req, x, rate_limited(x.admission->reason, x.admission->retry_after_s));
+    auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
+    co_return co_await respond_error(req, x, limited);
   }
 
   CompletionFormatter format(chat, creq.model, completion.include_usage);
   auto sink = std::make_shared<SessionSink>(stream().get_executor());
   bool stream_mode = creq.stream;
   auto backend_started = SteadyClock::now();
-  auto handle = backend->start(std::move(creq), sink);
+  std::unique_ptr<backends::CompletionHandle> handle;
+  try {
+    handle = backend->start(std::move(creq), sink);
+  } catch (const std::exception& e) {
+    // A backend bug must not take the connection down with an unmetered request.
+    std::cerr << "tollgate: backend " << x.event.backend << " failed to start: " << e.what() << "\n";
+  }
+  if (!handle) {
+    auto failed = from_backend({backends::ErrorKind::internal, "the backend failed", {}});
+    co_return co_await respond_error(req, x, failed);
+  }
 
   std::string text;             // non-streaming: the whole reply
   std::int64_t deltas = 0;      // what reached the client, should the backend never report usage
@@ -461,17 +491,19 @@ awaitable<bool> Session::handle_admin_route(http::request_parser<http::string_bo
   auto& req = parser.get();
   auto key = presented_key(req[http::field::authorization], req["x-api-key"]);
   if (!key) {
-    co_return co_await respond_error(req, x, unauthorized("missing admin key", "missing_api_key"), !parser.is_done());
+    auto missing = unauthorized("missing admin key", "missing_api_key");
+    co_return co_await refuse(parser, x, missing);
   }
   if (!gw_.admin_key.matches(*key)) {
     auto outcome = gw_.keys->authenticate(*key, metering::now_ms());
     if (outcome.status == AuthOutcome::Status::ok) {
       x.identify(outcome.entry);
       gw_.metrics.auth_failures.labels({"not_admin"}).inc();
-      co_return co_await respond_error(req, x, forbidden("this key is not the admin key", "admin_key_required"),
-                                       !parser.is_done());
+      auto not_admin = forbidden("this key is not the admin key", "admin_key_required");
+      co_return co_await refuse(parser, x, not_admin);
     }
-    co_return co_await respond_error(req, x, unauthorized("invalid admin key"), !parser.is_done());
+    auto invalid = unauthorized("invalid admin key");
+    co_return co_await refuse(parser, x, invalid);
   }
   if (!co_await read_body(parser, x)) co_return false;
   std::string method(req.method_string()), target(req.target()), body = req.body();
@@ -507,7 +539,8 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
   if (path == "/healthz" || path == "/readyz" || path == "/metrics") {
     if (!co_await read_body(parser, x)) co_return false;
     if (method != http::verb::get) {
-      co_return co_await respond_error(req, x, {405, "use GET", "invalid_request_error", std::nullopt, "method_not_allowed", {}});
+      ApiError wrong_method{405, "use GET", "invalid_request_error", std::nullopt, "method_not_allowed", {}};
+      co_return co_await respond_error(req, x, wrong_method);
     }
     Response res;
     if (path == "/metrics") {
@@ -527,26 +560,24 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
   bool is_models = path == "/v1/models";
   if (!is_chat && !is_completion && !is_models) {
     if (!co_await read_body(parser, x)) co_return false;
-    co_return co_await respond_error(req, x, not_found("no route for " + std::string(path), "unknown_route"));
+    auto no_route = not_found("no route for " + std::string(path), "unknown_route");
+    co_return co_await respond_error(req, x, no_route);
   }
 
-  // Authenticate before reading a body, so strangers cannot make us buffer a
-  // large one; a small one is read so the connection stays usable.
-  if (auto e = authenticate(req, x)) {
-    bool small = parser.content_length() && *parser.content_length() <= kDrainableBody;
-    if (small && !co_await read_body(parser, x)) co_return false;
-    co_return co_await respond_error(req, x, *e, !parser.is_done());
-  }
+  // Authenticate before reading a body, so strangers cannot make us buffer one.
+  if (auto e = authenticate(req, x)) co_return co_await refuse(parser, x, *e);
   if (!co_await read_body(parser, x)) co_return false;
 
   if (is_models) {
     if (method != http::verb::get) {
-      co_return co_await respond_error(req, x, {405, "use GET", "invalid_request_error", std::nullopt, "method_not_allowed", {}});
+      ApiError wrong_method{405, "use GET", "invalid_request_error", std::nullopt, "method_not_allowed", {}};
+      co_return co_await respond_error(req, x, wrong_method);
     }
     co_return co_await handle_models(req, x);
   }
   if (method != http::verb::post) {
-    co_return co_await respond_error(req, x, {405, "use POST", "invalid_request_error", std::nullopt, "method_not_allowed", {}});
+    ApiError wrong_method{405, "use POST", "invalid_request_error", std::nullopt, "method_not_allowed", {}};
+    co_return co_await respond_error(req, x, wrong_method);
   }
   co_return co_await handle_completion(req, x, is_chat);
 }
@@ -580,15 +611,17 @@ awaitable<void> Session::run() {
       Request req;
       req.version(11);
       Exchange x(gw_, "other");
+      // Named, not braced inside the co_await: g++ 12 would destroy the temporary twice.
+      ApiError error;
       if (ec == http::error::header_limit) {
-        co_await respond_error(req, x, {431, "request headers are too large", "invalid_request_error", std::nullopt,
-                                        "headers_too_large", {}}, true);
+        error = {431, "request headers are too large", "invalid_request_error", std::nullopt, "headers_too_large", {}};
       } else if (ec == http::error::body_limit) {
-        co_await respond_error(req, x, {413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
-                                        "invalid_request_error", std::nullopt, "request_too_large", {}}, true);
+        error = {413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
+                 "invalid_request_error", std::nullopt, "request_too_large", {}};
       } else {
-        co_await respond_error(req, x, bad_request("malformed HTTP request: " + ec.message(), std::nullopt, "bad_http"), true);
+        error = bad_request("malformed HTTP request: " + ec.message(), std::nullopt, "bad_http");
       }
+      co_await respond_error(req, x, error, true);
       break;
     }
     close_after_ = false;

@@ -74,17 +74,18 @@ enum class Kind { requests, tokens };
 
 struct LimitRule {
   const char* name;
+  const char* label;
   Kind kind;
   Span span;
   std::optional<std::int64_t> Limits::*limit;
 };
 
 constexpr std::array<LimitRule, 5> kRules{{
-    {"requests per minute", Kind::requests, Span::minute, &Limits::requests_per_minute},
-    {"requests per day", Kind::requests, Span::day, &Limits::requests_per_day},
-    {"tokens per minute", Kind::tokens, Span::minute, &Limits::tokens_per_minute},
-    {"tokens per day", Kind::tokens, Span::day, &Limits::tokens_per_day},
-    {"tokens per month", Kind::tokens, Span::month, &Limits::tokens_per_month},
+    {"requests per minute", "requests_per_minute", Kind::requests, Span::minute, &Limits::requests_per_minute},
+    {"requests per day", "requests_per_day", Kind::requests, Span::day, &Limits::requests_per_day},
+    {"tokens per minute", "tokens_per_minute", Kind::tokens, Span::minute, &Limits::tokens_per_minute},
+    {"tokens per day", "tokens_per_day", Kind::tokens, Span::day, &Limits::tokens_per_day},
+    {"tokens per month", "tokens_per_month", Kind::tokens, Span::month, &Limits::tokens_per_month},
 }};
 
 EpochMs window_end(Span span, EpochMs now) {
@@ -276,6 +277,7 @@ Admission QuotaLimiter::admit(const QuotaSubject& subject, std::int64_t reserve_
         result.reason = never_fits ? "request's max tokens (" + std::to_string(need) + ") exceed the " + limit_text +
                                          " for this " + side->who
                                    : limit_text + " reached for this " + side->who;
+        result.limit = rule.label;
       }
       refused = true;
       impossible = impossible || never_fits;

@@ -84,10 +84,10 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
-CliResult run_tollgate(const std::vector<std::string>& args, std::chrono::seconds timeout) {
+CliResult run_tollgate(const std::vector<std::string>& args, std::chrono::seconds timeout, const EnvVars& env) {
   TempDir dir;
   auto out = dir.file("out"), err = dir.file("err");
-  int pid = spawn(args, out, err, {}, "");
+  int pid = spawn(args, out, err, env, "");
   CliResult r;
   r.exit_code = wait_exit(pid, timeout);
   if (r.exit_code == -1) {

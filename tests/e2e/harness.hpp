@@ -39,8 +39,12 @@ struct CliResult {
   std::string err;
 };
 
-// Runs `tollgate ARGS...` to completion (bounded by `timeout`).
-CliResult run_tollgate(const std::vector<std::string>& args, std::chrono::seconds timeout = 30s);
+using EnvVars = std::vector<std::pair<std::string, std::string>>;
+
+// Runs `tollgate ARGS...` to completion (bounded by `timeout`), with `env`
+// added to the child's environment.
+CliResult run_tollgate(const std::vector<std::string>& args, std::chrono::seconds timeout = 30s,
+                       const EnvVars& env = {});
 
 // `tollgate keys create --user USER EXTRA... --db DB`, returning the key (the last line).
 std::string create_key(const std::string& db, const std::string& user, const std::vector<std::string>& extra = {});
@@ -63,6 +67,8 @@ class GatewayProcess {
   GatewayProcess& operator=(const GatewayProcess&) = delete;
 
   std::uint16_t port() const { return port_; }
+  // The child's pid, -1 once it has been reaped (for tests that signal it themselves).
+  int pid() const { return pid_; }
   const std::string& db() const { return db_; }
   // The admin key printed at first start (empty when it came from the environment).
   const std::string& admin_key() const { return admin_key_; }

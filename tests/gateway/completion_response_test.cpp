@@ -1,0 +1,161 @@
+#include "gateway/completion_response.hpp"
+
+#include <boost/json.hpp>
+#include <catch2/catch.hpp>
+
+#include <set>
+#include <string>
+
+namespace json = boost::json;
+using tollgate::backends::Usage;
+using tollgate::gateway::CompletionFormatter;
+
+namespace {
+
+// The JSON of one SSE event, checking its framing.
+json::object event_json(const std::string& event) {
+  INFO(event);
+  REQUIRE(event.rfind("data: ", 0) == 0);
+  REQUIRE(event.size() > 8);
+  REQUIRE(event.substr(event.size() - 2) == "\n\n");
+  auto payload = event.substr(6, event.size() - 8);
+  REQUIRE(payload.find('\n') == std::string::npos);  // one data line per event
+  return json::parse(payload).as_object();
+}
+
+const json::object& only_choice(const json::object& o) {
+  const auto& choices = o.at("choices").as_array();
+  REQUIRE(choices.size() == 1);
+  CHECK(choices[0].at("index") == 0);
+  return choices[0].as_object();
+}
+
+}  // namespace
+
+TEST_CASE("chat chunks: the first delta carries the role, later ones only content", "[gateway][response]") {
+  CompletionFormatter f(true, "my-model", false);
+  CHECK(f.id().rfind("chatcmpl-", 0) == 0);
+  CHECK(f.id().size() > 20);
+
+  auto first = event_json(f.delta_event("Hel"));
+  CHECK(first.at("id") == json::value(f.id()));
+  CHECK(first.at("object") == "chat.completion.chunk");
+  CHECK(first.at("model") == "my-model");
+  CHECK(first.at("created").is_int64());
+  CHECK(first.at("created").as_int64() > 1'600'000'000);
+  CHECK_FALSE(first.contains("usage"));
+  const auto& c1 = only_choice(first);
+  CHECK(c1.at("delta").at("role") == "assistant");
+  CHECK(c1.at("delta").at("content") == "Hel");
+  CHECK(c1.at("finish_reason").is_null());
+  CHECK(c1.at("logprobs").is_null());
+  CHECK_FALSE(c1.contains("text"));
+
+  auto second = event_json(f.delta_event("lo \"quoted\"\nline \xe2\x98\x83"));
+  CHECK(second.at("id") == first.at("id"));
+  CHECK(second.at("created") == first.at("created"));
+  const auto& c2 = only_choice(second);
+  CHECK_FALSE(c2.at("delta").as_object().contains("role"));
+  CHECK(c2.at("delta").at("content") == "lo \"quoted\"\nline \xe2\x98\x83");
+  CHECK(c2.at("finish_reason").is_null());
+
+  auto finish = event_json(f.finish_event("length"));
+  CHECK(finish.at("id") == first.at("id"));
+  CHECK(finish.at("object") == "chat.completion.chunk");
+  const auto& c3 = only_choice(finish);
+  CHECK(c3.at("finish_reason") == "length");
+  CHECK(c3.at("delta").as_object().empty());
+}
+
+TEST_CASE("a chat finish with no delta before it still carries the role", "[gateway][response]") {
+  CompletionFormatter f(true, "m", false);
+  auto finish = event_json(f.finish_event("stop"));
+  const auto& c = only_choice(finish);
+  CHECK(c.at("delta").at("role") == "assistant");
+  CHECK_FALSE(c.at("delta").as_object().contains("content"));
+  CHECK(c.at("finish_reason") == "stop");
+}
+
+TEST_CASE("completions chunks carry text, no delta, no role", "[gateway][response]") {
+  CompletionFormatter f(false, "m", false);
+  CHECK(f.id().rfind("cmpl-", 0) == 0);
+  auto first = event_json(f.delta_event("once"));
+  CHECK(first.at("object") == "text_completion");
+  const auto& c1 = only_choice(first);
+  CHECK(c1.at("text") == "once");
+  CHECK_FALSE(c1.contains("delta"));
+  CHECK(c1.at("finish_reason").is_null());
+  CHECK(c1.at("logprobs").is_null());
+  auto finish = event_json(f.finish_event("stop"));
+  const auto& c2 = only_choice(finish);
+  CHECK(c2.at("text") == "");
+  CHECK(c2.at("finish_reason") == "stop");
+}
+
+TEST_CASE("include_usage: chunks carry a null usage, the usage event has no choices", "[gateway][response]") {
+  for (bool chat : {true, false}) {
+    CAPTURE(chat);
+    CompletionFormatter f(chat, "m", true);
+    auto delta = event_json(f.delta_event("a"));
+    REQUIRE(delta.contains("usage"));
+    CHECK(delta.at("usage").is_null());
+    auto finish = event_json(f.finish_event("stop"));
+    REQUIRE(finish.contains("usage"));
+    CHECK(finish.at("usage").is_null());
+
+    auto usage = event_json(f.usage_event(Usage{5, 7, false}));
+    CHECK(usage.at("id") == json::value(f.id()));
+    CHECK(usage.at("object") == (chat ? "chat.completion.chunk" : "text_completion"));
+    CHECK(usage.at("model") == "m");
+    CHECK(usage.at("choices").as_array().empty());
+    CHECK(usage.at("usage").at("prompt_tokens") == 5);
+    CHECK(usage.at("usage").at("completion_tokens") == 7);
+    CHECK(usage.at("usage").at("total_tokens") == 12);
+  }
+}
+
+TEST_CASE("the done event and error events", "[gateway][response]") {
+  CHECK(CompletionFormatter::done_event() == "data: [DONE]\n\n");
+  CompletionFormatter f(true, "m", false);
+  auto error = event_json(f.error_event(tollgate::gateway::bad_request("broken", "temperature")));
+  REQUIRE(error.size() == 1);
+  const auto& e = error.at("error").as_object();
+  CHECK(e.at("message") == "broken");
+  CHECK(e.at("type") == "invalid_request_error");
+  CHECK(e.at("param") == "temperature");
+  CHECK(e.at("code") == "invalid_value");
+}
+
+TEST_CASE("full responses: chat.completion and text_completion", "[gateway][response]") {
+  CompletionFormatter chat(true, "m", true);
+  auto c = json::parse(chat.full_response("hello \"world\"", "stop", Usage{3, 2, true})).as_object();
+  CHECK(c.at("id") == json::value(chat.id()));
+  CHECK(c.at("object") == "chat.completion");
+  CHECK(c.at("model") == "m");
+  CHECK(c.at("created").is_int64());
+  const auto& choice = only_choice(c);
+  CHECK(choice.at("message").at("role") == "assistant");
+  CHECK(choice.at("message").at("content") == "hello \"world\"");
+  CHECK(choice.at("finish_reason") == "stop");
+  CHECK(choice.at("logprobs").is_null());
+  CHECK_FALSE(choice.contains("delta"));
+  CHECK(c.at("usage").at("prompt_tokens") == 3);
+  CHECK(c.at("usage").at("completion_tokens") == 2);
+  CHECK(c.at("usage").at("total_tokens") == 5);
+
+  CompletionFormatter text(false, "m2", false);
+  auto t = json::parse(text.full_response("", "length", Usage{})).as_object();
+  CHECK(t.at("object") == "text_completion");
+  CHECK(t.at("model") == "m2");
+  const auto& tc = only_choice(t);
+  CHECK(tc.at("text") == "");
+  CHECK_FALSE(tc.contains("message"));
+  CHECK(tc.at("finish_reason") == "length");
+  CHECK(t.at("usage").at("total_tokens") == 0);
+}
+
+TEST_CASE("every formatter has its own id", "[gateway][response]") {
+  std::set<std::string> ids;
+  for (int i = 0; i < 100; ++i) ids.insert(CompletionFormatter(i % 2 == 0, "m", false).id());
+  CHECK(ids.size() == 100);
+}

@@ -1,0 +1,310 @@
+#include "gateway/config.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cstdlib>
+#include <limits>
+
+using namespace std::chrono_literals;
+using tollgate::gateway::Config;
+using tollgate::gateway::ConfigError;
+using tollgate::gateway::interpolate_env;
+using tollgate::gateway::parse_config;
+using tollgate::gateway::parse_duration;
+using tollgate::gateway::parse_listen;
+using tollgate::gateway::parse_size;
+
+namespace {
+
+// The message parse_config throws for `yaml`, or "" when it parses.
+std::string config_error(const std::string& yaml) {
+  try {
+    parse_config(yaml, "test.yaml");
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+}  // namespace
+
+TEST_CASE("parse_config reads every key", "[gateway][config]") {
+  auto c = parse_config(R"(
+listen: 0.0.0.0:9090
+database: /var/lib/tollgate/t.db
+io_threads: 3
+limits:
+  max_body: 2MiB
+  max_header: 8KiB
+  header_timeout: 5s
+  body_timeout: 45s
+  idle_timeout: 2m
+  shutdown_grace: 1500ms
+  max_connections: 123
+metering:
+  flush_interval: 250ms
+  per_user_metrics: true
+  default_reserve_tokens: 77
+backends:
+  - name: fast
+    type: echo
+  - {name: slow, type: echo, token_delay: 50ms}
+models:
+  - name: small
+    deployments: [{backend: fast}]
+  - name: big
+    deployments:
+      - {backend: slow, model: big-upstream}
+      - {backend: fast}
+)",
+                        "full.yaml");
+  CHECK(c.listen.host == "0.0.0.0");
+  CHECK(c.listen.port == 9090);
+  CHECK(c.database == "/var/lib/tollgate/t.db");
+  CHECK(c.io_threads == 3);
+  CHECK(c.limits.max_body == 2 * 1024 * 1024);
+  CHECK(c.limits.max_header == 8 * 1024);
+  CHECK(c.limits.header_timeout == 5s);
+  CHECK(c.limits.body_timeout == 45s);
+  CHECK(c.limits.idle_timeout == 2min);
+  CHECK(c.limits.shutdown_grace == 1500ms);
+  CHECK(c.limits.max_connections == 123);
+  CHECK(c.metering.flush_interval == 250ms);
+  CHECK(c.metering.per_user_metrics);
+  CHECK(c.metering.default_reserve_tokens == 77);
+  REQUIRE(c.backends.size() == 2);
+  CHECK(c.backends[0].name == "fast");
+  CHECK(c.backends[0].type == "echo");
+  CHECK(c.backends[0].token_delay == 0ms);
+  CHECK(c.backends[1].name == "slow");
+  CHECK(c.backends[1].token_delay == 50ms);
+  REQUIRE(c.models.size() == 2);
+  CHECK(c.models[0].name == "small");
+  REQUIRE(c.models[0].deployments.size() == 1);
+  CHECK(c.models[0].deployments[0].backend == "fast");
+  CHECK(c.models[0].deployments[0].model == "small");  // defaults to the public name
+  REQUIRE(c.models[1].deployments.size() == 2);
+  CHECK(c.models[1].deployments[0].backend == "slow");
+  CHECK(c.models[1].deployments[0].model == "big-upstream");
+  CHECK(c.models[1].deployments[1].model == "big");
+}
+
+TEST_CASE("parse_config defaults", "[gateway][config]") {
+  Config defaults;
+  for (const std::string yaml : {"", "# only a comment\n", "limits: {}\nmetering: {}\n"}) {
+    auto c = parse_config(yaml, "empty.yaml");
+    CHECK(c.listen.host == defaults.listen.host);
+    CHECK(c.listen.port == 8080);
+    CHECK(c.database == "./tollgate.db");
+    CHECK(c.io_threads == 0);
+    CHECK(c.limits.max_body == 4 * 1024 * 1024);
+    CHECK(c.limits.header_timeout == 10s);
+    CHECK(c.metering.flush_interval == 1s);
+    CHECK_FALSE(c.metering.per_user_metrics);
+    CHECK(c.backends.empty());
+    CHECK(c.models.empty());
+  }
+  for (const std::string word : {"yes", "on", "true"}) {
+    CHECK(parse_config("metering: {per_user_metrics: " + word + "}", "t").metering.per_user_metrics);
+  }
+  for (const std::string word : {"no", "off", "false"}) {
+    CHECK_FALSE(parse_config("metering: {per_user_metrics: " + word + "}", "t").metering.per_user_metrics);
+  }
+}
+
+TEST_CASE("the embedded default configuration parses and serves echo", "[gateway][config]") {
+  auto c = tollgate::gateway::embedded_default_config();
+  CHECK(c.listen.host == "127.0.0.1");
+  CHECK(c.listen.port == 8080);
+  REQUIRE(c.backends.size() == 1);
+  CHECK(c.backends[0].type == "echo");
+  REQUIRE(c.models.size() == 1);
+  CHECK(c.models[0].name == "echo");
+  CHECK_NOTHROW(parse_config(tollgate::gateway::embedded_default_yaml(), "again"));
+}
+
+TEST_CASE("unknown keys are errors that name the key and where it is", "[gateway][config]") {
+  auto top = config_error("listen: 127.0.0.1:1\nlistenn: 1\n");
+  CHECK(contains(top, "test.yaml"));
+  CHECK(contains(top, "unknown key 'listenn'"));
+  CHECK(contains(top, "known keys:"));
+  CHECK(contains(top, "database"));
+
+  auto limits = config_error("limits: {max_body: 1MiB, max_bodyy: 2MiB}");
+  CHECK(contains(limits, "limits: unknown key 'max_bodyy'"));
+  CHECK(contains(limits, "max_header"));
+
+  CHECK(contains(config_error("metering: {flush: 1s}"), "metering: unknown key 'flush'"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo, token_dealy: 5ms}]"),
+                 "backends[0]: unknown key 'token_dealy'"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}]\nmodels: [{name: m, deployment: []}]"),
+                 "models[0]: unknown key 'deployment'"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}]\n"
+                              "models: [{name: m, deployments: [{backend: e}, {backend: e, modle: x}]}]"),
+                 "models[0].deployments[1]: unknown key 'modle'"));
+}
+
+TEST_CASE("invalid values are errors naming the key", "[gateway][config]") {
+  CHECK(contains(config_error("listen: nowhere"), "listen: expected HOST:PORT"));
+  CHECK(contains(config_error("listen: [a, b]"), "listen: expected a single value"));
+  CHECK(contains(config_error("database: ''"), "database: must not be empty"));
+  CHECK(contains(config_error("io_threads: many"), "io_threads: expected an integer, got 'many'"));
+  CHECK(contains(config_error("io_threads: 300"), "io_threads: must be between 0 and 256"));
+  CHECK(contains(config_error("io_threads: -1"), "io_threads: must be between"));
+  CHECK(contains(config_error("io_threads: 2x"), "io_threads: expected an integer"));
+  CHECK(contains(config_error("limits: {max_body: big}"), "limits.max_body: expected a size"));
+  CHECK(contains(config_error("limits: {max_header: 512}"), "limits.max_header: must be at least 1KiB"));
+  CHECK(contains(config_error("limits: {header_timeout: 10}"), "limits.header_timeout: expected a duration"));
+  CHECK(contains(config_error("limits: {max_connections: 0}"), "limits.max_connections: must be between"));
+  CHECK(contains(config_error("limits: 5"), "limits: expected a mapping"));
+  CHECK(contains(config_error("metering: {flush_interval: 0s}"), "metering.flush_interval: must be positive"));
+  CHECK(contains(config_error("metering: {per_user_metrics: maybe}"),
+                 "metering.per_user_metrics: expected true or false, got 'maybe'"));
+  CHECK(contains(config_error("metering: {default_reserve_tokens: -5}"), "metering.default_reserve_tokens"));
+  CHECK(contains(config_error("backends: {name: e}"), "backends: expected a list"));
+  CHECK(contains(config_error("backends: [{name: e}]"), "backends[0]: missing key 'type'"));
+  CHECK(contains(config_error("backends: [{type: echo}]"), "backends[0]: missing key 'name'"));
+  CHECK(contains(config_error("backends: [{name: e, type: magic}]"), "backends[0].type: unknown backend type 'magic'"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo, token_delay: slow}]"),
+                 "backends[0].token_delay: expected a duration"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}, {name: e, type: echo}]"),
+                 "backend 'e' is defined twice"));
+  CHECK(contains(config_error("models: {}"), "models: expected a list"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}]\nmodels: [{deployments: [{backend: e}]}]"),
+                 "models[0]: missing key 'name'"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}]\nmodels: [{name: m}]"),
+                 "models[0].deployments: expected a non-empty list"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}]\nmodels: [{name: m, deployments: []}]"),
+                 "models[0].deployments: expected a non-empty list"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}]\nmodels: [{name: m, deployments: [{model: x}]}]"),
+                 "models[0].deployments[0]: missing key 'backend'"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}]\nmodels: [{name: m, deployments: [{backend: f}]}]"),
+                 "model 'm' names unknown backend 'f'"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}]\n"
+                              "models: [{name: m, deployments: [{backend: e}]}, {name: m, deployments: [{backend: e}]}]"),
+                 "model 'm' is defined twice"));
+  CHECK(contains(config_error("listen: [unclosed"), "test.yaml: invalid YAML"));
+  CHECK(contains(config_error("- just\n- a list\n"), "expected a mapping"));
+}
+
+TEST_CASE("parse_duration", "[gateway][config]") {
+  CHECK(parse_duration("250ms") == 250ms);
+  CHECK(parse_duration("10s") == 10s);
+  CHECK(parse_duration("1.5s") == 1500ms);
+  CHECK(parse_duration("2m") == 2min);
+  CHECK(parse_duration("1h") == 1h);
+  CHECK(parse_duration("0s") == 0ms);
+  CHECK(parse_duration("0ms") == 0ms);
+  CHECK_FALSE(parse_duration(""));
+  CHECK_FALSE(parse_duration("10"));
+  CHECK_FALSE(parse_duration("s"));
+  CHECK_FALSE(parse_duration("-1s"));
+  CHECK_FALSE(parse_duration("10 s"));
+  CHECK_FALSE(parse_duration("10sec"));
+  CHECK_FALSE(parse_duration("5d"));
+  CHECK_FALSE(parse_duration("1S"));
+  // Not numbers a timeout can be, rather than undefined conversions.
+  CHECK_FALSE(parse_duration("infs"));
+  CHECK_FALSE(parse_duration("nanms"));
+  CHECK_FALSE(parse_duration("1e300h"));
+  CHECK_FALSE(parse_duration("1000000h"));  // over a century
+  CHECK(parse_duration("8760h") == std::chrono::hours(8760));
+}
+
+TEST_CASE("parse_size", "[gateway][config]") {
+  CHECK(parse_size("1048576") == 1048576u);
+  CHECK(parse_size("10B") == 10u);
+  CHECK(parse_size("512KiB") == 512u * 1024);
+  CHECK(parse_size("4MiB") == 4u * 1024 * 1024);
+  CHECK(parse_size("1GiB") == 1024u * 1024 * 1024);
+  CHECK(parse_size("1kB") == 1000u);
+  CHECK(parse_size("1KB") == 1000u);
+  CHECK(parse_size("1MB") == 1000u * 1000);
+  CHECK(parse_size("2GB") == 2'000'000'000u);
+  CHECK(parse_size("0") == 0u);
+  CHECK_FALSE(parse_size(""));
+  CHECK_FALSE(parse_size("MiB"));
+  CHECK_FALSE(parse_size("-1"));
+  CHECK_FALSE(parse_size("4 MiB"));
+  CHECK_FALSE(parse_size("1.5MiB"));
+  CHECK_FALSE(parse_size("1TiB"));
+  CHECK_FALSE(parse_size("4mib"));
+  // Sizes past 2^64 bytes are errors, not wrapped-around small numbers.
+  CHECK_FALSE(parse_size("17179869184GiB"));
+  CHECK_FALSE(parse_size("99999999999999999999"));
+}
+
+TEST_CASE("parse_listen", "[gateway][config]") {
+  auto v4 = parse_listen("127.0.0.1:8080");
+  REQUIRE(v4);
+  CHECK(v4->host == "127.0.0.1");
+  CHECK(v4->port == 8080);
+  auto v6 = parse_listen("[::1]:9000");
+  REQUIRE(v6);
+  CHECK(v6->host == "::1");
+  CHECK(v6->port == 9000);
+  auto any = parse_listen(":8081");
+  REQUIRE(any);
+  CHECK(any->host == "0.0.0.0");
+  CHECK(any->port == 8081);
+  auto zero = parse_listen("localhost:0");
+  REQUIRE(zero);
+  CHECK(zero->host == "localhost");
+  CHECK(zero->port == 0);
+  CHECK(parse_listen("0.0.0.0:65535")->port == 65535);
+  CHECK_FALSE(parse_listen("localhost"));
+  CHECK_FALSE(parse_listen("localhost:"));
+  CHECK_FALSE(parse_listen("localhost:65536"));
+  CHECK_FALSE(parse_listen("localhost:-1"));
+  CHECK_FALSE(parse_listen("localhost:80x"));
+  CHECK_FALSE(parse_listen("[::1]"));
+  CHECK_FALSE(parse_listen(""));
+}
+
+TEST_CASE("interpolate_env", "[gateway][config]") {
+  ::setenv("TG_UNIT_SET", "value", 1);
+  ::setenv("TG_UNIT_EMPTY", "", 1);
+  ::setenv("TG_UNIT_NESTED", "${TG_UNIT_SET}", 1);
+  ::unsetenv("TG_UNIT_UNSET");
+
+  CHECK(interpolate_env("plain text", "w") == "plain text");
+  CHECK(interpolate_env("${TG_UNIT_SET}", "w") == "value");
+  CHECK(interpolate_env("a-${TG_UNIT_SET}-b-${TG_UNIT_SET}", "w") == "a-value-b-value");
+  CHECK(interpolate_env("${TG_UNIT_UNSET:-fallback}", "w") == "fallback");
+  CHECK(interpolate_env("${TG_UNIT_UNSET:-}", "w") == "");
+  CHECK(interpolate_env("${TG_UNIT_SET:-fallback}", "w") == "value");
+  CHECK(interpolate_env("${TG_UNIT_EMPTY:-fallback}", "w") == "fallback");
+  CHECK(interpolate_env("${TG_UNIT_UNSET:-a:-b}", "w") == "a:-b");
+  CHECK(interpolate_env("$TG_UNIT_SET", "w") == "$TG_UNIT_SET");  // only the braced form
+  // A value is not expanded again.
+  CHECK(interpolate_env("${TG_UNIT_NESTED}", "w") == "${TG_UNIT_SET}");
+
+  CHECK_THROWS_WITH(interpolate_env("x ${TG_UNIT_UNSET} y", "where"),
+                    Catch::Contains("where") && Catch::Contains("TG_UNIT_UNSET"));
+  CHECK_THROWS_WITH(interpolate_env("${TG_UNIT_EMPTY}", "where"), Catch::Contains("TG_UNIT_EMPTY"));
+  CHECK_THROWS_AS(interpolate_env("${TG_UNIT_SET", "w"), ConfigError);
+  CHECK_THROWS_AS(interpolate_env("${}", "w"), ConfigError);
+  CHECK_THROWS_AS(interpolate_env("${:-x}", "w"), ConfigError);
+}
+
+TEST_CASE("parse_config interpolates values, not comments", "[gateway][config]") {
+  ::setenv("TG_UNIT_DB", "/data/from-env.db", 1);
+  ::setenv("TG_UNIT_FLUSH", "300ms", 1);
+  ::unsetenv("TG_UNIT_MISSING");
+  auto c = parse_config("# see ${TG_UNIT_MISSING}\ndatabase: ${TG_UNIT_DB}\n"
+                        "metering: {flush_interval: '${TG_UNIT_FLUSH}'}\n"
+                        "listen: ${TG_UNIT_MISSING:-127.0.0.1}:${TG_UNIT_MISSING:-7000}\n",
+                        "t");
+  CHECK(c.database == "/data/from-env.db");
+  CHECK(c.metering.flush_interval == 300ms);
+  CHECK(c.listen.host == "127.0.0.1");
+  CHECK(c.listen.port == 7000);
+
+  auto missing = config_error("database: ${TG_UNIT_MISSING}\n");
+  CHECK(contains(missing, "test.yaml"));
+  CHECK(contains(missing, "database"));
+  CHECK(contains(missing, "TG_UNIT_MISSING"));
+  CHECK(contains(config_error("limits: {max_body: '${TG_UNIT_MISSING}'}"), "limits.max_body"));
+}
