@@ -430,6 +430,11 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
     for (auto& ev : events) {
       switch (ev.type) {
         case backends::CompletionEvent::Type::delta:
+          // Kept current so a request cut short (disconnect, forced shutdown)
+          // is metered with what it produced.
+          x.event.prompt_tokens = prompt_estimate;
+          x.event.completion_tokens = deltas + 1;
+          x.event.estimated = true;
           if (deltas++ == 0 && stream_mode) {
             x.event.ttft_us = micros_since(x.started);
             gw_.metrics.time_to_first_token.labels({x.event.model, x.event.backend})
@@ -440,9 +445,6 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
           } else if (!co_await send_chunk(format.delta_event(ev.text))) {
             handle->cancel();
             x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
-            x.event.completion_tokens = deltas;
-            x.event.prompt_tokens = prompt_estimate;
-            x.event.estimated = true;
             x.finish(499);  // the client went away mid-stream
             co_return false;
           }
@@ -598,10 +600,32 @@ awaitable<void> Session::run() {
     first = false;
 
     http::request_parser<http::string_body> parser;
-    parser.header_limit(static_cast<std::uint32_t>(limits().max_header));
     parser.body_limit(limits().max_body);
     stream().expires_after(limits().header_timeout);
-    auto [ec, n] = co_await http::async_read_header(stream(), buffer_, parser, as_tuple);
+    // Beast applies header_limit to the unparsed bytes of each put(), not to
+    // the whole header: fed in small reads, a header of any size would pass.
+    // So the header is parsed here, with the limit shrinking as it is consumed.
+    beast::error_code ec;
+    std::size_t header_bytes = 0;
+    for (;;) {
+      if (buffer_.size() > 0) {
+        parser.header_limit(static_cast<std::uint32_t>(limits().max_header - header_bytes));
+        std::size_t used = parser.put(buffer_.data(), ec);
+        buffer_.consume(used);
+        header_bytes += used;
+        if (ec != http::error::need_more) break;  // the header is complete, or broken
+        if (header_bytes >= limits().max_header) {
+          ec = http::error::header_limit;
+          break;
+        }
+      }
+      auto [read_ec, n] = co_await stream().async_read_some(buffer_.prepare(8192), as_tuple);
+      if (read_ec) {
+        ec = read_ec == net::error::eof ? beast::error_code(http::error::end_of_stream) : read_ec;
+        break;
+      }
+      buffer_.commit(n);
+    }
     if (ec) {
       // A slow or vanished client gets no answer; protocol errors get one and a close.
       if (ec == beast::error::timeout || ec == http::error::end_of_stream || ec == net::error::eof ||
@@ -744,8 +768,8 @@ int run_server(const Config& config) {
     net::co_spawn(*contexts[i], accept_loop(gw, *acceptors[i]), net::detached);
   }
 
-  net::signal_set signals(*contexts[0], SIGINT, SIGTERM);
-  signals.async_wait([&](const boost::system::error_code& ec, int) {
+  auto signals = std::make_unique<net::signal_set>(*contexts[0], SIGINT, SIGTERM);
+  signals->async_wait([&](const boost::system::error_code& ec, int) {
     if (ec) return;
     gw.stopping = true;
     for (int i = 0; i < threads; ++i) {
@@ -776,6 +800,15 @@ int run_server(const Config& config) {
   for (int i = 1; i < threads; ++i) workers.emplace_back([&, i] { contexts[i]->run(); });
   contexts[0]->run();
   for (auto& w : workers) w.join();
+
+  // Teardown order matters. Backends go first, dropping the sinks they hold
+  // while the contexts still exist; then the contexts destroy the sessions cut
+  // off by the grace period, whose requests are metered as they unwind; then
+  // metering flushes.
+  gw.router = backends::Router();
+  signals.reset();
+  acceptors.clear();
+  contexts.clear();
 
   gw.usage->stop();
   auto stats = gw.usage->stats();

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <random>
@@ -80,6 +81,8 @@ TempDir::TempDir() {
 }
 
 TempDir::~TempDir() {
+  // TOLLGATE_TEST_KEEP=1 keeps logs and databases for a post-mortem.
+  if (std::getenv("TOLLGATE_TEST_KEEP")) return;
   std::error_code ec;
   std::filesystem::remove_all(path_, ec);
 }
