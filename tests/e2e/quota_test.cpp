@@ -119,13 +119,14 @@ TEST_CASE("concurrent requests against an rpm limit admit exactly the limit", "[
   GatewayProcess gw(dir, {kConfig, db, {}});
 
   constexpr int kThreads = 12, kEach = 5;
+  // Connect after any wait for a fresh window: an idle connection would meet the header timeout.
+  auto minute = fresh_window(kMinuteMs, 15s);
   std::vector<std::unique_ptr<HttpClient>> clients;
   for (int t = 0; t < kThreads; ++t) clients.push_back(std::make_unique<HttpClient>(gw.port(), 20s));
   std::vector<std::vector<HttpResponse>> answers(kThreads);
   std::vector<std::string> errors(kThreads);
   std::latch start(kThreads);
 
-  auto minute = fresh_window(kMinuteMs, 15s);
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
