@@ -454,6 +454,17 @@ class SqliteStore final : public Store {
     if (events.empty()) return;
     std::lock_guard lock(mutex_);
     Transaction tx(*this);
+    struct DailyKey {
+      std::string day;
+      std::int64_t user_id, key_id;
+      std::string model;
+      auto operator<=>(const DailyKey&) const = default;
+    };
+    struct DailyTotals {
+      std::int64_t requests = 0, counted_requests = 0, errors = 0, prompt_tokens = 0, completion_tokens = 0,
+                   counted_tokens = 0;
+    };
+    std::map<DailyKey, DailyTotals> daily;
     for (const UsageEvent& e : events) {
       query(
           "INSERT INTO usage_events (ts, user_id, key_id, route, model, backend, status,"
@@ -473,27 +484,39 @@ class SqliteStore final : public Store {
           .bind(12, std::int64_t{e.counted})
           .bind(13, std::int64_t{e.estimated})
           .run();
+      // The rollup is summed per batch first: one upsert per (day, user, key,
+      // model) instead of one per event keeps the writer well ahead of the load.
+      DailyTotals& t = daily[{utc_day(e.ts), e.user_id.value_or(0), e.key_id.value_or(0), e.model}];
       const std::int64_t tokens = e.prompt_tokens + e.completion_tokens;
+      t.requests += 1;
+      t.counted_requests += e.counted ? 1 : 0;
+      t.errors += e.status >= 400 ? 1 : 0;
+      t.prompt_tokens += e.prompt_tokens;
+      t.completion_tokens += e.completion_tokens;
+      t.counted_tokens += e.counted ? tokens : 0;
+    }
+    for (const auto& [k, t] : daily) {
       query(
           "INSERT INTO usage_daily (day, user_id, key_id, model, requests, counted_requests,"
           " errors, prompt_tokens, completion_tokens, counted_tokens)"
-          " VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?7, ?8, ?9)"
+          " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
           " ON CONFLICT (day, user_id, key_id, model) DO UPDATE SET"
-          " requests = requests + 1,"
+          " requests = requests + excluded.requests,"
           " counted_requests = counted_requests + excluded.counted_requests,"
           " errors = errors + excluded.errors,"
           " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
           " completion_tokens = completion_tokens + excluded.completion_tokens,"
           " counted_tokens = counted_tokens + excluded.counted_tokens")
-          .bind(1, utc_day(e.ts))
-          .bind(2, e.user_id.value_or(0))
-          .bind(3, e.key_id.value_or(0))
-          .bind(4, e.model)
-          .bind(5, std::int64_t{e.counted})
-          .bind(6, std::int64_t{e.status >= 400})
-          .bind(7, e.prompt_tokens)
-          .bind(8, e.completion_tokens)
-          .bind(9, e.counted ? tokens : 0)
+          .bind(1, k.day)
+          .bind(2, k.user_id)
+          .bind(3, k.key_id)
+          .bind(4, k.model)
+          .bind(5, t.requests)
+          .bind(6, t.counted_requests)
+          .bind(7, t.errors)
+          .bind(8, t.prompt_tokens)
+          .bind(9, t.completion_tokens)
+          .bind(10, t.counted_tokens)
           .run();
     }
     tx.commit();
