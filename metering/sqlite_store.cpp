@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "metering/quota.hpp"
 #include "metering/store.hpp"
 
 namespace tollgate::metering {
@@ -101,63 +102,13 @@ CREATE TRIGGER settings_delete AFTER DELETE ON settings
 )sql",
 };
 
-// --- UTC civil-date arithmetic (Howard Hinnant's algorithms) ---------------
+// --- UTC windows (the quota limiter's arithmetic, so both agree) -----------
 
-constexpr std::int64_t kMsPerMinute = 60'000;
-constexpr std::int64_t kMsPerDay = 86'400'000;
-
-constexpr std::int64_t floor_div(std::int64_t a, std::int64_t b) {
-  return a / b - ((a % b != 0) && ((a < 0) != (b < 0)) ? 1 : 0);
-}
-
-// Days since 1970-01-01 of the proleptic Gregorian date y-m-d.
-constexpr std::int64_t days_from_civil(std::int64_t y, unsigned m, unsigned d) {
-  y -= m <= 2 ? 1 : 0;
-  const std::int64_t era = floor_div(y, 400);
-  const auto yoe = static_cast<unsigned>(y - era * 400);                 // [0, 399]
-  const unsigned doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;  // [0, 365]
-  const unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;            // [0, 146096]
-  return era * 146097 + static_cast<std::int64_t>(doe) - 719468;
-}
-
-struct CivilDate {
-  std::int64_t year;
-  unsigned month;  // 1..12
-  unsigned day;    // 1..31
-};
-
-constexpr CivilDate civil_from_days(std::int64_t z) {
-  z += 719468;
-  const std::int64_t era = floor_div(z, 146097);
-  const auto doe = static_cast<unsigned>(z - era * 146097);                    // [0, 146096]
-  const unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;  // [0, 399]
-  const unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100);                // [0, 365]
-  const unsigned mp = (5 * doy + 2) / 153;                                     // [0, 11]
-  const unsigned d = doy - (153 * mp + 2) / 5 + 1;                             // [1, 31]
-  const unsigned m = mp < 10 ? mp + 3 : mp - 9;                                // [1, 12]
-  return {static_cast<std::int64_t>(yoe) + era * 400 + (m <= 2 ? 1 : 0), m, d};
-}
-
-static_assert(days_from_civil(1970, 1, 1) == 0);
-static_assert(days_from_civil(2000, 3, 1) == 11017);
-static_assert(civil_from_days(-1).year == 1969 && civil_from_days(-1).day == 31);
-
-std::string format_day(const CivilDate& date) {
-  char text[32];
-  std::snprintf(text, sizeof text, "%04lld-%02u-%02u", static_cast<long long>(date.year),
-                date.month, date.day);
-  return text;
-}
-
-std::string utc_day(EpochMs t) { return format_day(civil_from_days(floor_div(t, kMsPerDay))); }
+std::string utc_day(EpochMs t) { return day_string(t); }
 
 // First day of t's UTC month and of the month after, as YYYY-MM-DD.
 std::pair<std::string, std::string> utc_month_bounds(EpochMs t) {
-  const CivilDate date = civil_from_days(floor_div(t, kMsPerDay));
-  const CivilDate first{date.year, date.month, 1};
-  const CivilDate next =
-      date.month == 12 ? CivilDate{date.year + 1, 1, 1} : CivilDate{date.year, date.month + 1, 1};
-  return {format_day(first), format_day(next)};
+  return {day_string(t).substr(0, 8) + "01", day_string(next_month_start(t))};
 }
 
 // --- sqlite3 helpers -------------------------------------------------------
@@ -556,7 +507,7 @@ class SqliteStore final : public Store {
   }
 
   QuotaState quota_state(EpochMs now) override {
-    const EpochMs minute_start = floor_div(now, kMsPerMinute) * kMsPerMinute;
+    const EpochMs minute_start = minute_index(now) * 60'000;
     const std::string today = utc_day(now);
     const auto [month_first, next_month_first] = utc_month_bounds(now);
 
@@ -570,12 +521,12 @@ class SqliteStore final : public Store {
           "SELECT e.user_id, COUNT(*), SUM(e.prompt_tokens + e.completion_tokens)"
           " FROM users s JOIN usage_events e ON e.user_id = s.id"
           " WHERE e.ts >= ?1 AND e.ts < ?2 AND e.counted = 1 GROUP BY e.user_id",
-          minute_start, minute_start + kMsPerMinute, state.users, &SubjectUsage::minute);
+          minute_start, next_minute_start(now), state.users, &SubjectUsage::minute);
       read_windows(
           "SELECT e.key_id, COUNT(*), SUM(e.prompt_tokens + e.completion_tokens)"
           " FROM api_keys s JOIN usage_events e ON e.key_id = s.id"
           " WHERE e.ts >= ?1 AND e.ts < ?2 AND e.counted = 1 GROUP BY e.key_id",
-          minute_start, minute_start + kMsPerMinute, state.keys, &SubjectUsage::minute);
+          minute_start, next_minute_start(now), state.keys, &SubjectUsage::minute);
       read_windows(
           "SELECT user_id, SUM(counted_requests), SUM(counted_tokens) FROM usage_daily"
           " WHERE day >= ?1 AND day <= ?2 AND user_id <> 0 GROUP BY user_id",
