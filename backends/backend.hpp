@@ -2,6 +2,7 @@
 // Backend takes a validated request and delivers a stream of events to a sink.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -64,6 +65,10 @@ class CompletionSink {
  public:
   virtual ~CompletionSink() = default;
   virtual void on_event(CompletionEvent event) = 0;
+  // Events delivered but not yet taken by the consumer: a producer that can
+  // wait (a remote upstream) pauses while this is high, so a slow client
+  // cannot make the gateway buffer without bound.
+  virtual std::size_t pending() const { return 0; }
 };
 
 // Stops a running request; the backend then sends no further events. Safe to

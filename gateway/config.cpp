@@ -1,5 +1,6 @@
 #include "gateway/config.hpp"
 
+#include <arpa/inet.h>
 #include <yaml-cpp/yaml.h>
 
 #include <cctype>
@@ -126,8 +127,46 @@ BackendConfig read_backend(const Reader& r, const YAML::Node& node, const std::s
   if (b.type == "echo") {
     r.expect_map(node, path, {"name", "type", "token_delay"});
     if (auto n = node["token_delay"]) b.token_delay = r.duration(n, child_path(path, "token_delay"));
+  } else if (b.type == "openai") {
+    r.expect_map(node, path, {"name", "type", "base_url", "api_key", "headers", "timeouts", "max_connections",
+                              "ca_file", "insecure_skip_verify"});
+    if (!node["base_url"]) r.fail(path, "missing key 'base_url'");
+    b.base_url = r.string(node["base_url"], child_path(path, "base_url"));
+    if (!b.base_url.starts_with("http://") && !b.base_url.starts_with("https://")) {
+      r.fail(child_path(path, "base_url"), "must start with http:// or https://");
+    }
+    // May be empty: a local vLLM or llama.cpp server often wants no key.
+    if (auto n = node["api_key"]) b.api_key = r.scalar(n, child_path(path, "api_key"));
+    if (auto n = node["headers"]) {
+      auto hpath = child_path(path, "headers");
+      if (!n.IsMap()) r.fail(hpath, "expected a mapping of header names to values");
+      for (const auto& h : n) {
+        auto name = h.first.as<std::string>();
+        b.headers.emplace_back(name, r.scalar(h.second, child_path(hpath, name)));
+      }
+    }
+    if (auto n = node["timeouts"]) {
+      auto tpath = child_path(path, "timeouts");
+      r.expect_map(n, tpath, {"connect", "first_byte", "idle", "total"});
+      std::pair<const char*, std::chrono::milliseconds*> timeouts[] = {{"connect", &b.connect_timeout},
+                                                                       {"first_byte", &b.first_byte_timeout},
+                                                                       {"idle", &b.idle_timeout},
+                                                                       {"total", &b.total_timeout}};
+      for (auto [key, target] : timeouts) {
+        if (!n[key]) continue;
+        *target = r.duration(n[key], child_path(tpath, key));
+        if (target->count() <= 0) r.fail(child_path(tpath, key), "must be positive");
+      }
+    }
+    if (auto n = node["max_connections"]) {
+      b.max_connections = static_cast<std::size_t>(r.integer(n, child_path(path, "max_connections"), 1, 100'000));
+    }
+    if (auto n = node["ca_file"]) b.ca_file = r.string(n, child_path(path, "ca_file"));
+    if (auto n = node["insecure_skip_verify"]) {
+      b.insecure_skip_verify = r.boolean(n, child_path(path, "insecure_skip_verify"));
+    }
   } else {
-    r.fail(child_path(path, "type"), "unknown backend type '" + b.type + "' (known types: echo)");
+    r.fail(child_path(path, "type"), "unknown backend type '" + b.type + "' (known types: echo, openai)");
   }
   if (!node["name"]) r.fail(path, "missing key 'name'");
   b.name = r.string(node["name"], child_path(path, "name"));
@@ -135,10 +174,17 @@ BackendConfig read_backend(const Reader& r, const YAML::Node& node, const std::s
 }
 
 ModelConfig read_model(const Reader& r, const YAML::Node& node, const std::string& path) {
-  r.expect_map(node, path, {"name", "deployments"});
+  r.expect_map(node, path, {"name", "deployments", "strategy"});
   if (!node["name"]) r.fail(path, "missing key 'name'");
   ModelConfig m;
   m.name = r.string(node["name"], child_path(path, "name"));
+  if (auto n = node["strategy"]) {
+    auto strategy = r.string(n, child_path(path, "strategy"));
+    if (strategy != "weighted" && strategy != "least_busy") {
+      r.fail(child_path(path, "strategy"), "expected weighted or least_busy, got '" + strategy + "'");
+    }
+    m.least_busy = strategy == "least_busy";
+  }
   auto deployments = node["deployments"];
   if (!deployments || !deployments.IsSequence() || deployments.size() == 0) {
     r.fail(child_path(path, "deployments"), "expected a non-empty list");
@@ -146,11 +192,12 @@ ModelConfig read_model(const Reader& r, const YAML::Node& node, const std::strin
   for (std::size_t i = 0; i < deployments.size(); ++i) {
     auto dpath = child_path(path, "deployments") + "[" + std::to_string(i) + "]";
     const auto& d = deployments[i];
-    r.expect_map(d, dpath, {"backend", "model"});
+    r.expect_map(d, dpath, {"backend", "model", "weight"});
     if (!d["backend"]) r.fail(dpath, "missing key 'backend'");
     DeploymentConfig dep;
     dep.backend = r.string(d["backend"], child_path(dpath, "backend"));
     dep.model = d["model"] ? r.string(d["model"], child_path(dpath, "model")) : m.name;
+    if (auto n = d["weight"]) dep.weight = static_cast<std::uint32_t>(r.integer(n, child_path(dpath, "weight"), 1, 1'000'000));
     m.deployments.push_back(std::move(dep));
   }
   return m;
@@ -170,6 +217,42 @@ void check_references(const Reader& r, const Config& c) {
       }
     }
   }
+}
+
+// "http://HOST[:PORT][/]": the app is reached over plain HTTP on a trusted network.
+AppUpstreamConfig read_app_upstream(const Reader& r, const YAML::Node& node, const std::string& path) {
+  AppUpstreamConfig a;
+  a.url = r.string(node, path);
+  constexpr std::string_view kScheme = "http://";
+  std::string_view rest = a.url;
+  if (!rest.starts_with(kScheme)) r.fail(path, "expected http://HOST:PORT, got '" + a.url + "'");
+  rest.remove_prefix(kScheme.size());
+  if (rest.ends_with('/')) rest.remove_suffix(1);
+  if (rest.find('/') != std::string_view::npos) r.fail(path, "a path prefix is not supported, got '" + a.url + "'");
+  std::string authority(rest);
+  if (authority.find(':') == std::string::npos || authority.back() == ']') authority += ":80";
+  auto hp = parse_listen(authority);
+  if (!hp || authority.front() == ':' || hp->port == 0) r.fail(path, "expected http://HOST:PORT, got '" + a.url + "'");
+  a.host = hp->host;
+  a.port = hp->port;
+  return a;
+}
+
+void read_app_timeouts(const Reader& r, const YAML::Node& node, const std::string& path, AppUpstreamConfig& a) {
+  r.expect_map(node, path, {"connect", "first_byte", "idle"});
+  if (auto n = node["connect"]) a.connect_timeout = r.duration(n, child_path(path, "connect"));
+  if (auto n = node["first_byte"]) a.first_byte_timeout = r.duration(n, child_path(path, "first_byte"));
+  if (auto n = node["idle"]) a.idle_timeout = r.duration(n, child_path(path, "idle"));
+  for (auto t : {a.connect_timeout, a.first_byte_timeout, a.idle_timeout}) {
+    if (t.count() <= 0) r.fail(path, "timeouts must be positive");
+  }
+}
+
+std::vector<std::string> read_string_list(const Reader& r, const YAML::Node& node, const std::string& path) {
+  if (!node.IsSequence()) r.fail(path, "expected a list");
+  std::vector<std::string> out;
+  for (std::size_t i = 0; i < node.size(); ++i) out.push_back(r.string(node[i], path + "[" + std::to_string(i) + "]"));
+  return out;
 }
 
 }  // namespace
@@ -266,7 +349,8 @@ Config parse_config(const std::string& yaml_text, const std::string& source) {
   Reader r(source);
   Config c;
   if (root.IsNull()) return c;
-  r.expect_map(root, "", {"listen", "database", "io_threads", "limits", "metering", "backends", "models"});
+  r.expect_map(root, "", {"listen", "database", "io_threads", "limits", "metering", "backends", "models", "routing",
+                           "app_upstream", "app_timeouts", "public_paths", "trusted_proxies"});
   if (auto n = root["listen"]) {
     auto s = r.scalar(n, "listen");
     auto a = parse_listen(s);
@@ -283,10 +367,43 @@ Config parse_config(const std::string& yaml_text, const std::string& source) {
       c.backends.push_back(read_backend(r, n[i], "backends[" + std::to_string(i) + "]"));
     }
   }
+  if (auto n = root["routing"]) {
+    r.expect_map(n, "routing", {"cooldown_failures", "cooldown"});
+    if (auto f = n["cooldown_failures"]) {
+      c.routing.cooldown_failures = static_cast<int>(r.integer(f, "routing.cooldown_failures", 1, 1'000'000));
+    }
+    if (auto d = n["cooldown"]) c.routing.cooldown = r.duration(d, "routing.cooldown");
+  }
   if (auto n = root["models"]) {
     if (!n.IsSequence()) r.fail("models", "expected a list");
     for (std::size_t i = 0; i < n.size(); ++i) {
       c.models.push_back(read_model(r, n[i], "models[" + std::to_string(i) + "]"));
+    }
+  }
+  if (auto n = root["app_upstream"]) c.app_upstream = read_app_upstream(r, n, "app_upstream");
+  if (auto n = root["app_timeouts"]) {
+    if (!c.app_upstream) r.fail("app_timeouts", "needs app_upstream");
+    read_app_timeouts(r, n, "app_timeouts", *c.app_upstream);
+  }
+  if (auto n = root["public_paths"]) {
+    c.public_paths = read_string_list(r, n, "public_paths");
+    for (std::size_t i = 0; i < c.public_paths.size(); ++i) {
+      const auto& p = c.public_paths[i];
+      auto where = "public_paths[" + std::to_string(i) + "]";
+      if (p.front() != '/') r.fail(where, "must start with '/', got '" + p + "'");
+      if (p.find('*') != std::string::npos && p.find('*') != p.size() - 1) {
+        r.fail(where, "'*' is only allowed at the end, got '" + p + "'");
+      }
+    }
+  }
+  if (auto n = root["trusted_proxies"]) {
+    c.trusted_proxies = read_string_list(r, n, "trusted_proxies");
+    for (std::size_t i = 0; i < c.trusted_proxies.size(); ++i) {
+      unsigned char addr[16];
+      const auto& a = c.trusted_proxies[i];
+      if (inet_pton(AF_INET, a.c_str(), addr) != 1 && inet_pton(AF_INET6, a.c_str(), addr) != 1) {
+        r.fail("trusted_proxies[" + std::to_string(i) + "]", "expected an IP address, got '" + a + "'");
+      }
     }
   }
   check_references(r, c);

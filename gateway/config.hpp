@@ -7,6 +7,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace tollgate::gateway {
@@ -39,18 +40,47 @@ struct MeteringConfig {
 
 struct BackendConfig {
   std::string name;
-  std::string type;  // "echo"
+  std::string type;  // "echo" or "openai"
   std::chrono::milliseconds token_delay{0};  // echo
+  // openai: a remote OpenAI-compatible API.
+  std::string base_url;
+  std::string api_key;  // never logged, never sent to clients
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::chrono::milliseconds connect_timeout{10'000};
+  std::chrono::milliseconds first_byte_timeout{60'000};
+  std::chrono::milliseconds idle_timeout{60'000};  // between two chunks of the answer
+  std::chrono::milliseconds total_timeout{600'000};
+  std::size_t max_connections = 64;
+  std::string ca_file;
+  bool insecure_skip_verify = false;
 };
 
 struct DeploymentConfig {
   std::string backend;
   std::string model;  // the backend's name for it; defaults to the public name
+  std::uint32_t weight = 1;  // share of traffic under the weighted strategy
 };
 
 struct ModelConfig {
   std::string name;
   std::vector<DeploymentConfig> deployments;
+  bool least_busy = false;  // strategy: least_busy (fewest in flight) instead of weighted
+};
+
+// Passive health of deployments: consecutive retryable failures start a cooldown.
+struct RoutingConfig {
+  int cooldown_failures = 3;
+  std::chrono::milliseconds cooldown{30'000};
+};
+
+// The app Tollgate fronts: every path the gateway does not own is proxied there.
+struct AppUpstreamConfig {
+  std::string url;  // as configured, e.g. "http://127.0.0.1:8081"
+  std::string host;
+  std::uint16_t port = 80;
+  std::chrono::milliseconds connect_timeout{2'000};
+  std::chrono::milliseconds first_byte_timeout{60'000};  // request sent to response headers
+  std::chrono::milliseconds idle_timeout{60'000};        // between reads and writes on the app connection
 };
 
 struct Config {
@@ -61,6 +91,12 @@ struct Config {
   MeteringConfig metering;
   std::vector<BackendConfig> backends;
   std::vector<ModelConfig> models;
+  RoutingConfig routing;
+  std::optional<AppUpstreamConfig> app_upstream;
+  // Proxied paths that skip authentication: exact, or a prefix when ending in '*'.
+  std::vector<std::string> public_paths;
+  // Peers whose X-Forwarded-* headers are kept (appended to); from others they are replaced.
+  std::vector<std::string> trusted_proxies;
 };
 
 // Parses YAML text; `source` names it in error messages. Throws ConfigError.

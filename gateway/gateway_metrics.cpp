@@ -44,7 +44,14 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
                                      "Requests per user (only when metering.per_user_metrics is on).", {"user"})),
       user_tokens(registry.counter("tollgate_user_tokens_total",
                                    "Tokens per user (only when metering.per_user_metrics is on).",
-                                   {"user", "direction"})) {
+                                   {"user", "direction"})),
+      backend_errors(registry.counter("tollgate_backend_errors_total",
+                                      "Completions a backend failed (upstream refused, timed out, 429, 5xx, "
+                                      "died mid-stream), by backend and error kind.",
+                                      {"backend", "kind"})),
+      backend_duration(registry.histogram("tollgate_backend_request_duration_seconds",
+                                          "Time from starting a backend call to its final event.", {"backend"},
+                                          metering::latency_buckets())) {
   metering::add_process_collector(registry);
 }
 

@@ -29,6 +29,8 @@ struct GatewayMetrics {
   metering::Counter& metering_rows;
   metering::Family<metering::Counter>& user_requests;  // user (only when per_user)
   metering::Family<metering::Counter>& user_tokens;    // user, direction (only when per_user)
+  metering::Family<metering::Counter>& backend_errors;      // backend, kind
+  metering::Family<metering::Histogram>& backend_duration;  // backend
 };
 
 // The route label: known routes by name, everything else folded so a client

@@ -14,6 +14,8 @@
 #include <thread>
 
 #include "backends/echo.hpp"
+#include "backends/http_upstream.hpp"
+#include "backends/openai_compatible.hpp"
 #include "backends/router.hpp"
 #include "gateway/admin.hpp"
 #include "gateway/auth.hpp"
@@ -71,13 +73,26 @@ struct Gateway {
   metering::QuotaLimiter quotas;
   std::unique_ptr<metering::UsageWriter> usage;
   std::atomic<bool> stopping{false};
+  std::unique_ptr<backends::AppUpstream> app;  // set when app_upstream is configured
+  std::vector<net::ip::address> trusted_proxies;
   std::atomic<std::size_t> open_connections{0};
 
   std::mutex connections_mutex;
   std::list<std::weak_ptr<Connection>> connections;
+  std::string all_models_body;  // /v1/models for a key that may use every model
 
   explicit Gateway(const Config& c) : config(c), metrics(c.metering.per_user_metrics) {}
 };
+
+// The /v1/models answer: every routed model, or those in `allowed` when it is not empty.
+std::string model_list_body(const backends::Router& router, const std::vector<std::string>& allowed) {
+  json::array data;
+  for (const auto& route : router.routes()) {
+    if (!allowed.empty() && std::find(allowed.begin(), allowed.end(), route.model) == allowed.end()) continue;
+    data.push_back(json::object{{"id", route.model}, {"object", "model"}, {"created", 0}, {"owned_by", "tollgate"}});
+  }
+  return json::serialize(json::object{{"object", "list"}, {"data", std::move(data)}});
+}
 
 // Coroutines take their state as parameters, never as lambda captures: g++ 12
 // destroys a capturing coroutine lambda's captures twice.
@@ -120,6 +135,59 @@ Response error_response(const Request& req, const ApiError& e) {
   auto res = make_response(req, static_cast<http::status>(e.status), e.body());
   if (e.retry_after_s) res.set(http::field::retry_after, std::to_string(*e.retry_after_s));
   return res;
+}
+
+// Paths the gateway answers itself; with an app upstream, every other path goes there.
+bool gateway_owns(std::string_view path) {
+  return path == "/v1/chat/completions" || path == "/v1/completions" || path == "/v1/models" ||
+         path == "/healthz" || path == "/readyz" || path == "/metrics" || path == "/admin" ||
+         path.starts_with("/admin/");
+}
+
+// Public paths match literally (or by prefix when the pattern ends in '*').
+// A path the app could normalise into another one (dot segments, percent
+// escapes, ';' parameters, backslashes, empty segments) never matches, so
+// "/public/../private" or "/public/..;/private" cannot skip authentication.
+bool is_public_path(const std::vector<std::string>& patterns, std::string_view path) {
+  if (path.find_first_of("%;\\") != std::string_view::npos || path.find("//") != std::string_view::npos) return false;
+  for (auto i = path.find("/."); i != std::string_view::npos; i = path.find("/.", i + 1)) {
+    auto rest = path.substr(i + 2);
+    if (rest.empty() || rest.front() == '/' || (rest.front() == '.' && (rest.size() == 1 || rest[1] == '/'))) {
+      return false;
+    }
+  }
+  for (const auto& p : patterns) {
+    std::string_view pattern = p;
+    if (pattern.ends_with('*') ? path.starts_with(pattern.substr(0, pattern.size() - 1)) : path == pattern) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// The usage row keeps an app call's path; a client cannot make rows arbitrarily big.
+constexpr std::size_t kMaxMeteredPath = 512;
+
+// Failures another deployment might not have: worth a fallback, and counted
+// against the deployment's health.
+bool retryable(backends::ErrorKind kind) {
+  using backends::ErrorKind;
+  return kind == ErrorKind::upstream_failed || kind == ErrorKind::timeout || kind == ErrorKind::rate_limited ||
+         kind == ErrorKind::overloaded;
+}
+
+std::string error_kind_label(backends::ErrorKind kind) {
+  using backends::ErrorKind;
+  switch (kind) {
+    case ErrorKind::bad_request: return "bad_request";
+    case ErrorKind::not_found: return "not_found";
+    case ErrorKind::overloaded: return "overloaded";
+    case ErrorKind::upstream_failed: return "upstream_failed";
+    case ErrorKind::timeout: return "timeout";
+    case ErrorKind::rate_limited: return "rate_limited";
+    case ErrorKind::internal: break;
+  }
+  return "internal";
 }
 
 // One request's bookkeeping: metrics and the usage row, recorded once at the end.
@@ -206,6 +274,11 @@ class SessionSink final : public backends::CompletionSink {
     signal_.try_send(boost::system::error_code{});
   }
 
+  std::size_t pending() const override {
+    std::lock_guard lock(mutex_);
+    return events_.size();
+  }
+
   awaitable<std::deque<backends::CompletionEvent>> next() {
     for (;;) {
       {
@@ -217,7 +290,7 @@ class SessionSink final : public backends::CompletionSink {
   }
 
  private:
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   std::deque<backends::CompletionEvent> events_;
   net::experimental::concurrent_channel<void(boost::system::error_code)> signal_;
 };
@@ -238,6 +311,8 @@ class Session {
   awaitable<bool> respond_error(const Request& req, Exchange& x, const ApiError& e, bool close = false);
   awaitable<bool> refuse(http::request_parser<http::string_body>& parser, Exchange& x, ApiError error);
   awaitable<bool> handle_admin_route(http::request_parser<http::string_body>& parser, Exchange& x);
+  awaitable<bool> handle_app(http::request_parser<http::string_body>& parser, Exchange& x, std::string_view path);
+  void set_forwarding_headers(Request& req, backends::AppForward& how);
   awaitable<bool> handle_models(const Request& req, Exchange& x);
   awaitable<bool> handle_completion(const Request& req, Exchange& x, bool chat);
   std::optional<ApiError> authenticate(const Request& req, Exchange& x);
@@ -246,13 +321,39 @@ class Session {
   std::shared_ptr<Connection> conn_;
   beast::flat_buffer buffer_;
   bool close_after_ = false;  // the request's body was not read: framing is lost
+  std::optional<net::ip::address> peer_;  // the client's address, looked up once
 };
+
+// Beast's generic serializer costs about 19k instructions per small response
+// (callgrind); a string body is simple enough to frame by hand in one buffer.
+std::string wire_format(const Response& res) {
+  std::string out;
+  out.reserve(256 + res.body().size());
+  out += res.version() == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
+  out += std::to_string(res.result_int());
+  out += ' ';
+  auto reason = res.reason();
+  out.append(reason.data(), reason.size());
+  out += "\r\n";
+  for (const auto& field : res) {
+    auto name = field.name_string();
+    auto value = field.value();
+    out.append(name.data(), name.size());
+    out += ": ";
+    out.append(value.data(), value.size());
+    out += "\r\n";
+  }
+  out += "\r\n";
+  out += res.body();
+  return out;
+}
 
 awaitable<bool> Session::write(Response res) {
   if (close_after_ || gw_.stopping) res.keep_alive(false);
   bool keep = res.keep_alive();
+  std::string wire = wire_format(res);
   stream().expires_after(limits().idle_timeout);
-  auto [ec, n] = co_await http::async_write(stream(), res, as_tuple);
+  auto [ec, n] = co_await net::async_write(stream(), net::buffer(wire), as_tuple);
   co_return !ec && keep;
 }
 
@@ -336,12 +437,9 @@ awaitable<bool> Session::handle_models(const Request& req, Exchange& x) {
     auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
     co_return co_await respond_error(req, x, limited);
   }
-  json::array data;
-  for (const auto& route : gw_.router.routes()) {
-    if (!x.caller->key.allows_model(route.model)) continue;
-    data.push_back(json::object{{"id", route.model}, {"object", "model"}, {"created", 0}, {"owned_by", "tollgate"}});
-  }
-  auto res = make_response(req, http::status::ok, json::serialize(json::object{{"object", "list"}, {"data", data}}));
+  const auto& allowed = x.caller->key.models;
+  auto res = make_response(req, http::status::ok,
+                           allowed.empty() ? gw_.all_models_body : model_list_body(gw_.router, allowed));
   set_rate_limit_headers(res, x.admission->status);
   x.finish(200);
   co_return co_await write(std::move(res));
@@ -354,8 +452,8 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
   auto& creq = completion.request;
   x.event.model = creq.model;
 
-  auto deployment = gw_.router.pick(creq.model);
-  if (!deployment) {
+  auto plan = gw_.router.plan(creq.model);
+  if (plan.empty()) {
     auto unknown = not_found("the model '" + creq.model + "' does not exist", "model_not_found");
     co_return co_await respond_error(req, x, unknown);
   }
@@ -364,17 +462,17 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
     auto denied = forbidden("this API key may not use the model '" + creq.model + "'");
     co_return co_await respond_error(req, x, denied);
   }
-  auto* backend = deployment->backend;
-  x.event.backend = backend->name();
-  auto caps = backend->capabilities();
-  if ((chat && !caps.chat) || (!chat && !caps.completions) || (creq.stream && !caps.streaming)) {
+  std::erase_if(plan, [&](const backends::Deployment* d) {
+    auto caps = d->backend->capabilities();
+    return (chat && !caps.chat) || (!chat && !caps.completions) || (creq.stream && !caps.streaming);
+  });
+  if (plan.empty()) {
     auto unsupported = bad_request("the model '" + creq.model + "' does not support this kind of request", "model");
     co_return co_await respond_error(req, x, unsupported);
   }
-  creq.upstream_model = deployment->upstream_model;
   creq.user = x.caller->key.user_name;
 
-  std::int64_t prompt_estimate = backend->estimate_prompt_tokens(creq);
+  std::int64_t prompt_estimate = plan.front()->backend->estimate_prompt_tokens(creq);
   std::int64_t reserve = prompt_estimate +
                          creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
   x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
@@ -384,21 +482,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
   }
 
   CompletionFormatter format(chat, creq.model, completion.include_usage);
-  auto sink = std::make_shared<SessionSink>(stream().get_executor());
   bool stream_mode = creq.stream;
-  auto backend_started = SteadyClock::now();
-  std::unique_ptr<backends::CompletionHandle> handle;
-  try {
-    handle = backend->start(std::move(creq), sink);
-  } catch (const std::exception& e) {
-    // A backend bug must not take the connection down with an unmetered request.
-    std::cerr << "tollgate: backend " << x.event.backend << " failed to start: " << e.what() << "\n";
-  }
-  if (!handle) {
-    auto failed = from_backend({backends::ErrorKind::internal, "the backend failed", {}});
-    co_return co_await respond_error(req, x, failed);
-  }
-
   std::string text;             // non-streaming: the whole reply
   std::int64_t deltas = 0;      // what reached the client, should the backend never report usage
   bool headers_sent = false;
@@ -425,7 +509,30 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
     co_return !ec;
   };
 
-  for (;;) {
+  // Deployments are tried in the plan's order until one answers; a retryable
+  // failure moves on only while nothing has reached the client.
+  for (std::size_t attempt = 0;; ++attempt) {
+  const backends::Deployment& deployment = *plan[attempt];
+  backends::InFlight in_flight(deployment);
+  auto* backend = deployment.backend;
+  x.event.backend = backend->name();
+  backends::CompletionRequest attempt_request = creq;
+  attempt_request.upstream_model = deployment.upstream_model;
+  auto sink = std::make_shared<SessionSink>(stream().get_executor());
+  auto backend_started = SteadyClock::now();
+  std::unique_ptr<backends::CompletionHandle> handle;
+  try {
+    handle = backend->start(std::move(attempt_request), sink);
+  } catch (const std::exception& e) {
+    // A backend bug must not take the connection down with an unmetered request.
+    std::cerr << "tollgate: backend " << x.event.backend << " failed to start: " << e.what() << "\n";
+  }
+  if (!handle) {
+    auto failed = from_backend({backends::ErrorKind::internal, "the backend failed", {}});
+    co_return co_await respond_error(req, x, failed);
+  }
+  bool retry = false;
+  while (!retry) {
     auto events = co_await sink->next();
     for (auto& ev : events) {
       switch (ev.type) {
@@ -451,6 +558,8 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
           break;
         case backends::CompletionEvent::Type::done: {
           x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
+          gw_.metrics.backend_duration.labels({x.event.backend}).observe(seconds_since(backend_started));
+          gw_.router.record_success(deployment);
           x.event.prompt_tokens = ev.usage.prompt_tokens;
           x.event.completion_tokens = ev.usage.completion_tokens;
           x.event.estimated = ev.usage.estimated;
@@ -472,6 +581,17 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
         }
         case backends::CompletionEvent::Type::error: {
           x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
+          gw_.metrics.backend_duration.labels({x.event.backend}).observe(seconds_since(backend_started));
+          gw_.metrics.backend_errors.labels({x.event.backend, error_kind_label(ev.error.kind)}).inc();
+          if (retryable(ev.error.kind)) gw_.router.record_failure(deployment);
+          if (retryable(ev.error.kind) && deltas == 0 && attempt + 1 < plan.size()) {
+            // Nothing reached the client: back off a little, then the next deployment.
+            net::steady_timer backoff(stream().get_executor());
+            backoff.expires_after(std::chrono::milliseconds(std::min<std::int64_t>(1000, 50LL << attempt)));
+            co_await backoff.async_wait(as_tuple);
+            retry = true;
+            break;
+          }
           x.event.prompt_tokens = ev.usage.prompt_tokens;
           x.event.completion_tokens = ev.usage.completion_tokens;
           x.event.estimated = ev.usage.estimated;
@@ -486,6 +606,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
         }
       }
     }
+  }
   }
 }
 
@@ -526,6 +647,114 @@ awaitable<bool> Session::handle_admin_route(http::request_parser<http::string_bo
   co_return co_await write(std::move(res));
 }
 
+// X-Forwarded-For gets the client's address appended when the peer is a
+// trusted proxy, and replaced otherwise, as do the other forwarding headers.
+void Session::set_forwarding_headers(Request& req, backends::AppForward& how) {
+  if (!peer_) {
+    beast::error_code ec;
+    auto address = stream().socket().remote_endpoint(ec).address();
+    if (address.is_v6() && address.to_v6().is_v4_mapped()) {
+      address = net::ip::make_address_v4(net::ip::v4_mapped, address.to_v6());
+    }
+    peer_ = address;
+  }
+  bool trusted = std::find(gw_.trusted_proxies.begin(), gw_.trusted_proxies.end(), *peer_) != gw_.trusted_proxies.end();
+  std::string forwarded_for;
+  if (trusted) {
+    // Every X-Forwarded-For line, in order: several are one comma-separated list.
+    for (const auto& f : req) {
+      if (!beast::iequals(f.name_string(), "X-Forwarded-For")) continue;
+      if (!forwarded_for.empty()) forwarded_for += ", ";
+      forwarded_for += f.value();
+    }
+  } else {
+    for (std::string_view name : {"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port",
+                                  "X-Real-IP", "Forwarded"}) {
+      req.erase(name);
+    }
+  }
+  if (!forwarded_for.empty()) forwarded_for += ", ";
+  forwarded_for += peer_->to_string();
+  how.add_request_headers.set("X-Forwarded-For", forwarded_for);
+  // Tollgate itself speaks plain HTTP; TLS ends at a proxy in front, which says so.
+  if (req["X-Forwarded-Proto"].empty()) how.add_request_headers.set("X-Forwarded-Proto", "http");
+  if (req["X-Forwarded-Host"].empty() && !req[http::field::host].empty()) {
+    how.add_request_headers.set("X-Forwarded-Host", req[http::field::host]);
+  }
+}
+
+// Everything the gateway does not own, proxied to the app: authenticated and
+// counted against request quotas unless the path is public, metered per user.
+awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& parser, Exchange& x,
+                                    std::string_view path) {
+  auto& req = parser.get();
+  x.route = "app";  // the metrics label stays bounded; the usage row has the path
+  x.event.route = std::string(path.substr(0, kMaxMeteredPath));
+  x.event.backend = "app";
+  bool is_public = is_public_path(gw_.config.public_paths, path);
+  backends::AppForward how;
+  if (!is_public) {
+    if (auto e = authenticate(req, x)) co_return co_await refuse(parser, x, *e);
+    x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
+    if (!x.admission->allowed) {
+      auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
+      co_return co_await refuse(parser, x, limited);
+    }
+    how.add_request_headers.set("X-Tollgate-User", x.caller->key.user_name);
+    how.add_request_headers.set("X-Tollgate-Key-Id", x.caller->key.prefix);
+    set_rate_limit_headers(how.add_response_headers, x.admission->status);
+  }
+
+  // The app never sees a Tollgate key: the header that carried the key used
+  // here goes, and so does any other holding a Tollgate-shaped key.
+  {
+    auto bearer = presented_key(req[http::field::authorization], {});
+    auto api_key = presented_key({}, req["x-api-key"]);
+    auto used = bearer ? bearer : api_key;  // what authenticate() read
+    auto ours = [&](const std::optional<std::string_view>& k) {
+      return k && ((!is_public && *k == *used) || k->starts_with("tg-"));
+    };
+    bool drop_authorization = ours(bearer);
+    bool drop_api_key = ours(api_key);
+    if (drop_authorization) req.erase(http::field::authorization);
+    if (drop_api_key) req.erase("x-api-key");
+  }
+  // Only Tollgate vouches for who the caller is.
+  req.erase("X-Tollgate-User");
+  req.erase("X-Tollgate-Key-Id");
+  set_forwarding_headers(req, how);
+  how.client_read_timeout = limits().body_timeout;
+  how.client_write_timeout = limits().idle_timeout;
+  const unsigned version = req.version();
+  const bool keep_alive = req.keep_alive();
+  how.client_keep_alive = keep_alive && !gw_.stopping;
+
+  auto out = co_await gw_.app->forward(stream(), buffer_, parser, how);
+  x.backend_time = out.upstream_time;
+  using Failure = backends::AppOutcome::Failure;
+  if (out.response_started) {
+    // Once the app's status went out, a failure can only cut the connection.
+    int status = out.failure == Failure::client_gone       ? 499
+                 : out.failure == Failure::broken_response ? 502
+                                                           : out.status;
+    x.finish(status);
+    co_return out.failure == Failure::none && out.keep_client;
+  }
+  if (out.failure == Failure::client_gone) {
+    x.finish(499);
+    co_return false;
+  }
+  Request head{http::verb::get, "", version};
+  head.keep_alive(keep_alive);
+  ApiError failed = out.failure == Failure::timeout
+                        ? ApiError{504, "the app did not answer in time (" + out.detail + ")", "server_error",
+                                   std::nullopt, "app_timeout", {}}
+                        : ApiError{502, "the app is unreachable (" + out.detail + ")", "server_error", std::nullopt,
+                                   "app_unreachable", {}};
+  // An unread request body leaves the connection without framing: it closes.
+  co_return co_await respond_error(head, x, failed, !out.request_body_read);
+}
+
 // Dispatches one request whose headers have been read; returns whether the
 // connection stays open for another.
 awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser) {
@@ -534,6 +763,15 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
   std::string_view path = target.substr(0, target.find('?'));
   Exchange x(gw_, path);
   auto method = req.method();
+
+  if (gw_.app && !gateway_owns(path)) co_return co_await handle_app(parser, x, path);
+  // The gateway's own routes buffer their bodies: those are capped.
+  parser.body_limit(limits().max_body);
+  if (parser.content_length() && *parser.content_length() > limits().max_body) {
+    ApiError too_large{413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
+                       "invalid_request_error", std::nullopt, "request_too_large", {}};
+    co_return co_await respond_error(req, x, too_large, true);
+  }
 
   if (path.starts_with("/admin/") || path == "/admin") co_return co_await handle_admin_route(parser, x);
 
@@ -600,7 +838,9 @@ awaitable<void> Session::run() {
     first = false;
 
     http::request_parser<http::string_body> parser;
-    parser.body_limit(limits().max_body);
+    // No limit yet: bodies proxied to the app stream through unbounded;
+    // handle() caps the gateway's own routes once the path is known.
+    parser.body_limit(boost::none);
     stream().expires_after(limits().header_timeout);
     // Beast applies header_limit to the unparsed bytes of each put(), not to
     // the whole header: fed in small reads, a header of any size would pass.
@@ -714,6 +954,25 @@ awaitable<void> drain(Gateway& gw, std::vector<std::unique_ptr<net::io_context>>
 
 std::unique_ptr<backends::Backend> make_backend(const BackendConfig& b) {
   if (b.type == "echo") return backends::make_echo_backend({b.name, b.token_delay});
+  if (b.type == "openai") {
+    backends::OpenAICompatibleConfig c;
+    c.name = b.name;
+    c.base_url = b.base_url;
+    c.api_key = b.api_key;
+    c.headers = b.headers;
+    c.connect_timeout = b.connect_timeout;
+    c.first_byte_timeout = b.first_byte_timeout;
+    c.idle_timeout = b.idle_timeout;
+    c.total_timeout = b.total_timeout;
+    c.max_connections = b.max_connections;
+    c.ca_file = b.ca_file;
+    c.insecure_skip_verify = b.insecure_skip_verify;
+    try {
+      return backends::make_openai_compatible_backend(c);
+    } catch (const std::invalid_argument& e) {
+      throw ConfigError(e.what());
+    }
+  }
   throw ConfigError("backend '" + b.name + "': unknown type '" + b.type + "'");
 }
 
@@ -721,12 +980,22 @@ std::unique_ptr<backends::Backend> make_backend(const BackendConfig& b) {
 
 int run_server(const Config& config) {
   Gateway gw(config);
+  gw.router = backends::Router({config.routing.cooldown_failures, config.routing.cooldown});
   for (const auto& b : config.backends) gw.router.add_backend(make_backend(b));
   for (const auto& m : config.models) {
-    backends::Route route{m.name, {}};
-    for (const auto& d : m.deployments) route.deployments.push_back({gw.router.backend(d.backend), d.model});
+    backends::Route route{m.name, {},
+                          m.least_busy ? backends::RoutingStrategy::least_busy : backends::RoutingStrategy::weighted};
+    for (const auto& d : m.deployments) {
+      backends::Deployment deployment;
+      deployment.backend = gw.router.backend(d.backend);
+      deployment.upstream_model = d.model;
+      deployment.weight = d.weight;
+      route.deployments.push_back(std::move(deployment));
+    }
     gw.router.add_route(std::move(route));
   }
+
+  gw.all_models_body = model_list_body(gw.router, {});
 
   // Opening the store migrates the schema before anything else touches it.
   gw.admin_store = metering::open_sqlite_store(config.database);
@@ -764,6 +1033,13 @@ int run_server(const Config& config) {
     endpoint = acceptor->local_endpoint();  // a port of 0 is now the real one, shared by the rest
     acceptors.push_back(std::move(acceptor));
   }
+  if (config.app_upstream) {
+    const auto& a = *config.app_upstream;
+    backends::AppUpstreamOptions options{a.host, a.port, a.connect_timeout, a.first_byte_timeout, a.idle_timeout};
+    gw.app = std::make_unique<backends::AppUpstream>(std::move(options));
+    for (auto& c : contexts) gw.app->add_context(*c);
+  }
+  for (const auto& t : config.trusted_proxies) gw.trusted_proxies.push_back(net::ip::make_address(t));
   for (int i = 0; i < threads; ++i) {
     net::co_spawn(*contexts[i], accept_loop(gw, *acceptors[i]), net::detached);
   }
@@ -806,6 +1082,7 @@ int run_server(const Config& config) {
   // off by the grace period, whose requests are metered as they unwind; then
   // metering flushes.
   gw.router = backends::Router();
+  gw.app.reset();  // pooled app connections live on the contexts: closed first
   signals.reset();
   acceptors.clear();
   contexts.clear();

@@ -9,6 +9,7 @@ packages="
   libboost1.81-dev libboost-json1.81-dev libboost-url1.81-dev
   libssl-dev openssl libsqlite3-dev sqlite3 libyaml-cpp-dev catch2
   prometheus nginx-light wrk curl python3 ca-certificates
+  docker-compose python3-yaml
 "
 
 missing=""
@@ -33,4 +34,20 @@ if [ -n "$missing" ]; then
   fi
   $sudo apt-get install -y -qq --no-install-recommends $missing
   [ -z "$created_policy" ] || $sudo rm -f /usr/sbin/policy-rc.d
+fi
+
+# The official OpenAI SDK for the client tests (tests/sdk), pinned by its
+# package-lock.json. Node and npm usually come with the machine; where they
+# do not, Debian's packages serve.
+if ! command -v npm >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "install-deps: installing nodejs and npm"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends nodejs npm
+fi
+sdk_dir="$(dirname "$0")/../tests/sdk"
+if [ ! -d "$sdk_dir/node_modules/openai" ]; then
+  echo "install-deps: installing the OpenAI SDK into tests/sdk"
+  (cd "$sdk_dir" && npm ci --no-audit --no-fund)
 fi

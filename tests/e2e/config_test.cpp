@@ -35,10 +35,10 @@ TEST_CASE("config check rejects unknown keys and names them", "[e2e][config]") {
 
   auto deep = write_file(dir, "deep.yaml",
                          "backends: [{name: echo, type: echo}]\n"
-                         "models:\n  - name: echo\n    deployments: [{backend: echo, weight: 2}]\n");
+                         "models:\n  - name: echo\n    deployments: [{backend: echo, wieght: 2}]\n");
   auto d = run_tollgate({"config", "check", deep});
   CHECK(d.exit_code != 0);
-  CHECK(d.err.find("weight") != std::string::npos);
+  CHECK(d.err.find("wieght") != std::string::npos);
   CHECK(d.err.find("models[0].deployments[0]") != std::string::npos);
 
   auto good = write_file(dir, "good.yaml", "limits:\n  max_body: 1MiB\n");

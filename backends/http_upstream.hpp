@@ -1,0 +1,92 @@
+// The reverse proxy to the app Tollgate fronts: a keep-alive connection pool
+// per io thread, and the relay that streams one request and its response
+// through it. Exposes Beast types, so only gateway/server.cpp includes it.
+#pragma once
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/core/tcp_stream.hpp>
+#include <boost/beast/http/fields.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/string_body.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace tollgate::backends {
+
+struct AppUpstreamOptions {
+  std::string host;
+  std::uint16_t port = 80;
+  std::chrono::milliseconds connect_timeout{2'000};
+  std::chrono::milliseconds first_byte_timeout{60'000};
+  std::chrono::milliseconds idle_timeout{60'000};
+  std::size_t max_idle_per_thread = 256;
+};
+
+// What the gateway decided about one proxied request.
+struct AppForward {
+  boost::beast::http::fields add_request_headers;   // set on the request, replacing any the client sent
+  boost::beast::http::fields add_response_headers;  // set on the response to the client
+  std::chrono::milliseconds client_read_timeout{30'000};   // each read of the request body
+  std::chrono::milliseconds client_write_timeout{60'000};  // each write to the client
+  bool client_keep_alive = true;  // the client may send another request afterwards
+};
+
+struct AppOutcome {
+  enum class Failure {
+    none,
+    unreachable,       // connect failed, or the app broke the exchange before answering: 502
+    timeout,           // connect, first byte or idle timeout before answering: 504
+    broken_response,   // the app answered, then failed mid-body: the client connection is cut
+    client_gone,       // the client vanished or stalled: nothing more can be sent
+  };
+  Failure failure = Failure::none;
+  int status = 0;                    // what the client received (when response_started)
+  bool response_started = false;     // bytes of the app's response reached the client
+  bool request_body_read = false;    // the client's request was read to its end: framing kept
+  bool keep_client = false;          // the client connection can serve another request
+  std::chrono::microseconds upstream_time{0};
+  std::string detail;                // for logs and error messages
+};
+
+// One per gateway. Each io thread gets its own pool, so sessions (which never
+// cross threads) take and return connections without locks.
+class AppUpstream {
+ public:
+  explicit AppUpstream(AppUpstreamOptions options);
+  ~AppUpstream();
+  AppUpstream(const AppUpstream&) = delete;
+  AppUpstream& operator=(const AppUpstream&) = delete;
+
+  // Registers an io thread's context; all of them before any request.
+  void add_context(boost::asio::io_context& context);
+
+  // Streams the request whose headers `parser` holds (its body still unread,
+  // partly in `client_buffer`) to the app and the app's answer back to
+  // `client`. Hop-by-hop headers are removed both ways and bodies re-framed.
+  boost::asio::awaitable<AppOutcome> forward(boost::beast::tcp_stream& client,
+                                             boost::beast::flat_buffer& client_buffer,
+                                             boost::beast::http::request_parser<boost::beast::http::string_body>& parser,
+                                             const AppForward& how);
+
+ private:
+  struct Pool;
+  struct Connection;
+  Pool& pool_for(const boost::asio::any_io_executor& ex);
+
+  AppUpstreamOptions options_;
+  std::vector<std::unique_ptr<Pool>> pools_;
+};
+
+// Removes the hop-by-hop headers of RFC 9110 §7.6.1: Connection and every
+// header it names, Keep-Alive, Proxy-Connection, TE, Transfer-Encoding,
+// Upgrade, Proxy-Authorization, Proxy-Authenticate, Trailer.
+void strip_hop_by_hop(boost::beast::http::fields& fields);
+
+}  // namespace tollgate::backends

@@ -1,0 +1,554 @@
+#include "backends/openai_compatible.hpp"
+
+#include <boost/json.hpp>
+
+#include <iostream>
+#include <stdexcept>
+#include <thread>
+
+#include "backends/http_client.hpp"
+
+namespace tollgate::backends {
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace json = boost::json;
+using SteadyClock = std::chrono::steady_clock;
+constexpr auto as_tuple = net::as_tuple(net::use_awaitable);
+
+// An upstream error body is read for its message up to this size.
+constexpr std::size_t kMaxErrorBody = 64 * 1024;
+// A whole non-streamed answer; past it the call fails rather than grow without bound.
+constexpr std::size_t kMaxResponseBody = 16 * 1024 * 1024;
+
+// One call's state, shared by its coroutine (on the backend's thread) and its handle.
+struct Call {
+  std::shared_ptr<CompletionSink> sink;
+  std::atomic<bool> cancelled{false};
+  UpstreamConnection* active = nullptr;  // backend thread only
+  std::int64_t prompt_estimate = 0;
+  std::int64_t chunks = 0;  // content pieces received
+  std::optional<Usage> reported;
+  bool answered = false;  // the upstream accepted the call: the prompt was consumed
+  std::string finish_reason;
+
+  std::size_t pending() const { return sink ? sink->pending() : 0; }
+
+  void emit(CompletionEvent event) {
+    if (!cancelled && sink) sink->on_event(std::move(event));
+  }
+
+  Usage usage() const {
+    if (reported) return *reported;
+    if (!answered) return {};
+    return {prompt_estimate, chunks, true};
+  }
+
+  void done() {
+    CompletionEvent event;
+    event.type = CompletionEvent::Type::done;
+    event.finish_reason = finish_reason.empty() ? "stop" : finish_reason;
+    event.usage = usage();
+    emit(std::move(event));
+    sink.reset();  // nothing may follow the final event
+  }
+
+  void fail(ErrorKind kind, std::string message, std::optional<std::int64_t> retry_after = std::nullopt) {
+    CompletionEvent event;
+    event.type = CompletionEvent::Type::error;
+    event.error = {kind, std::move(message), retry_after};
+    event.usage = usage();
+    emit(std::move(event));
+    sink.reset();
+  }
+};
+
+class CallHandle final : public CompletionHandle {
+ public:
+  CallHandle(std::shared_ptr<Call> call, std::weak_ptr<net::io_context> ioc)
+      : call_(std::move(call)), ioc_(std::move(ioc)) {}
+
+  void cancel() override {
+    call_->cancelled = true;
+    auto ioc = ioc_.lock();
+    if (!ioc) return;
+    // Closing the upstream connection ends the call there too (a provider
+    // stops generating, and billing, when its client goes away).
+    auto close = [call = call_] {
+      if (call->active) call->active->close();
+    };
+    net::post(*ioc, std::move(close));
+  }
+
+ private:
+  std::shared_ptr<Call> call_;
+  std::weak_ptr<net::io_context> ioc_;
+};
+
+// What a call needs from its backend.
+struct Upstream {
+  OpenAICompatibleConfig config;
+  HttpClient* client = nullptr;
+};
+
+std::string scrub(std::string text, const std::string& secret) {
+  if (secret.empty()) return text;
+  for (auto at = text.find(secret); at != std::string::npos; at = text.find(secret, at)) {
+    text.replace(at, secret.size(), "***");
+  }
+  return text;
+}
+
+// The upstream's own words from an OpenAI-style error body, else the body itself.
+std::string error_message(const std::string& body) {
+  boost::system::error_code ec;
+  auto v = json::parse(body, ec);
+  if (!ec) {
+    const json::value* msg = nullptr;
+    if (auto* o = v.if_object()) {
+      if (auto* e = o->if_contains("error")) {
+        if (e->is_string()) return std::string(e->get_string());
+        if (auto* eo = e->if_object()) msg = eo->if_contains("message");
+      }
+      if (!msg) msg = o->if_contains("message");
+    }
+    if (msg && msg->is_string()) return std::string(msg->get_string());
+  }
+  return body.size() > 200 ? body.substr(0, 200) + "..." : body;
+}
+
+std::optional<std::int64_t> parse_retry_after(std::string_view value) {
+  std::int64_t seconds = 0;
+  if (value.empty()) return std::nullopt;
+  for (char c : value) {
+    if (c < '0' || c > '9' || seconds > 1'000'000) return std::nullopt;  // an HTTP date: the client backs off itself
+    seconds = seconds * 10 + (c - '0');
+  }
+  return seconds;
+}
+
+// Maps a non-2xx upstream answer to the error the client sees.
+BackendError status_error(int status, const std::string& body, std::string_view retry_after, const std::string& key) {
+  std::string message = scrub(error_message(body), key);
+  std::string prefix = "upstream answered " + std::to_string(status) + ": ";
+  if (status == 429) return {ErrorKind::rate_limited, prefix + message, parse_retry_after(retry_after)};
+  if (status == 401 || status == 403) {
+    // Our credentials, not the client's: the upstream's text may quote the key.
+    return {ErrorKind::upstream_failed, "the upstream refused the gateway's credentials (" + std::to_string(status) + ")",
+            std::nullopt};
+  }
+  if (status == 404) return {ErrorKind::not_found, prefix + message, std::nullopt};
+  if (status == 408) return {ErrorKind::timeout, prefix + message, std::nullopt};
+  if (status == 400 || status == 413 || status == 422) return {ErrorKind::bad_request, prefix + message, std::nullopt};
+  return {ErrorKind::upstream_failed, prefix + message, std::nullopt};
+}
+
+std::int64_t optional_int(const json::object& o, std::string_view name) {
+  auto* v = o.if_contains(name);
+  return v && v->is_int64() ? v->get_int64() : (v && v->is_uint64() ? static_cast<std::int64_t>(v->get_uint64()) : 0);
+}
+
+std::optional<Usage> read_usage(const json::value* v) {
+  auto* o = v ? v->if_object() : nullptr;
+  if (!o || !o->contains("prompt_tokens")) return std::nullopt;
+  return Usage{optional_int(*o, "prompt_tokens"), optional_int(*o, "completion_tokens"), false};
+}
+
+// Reads usage from a response or chunk: OpenAI's `usage`, or Groq's `x_groq.usage`.
+void take_usage(Call& call, const json::object& o) {
+  if (auto u = read_usage(o.if_contains("usage"))) call.reported = u;
+  if (auto* groq = o.if_contains("x_groq"); groq && groq->is_object()) {
+    if (auto u = read_usage(groq->as_object().if_contains("usage"))) call.reported = u;
+  }
+}
+
+enum class Step { more, done, failed };
+
+// One SSE data payload of a streamed answer.
+Step on_stream_data(Call& call, const std::string& data, bool chat) {
+  if (data == "[DONE]") return Step::done;
+  boost::system::error_code ec;
+  auto v = json::parse(data, ec);
+  if (ec || !v.is_object()) {
+    call.fail(ErrorKind::upstream_failed, "the upstream sent a malformed stream chunk");
+    return Step::failed;
+  }
+  auto& o = v.as_object();
+  if (o.contains("error")) {
+    call.fail(ErrorKind::upstream_failed, "the upstream failed mid-stream: " + error_message(data));
+    return Step::failed;
+  }
+  take_usage(call, o);
+  auto* choices = o.if_contains("choices");
+  if (!choices || !choices->is_array() || choices->as_array().empty()) return Step::more;
+  auto* choice = choices->as_array()[0].if_object();
+  if (!choice) return Step::more;
+  const json::value* text = nullptr;
+  if (chat) {
+    if (auto* delta = choice->if_contains("delta"); delta && delta->is_object()) {
+      text = delta->as_object().if_contains("content");
+    }
+  } else {
+    text = choice->if_contains("text");
+  }
+  if (text && text->is_string() && !text->get_string().empty()) {
+    ++call.chunks;
+    CompletionEvent delta;
+    delta.text = std::string(text->get_string());
+    call.emit(std::move(delta));
+  }
+  if (auto* fr = choice->if_contains("finish_reason"); fr && fr->is_string()) {
+    call.finish_reason = std::string(fr->get_string());
+  }
+  return Step::more;
+}
+
+// The whole non-streamed answer.
+void on_full_body(Call& call, const std::string& body, bool chat) {
+  boost::system::error_code ec;
+  auto v = json::parse(body, ec);
+  if (ec || !v.is_object()) {
+    call.fail(ErrorKind::upstream_failed, "the upstream sent a malformed response");
+    return;
+  }
+  auto& o = v.as_object();
+  take_usage(call, o);
+  std::string text;
+  if (auto* choices = o.if_contains("choices"); choices && choices->is_array() && !choices->as_array().empty()) {
+    if (auto* choice = choices->as_array()[0].if_object()) {
+      const json::value* t = nullptr;
+      if (chat) {
+        if (auto* m = choice->if_contains("message"); m && m->is_object()) t = m->as_object().if_contains("content");
+      } else {
+        t = choice->if_contains("text");
+      }
+      if (t && t->is_string()) text = std::string(t->get_string());
+      if (auto* fr = choice->if_contains("finish_reason"); fr && fr->is_string()) {
+        call.finish_reason = std::string(fr->get_string());
+      }
+    }
+  }
+  if (!text.empty()) {
+    // Without reported usage, ~4 bytes per token is the usual rule of thumb.
+    call.chunks = std::max<std::int64_t>(1, static_cast<std::int64_t>(text.size() / 4));
+    CompletionEvent delta;
+    delta.text = std::move(text);
+    call.emit(std::move(delta));
+  }
+  call.done();
+}
+
+bool is_stale_connection_error(const boost::system::error_code& ec) {
+  return ec == http::error::end_of_stream || ec == net::error::eof || ec == net::error::connection_reset ||
+         ec == net::error::broken_pipe;
+}
+
+SteadyClock::time_point earliest(SteadyClock::time_point a, SteadyClock::time_point b) { return a < b ? a : b; }
+
+// Reads the rest of a body into the parser, up to `cap` bytes.
+net::awaitable<boost::system::error_code> read_rest(UpstreamConnection& conn, UpstreamConnection::Parser& parser,
+                                                    std::size_t cap, std::chrono::milliseconds idle,
+                                                    SteadyClock::time_point deadline) {
+  while (!parser.is_done()) {
+    if (parser.get().body().size() > cap) co_return http::error::body_limit;
+    conn.expires_at(earliest(deadline, SteadyClock::now() + idle));
+    auto [ec, n] = co_await conn.read_some(parser);
+    if (ec) co_return ec;
+  }
+  co_return boost::system::error_code{};
+}
+
+http::request<http::string_body> make_request(const Upstream& up, const CompletionRequest& request) {
+  const auto& origin = up.client->origin();
+  http::request<http::string_body> req{http::verb::post,
+                                       origin.base_path + (request.chat ? "/chat/completions" : "/completions"), 11};
+  req.set(http::field::host, origin.host_header());
+  req.set(http::field::user_agent, "tollgate");
+  req.set(http::field::content_type, "application/json");
+  req.set(http::field::accept, request.stream ? "text/event-stream" : "application/json");
+  if (!up.config.api_key.empty()) req.set(http::field::authorization, "Bearer " + up.config.api_key);
+  for (const auto& [name, value] : up.config.headers) req.set(name, value);
+  req.keep_alive(true);
+  req.body() = upstream_request_body(request);
+  req.prepare_payload();
+  return req;
+}
+
+net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, CompletionRequest request) {
+  const auto& cfg = up->config;
+  auto total_deadline = SteadyClock::now() + cfg.total_timeout;
+  auto req = make_request(*up, request);
+  auto timeout_message = [&](const char* phase) {
+    return SteadyClock::now() >= total_deadline ? std::string("the upstream call exceeded the total timeout")
+                                                : "the upstream timed out waiting for " + std::string(phase);
+  };
+
+  std::unique_ptr<UpstreamConnection> conn;
+  std::optional<UpstreamConnection::Parser> parser;
+  for (int attempt = 0;; ++attempt) {
+    ConnectFailure failure;
+    auto connect_deadline = earliest(total_deadline, SteadyClock::now() + cfg.connect_timeout);
+    conn = co_await up->client->acquire(connect_deadline, call->cancelled, failure);
+    if (!conn) {
+      if (failure.cancelled) co_return;
+      call->fail(failure.timeout ? ErrorKind::timeout : ErrorKind::upstream_failed, failure.message);
+      co_return;
+    }
+    call->active = conn.get();
+    conn->expires_at(earliest(total_deadline, SteadyClock::now() + cfg.first_byte_timeout));
+    parser.emplace();
+    parser->body_limit(boost::none);  // streams are unbounded; read_rest caps whole bodies itself
+    auto [write_ec, written] = co_await conn->write(req);
+    boost::system::error_code ec = write_ec;
+    if (!ec) {
+      auto [read_ec, read] = co_await conn->read_header(*parser);
+      ec = read_ec;
+    }
+    if (!ec) break;
+    call->active = nullptr;
+    if (call->cancelled) co_return;
+    // A pooled connection the server closed while idle fails before any byte
+    // of the answer: the request never reached it, so one retry is safe.
+    bool stale = conn->reused && attempt == 0 && is_stale_connection_error(ec);
+    conn.reset();
+    if (stale) continue;
+    if (ec == beast::error::timeout) {
+      call->fail(ErrorKind::timeout, timeout_message("the response headers"));
+    } else {
+      call->fail(ErrorKind::upstream_failed, "the upstream connection failed: " + ec.message());
+    }
+    co_return;
+  }
+
+  int status = parser->get().result_int();
+  if (status < 200 || status > 299) {
+    auto ec = co_await read_rest(*conn, *parser, kMaxErrorBody, cfg.idle_timeout, total_deadline);
+    call->active = nullptr;
+    if (call->cancelled) co_return;
+    std::string retry_after(parser->get()[http::field::retry_after]);
+    auto error = status_error(status, parser->get().body(), retry_after, cfg.api_key);
+    call->fail(error.kind, std::move(error.message), error.retry_after_s);
+    if (!ec && parser->keep_alive()) up->client->release(std::move(conn));
+    co_return;
+  }
+  call->answered = true;
+
+  if (!request.stream) {
+    auto ec = co_await read_rest(*conn, *parser, kMaxResponseBody, cfg.idle_timeout, total_deadline);
+    call->active = nullptr;
+    if (call->cancelled) co_return;
+    if (ec == beast::error::timeout) {
+      call->fail(ErrorKind::timeout, timeout_message("the response body"));
+    } else if (ec) {
+      call->fail(ErrorKind::upstream_failed, "the upstream connection failed: " + ec.message());
+    } else {
+      on_full_body(*call, parser->get().body(), request.chat);
+      if (parser->keep_alive()) up->client->release(std::move(conn));
+    }
+    co_return;
+  }
+
+  SseDecoder sse;
+  net::steady_timer pause(co_await net::this_coro::executor);
+  boost::system::error_code read_error;
+  Step step = Step::more;
+  while (step == Step::more) {
+    auto bytes = std::exchange(parser->get().body(), {});
+    for (const auto& data : sse.feed(bytes)) {
+      step = on_stream_data(*call, data, request.chat);
+      if (step != Step::more) break;
+    }
+    if (step != Step::more) break;
+    if (read_error) {
+      call->active = nullptr;
+      if (call->cancelled) co_return;
+      if (read_error == beast::error::timeout) {
+        call->fail(ErrorKind::timeout, timeout_message("the next chunk"));
+      } else {
+        call->fail(ErrorKind::upstream_failed, "the upstream connection failed mid-stream: " + read_error.message());
+      }
+      co_return;
+    }
+    if (parser->is_done()) {
+      // Some servers end the body without [DONE]; a finish_reason means the answer was whole.
+      if (call->finish_reason.empty()) {
+        call->fail(ErrorKind::upstream_failed, "the upstream ended the stream before finishing");
+        co_return;
+      }
+      step = Step::done;
+      break;
+    }
+    // Backpressure: while the client has not taken what was sent, leave the
+    // rest in the socket, so a slow client slows the upstream down.
+    while (call->pending() > cfg.max_pending_events && !call->cancelled) {
+      if (SteadyClock::now() >= total_deadline) {
+        call->fail(ErrorKind::timeout, timeout_message("the client"));
+        co_return;
+      }
+      pause.expires_after(std::chrono::milliseconds(5));
+      co_await pause.async_wait(as_tuple);
+    }
+    if (call->cancelled) co_return;
+    conn->expires_at(earliest(total_deadline, SteadyClock::now() + cfg.idle_timeout));
+    auto [ec, n] = co_await conn->read_some(*parser);
+    if (call->cancelled) co_return;
+    read_error = ec;
+  }
+  if (step == Step::failed) {
+    call->active = nullptr;
+    co_return;
+  }
+  call->done();
+  // The rest of the body is normally just the chunked terminator; reading it
+  // keeps the connection reusable.
+  auto ec = co_await read_rest(*conn, *parser, kMaxErrorBody, cfg.idle_timeout, total_deadline);
+  call->active = nullptr;
+  if (!ec && parser->keep_alive()) up->client->release(std::move(conn));
+}
+
+net::awaitable<void> run_call(Upstream* up, std::shared_ptr<Call> call, CompletionRequest request) {
+  try {
+    co_await call_upstream(up, call, std::move(request));
+  } catch (const std::exception& e) {
+    call->active = nullptr;
+    call->fail(ErrorKind::internal, std::string("the upstream call failed: ") + e.what());
+  }
+}
+
+class OpenAICompatibleBackend final : public Backend {
+ public:
+  OpenAICompatibleBackend(const OpenAICompatibleConfig& config, UpstreamOrigin origin)
+      : ioc_(std::make_shared<net::io_context>(1)), work_(net::make_work_guard(*ioc_)) {
+    up_.config = config;
+    HttpClientOptions options;
+    options.connect_timeout = config.connect_timeout;
+    options.max_connections = config.max_connections;
+    options.ca_file = config.ca_file;
+    options.insecure_skip_verify = config.insecure_skip_verify;
+    try {
+      client_ = std::make_unique<HttpClient>(*ioc_, std::move(origin), options);
+    } catch (const boost::system::system_error& e) {
+      throw std::invalid_argument("backend '" + config.name + "': cannot load the TLS trust store: " + e.what());
+    }
+    up_.client = client_.get();
+    if (config.insecure_skip_verify && client_->origin().tls) {
+      std::cerr << "tollgate: warning: backend '" << config.name
+                << "': insecure_skip_verify is on: the upstream's TLS certificate is not verified" << std::endl;
+    }
+    thread_ = std::thread([this] { ioc_->run(); });
+  }
+
+  ~OpenAICompatibleBackend() override {
+    work_.reset();
+    ioc_->stop();
+    thread_.join();
+    // Unfinished calls die with the context and close their connections; the
+    // client must outlive them, but not own sockets past the context.
+    client_->shutdown();
+    ioc_.reset();
+    client_.reset();
+  }
+
+  const std::string& name() const override { return up_.config.name; }
+  std::string type() const override { return "openai"; }
+  Capabilities capabilities() const override { return {}; }
+
+  std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const override {
+    // No tokenizer for a remote model: ~4 bytes per token, plus the chat
+    // template's few tokens per message.
+    std::size_t bytes = request.prompt.size();
+    std::int64_t overhead = 0;
+    for (const auto& m : request.messages) {
+      bytes += m.content.size();
+      overhead += 4;
+    }
+    return std::max<std::int64_t>(1, static_cast<std::int64_t>(bytes / 4) + overhead);
+  }
+
+  std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
+    auto call = std::make_shared<Call>();
+    call->sink = std::move(sink);
+    call->prompt_estimate = estimate_prompt_tokens(request);
+    net::co_spawn(*ioc_, run_call(&up_, call, std::move(request)), net::detached);
+    return std::make_unique<CallHandle>(std::move(call), ioc_);
+  }
+
+ private:
+  Upstream up_;
+  std::shared_ptr<net::io_context> ioc_;
+  net::executor_work_guard<net::io_context::executor_type> work_;
+  std::unique_ptr<HttpClient> client_;
+  std::thread thread_;
+};
+
+}  // namespace
+
+std::string upstream_request_body(const CompletionRequest& request) {
+  json::object o;
+  o["model"] = request.upstream_model.empty() ? request.model : request.upstream_model;
+  if (request.chat) {
+    json::array messages;
+    for (const auto& m : request.messages) messages.push_back(json::object{{"role", m.role}, {"content", m.content}});
+    o["messages"] = std::move(messages);
+  } else {
+    o["prompt"] = request.prompt;
+  }
+  if (request.max_tokens) o["max_tokens"] = *request.max_tokens;
+  // Defaults are left out: some providers refuse parameters a model lacks.
+  if (request.temperature != 1.0) o["temperature"] = request.temperature;
+  if (request.top_p != 1.0) o["top_p"] = request.top_p;
+  if (request.presence_penalty != 0.0) o["presence_penalty"] = request.presence_penalty;
+  if (request.frequency_penalty != 0.0) o["frequency_penalty"] = request.frequency_penalty;
+  if (request.seed) o["seed"] = *request.seed;
+  if (!request.stop.empty()) {
+    json::array stop;
+    for (const auto& s : request.stop) stop.push_back(json::string(s));
+    o["stop"] = std::move(stop);
+  }
+  if (request.stream) {
+    o["stream"] = true;
+    o["stream_options"] = json::object{{"include_usage", true}};
+  }
+  return json::serialize(o);
+}
+
+std::vector<std::string> SseDecoder::feed(std::string_view bytes) {
+  std::vector<std::string> events;
+  for (char c : bytes) {
+    if (c != '\n') {
+      line_ += c;
+      continue;
+    }
+    if (!line_.empty() && line_.back() == '\r') line_.pop_back();
+    if (line_.empty()) {
+      if (has_data_) events.push_back(std::exchange(data_, {}));
+      has_data_ = false;
+    } else if (line_.front() != ':') {  // a comment (keep-alive) otherwise
+      auto colon = line_.find(':');
+      std::string_view field(line_.data(), colon == std::string::npos ? line_.size() : colon);
+      if (field == "data") {
+        std::string_view value;
+        if (colon != std::string::npos) {
+          value = std::string_view(line_).substr(colon + 1);
+          if (!value.empty() && value.front() == ' ') value.remove_prefix(1);
+        }
+        if (has_data_) data_ += '\n';
+        data_ += value;
+        has_data_ = true;
+      }
+    }
+    line_.clear();
+  }
+  return events;
+}
+
+std::unique_ptr<Backend> make_openai_compatible_backend(const OpenAICompatibleConfig& config) {
+  std::string error;
+  auto origin = parse_base_url(config.base_url, error);
+  if (!origin) throw std::invalid_argument("backend '" + config.name + "': base_url " + error);
+  return std::make_unique<OpenAICompatibleBackend>(config, std::move(*origin));
+}
+
+}  // namespace tollgate::backends

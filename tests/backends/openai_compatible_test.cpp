@@ -1,0 +1,76 @@
+#include "backends/openai_compatible.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <boost/json.hpp>
+
+#include "backends/http_client.hpp"
+
+using namespace tollgate::backends;
+namespace json = boost::json;
+
+TEST_CASE("SSE decoder joins events split across reads and skips comments", "[backends][openai]") {
+  SseDecoder sse;
+  std::string stream = ": ping\n\ndata: {\"a\":1}\n\ndata: first\r\ndata: second\r\n\r\nevent: x\ndata: [DONE]\n\n";
+  std::vector<std::string> events;
+  // Every split point, byte by byte: the decoder may not depend on read sizes.
+  for (char c : stream) {
+    for (auto& e : sse.feed(std::string_view(&c, 1))) events.push_back(e);
+  }
+  REQUIRE(events.size() == 3);
+  CHECK(events[0] == "{\"a\":1}");
+  CHECK(events[1] == "first\nsecond");
+  CHECK(events[2] == "[DONE]");
+  CHECK(sse.feed("data: unterminated\n").empty());
+}
+
+TEST_CASE("upstream body maps the model, keeps set parameters, asks for streamed usage", "[backends][openai]") {
+  CompletionRequest r;
+  r.chat = true;
+  r.model = "llama";
+  r.upstream_model = "llama-3.1-8b-instant";
+  r.messages = {{"system", "be brief"}, {"user", "hi"}};
+  r.max_tokens = 7;
+  r.temperature = 0.5;
+  r.seed = 42;
+  r.stop = {"\n"};
+  r.stream = true;
+  r.user = "alice";
+  auto body = json::parse(upstream_request_body(r)).as_object();
+  CHECK(body.at("model") == "llama-3.1-8b-instant");
+  CHECK(body.at("messages").as_array().size() == 2);
+  CHECK(body.at("messages").at(1).at("content") == "hi");
+  CHECK(body.at("max_tokens") == 7);
+  CHECK(body.at("temperature") == 0.5);
+  CHECK(body.at("seed") == 42);
+  CHECK(body.at("stop").at(0) == "\n");
+  CHECK(body.at("stream_options").at("include_usage") == true);
+  CHECK_FALSE(body.contains("top_p"));  // defaults are left to the upstream
+  CHECK_FALSE(body.contains("user"));   // the Tollgate user stays here
+
+  r.stream = false;
+  r.chat = false;
+  r.prompt = "once upon";
+  body = json::parse(upstream_request_body(r)).as_object();
+  CHECK(body.at("prompt") == "once upon");
+  CHECK_FALSE(body.contains("stream_options"));
+  CHECK_FALSE(body.contains("messages"));
+}
+
+TEST_CASE("base URLs: scheme, host, port and path", "[backends][openai]") {
+  std::string error;
+  auto groq = parse_base_url("https://api.groq.com/openai/v1/", error);
+  REQUIRE(groq);
+  CHECK(groq->tls);
+  CHECK(groq->host == "api.groq.com");
+  CHECK(groq->port == "443");
+  CHECK(groq->base_path == "/openai/v1");
+  CHECK(groq->host_header() == "api.groq.com");
+  auto local = parse_base_url("http://127.0.0.1:8000/v1", error);
+  REQUIRE(local);
+  CHECK_FALSE(local->tls);
+  CHECK(local->host_header() == "127.0.0.1:8000");
+  CHECK_FALSE(parse_base_url("ftp://example.com/v1", error));
+  CHECK_FALSE(parse_base_url("not a url", error));
+  CHECK_FALSE(parse_base_url("https://user:pw@example.com/v1", error));
+}

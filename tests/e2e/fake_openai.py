@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""A fake OpenAI-compatible upstream for Tollgate's end-to-end tests.
+
+Listens on 127.0.0.1 (a free port, printed as the first stdout line), plain
+HTTP or TLS (--cert/--key). The upstream model name picks the behaviour:
+
+  normal   answers "Hello from fake upstream"; usage 13 + 5 (only when asked, as OpenAI does)
+  groq     the same, usage 17 + 6 in x_groq.usage only
+  nousage  the same, never any usage
+  slow     streams 300 pieces, one per 100 ms
+  hang     never answers
+  die      streams two pieces, then drops the connection
+  429      Retry-After: 7;  500, 400, 404: errors with a message
+
+GET /_last returns the last completion request (path, headers, body);
+GET /_stats returns {"requests", "disconnects"} (clients that went away mid-answer).
+"""
+import argparse
+import json
+import select
+import ssl
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+REPLY = ["Hello", " from", " fake", " upstream"]
+lock = threading.Lock()
+state = {"last": None, "requests": 0, "disconnects": 0}
+
+
+def count_disconnect():
+    with lock:
+        state["disconnects"] += 1
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send_json(self, status, obj, extra=None):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        with lock:
+            if self.path == "/_last":
+                return self.send_json(200, state["last"] or {})
+            if self.path == "/_stats":
+                return self.send_json(200, {"requests": state["requests"], "disconnects": state["disconnects"]})
+        self.send_json(404, {"error": {"message": "no such route"}})
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def event(self, obj):
+        self.chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        req = json.loads(body)
+        with lock:
+            state["requests"] += 1
+            state["last"] = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": req}
+        model = req.get("model", "")
+        chat = self.path.endswith("/chat/completions")
+        if model == "hang":
+            # Answers nothing; notices when the client gives up.
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                r, _, _ = select.select([self.connection], [], [], 0.1)
+                if r and not self.connection.recv(1, 0):
+                    count_disconnect()
+                    break
+            self.close_connection = True
+            return
+        if model in ("429", "500", "400", "404"):
+            messages = {"429": "Rate limit reached for model", "500": "internal failure upstream",
+                        "400": "bad thing: temperature", "404": "The model does not exist"}
+            extra = {"Retry-After": "7"} if model == "429" else None
+            return self.send_json(int(model), {"error": {"message": messages[model], "type": "x", "code": None}}, extra)
+        usage = {"prompt_tokens": 13, "completion_tokens": 5, "total_tokens": 18}
+        groq_usage = {"prompt_tokens": 17, "completion_tokens": 6, "total_tokens": 23}
+        if not req.get("stream"):
+            text = "".join(REPLY)
+            choice = {"index": 0, "finish_reason": "stop"}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            resp = {"id": "x", "object": "chat.completion" if chat else "text_completion", "model": model,
+                    "choices": [choice]}
+            if model == "normal":
+                resp["usage"] = usage
+            if model == "groq":
+                resp["x_groq"] = {"id": "g", "usage": groq_usage}
+            return self.send_json(200, resp)
+
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        pieces = ["t%d " % i for i in range(300)] if model == "slow" else REPLY
+        try:
+            self.chunk(b": keep-alive comment\n\n")
+            for i, piece in enumerate(pieces):
+                choice = {"index": 0, "finish_reason": None}
+                if chat:
+                    choice["delta"] = {"content": piece}
+                else:
+                    choice["text"] = piece
+                data = b"data: " + json.dumps({"id": "x", "choices": [choice]}).encode() + b"\n\n"
+                if i == 1:
+                    # One event split across two chunks, as TCP may split it.
+                    self.chunk(data[:7])
+                    self.chunk(data[7:])
+                else:
+                    self.chunk(data)
+                if model == "die" and i == 1:
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if model == "slow":
+                    time.sleep(0.1)
+            final = {"id": "x", "choices": [{"index": 0, "finish_reason": "stop",
+                                             **({"delta": {}} if chat else {"text": ""})}]}
+            if model == "groq":
+                final["x_groq"] = {"id": "g", "usage": groq_usage}
+            self.event(final)
+            include = (req.get("stream_options") or {}).get("include_usage")
+            if model == "normal" and include:
+                self.event({"id": "x", "choices": [], "usage": usage})
+            self.chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            count_disconnect()
+            self.close_connection = True
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    args = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    if args.cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.cert, args.key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    print(server.server_address[1], flush=True)
+    # The test closes our stdin when it is done, or dies: either way we exit.
+    threading.Thread(target=lambda: (sys.stdin.read(), server.shutdown()), daemon=True).start()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

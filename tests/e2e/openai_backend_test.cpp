@@ -1,0 +1,408 @@
+// The `openai` backend against a fake OpenAI-compatible upstream (plain and
+// TLS) and against a second Tollgate: exact usage, error mapping,
+// cancellation, and the provider key kept secret.
+#include <catch2/catch.hpp>
+
+#include <sys/socket.h>
+
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "harness.hpp"
+#include "upstream.hpp"
+
+using namespace tollgate::test;
+namespace json = boost::json;
+
+namespace {
+
+const std::string kProviderKey = "sk-provider-secret-0123456789abcdef";
+
+// One backend `up` on the fake; each public model maps to a behaviour.
+std::string fake_config(std::uint16_t port, const std::string& extra_backends = "",
+                        const std::string& extra_models = "") {
+  std::string url = "http://127.0.0.1:" + std::to_string(port) + "/v1";
+  std::string yaml = "backends:\n"
+                     "  - name: up\n"
+                     "    type: openai\n"
+                     "    base_url: " + url + "\n"
+                     "    api_key: ${PROVIDER_KEY}\n"
+                     "    headers: {X-Extra: yes-please}\n"
+                     "    timeouts: {connect: 5s, first_byte: 20s, idle: 20s, total: 60s}\n"
+                     "    max_connections: 4\n"
+                     "  - name: up-impatient\n"
+                     "    type: openai\n"
+                     "    base_url: " + url + "\n"
+                     "    timeouts: {first_byte: 1s}\n" +
+                     extra_backends + "models:\n";
+  for (std::string m : {"normal", "groq", "nousage", "slow", "die", "429", "500", "400", "404"}) {
+    yaml += "  - {name: m-" + m + ", deployments: [{backend: up, model: '" + m + "'}]}\n";
+  }
+  yaml += "  - {name: m-hang, deployments: [{backend: up-impatient, model: hang}]}\n" + extra_models;
+  return yaml;
+}
+
+GatewayProcess::Options with_config(std::string yaml) {
+  GatewayProcess::Options o;
+  o.config_yaml = std::move(yaml);
+  o.env = {{"PROVIDER_KEY", kProviderKey}};
+  return o;
+}
+
+std::string stream_body(const std::string& model, bool include_usage) {
+  return R"({"model":")" + model + R"(","stream":true,"messages":[{"role":"user","content":"hi there"}])" +
+         (include_usage ? R"(,"stream_options":{"include_usage":true}})" : "}");
+}
+
+// The streamed text and whether a usage chunk and [DONE] came.
+struct Streamed {
+  std::string text;
+  std::optional<json::object> usage;
+  bool done = false;
+  bool error = false;
+};
+
+Streamed parse_stream(const std::string& body, bool chat = true) {
+  Streamed s;
+  for (const auto& data : sse_data(body)) {
+    if (data == "[DONE]") {
+      s.done = true;
+      continue;
+    }
+    auto v = json::parse(data).as_object();
+    if (v.contains("error")) {
+      s.error = true;
+      continue;
+    }
+    if (auto* u = v.if_contains("usage"); u && u->is_object()) s.usage = u->as_object();
+    auto& choices = v.at("choices").as_array();
+    if (choices.empty()) continue;
+    auto& c = choices[0].as_object();
+    if (chat) {
+      if (auto* t = c.at("delta").as_object().if_contains("content")) s.text += t->as_string().c_str();
+    } else {
+      s.text += c.at("text").as_string().c_str();
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("openai backend: completions with the upstream's exact usage, mapped model and provider key",
+          "[e2e][openai]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  GatewayProcess gw(dir, with_config(fake_config(fake.port())));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+
+  auto r = client.post("/v1/chat/completions", key, chat_body("m-normal", "hello upstream"));
+  REQUIRE(r.status == 200);
+  auto body = r.json().as_object();
+  CHECK(body.at("model") == "m-normal");
+  CHECK(body.at("choices").at(0).at("message").at("content") == "Hello from fake upstream");
+  CHECK(body.at("usage").at("prompt_tokens") == 13);
+  CHECK(body.at("usage").at("completion_tokens") == 5);
+  auto last = fake.last().as_object();
+  CHECK(last.at("path") == "/v1/chat/completions");
+  CHECK(last.at("headers").at("authorization") == json::value("Bearer " + kProviderKey));
+  CHECK(last.at("headers").at("x-extra") == "yes-please");
+  CHECK(last.at("body").at("model") == "normal");
+  CHECK(last.at("body").at("messages").at(0).at("content") == "hello upstream");
+
+  // Streaming without include_usage: the gateway still asks the upstream for
+  // usage, and strips it from what the client sees.
+  r = client.post("/v1/chat/completions", key, stream_body("m-normal", false));
+  REQUIRE(r.status == 200);
+  auto s = parse_stream(r.body);
+  CHECK(s.text == "Hello from fake upstream");
+  CHECK(s.done);
+  CHECK_FALSE(s.usage);
+  last = fake.last().as_object();
+  CHECK(last.at("body").at("stream") == true);
+  CHECK(last.at("body").at("stream_options").at("include_usage") == true);
+
+  // Text completions, streamed, with include_usage: the upstream's numbers.
+  r = client.post("/v1/completions", key,
+                  R"({"model":"m-normal","prompt":"say hi","stream":true,"stream_options":{"include_usage":true}})");
+  REQUIRE(r.status == 200);
+  s = parse_stream(r.body, false);
+  CHECK(s.text == "Hello from fake upstream");
+  REQUIRE(s.usage);
+  CHECK(s.usage->at("prompt_tokens") == 13);
+  CHECK(s.usage->at("completion_tokens") == 5);
+  CHECK(fake.last().at("path") == "/v1/completions");
+
+  CHECK(wait_usage_rows(gw.db(),
+                        "backend='up' AND model='m-normal' AND status=200 AND prompt_tokens=13 AND "
+                        "completion_tokens=5 AND estimated=0",
+                        3) == 3);
+}
+
+TEST_CASE("openai backend: Groq's x_groq.usage is exact; an upstream without usage is estimated",
+          "[e2e][openai]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  GatewayProcess gw(dir, with_config(fake_config(fake.port())));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+
+  auto r = client.post("/v1/chat/completions", key, stream_body("m-groq", true));
+  REQUIRE(r.status == 200);
+  auto s = parse_stream(r.body);
+  REQUIRE(s.usage);
+  CHECK(s.usage->at("prompt_tokens") == 17);
+  CHECK(s.usage->at("completion_tokens") == 6);
+  r = client.post("/v1/chat/completions", key, chat_body("m-groq", "hi"));
+  REQUIRE(r.status == 200);
+  CHECK(r.json().at("usage").at("completion_tokens") == 6);
+
+  r = client.post("/v1/chat/completions", key, stream_body("m-nousage", true));
+  REQUIRE(r.status == 200);
+  s = parse_stream(r.body);
+  CHECK(s.text == "Hello from fake upstream");
+  REQUIRE(s.usage);
+  CHECK(s.usage->at("completion_tokens") == 4);  // one per streamed piece
+  r = client.post("/v1/chat/completions", key, chat_body("m-nousage", "hi"));
+  REQUIRE(r.status == 200);
+
+  CHECK(wait_usage_rows(gw.db(), "model='m-groq' AND prompt_tokens=17 AND completion_tokens=6 AND estimated=0", 2) ==
+        2);
+  CHECK(wait_usage_rows(gw.db(), "model='m-nousage' AND status=200 AND estimated=1 AND completion_tokens>0", 2) == 2);
+  CHECK(count_usage_rows(gw.db(), "model='m-nousage' AND estimated=1 AND completion_tokens=4") == 1);
+}
+
+TEST_CASE("openai backend: upstream failures map to 502, 504, 429, 400, 404 and a mid-stream error event",
+          "[e2e][openai]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  auto refused = "  - {name: down, type: openai, base_url: 'http://127.0.0.1:" + std::to_string(closed_port()) +
+                 "/v1', api_key: '${PROVIDER_KEY}'}\n";
+  GatewayProcess gw(dir, with_config(fake_config(fake.port(), refused,
+                                                 "  - {name: m-down, deployments: [{backend: down}]}\n")));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  std::string responses;
+
+  auto r = client.post("/v1/chat/completions", key, chat_body("m-down", "hi"));
+  CHECK(r.status == 502);
+  CHECK(r.json().at("error").at("code") == "upstream_error");
+  responses += r.body;
+
+  r = client.post("/v1/chat/completions", key, chat_body("m-hang", "hi"));
+  CHECK(r.status == 504);
+  CHECK(r.json().at("error").at("code") == "upstream_timeout");
+  responses += r.body;
+
+  r = client.post("/v1/chat/completions", key, chat_body("m-429", "hi"));
+  CHECK(r.status == 429);
+  CHECK(r.header("retry-after") == "7");
+  CHECK(std::string(r.json().at("error").at("message").as_string()).find("Rate limit reached") != std::string::npos);
+  responses += r.body;
+
+  r = client.post("/v1/chat/completions", key, stream_body("m-500", true));
+  CHECK(r.status == 502);
+  responses += r.body;
+
+  r = client.post("/v1/chat/completions", key, chat_body("m-400", "hi"));
+  CHECK(r.status == 400);
+  CHECK(std::string(r.json().at("error").at("message").as_string()).find("bad thing") != std::string::npos);
+
+  r = client.post("/v1/chat/completions", key, chat_body("m-404", "hi"));
+  CHECK(r.status == 404);
+
+  // Death mid-stream: the status is already 200, so an SSE error event, then close.
+  r = client.post("/v1/chat/completions", key, stream_body("m-die", true));
+  CHECK(r.status == 200);
+  auto s = parse_stream(r.body);
+  CHECK(s.text == "Hello from");
+  CHECK(s.error);
+  CHECK_FALSE(s.done);
+  CHECK(client.wait_closed(5s));
+  responses += r.body;
+
+  // Every failure is metered, with what was produced before it.
+  CHECK(wait_usage_rows(gw.db(), "model='m-down' AND status=502", 1) == 1);
+  CHECK(wait_usage_rows(gw.db(), "model='m-hang' AND status=504", 1) == 1);
+  CHECK(wait_usage_rows(gw.db(), "model='m-429' AND status=429", 1) == 1);
+  CHECK(wait_usage_rows(gw.db(), "model='m-500' AND status=502", 1) == 1);
+  CHECK(wait_usage_rows(gw.db(), "model='m-die' AND status=502 AND completion_tokens=2 AND estimated=1", 1) == 1);
+
+  HttpClient metrics(gw.port());
+  auto m = metrics.get("/metrics").body;
+  CHECK(m.find(R"(tollgate_backend_errors_total{backend="up",kind="rate_limited"} 1)") != std::string::npos);
+  CHECK(m.find(R"(tollgate_backend_errors_total{backend="down",kind="upstream_failed"} 1)") != std::string::npos);
+  CHECK(m.find(R"(tollgate_backend_errors_total{backend="up-impatient",kind="timeout"} 1)") != std::string::npos);
+
+  {
+    std::ofstream(dir.file("metrics.txt")) << m;
+    auto check = "promtool check metrics < '" + dir.file("metrics.txt") + "' > '" + dir.file("promtool.out") + "' 2>&1";
+    std::stringstream promtool;
+    int rc = std::system(check.c_str());
+    promtool << std::ifstream(dir.file("promtool.out")).rdbuf();
+    INFO(promtool.str());
+    CHECK(rc == 0);
+  }
+
+  // The provider key never leaves the gateway, not even in its log.
+  CHECK(responses.find(kProviderKey) == std::string::npos);
+  CHECK(gw.log().find(kProviderKey) == std::string::npos);
+}
+
+TEST_CASE("openai backend: a client leaving mid-stream cancels the upstream call and pays for what it got",
+          "[e2e][openai]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  GatewayProcess gw(dir, with_config(fake_config(fake.port())));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  {
+    HttpClient client(gw.port());
+    std::string body = stream_body("m-slow", false);
+    REQUIRE(client.send_raw("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
+                            "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+                            "\r\n\r\n" + body));
+    std::string got;
+    for (int i = 0; i < 100 && got.find("t2 ") == std::string::npos; ++i) got += client.read_some(100ms);
+    REQUIRE(got.find("t2 ") != std::string::npos);
+  }  // the client closes its connection here
+  // The slow answer would take 30 s; the fake sees its client go away long before.
+  std::int64_t disconnects = 0;
+  for (int i = 0; i < 150 && disconnects == 0; ++i) {
+    disconnects = fake.stats().at("disconnects").as_int64();
+    if (disconnects == 0) std::this_thread::sleep_for(100ms);
+  }
+  CHECK(disconnects == 1);
+  CHECK(wait_usage_rows(gw.db(), "model='m-slow' AND status=499 AND completion_tokens>=3 AND estimated=1", 1) == 1);
+}
+
+TEST_CASE("openai backend over TLS: verified with ca_file, refused without it, insecure_skip_verify warns",
+          "[e2e][openai][tls]") {
+  TempDir dir;
+  auto certs = make_test_certificates(dir);
+  FakeOpenAI fake(certs.cert, certs.key);
+  std::string url = "https://127.0.0.1:" + std::to_string(fake.port()) + "/v1";
+  std::string yaml = "backends:\n"
+                     "  - {name: verified, type: openai, base_url: '" + url + "', ca_file: '" + certs.ca + "'}\n"
+                     "  - {name: named, type: openai, base_url: 'https://localhost:" + std::to_string(fake.port()) +
+                     "/v1', ca_file: '" + certs.ca + "'}\n"
+                     "  - {name: untrusted, type: openai, base_url: '" + url + "'}\n"
+                     "  - {name: insecure, type: openai, base_url: '" + url + "', insecure_skip_verify: true}\n"
+                     "models:\n"
+                     "  - {name: verified, deployments: [{backend: verified, model: normal}]}\n"
+                     "  - {name: named, deployments: [{backend: named, model: normal}]}\n"
+                     "  - {name: untrusted, deployments: [{backend: untrusted, model: normal}]}\n"
+                     "  - {name: insecure, deployments: [{backend: insecure, model: normal}]}\n";
+  GatewayProcess gw(dir, with_config(yaml));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+
+  auto r = client.post("/v1/chat/completions", key, chat_body("verified", "hi"));
+  CHECK(r.status == 200);
+  CHECK(r.body.find("Hello from fake upstream") != std::string::npos);
+  r = client.post("/v1/chat/completions", key, stream_body("verified", true));
+  CHECK(r.status == 200);
+  auto s = parse_stream(r.body);
+  CHECK(s.text == "Hello from fake upstream");
+  REQUIRE(s.usage);
+  CHECK(s.usage->at("completion_tokens") == 5);
+  // A second call reuses the pooled TLS connection.
+  r = client.post("/v1/chat/completions", key, chat_body("verified", "again"));
+  CHECK(r.status == 200);
+
+  r = client.post("/v1/chat/completions", key, chat_body("named", "hi"));
+  CHECK(r.status == 200);
+
+  r = client.post("/v1/chat/completions", key, chat_body("untrusted", "hi"));
+  CHECK(r.status == 502);
+  CHECK(r.body.find("certificate verify failed") != std::string::npos);
+
+  r = client.post("/v1/chat/completions", key, chat_body("insecure", "hi"));
+  CHECK(r.status == 200);
+  auto log = gw.log();
+  CHECK(log.find("backend 'insecure': insecure_skip_verify is on") != std::string::npos);
+  CHECK(log.find("backend 'verified': insecure_skip_verify") == std::string::npos);
+}
+
+TEST_CASE("openai backend: Tollgate chained to a second Tollgate", "[e2e][openai][chain]") {
+  TempDir dir;
+  GatewayProcess inner(dir);  // the echo model
+  auto inner_key = create_key(inner.db(), "gateway-b");
+  wait_for_key(inner.port(), inner_key);
+  std::string yaml = "backends:\n"
+                     "  - name: inner\n"
+                     "    type: openai\n"
+                     "    base_url: http://127.0.0.1:" + std::to_string(inner.port()) + "/v1\n"
+                     "    api_key: ${PROVIDER_KEY}\n"
+                     "models:\n"
+                     "  - {name: relayed-echo, deployments: [{backend: inner, model: echo}]}\n";
+  GatewayProcess::Options options;
+  options.config_yaml = yaml;
+  options.env = {{"PROVIDER_KEY", inner_key}};
+  GatewayProcess outer(dir, options);
+  auto key = create_key(outer.db(), "alice");
+  wait_for_key(outer.port(), key);
+  HttpClient client(outer.port());
+
+  auto r = client.post("/v1/chat/completions", key, chat_body("relayed-echo", "one two three"));
+  REQUIRE(r.status == 200);
+  CHECK(r.json().at("model") == "relayed-echo");
+  CHECK(r.json().at("choices").at(0).at("message").at("content") == "one two three");
+  CHECK(r.json().at("usage").at("prompt_tokens") == 3);
+  CHECK(r.json().at("usage").at("completion_tokens") == 3);
+
+  r = client.post("/v1/completions", key,
+                  R"({"model":"relayed-echo","prompt":"a b c d e","max_tokens":4,"stream":true,)"
+                  R"("stream_options":{"include_usage":true}})");
+  REQUIRE(r.status == 200);
+  auto s = parse_stream(r.body, false);
+  CHECK(s.text == "a b c d");
+  CHECK(s.done);
+  REQUIRE(s.usage);
+  CHECK(s.usage->at("prompt_tokens") == 5);
+  CHECK(s.usage->at("completion_tokens") == 4);
+
+  r = client.post("/v1/chat/completions", key, stream_body("relayed-echo", false));
+  REQUIRE(r.status == 200);
+  s = parse_stream(r.body);
+  CHECK(s.text == "hi there");
+  CHECK_FALSE(s.usage);
+
+  // Both gateways meter the same, exact counts.
+  for (const auto* db : {&outer.db(), &inner.db()}) {
+    CHECK(wait_usage_rows(*db, "status=200 AND prompt_tokens=3 AND completion_tokens=3 AND estimated=0", 1) == 1);
+    CHECK(wait_usage_rows(*db, "status=200 AND prompt_tokens=5 AND completion_tokens=4 AND estimated=0", 1) == 1);
+    CHECK(wait_usage_rows(*db, "status=200 AND prompt_tokens=2 AND completion_tokens=2 AND estimated=0", 1) == 1);
+  }
+}
+
+TEST_CASE("openai backend config: unknown keys and bad URLs are refused by name", "[e2e][openai][config]") {
+  TempDir dir;
+  auto write = [&](const std::string& name, const std::string& backend) {
+    auto path = dir.file(name);
+    std::ofstream(path) << "backends:\n  - " << backend << "\nmodels: [{name: m, deployments: [{backend: b}]}]\n";
+    return path;
+  };
+  auto ok = run_tollgate({"config", "check",
+                          write("ok.yaml", "{name: b, type: openai, base_url: 'https://api.groq.com/openai/v1', "
+                                           "api_key: k, headers: {X-A: b}, timeouts: {connect: 1s, total: 5m}, "
+                                           "max_connections: 8, insecure_skip_verify: false}")});
+  CHECK(ok.exit_code == 0);
+  auto unknown = run_tollgate({"config", "check", write("unknown.yaml", "{name: b, type: openai, base_url: "
+                                                                        "'http://x/v1', api_keyy: k}")});
+  CHECK(unknown.exit_code != 0);
+  CHECK(unknown.err.find("api_keyy") != std::string::npos);
+  auto timeout = run_tollgate({"config", "check", write("timeout.yaml", "{name: b, type: openai, base_url: "
+                                                                        "'http://x/v1', timeouts: {firstbyte: 1s}}")});
+  CHECK(timeout.exit_code != 0);
+  CHECK(timeout.err.find("firstbyte") != std::string::npos);
+  auto scheme = run_tollgate({"config", "check", write("scheme.yaml", "{name: b, type: openai, base_url: 'ftp://x'}")});
+  CHECK(scheme.exit_code != 0);
+  CHECK(scheme.err.find("base_url") != std::string::npos);
+}
