@@ -142,7 +142,7 @@ std::string pattern_bytes(std::size_t size) {
 
 }  // namespace
 
-TEST_CASE("app paths need a key; the app sees who called, never the key", "[e2e][app_proxy]") {
+TEST_CASE("app paths need a key, and the app sees who called, never the key", "[e2e][app_proxy]") {
   FakeApp app;
   TempDir dir;
   GatewayProcess gw(dir, options(app_config(app.port())));

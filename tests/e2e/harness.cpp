@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sqlite3.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -54,6 +55,8 @@ int spawn(const std::vector<std::string>& args, const std::string& out_path, con
           const std::vector<std::pair<std::string, std::string>>& env, const std::string& cwd) {
   int pid = fork();
   if (pid != 0) return pid;
+  // A test that crashes must not leave a gateway behind.
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
   int out = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   int err = err_path == out_path ? out : open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   dup2(out, 1);

@@ -142,7 +142,7 @@ TEST_CASE("openai backend: completions with the upstream's exact usage, mapped m
                         3) == 3);
 }
 
-TEST_CASE("openai backend: Groq's x_groq.usage is exact; an upstream without usage is estimated",
+TEST_CASE("openai backend: Groq's x_groq.usage is exact, and an upstream without usage is estimated",
           "[e2e][openai]") {
   TempDir dir;
   FakeOpenAI fake;
