@@ -97,8 +97,7 @@ class Backend {
   virtual std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const = 0;
 
   // Starts the request; the sink may be called before start() returns.
-  virtual std::unique_ptr<CompletionHandle> start(CompletionRequest request,
-                                                  std::shared_ptr<CompletionSink> sink) = 0;
+  virtual std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) = 0;
 };
 
 }  // namespace tollgate::backends

@@ -131,8 +131,7 @@ class EchoBackend final : public Backend {
     return n;
   }
 
-  std::unique_ptr<CompletionHandle> start(CompletionRequest request,
-                                          std::shared_ptr<CompletionSink> sink) override {
+  std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
     auto reply = std::make_shared<Reply>();
     reply->sink = std::move(sink);
     reply->usage.prompt_tokens = estimate_prompt_tokens(request);
@@ -193,8 +192,6 @@ std::vector<std::string> echo_tokens(const std::string& text) {
   return tokens;
 }
 
-std::unique_ptr<Backend> make_echo_backend(const EchoConfig& config) {
-  return std::make_unique<EchoBackend>(config);
-}
+std::unique_ptr<Backend> make_echo_backend(const EchoConfig& config) { return std::make_unique<EchoBackend>(config); }
 
 }  // namespace tollgate::backends

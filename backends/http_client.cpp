@@ -1,9 +1,9 @@
 #include "backends/http_client.hpp"
 
-#include <boost/url/parse.hpp>
 #include <openssl/ssl.h>
 
 #include <algorithm>
+#include <boost/url/parse.hpp>
 
 namespace tollgate::backends {
 namespace {
@@ -115,8 +115,8 @@ void HttpClient::shutdown() {
 }
 
 net::awaitable<std::unique_ptr<UpstreamConnection>> HttpClient::acquire(SteadyClock::time_point deadline,
-                                                                       const std::atomic<bool>& cancelled,
-                                                                       ConnectFailure& failure) {
+                                                                        const std::atomic<bool>& cancelled,
+                                                                        ConnectFailure& failure) {
   net::steady_timer wait(ioc_);
   for (;;) {
     if (cancelled) {
@@ -144,7 +144,7 @@ net::awaitable<std::unique_ptr<UpstreamConnection>> HttpClient::acquire(SteadyCl
 }
 
 net::awaitable<std::unique_ptr<UpstreamConnection>> HttpClient::connect(SteadyClock::time_point deadline,
-                                                                       ConnectFailure& failure) {
+                                                                        ConnectFailure& failure) {
   auto conn = std::make_unique<UpstreamConnection>(*this, ioc_, tls_context_ ? &*tls_context_ : nullptr);
   auto now = SteadyClock::now();
   if (!address_ || address_->expires <= now) {

@@ -1,11 +1,10 @@
 #include "backends/http_upstream.hpp"
 
+#include <sys/socket.h>
+
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-
-#include <sys/socket.h>
-
 #include <cerrno>
 #include <optional>
 
@@ -239,35 +238,36 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
       conn->stream.expires_after(options_.idle_timeout);
       auto [ec, n] = co_await net::async_write(conn->stream, net::buffer(head), as_tuple);
       upstream_ec = ec;
-    } else do {
-      if (!rp.is_done()) {
-        req.body().data = buf.get();
-        req.body().size = kRelayChunk;
-        client.expires_after(how.client_read_timeout);
-        auto [ec, n] = co_await http::async_read(client, client_buffer, rp, as_tuple);
+    } else
+      do {
+        if (!rp.is_done()) {
+          req.body().data = buf.get();
+          req.body().size = kRelayChunk;
+          client.expires_after(how.client_read_timeout);
+          auto [ec, n] = co_await http::async_read(client, client_buffer, rp, as_tuple);
+          if (ec == http::error::need_buffer) ec = {};
+          if (ec) {
+            out.failure = AppOutcome::Failure::client_gone;
+            out.detail = "reading the request body: " + ec.message();
+            out.upstream_time = elapsed();
+            co_return out;
+          }
+          req.body().size = kRelayChunk - req.body().size;
+          req.body().data = buf.get();
+          req.body().more = !rp.is_done();
+        } else {
+          req.body().data = nullptr;
+          req.body().size = 0;
+          req.body().more = false;
+        }
+        conn->stream.expires_after(options_.idle_timeout);
+        auto [ec, n] = co_await http::async_write(conn->stream, sr, as_tuple);
         if (ec == http::error::need_buffer) ec = {};
         if (ec) {
-          out.failure = AppOutcome::Failure::client_gone;
-          out.detail = "reading the request body: " + ec.message();
-          out.upstream_time = elapsed();
-          co_return out;
+          upstream_ec = ec;
+          break;
         }
-        req.body().size = kRelayChunk - req.body().size;
-        req.body().data = buf.get();
-        req.body().more = !rp.is_done();
-      } else {
-        req.body().data = nullptr;
-        req.body().size = 0;
-        req.body().more = false;
-      }
-      conn->stream.expires_after(options_.idle_timeout);
-      auto [ec, n] = co_await http::async_write(conn->stream, sr, as_tuple);
-      if (ec == http::error::need_buffer) ec = {};
-      if (ec) {
-        upstream_ec = ec;
-        break;
-      }
-    } while (!rp.is_done() && !sr.is_done());
+      } while (!rp.is_done() && !sr.is_done());
     out.request_body_read = rp.is_done();
 
     // Response header: the app's first byte, past any interim 1xx.

@@ -10,7 +10,6 @@
 #include <boost/beast/http/fields.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
-
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -31,28 +30,28 @@ struct AppUpstreamOptions {
 
 // What the gateway decided about one proxied request.
 struct AppForward {
-  boost::beast::http::fields add_request_headers;   // set on the request, replacing any the client sent
-  boost::beast::http::fields add_response_headers;  // set on the response to the client
+  boost::beast::http::fields add_request_headers;          // set on the request, replacing any the client sent
+  boost::beast::http::fields add_response_headers;         // set on the response to the client
   std::chrono::milliseconds client_read_timeout{30'000};   // each read of the request body
   std::chrono::milliseconds client_write_timeout{60'000};  // each write to the client
-  bool client_keep_alive = true;  // the client may send another request afterwards
+  bool client_keep_alive = true;                           // the client may send another request afterwards
 };
 
 struct AppOutcome {
   enum class Failure {
     none,
-    unreachable,       // connect failed, or the app broke the exchange before answering: 502
-    timeout,           // connect, first byte or idle timeout before answering: 504
-    broken_response,   // the app answered, then failed mid-body: the client connection is cut
-    client_gone,       // the client vanished or stalled: nothing more can be sent
+    unreachable,      // connect failed, or the app broke the exchange before answering: 502
+    timeout,          // connect, first byte or idle timeout before answering: 504
+    broken_response,  // the app answered, then failed mid-body: the client connection is cut
+    client_gone,      // the client vanished or stalled: nothing more can be sent
   };
   Failure failure = Failure::none;
-  int status = 0;                    // what the client received (when response_started)
-  bool response_started = false;     // bytes of the app's response reached the client
-  bool request_body_read = false;    // the client's request was read to its end: framing kept
-  bool keep_client = false;          // the client connection can serve another request
+  int status = 0;                  // what the client received (when response_started)
+  bool response_started = false;   // bytes of the app's response reached the client
+  bool request_body_read = false;  // the client's request was read to its end: framing kept
+  bool keep_client = false;        // the client connection can serve another request
   std::chrono::microseconds upstream_time{0};
-  std::string detail;                // for logs and error messages
+  std::string detail;  // for logs and error messages
 };
 
 // One per gateway. Each io thread gets its own pool, so sessions (which never
@@ -70,10 +69,9 @@ class AppUpstream {
   // Streams the request whose headers `parser` holds (its body still unread,
   // partly in `client_buffer`) to the app and the app's answer back to
   // `client`. Hop-by-hop headers are removed both ways and bodies re-framed.
-  boost::asio::awaitable<AppOutcome> forward(boost::beast::tcp_stream& client,
-                                             boost::beast::flat_buffer& client_buffer,
-                                             boost::beast::http::request_parser<boost::beast::http::string_body>& parser,
-                                             const AppForward& how);
+  boost::asio::awaitable<AppOutcome> forward(
+      boost::beast::tcp_stream& client, boost::beast::flat_buffer& client_buffer,
+      boost::beast::http::request_parser<boost::beast::http::string_body>& parser, const AppForward& how);
 
  private:
   struct Pool;

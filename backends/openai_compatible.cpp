@@ -1,7 +1,6 @@
 #include "backends/openai_compatible.hpp"
 
 #include <boost/json.hpp>
-
 #include <iostream>
 #include <stdexcept>
 #include <thread>
@@ -136,8 +135,8 @@ BackendError status_error(int status, const std::string& body, std::string_view 
   if (status == 429) return {ErrorKind::rate_limited, prefix + message, parse_retry_after(retry_after)};
   if (status == 401 || status == 403) {
     // Our credentials, not the client's: the upstream's text may quote the key.
-    return {ErrorKind::upstream_failed, "the upstream refused the gateway's credentials (" + std::to_string(status) + ")",
-            std::nullopt};
+    return {ErrorKind::upstream_failed,
+            "the upstream refused the gateway's credentials (" + std::to_string(status) + ")", std::nullopt};
   }
   if (status == 404) return {ErrorKind::not_found, prefix + message, std::nullopt};
   if (status == 408) return {ErrorKind::timeout, prefix + message, std::nullopt};

@@ -21,10 +21,10 @@ struct OpenAICompatibleConfig {
   std::string base_url;  // http(s)://host[:port]/path, e.g. https://api.groq.com/openai/v1
   std::string api_key;   // sent as a bearer token; never logged, never returned
   std::vector<std::pair<std::string, std::string>> headers;  // added to every upstream request
-  std::chrono::milliseconds connect_timeout{10'000};    // DNS, TCP and TLS
-  std::chrono::milliseconds first_byte_timeout{60'000};  // request sent to response headers
-  std::chrono::milliseconds idle_timeout{60'000};        // between two reads of the body
-  std::chrono::milliseconds total_timeout{600'000};      // the whole call
+  std::chrono::milliseconds connect_timeout{10'000};         // DNS, TCP and TLS
+  std::chrono::milliseconds first_byte_timeout{60'000};      // request sent to response headers
+  std::chrono::milliseconds idle_timeout{60'000};            // between two reads of the body
+  std::chrono::milliseconds total_timeout{600'000};          // the whole call
   std::size_t max_connections = 64;
   std::string ca_file;
   bool insecure_skip_verify = false;

@@ -88,9 +88,7 @@ std::vector<const Deployment*> Router::plan(const std::string& model) const {
   return healthy;
 }
 
-void Router::record_success(const Deployment& deployment) const {
-  deployment.health->consecutive_failures.store(0);
-}
+void Router::record_success(const Deployment& deployment) const { deployment.health->consecutive_failures.store(0); }
 
 void Router::record_failure(const Deployment& deployment) const {
   if (deployment.health->consecutive_failures.fetch_add(1) + 1 >= policy_.failures_to_cool) {

@@ -37,7 +37,7 @@ struct Route {
 };
 
 struct HealthPolicy {
-  int failures_to_cool = 3;                 // consecutive failures that start a cooldown
+  int failures_to_cool = 3;  // consecutive failures that start a cooldown
   std::chrono::milliseconds cooldown{30'000};
 };
 

@@ -3,7 +3,6 @@
 #include <boost/json.hpp>
 #include <boost/url/parse.hpp>
 #include <boost/url/url_view.hpp>
-
 #include <cctype>
 
 #include "gateway/http_error.hpp"
@@ -77,11 +76,13 @@ std::vector<std::string> split_path(std::string_view path) {
 AdminResponse create_key_from_json(metering::Store& store, const json::object& o) {
   KeyRequest request;
   const json::value* user = o.if_contains("user");
-  if (!user || !user->is_string()) return error(bad_request("'user' is required", "user", "missing_required_parameter"));
+  if (!user || !user->is_string())
+    return error(bad_request("'user' is required", "user", "missing_required_parameter"));
   request.user = user->get_string();
   if (auto e = read_limits(o, request.limits)) return error(*e);
   if (const json::value* models = o.if_contains("models"); models && !models->is_null()) {
-    if (!models->is_array()) return error(bad_request("'models' must be an array of strings", "models", "invalid_type"));
+    if (!models->is_array())
+      return error(bad_request("'models' must be an array of strings", "models", "invalid_type"));
     for (const auto& m : models->get_array()) {
       if (!m.is_string()) return error(bad_request("'models' must be an array of strings", "models", "invalid_type"));
       request.models.emplace_back(m.get_string());
@@ -89,11 +90,12 @@ AdminResponse create_key_from_json(metering::Store& store, const json::object& o
   }
   if (const json::value* expires = o.if_contains("expires_at"); expires && !expires->is_null()) {
     std::optional<metering::EpochMs> t;
-    if (expires->is_string()) t = metering::parse_utc_time(expires->get_string());
-    else if (expires->is_int64()) t = expires->get_int64() * 1000;
+    if (expires->is_string())
+      t = metering::parse_utc_time(expires->get_string());
+    else if (expires->is_int64())
+      t = expires->get_int64() * 1000;
     if (!t) {
-      return error(bad_request("'expires_at' must be a date (YYYY-MM-DD[THH:MM[:SS]]Z) or Unix seconds",
-                               "expires_at"));
+      return error(bad_request("'expires_at' must be a date (YYYY-MM-DD[THH:MM[:SS]]Z) or Unix seconds", "expires_at"));
     }
     request.expires_at = t;
   }
@@ -138,8 +140,8 @@ CreatedKey create_key(metering::Store& store, const KeyRequest& request) {
     if (model.empty()) throw metering::StoreError("model names must not be empty");
   }
   auto generated = metering::generate_api_key();
-  metering::NewKey key{request.user, generated.prefix, generated.sha256_hex, request.expires_at, request.models,
-                       request.limits};
+  metering::NewKey key{request.user,       generated.prefix, generated.sha256_hex,
+                       request.expires_at, request.models,   request.limits};
   return {generated.plaintext, store.insert_key(key)};
 }
 
@@ -163,7 +165,9 @@ json::object key_json(const metering::ApiKey& key) {
 }
 
 json::object user_json(const metering::User& user) {
-  return {{"id", user.id}, {"name", user.name}, {"created_at", user.created_at / 1000},
+  return {{"id", user.id},
+          {"name", user.name},
+          {"created_at", user.created_at / 1000},
           {"limits", limits_json(user.limits)}};
 }
 

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <boost/json/object.hpp>
-
 #include <optional>
 #include <string>
 #include <string_view>
@@ -37,7 +36,7 @@ boost::json::object usage_row_json(const metering::UsageRow& row);
 
 struct AdminResponse {
   int status = 200;
-  std::string body;   // JSON
+  std::string body;           // JSON
   bool keys_changed = false;  // the caller refreshes its key cache
 };
 

@@ -1,8 +1,7 @@
 #include "gateway/cli.hpp"
 
-#include <boost/json.hpp>
-
 #include <algorithm>
+#include <boost/json.hpp>
 #include <charconv>
 #include <cstdio>
 #include <iomanip>
@@ -186,8 +185,8 @@ int keys_list(Args& args) {
   auto db = database_path(args);
   args.finish();
   auto store = metering::open_sqlite_store(db);
-  std::printf("%-14s %-20s %-10s %-10s %-10s %-20s %s\n", "PREFIX", "USER", "CREATED", "EXPIRES", "REVOKED",
-              "MODELS", "LIMITS");
+  std::printf("%-14s %-20s %-10s %-10s %-10s %-20s %s\n", "PREFIX", "USER", "CREATED", "EXPIRES", "REVOKED", "MODELS",
+              "LIMITS");
   for (const auto& k : store->list_keys(user ? std::optional<std::string_view>(*user) : std::nullopt)) {
     std::string models;
     for (const auto& m : k.models) models += (models.empty() ? "" : ",") + m;

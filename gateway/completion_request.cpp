@@ -1,8 +1,7 @@
 #include "gateway/completion_request.hpp"
 
-#include <boost/json.hpp>
-
 #include <algorithm>
+#include <boost/json.hpp>
 #include <cmath>
 #include <sstream>
 
@@ -15,8 +14,7 @@ constexpr std::size_t kMaxStopSequences = 4;
 
 using Result = std::variant<ParsedCompletion, ApiError>;
 
-std::optional<ApiError> read_number(const json::object& o, const char* name, double min, double max,
-                                    double& out) {
+std::optional<ApiError> read_number(const json::object& o, const char* name, double min, double max, double& out) {
   auto it = o.find(name);
   if (it == o.end() || it->value().is_null()) return std::nullopt;
   const auto& v = it->value();
@@ -57,8 +55,8 @@ std::optional<ApiError> read_content(const json::value& v, const std::string& pa
         return bad_request("each content part must be an object with a 'type'", param, "invalid_type");
       }
       if (type->get_string() != "text") {
-        return bad_request("content parts of type '" + std::string(type->get_string()) + "' are not supported",
-                           param, "unsupported_content");
+        return bad_request("content parts of type '" + std::string(type->get_string()) + "' are not supported", param,
+                           "unsupported_content");
       }
       const json::value* text = p->if_contains("text");
       if (!text || !text->is_string()) return bad_request("a text part needs a string 'text'", param, "invalid_type");
@@ -118,8 +116,9 @@ std::optional<ApiError> read_prompt(const json::object& o, backends::CompletionR
       r.prompt = a[0].get_string();
       return std::nullopt;
     }
-    return bad_request("'prompt' must be a string or an array of one string (batches and token arrays are not supported)",
-                       "prompt", "unsupported_value");
+    return bad_request(
+        "'prompt' must be a string or an array of one string (batches and token arrays are not supported)", "prompt",
+        "unsupported_value");
   }
   return bad_request("'prompt' must be a string", "prompt", "invalid_type");
 }
@@ -208,9 +207,12 @@ Result parse_completion_request(std::string_view body, bool chat) {
     if (n->to_number<double>() != 1.0) return bad_request("only n = 1 is supported", "n", "unsupported_value");
   }
   if (const json::value* seed = o->if_contains("seed"); seed && !seed->is_null()) {
-    if (seed->is_int64()) r.seed = static_cast<std::uint64_t>(seed->get_int64());
-    else if (seed->is_uint64()) r.seed = seed->get_uint64();
-    else return bad_request("'seed' must be an integer", "seed", "invalid_type");
+    if (seed->is_int64())
+      r.seed = static_cast<std::uint64_t>(seed->get_int64());
+    else if (seed->is_uint64())
+      r.seed = seed->get_uint64();
+    else
+      return bad_request("'seed' must be an integer", "seed", "invalid_type");
   }
   if (const json::value* so = o->if_contains("stream_options"); so && !so->is_null()) {
     if (!so->is_object()) return bad_request("'stream_options' must be an object", "stream_options", "invalid_type");

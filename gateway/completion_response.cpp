@@ -1,8 +1,8 @@
 #include "gateway/completion_response.hpp"
 
-#include <boost/json.hpp>
 #include <openssl/rand.h>
 
+#include <boost/json.hpp>
 #include <chrono>
 
 namespace tollgate::gateway {
@@ -33,8 +33,7 @@ CompletionFormatter::CompletionFormatter(bool chat, std::string model, bool incl
       model_(std::move(model)),
       include_usage_(include_usage),
       id_(random_id(chat ? "chatcmpl-" : "cmpl-")),
-      created_(std::chrono::duration_cast<std::chrono::seconds>(
-                   std::chrono::system_clock::now().time_since_epoch())
+      created_(std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
                    .count()) {}
 
 std::string CompletionFormatter::chunk(std::string_view text, const char* finish_reason, bool with_role) const {

@@ -27,8 +27,7 @@ class CompletionFormatter {
   static std::string done_event() { return "data: [DONE]\n\n"; }
 
   // The whole non-streaming response.
-  std::string full_response(std::string_view text, std::string_view finish_reason,
-                            const backends::Usage& usage) const;
+  std::string full_response(std::string_view text, std::string_view finish_reason, const backends::Usage& usage) const;
 
  private:
   std::string chunk(std::string_view text, const char* finish_reason, bool with_role) const;

@@ -28,8 +28,7 @@ class Reader {
     throw ConfigError(source_ + ": " + (path.empty() ? "" : path + ": ") + what);
   }
 
-  void expect_map(const YAML::Node& node, const std::string& path,
-                  const std::set<std::string>& allowed) const {
+  void expect_map(const YAML::Node& node, const std::string& path, const std::set<std::string>& allowed) const {
     if (!node.IsMap()) fail(path, "expected a mapping");
     for (const auto& entry : node) {
       auto key = entry.first.as<std::string>();
@@ -52,8 +51,7 @@ class Reader {
     return s;
   }
 
-  std::int64_t integer(const YAML::Node& node, const std::string& path, std::int64_t min,
-                       std::int64_t max) const {
+  std::int64_t integer(const YAML::Node& node, const std::string& path, std::int64_t min, std::int64_t max) const {
     auto s = scalar(node, path);
     std::int64_t v = 0;
     auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
@@ -91,8 +89,8 @@ class Reader {
 
 ServerLimits read_limits(const Reader& r, const YAML::Node& node, const std::string& path) {
   r.expect_map(node, path,
-               {"max_body", "max_header", "header_timeout", "body_timeout", "idle_timeout",
-                "shutdown_grace", "max_connections"});
+               {"max_body", "max_header", "header_timeout", "body_timeout", "idle_timeout", "shutdown_grace",
+                "max_connections"});
   ServerLimits limits;
   if (auto n = node["max_body"]) limits.max_body = r.size(n, child_path(path, "max_body"));
   if (auto n = node["max_header"]) limits.max_header = r.size(n, child_path(path, "max_header"));
@@ -128,8 +126,9 @@ BackendConfig read_backend(const Reader& r, const YAML::Node& node, const std::s
     r.expect_map(node, path, {"name", "type", "token_delay"});
     if (auto n = node["token_delay"]) b.token_delay = r.duration(n, child_path(path, "token_delay"));
   } else if (b.type == "openai") {
-    r.expect_map(node, path, {"name", "type", "base_url", "api_key", "headers", "timeouts", "max_connections",
-                              "ca_file", "insecure_skip_verify"});
+    r.expect_map(node, path,
+                 {"name", "type", "base_url", "api_key", "headers", "timeouts", "max_connections", "ca_file",
+                  "insecure_skip_verify"});
     if (!node["base_url"]) r.fail(path, "missing key 'base_url'");
     b.base_url = r.string(node["base_url"], child_path(path, "base_url"));
     if (!b.base_url.starts_with("http://") && !b.base_url.starts_with("https://")) {
@@ -197,7 +196,8 @@ ModelConfig read_model(const Reader& r, const YAML::Node& node, const std::strin
     DeploymentConfig dep;
     dep.backend = r.string(d["backend"], child_path(dpath, "backend"));
     dep.model = d["model"] ? r.string(d["model"], child_path(dpath, "model")) : m.name;
-    if (auto n = d["weight"]) dep.weight = static_cast<std::uint32_t>(r.integer(n, child_path(dpath, "weight"), 1, 1'000'000));
+    if (auto n = d["weight"])
+      dep.weight = static_cast<std::uint32_t>(r.integer(n, child_path(dpath, "weight"), 1, 1'000'000));
     m.deployments.push_back(std::move(dep));
   }
   return m;
@@ -296,11 +296,16 @@ std::optional<std::chrono::milliseconds> parse_duration(const std::string& text)
   if (ec != std::errc() || !std::isfinite(value) || value < 0) return std::nullopt;
   std::string unit(end, text.data() + text.size());
   double ms = 0;
-  if (unit == "ms") ms = value;
-  else if (unit == "s") ms = value * 1000;
-  else if (unit == "m") ms = value * 60'000;
-  else if (unit == "h") ms = value * 3'600'000;
-  else return std::nullopt;
+  if (unit == "ms")
+    ms = value;
+  else if (unit == "s")
+    ms = value * 1000;
+  else if (unit == "m")
+    ms = value * 60'000;
+  else if (unit == "h")
+    ms = value * 3'600'000;
+  else
+    return std::nullopt;
   // Capped at ~30 years, well before nanosecond timers overflow (~292 years).
   if (ms > 1e12) return std::nullopt;
   return std::chrono::milliseconds(static_cast<std::int64_t>(ms));
@@ -312,14 +317,22 @@ std::optional<std::size_t> parse_size(const std::string& text) {
   if (ec != std::errc()) return std::nullopt;
   std::string unit(end, text.data() + text.size());
   std::uint64_t mult = 0;
-  if (unit.empty() || unit == "B") mult = 1;
-  else if (unit == "KiB") mult = 1024;
-  else if (unit == "MiB") mult = 1024 * 1024;
-  else if (unit == "GiB") mult = 1024ull * 1024 * 1024;
-  else if (unit == "KB" || unit == "kB") mult = 1000;
-  else if (unit == "MB") mult = 1000 * 1000;
-  else if (unit == "GB") mult = 1000ull * 1000 * 1000;
-  else return std::nullopt;
+  if (unit.empty() || unit == "B")
+    mult = 1;
+  else if (unit == "KiB")
+    mult = 1024;
+  else if (unit == "MiB")
+    mult = 1024 * 1024;
+  else if (unit == "GiB")
+    mult = 1024ull * 1024 * 1024;
+  else if (unit == "KB" || unit == "kB")
+    mult = 1000;
+  else if (unit == "MB")
+    mult = 1000 * 1000;
+  else if (unit == "GB")
+    mult = 1000ull * 1000 * 1000;
+  else
+    return std::nullopt;
   if (value > std::numeric_limits<std::size_t>::max() / mult) return std::nullopt;  // would wrap around
   return static_cast<std::size_t>(value * mult);
 }
@@ -349,8 +362,9 @@ Config parse_config(const std::string& yaml_text, const std::string& source) {
   Reader r(source);
   Config c;
   if (root.IsNull()) return c;
-  r.expect_map(root, "", {"listen", "database", "io_threads", "limits", "metering", "backends", "models", "routing",
-                           "app_upstream", "app_timeouts", "public_paths", "trusted_proxies"});
+  r.expect_map(root, "",
+               {"listen", "database", "io_threads", "limits", "metering", "backends", "models", "routing",
+                "app_upstream", "app_timeouts", "public_paths", "trusted_proxies"});
   if (auto n = root["listen"]) {
     auto s = r.scalar(n, "listen");
     auto a = parse_listen(s);

@@ -22,8 +22,8 @@ struct ListenAddress {
 };
 
 struct ServerLimits {
-  std::size_t max_body = 4 * 1024 * 1024;  // 413 past it
-  std::size_t max_header = 16 * 1024;      // 431 past it
+  std::size_t max_body = 4 * 1024 * 1024;            // 413 past it
+  std::size_t max_header = 16 * 1024;                // 431 past it
   std::chrono::milliseconds header_timeout{10'000};  // first byte to end of headers
   std::chrono::milliseconds body_timeout{30'000};    // end of headers to end of body
   std::chrono::milliseconds idle_timeout{60'000};    // keep-alive wait, and each write to a client
@@ -40,7 +40,7 @@ struct MeteringConfig {
 
 struct BackendConfig {
   std::string name;
-  std::string type;  // "echo" or "openai"
+  std::string type;                          // "echo" or "openai"
   std::chrono::milliseconds token_delay{0};  // echo
   // openai: a remote OpenAI-compatible API.
   std::string base_url;
@@ -57,7 +57,7 @@ struct BackendConfig {
 
 struct DeploymentConfig {
   std::string backend;
-  std::string model;  // the backend's name for it; defaults to the public name
+  std::string model;         // the backend's name for it; defaults to the public name
   std::uint32_t weight = 1;  // share of traffic under the weighted strategy
 };
 

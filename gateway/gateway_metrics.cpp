@@ -21,25 +21,22 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
                               {"direction", "model", "backend"})),
       quota_rejections(registry.counter("tollgate_quota_rejections_total",
                                         "Requests refused with 429 by a quota or rate limit.", {"limit"})),
-      auth_failures(registry.counter("tollgate_auth_failures_total", "Requests refused with 401 or 403.",
-                                     {"reason"})),
+      auth_failures(registry.counter("tollgate_auth_failures_total", "Requests refused with 401 or 403.", {"reason"})),
       in_flight(registry.gauge("tollgate_http_requests_in_flight", "Requests being handled now.").labels({})),
       open_connections(registry.gauge("tollgate_http_connections_open", "Client connections open now.").labels({})),
       rejected_connections(registry
                                .counter("tollgate_http_connections_rejected_total",
                                         "Connections closed at accept because max_connections was reached.")
                                .labels({})),
-      metering_queue_depth(registry
-                               .gauge("tollgate_metering_queue_depth",
-                                      "Usage events waiting for the writer thread.")
-                               .labels({})),
+      metering_queue_depth(
+          registry.gauge("tollgate_metering_queue_depth", "Usage events waiting for the writer thread.").labels({})),
       metering_flush_duration(registry
                                   .histogram("tollgate_metering_flush_duration_seconds",
                                              "Time to commit one batch of usage events to SQLite.", {},
                                              metering::latency_buckets())
                                   .labels({})),
-      metering_rows(registry.counter("tollgate_metering_rows_written_total", "Usage events committed to SQLite.")
-                        .labels({})),
+      metering_rows(
+          registry.counter("tollgate_metering_rows_written_total", "Usage events committed to SQLite.").labels({})),
       user_requests(registry.counter("tollgate_user_requests_total",
                                      "Requests per user (only when metering.per_user_metrics is on).", {"user"})),
       user_tokens(registry.counter("tollgate_user_tokens_total",
@@ -56,8 +53,8 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
 }
 
 std::string_view route_label(std::string_view path) {
-  for (std::string_view known : {"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz",
-                                 "/metrics"}) {
+  for (std::string_view known :
+       {"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics"}) {
     if (path == known) return known;
   }
   if (path.starts_with("/admin/")) return "/admin";

@@ -14,21 +14,21 @@ struct GatewayMetrics {
   metering::Registry registry;
   bool per_user;
 
-  metering::Family<metering::Counter>& requests;            // route, status
-  metering::Family<metering::Histogram>& request_duration;  // route
-  metering::Histogram& gateway_overhead;                    // time not spent in a backend
+  metering::Family<metering::Counter>& requests;               // route, status
+  metering::Family<metering::Histogram>& request_duration;     // route
+  metering::Histogram& gateway_overhead;                       // time not spent in a backend
   metering::Family<metering::Histogram>& time_to_first_token;  // model, backend
-  metering::Family<metering::Counter>& tokens;              // direction, model, backend
-  metering::Family<metering::Counter>& quota_rejections;    // limit
-  metering::Family<metering::Counter>& auth_failures;       // reason
+  metering::Family<metering::Counter>& tokens;                 // direction, model, backend
+  metering::Family<metering::Counter>& quota_rejections;       // limit
+  metering::Family<metering::Counter>& auth_failures;          // reason
   metering::Gauge& in_flight;
   metering::Gauge& open_connections;
   metering::Counter& rejected_connections;
   metering::Gauge& metering_queue_depth;
   metering::Histogram& metering_flush_duration;
   metering::Counter& metering_rows;
-  metering::Family<metering::Counter>& user_requests;  // user (only when per_user)
-  metering::Family<metering::Counter>& user_tokens;    // user, direction (only when per_user)
+  metering::Family<metering::Counter>& user_requests;       // user (only when per_user)
+  metering::Family<metering::Counter>& user_tokens;         // user, direction (only when per_user)
   metering::Family<metering::Counter>& backend_errors;      // backend, kind
   metering::Family<metering::Histogram>& backend_duration;  // backend
 };

@@ -1,12 +1,11 @@
 #include "gateway/server.hpp"
 
+#include <atomic>
 #include <boost/asio.hpp>
 #include <boost/asio/experimental/concurrent_channel.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/json.hpp>
-
-#include <atomic>
 #include <deque>
 #include <iostream>
 #include <list>
@@ -139,9 +138,8 @@ Response error_response(const Request& req, const ApiError& e) {
 
 // Paths the gateway answers itself; with an app upstream, every other path goes there.
 bool gateway_owns(std::string_view path) {
-  return path == "/v1/chat/completions" || path == "/v1/completions" || path == "/v1/models" ||
-         path == "/healthz" || path == "/readyz" || path == "/metrics" || path == "/admin" ||
-         path.starts_with("/admin/");
+  return path == "/v1/chat/completions" || path == "/v1/completions" || path == "/v1/models" || path == "/healthz" ||
+         path == "/readyz" || path == "/metrics" || path == "/admin" || path.starts_with("/admin/");
 }
 
 // Public paths match literally (or by prefix when the pattern ends in '*').
@@ -179,13 +177,20 @@ bool retryable(backends::ErrorKind kind) {
 std::string error_kind_label(backends::ErrorKind kind) {
   using backends::ErrorKind;
   switch (kind) {
-    case ErrorKind::bad_request: return "bad_request";
-    case ErrorKind::not_found: return "not_found";
-    case ErrorKind::overloaded: return "overloaded";
-    case ErrorKind::upstream_failed: return "upstream_failed";
-    case ErrorKind::timeout: return "timeout";
-    case ErrorKind::rate_limited: return "rate_limited";
-    case ErrorKind::internal: break;
+    case ErrorKind::bad_request:
+      return "bad_request";
+    case ErrorKind::not_found:
+      return "not_found";
+    case ErrorKind::overloaded:
+      return "overloaded";
+    case ErrorKind::upstream_failed:
+      return "upstream_failed";
+    case ErrorKind::timeout:
+      return "timeout";
+    case ErrorKind::rate_limited:
+      return "rate_limited";
+    case ErrorKind::internal:
+      break;
   }
   return "internal";
 }
@@ -320,7 +325,7 @@ class Session {
   Gateway& gw_;
   std::shared_ptr<Connection> conn_;
   beast::flat_buffer buffer_;
-  bool close_after_ = false;  // the request's body was not read: framing is lost
+  bool close_after_ = false;              // the request's body was not read: framing is lost
   std::optional<net::ip::address> peer_;  // the client's address, looked up once
 };
 
@@ -360,7 +365,8 @@ awaitable<bool> Session::write(Response res) {
 awaitable<bool> Session::respond_error(const Request& req, Exchange& x, const ApiError& e, bool close) {
   if (close) close_after_ = true;
   auto res = error_response(req, e);
-  if (x.caller) set_rate_limit_headers(res, x.admission ? x.admission->status : gw_.quotas.status(x.subject(), metering::now_ms()));
+  if (x.caller)
+    set_rate_limit_headers(res, x.admission ? x.admission->status : gw_.quotas.status(x.subject(), metering::now_ms()));
   x.finish(e.status);
   co_return co_await write(std::move(res));
 }
@@ -405,8 +411,12 @@ awaitable<bool> Session::read_body(http::request_parser<http::string_body>& pars
   auto [ec, n] = co_await http::async_read(stream(), buffer_, parser, as_tuple);
   if (ec == http::error::body_limit) {
     // g++ 12 destroys a braced temporary inside a co_await twice: name it first.
-    ApiError too_large{413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
-                       "invalid_request_error", std::nullopt, "request_too_large", {}};
+    ApiError too_large{413,
+                       "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
+                       "invalid_request_error",
+                       std::nullopt,
+                       "request_too_large",
+                       {}};
     co_await respond_error(req, x, too_large, true);
     co_return false;
   }
@@ -473,8 +483,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
   creq.user = x.caller->key.user_name;
 
   std::int64_t prompt_estimate = plan.front()->backend->estimate_prompt_tokens(creq);
-  std::int64_t reserve = prompt_estimate +
-                         creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
+  std::int64_t reserve = prompt_estimate + creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
   x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
   if (!x.admission->allowed) {
     auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
@@ -483,8 +492,8 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
 
   CompletionFormatter format(chat, creq.model, completion.include_usage);
   bool stream_mode = creq.stream;
-  std::string text;             // non-streaming: the whole reply
-  std::int64_t deltas = 0;      // what reached the client, should the backend never report usage
+  std::string text;         // non-streaming: the whole reply
+  std::int64_t deltas = 0;  // what reached the client, should the backend never report usage
   bool headers_sent = false;
   std::optional<http::response_serializer<http::empty_body>> serializer;
   http::response<http::empty_body> stream_head{http::status::ok, req.version()};
@@ -512,101 +521,104 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
   // Deployments are tried in the plan's order until one answers; a retryable
   // failure moves on only while nothing has reached the client.
   for (std::size_t attempt = 0;; ++attempt) {
-  const backends::Deployment& deployment = *plan[attempt];
-  backends::InFlight in_flight(deployment);
-  auto* backend = deployment.backend;
-  x.event.backend = backend->name();
-  backends::CompletionRequest attempt_request = creq;
-  attempt_request.upstream_model = deployment.upstream_model;
-  auto sink = std::make_shared<SessionSink>(stream().get_executor());
-  auto backend_started = SteadyClock::now();
-  std::unique_ptr<backends::CompletionHandle> handle;
-  try {
-    handle = backend->start(std::move(attempt_request), sink);
-  } catch (const std::exception& e) {
-    // A backend bug must not take the connection down with an unmetered request.
-    std::cerr << "tollgate: backend " << x.event.backend << " failed to start: " << e.what() << "\n";
-  }
-  if (!handle) {
-    auto failed = from_backend({backends::ErrorKind::internal, "the backend failed", {}});
-    co_return co_await respond_error(req, x, failed);
-  }
-  bool retry = false;
-  while (!retry) {
-    auto events = co_await sink->next();
-    for (auto& ev : events) {
-      switch (ev.type) {
-        case backends::CompletionEvent::Type::delta:
-          // Kept current so a request cut short (disconnect, forced shutdown)
-          // is metered with what it produced.
-          x.event.prompt_tokens = prompt_estimate;
-          x.event.completion_tokens = deltas + 1;
-          x.event.estimated = true;
-          if (deltas++ == 0 && stream_mode) {
-            x.event.ttft_us = micros_since(x.started);
-            gw_.metrics.time_to_first_token.labels({x.event.model, x.event.backend})
-                .observe(static_cast<double>(*x.event.ttft_us) / 1e6);
+    const backends::Deployment& deployment = *plan[attempt];
+    backends::InFlight in_flight(deployment);
+    auto* backend = deployment.backend;
+    x.event.backend = backend->name();
+    backends::CompletionRequest attempt_request = creq;
+    attempt_request.upstream_model = deployment.upstream_model;
+    auto sink = std::make_shared<SessionSink>(stream().get_executor());
+    auto backend_started = SteadyClock::now();
+    std::unique_ptr<backends::CompletionHandle> handle;
+    try {
+      handle = backend->start(std::move(attempt_request), sink);
+    } catch (const std::exception& e) {
+      // A backend bug must not take the connection down with an unmetered request.
+      std::cerr << "tollgate: backend " << x.event.backend << " failed to start: " << e.what() << "\n";
+    }
+    if (!handle) {
+      auto failed = from_backend({backends::ErrorKind::internal, "the backend failed", {}});
+      co_return co_await respond_error(req, x, failed);
+    }
+    bool retry = false;
+    while (!retry) {
+      auto events = co_await sink->next();
+      for (auto& ev : events) {
+        switch (ev.type) {
+          case backends::CompletionEvent::Type::delta:
+            // Kept current so a request cut short (disconnect, forced shutdown)
+            // is metered with what it produced.
+            x.event.prompt_tokens = prompt_estimate;
+            x.event.completion_tokens = deltas + 1;
+            x.event.estimated = true;
+            if (deltas++ == 0 && stream_mode) {
+              x.event.ttft_us = micros_since(x.started);
+              gw_.metrics.time_to_first_token.labels({x.event.model, x.event.backend})
+                  .observe(static_cast<double>(*x.event.ttft_us) / 1e6);
+            }
+            if (!stream_mode) {
+              text += ev.text;
+            } else if (!co_await send_chunk(format.delta_event(ev.text))) {
+              handle->cancel();
+              x.backend_time =
+                  std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
+              x.finish(499);  // the client went away mid-stream
+              co_return false;
+            }
+            break;
+          case backends::CompletionEvent::Type::done: {
+            x.backend_time =
+                std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
+            gw_.metrics.backend_duration.labels({x.event.backend}).observe(seconds_since(backend_started));
+            gw_.router.record_success(deployment);
+            x.event.prompt_tokens = ev.usage.prompt_tokens;
+            x.event.completion_tokens = ev.usage.completion_tokens;
+            x.event.estimated = ev.usage.estimated;
+            if (!stream_mode) {
+              auto res = make_response(req, http::status::ok, format.full_response(text, ev.finish_reason, ev.usage));
+              set_rate_limit_headers(res, x.admission->status);
+              x.finish(200);
+              co_return co_await write(std::move(res));
+            }
+            std::string tail = format.finish_event(ev.finish_reason);
+            if (completion.include_usage) tail += format.usage_event(ev.usage);
+            tail += CompletionFormatter::done_event();
+            bool ok = co_await send_chunk(std::move(tail));
+            x.finish(ok ? 200 : 499);
+            if (!ok) co_return false;
+            stream().expires_after(limits().idle_timeout);
+            auto [ec, n] = co_await net::async_write(stream(), http::make_chunk_last(), as_tuple);
+            co_return !ec && stream_head.keep_alive() && !close_after_;
           }
-          if (!stream_mode) {
-            text += ev.text;
-          } else if (!co_await send_chunk(format.delta_event(ev.text))) {
-            handle->cancel();
-            x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
-            x.finish(499);  // the client went away mid-stream
+          case backends::CompletionEvent::Type::error: {
+            x.backend_time =
+                std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
+            gw_.metrics.backend_duration.labels({x.event.backend}).observe(seconds_since(backend_started));
+            gw_.metrics.backend_errors.labels({x.event.backend, error_kind_label(ev.error.kind)}).inc();
+            if (retryable(ev.error.kind)) gw_.router.record_failure(deployment);
+            if (retryable(ev.error.kind) && deltas == 0 && attempt + 1 < plan.size()) {
+              // Nothing reached the client: back off a little, then the next deployment.
+              net::steady_timer backoff(stream().get_executor());
+              backoff.expires_after(std::chrono::milliseconds(std::min<std::int64_t>(1000, 50LL << attempt)));
+              co_await backoff.async_wait(as_tuple);
+              retry = true;
+              break;
+            }
+            x.event.prompt_tokens = ev.usage.prompt_tokens;
+            x.event.completion_tokens = ev.usage.completion_tokens;
+            x.event.estimated = ev.usage.estimated;
+            auto api_error = from_backend(ev.error);
+            if (!headers_sent) co_return co_await respond_error(req, x, api_error);
+            // Mid-stream: the status is already 200; an error event tells the client.
+            bool ok = co_await send_chunk(format.error_event(api_error));
+            x.finish(api_error.status);
+            // The stream ends here either way; a failed last chunk changes nothing.
+            if (ok) co_await net::async_write(stream(), http::make_chunk_last(), as_tuple);
             co_return false;
           }
-          break;
-        case backends::CompletionEvent::Type::done: {
-          x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
-          gw_.metrics.backend_duration.labels({x.event.backend}).observe(seconds_since(backend_started));
-          gw_.router.record_success(deployment);
-          x.event.prompt_tokens = ev.usage.prompt_tokens;
-          x.event.completion_tokens = ev.usage.completion_tokens;
-          x.event.estimated = ev.usage.estimated;
-          if (!stream_mode) {
-            auto res = make_response(req, http::status::ok, format.full_response(text, ev.finish_reason, ev.usage));
-            set_rate_limit_headers(res, x.admission->status);
-            x.finish(200);
-            co_return co_await write(std::move(res));
-          }
-          std::string tail = format.finish_event(ev.finish_reason);
-          if (completion.include_usage) tail += format.usage_event(ev.usage);
-          tail += CompletionFormatter::done_event();
-          bool ok = co_await send_chunk(std::move(tail));
-          x.finish(ok ? 200 : 499);
-          if (!ok) co_return false;
-          stream().expires_after(limits().idle_timeout);
-          auto [ec, n] = co_await net::async_write(stream(), http::make_chunk_last(), as_tuple);
-          co_return !ec && stream_head.keep_alive() && !close_after_;
-        }
-        case backends::CompletionEvent::Type::error: {
-          x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
-          gw_.metrics.backend_duration.labels({x.event.backend}).observe(seconds_since(backend_started));
-          gw_.metrics.backend_errors.labels({x.event.backend, error_kind_label(ev.error.kind)}).inc();
-          if (retryable(ev.error.kind)) gw_.router.record_failure(deployment);
-          if (retryable(ev.error.kind) && deltas == 0 && attempt + 1 < plan.size()) {
-            // Nothing reached the client: back off a little, then the next deployment.
-            net::steady_timer backoff(stream().get_executor());
-            backoff.expires_after(std::chrono::milliseconds(std::min<std::int64_t>(1000, 50LL << attempt)));
-            co_await backoff.async_wait(as_tuple);
-            retry = true;
-            break;
-          }
-          x.event.prompt_tokens = ev.usage.prompt_tokens;
-          x.event.completion_tokens = ev.usage.completion_tokens;
-          x.event.estimated = ev.usage.estimated;
-          auto api_error = from_backend(ev.error);
-          if (!headers_sent) co_return co_await respond_error(req, x, api_error);
-          // Mid-stream: the status is already 200; an error event tells the client.
-          bool ok = co_await send_chunk(format.error_event(api_error));
-          x.finish(api_error.status);
-          // The stream ends here either way; a failed last chunk changes nothing.
-          if (ok) co_await net::async_write(stream(), http::make_chunk_last(), as_tuple);
-          co_return false;
         }
       }
     }
-  }
   }
 }
 
@@ -668,8 +680,8 @@ void Session::set_forwarding_headers(Request& req, backends::AppForward& how) {
       forwarded_for += f.value();
     }
   } else {
-    for (std::string_view name : {"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port",
-                                  "X-Real-IP", "Forwarded"}) {
+    for (std::string_view name :
+         {"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded"}) {
       req.erase(name);
     }
   }
@@ -734,11 +746,9 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
   using Failure = backends::AppOutcome::Failure;
   if (out.response_started) {
     // Once the app's status went out, a failure can only cut the connection.
-    int status = out.failure == Failure::client_gone       ? 499
-                 : out.failure == Failure::broken_response ? 502
-                                                           : out.status;
+    int status = out.failure == Failure::client_gone ? 499 : out.failure == Failure::broken_response ? 502 : out.status;
     x.finish(status);
-    co_return out.failure == Failure::none && out.keep_client;
+    co_return out.failure == Failure::none&& out.keep_client;
   }
   if (out.failure == Failure::client_gone) {
     x.finish(499);
@@ -746,11 +756,17 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
   }
   Request head{http::verb::get, "", version};
   head.keep_alive(keep_alive);
-  ApiError failed = out.failure == Failure::timeout
-                        ? ApiError{504, "the app did not answer in time (" + out.detail + ")", "server_error",
-                                   std::nullopt, "app_timeout", {}}
-                        : ApiError{502, "the app is unreachable (" + out.detail + ")", "server_error", std::nullopt,
-                                   "app_unreachable", {}};
+  ApiError failed =
+      out.failure == Failure::timeout
+          ? ApiError{504,
+                     "the app did not answer in time (" + out.detail + ")",
+                     "server_error",
+                     std::nullopt,
+                     "app_timeout",
+                     {}}
+          : ApiError{
+                502, "the app is unreachable (" + out.detail + ")", "server_error", std::nullopt, "app_unreachable",
+                {}};
   // An unread request body leaves the connection without framing: it closes.
   co_return co_await respond_error(head, x, failed, !out.request_body_read);
 }
@@ -768,8 +784,12 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
   // The gateway's own routes buffer their bodies: those are capped.
   parser.body_limit(limits().max_body);
   if (parser.content_length() && *parser.content_length() > limits().max_body) {
-    ApiError too_large{413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
-                       "invalid_request_error", std::nullopt, "request_too_large", {}};
+    ApiError too_large{413,
+                       "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
+                       "invalid_request_error",
+                       std::nullopt,
+                       "request_too_large",
+                       {}};
     co_return co_await respond_error(req, x, too_large, true);
   }
 
@@ -785,7 +805,8 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
     Response res;
     if (path == "/metrics") {
       gw_.metrics.metering_queue_depth.set(static_cast<double>(gw_.usage->queue_depth()));
-      res = make_response(req, http::status::ok, gw_.metrics.registry.render(), "text/plain; version=0.0.4; charset=utf-8");
+      res = make_response(req, http::status::ok, gw_.metrics.registry.render(),
+                          "text/plain; version=0.0.4; charset=utf-8");
     } else if (path == "/readyz" && gw_.stopping) {
       res = make_response(req, http::status::service_unavailable, R"({"status":"stopping"})");
     } else {
@@ -880,8 +901,12 @@ awaitable<void> Session::run() {
       if (ec == http::error::header_limit) {
         error = {431, "request headers are too large", "invalid_request_error", std::nullopt, "headers_too_large", {}};
       } else if (ec == http::error::body_limit) {
-        error = {413, "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
-                 "invalid_request_error", std::nullopt, "request_too_large", {}};
+        error = {413,
+                 "request body exceeds the limit of " + std::to_string(limits().max_body) + " bytes",
+                 "invalid_request_error",
+                 std::nullopt,
+                 "request_too_large",
+                 {}};
       } else {
         error = bad_request("malformed HTTP request: " + ec.message(), std::nullopt, "bad_http");
       }
@@ -931,13 +956,11 @@ awaitable<void> accept_loop(Gateway& gw, tcp::acceptor& acceptor) {
     }
     gw.open_connections.fetch_add(1);
     gw.metrics.open_connections.add(1);
-    net::co_spawn(
-        acceptor.get_executor(), run_session(gw, std::move(conn)),
-        [&gw](std::exception_ptr e) {
-          gw.open_connections.fetch_sub(1);
-          gw.metrics.open_connections.add(-1);
-          log_session_error(e);
-        });
+    net::co_spawn(acceptor.get_executor(), run_session(gw, std::move(conn)), [&gw](std::exception_ptr e) {
+      gw.open_connections.fetch_sub(1);
+      gw.metrics.open_connections.add(-1);
+      log_session_error(e);
+    });
   }
 }
 
@@ -983,8 +1006,8 @@ int run_server(const Config& config) {
   gw.router = backends::Router({config.routing.cooldown_failures, config.routing.cooldown});
   for (const auto& b : config.backends) gw.router.add_backend(make_backend(b));
   for (const auto& m : config.models) {
-    backends::Route route{m.name, {},
-                          m.least_busy ? backends::RoutingStrategy::least_busy : backends::RoutingStrategy::weighted};
+    backends::Route route{
+        m.name, {}, m.least_busy ? backends::RoutingStrategy::least_busy : backends::RoutingStrategy::weighted};
     for (const auto& d : m.deployments) {
       backends::Deployment deployment;
       deployment.backend = gw.router.backend(d.backend);
@@ -1015,8 +1038,8 @@ int run_server(const Config& config) {
         gw.metrics.metering_flush_duration.observe(std::chrono::duration<double>(took).count());
       });
 
-  int threads = config.io_threads > 0 ? config.io_threads
-                                      : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int threads =
+      config.io_threads > 0 ? config.io_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   // One io_context per thread, each with its own SO_REUSEPORT acceptor: the
   // kernel spreads connections and no session ever crosses threads.
   std::vector<std::unique_ptr<net::io_context>> contexts;

@@ -37,10 +37,10 @@ struct QuotaSubject {
 
 struct Admission {
   bool allowed = false;
-  std::string reason;            // when refused: which limit, e.g. "requests per minute limit (10) reached for key tg-abc"
+  std::string reason;  // when refused: which limit, e.g. "requests per minute limit (10) reached for key tg-abc"
   std::int64_t retry_after_s = 0;  // when refused: seconds until that window resets (>= 1)
-  std::string limit;             // when refused: which limit, as a metric label, e.g. "requests_per_minute"
-  RateLimitStatus status;        // after this request's reservation
+  std::string limit;               // when refused: which limit, as a metric label, e.g. "requests_per_minute"
+  RateLimitStatus status;          // after this request's reservation
 
   // Needed by settle().
   std::int64_t user_id = 0;

@@ -136,8 +136,7 @@ class Query {
     return *this;
   }
   Query& bind(int index, std::string_view value) {
-    check(sqlite3_bind_text(stmt_, index, value.data(), static_cast<int>(value.size()),
-                            SQLITE_TRANSIENT));
+    check(sqlite3_bind_text(stmt_, index, value.data(), static_cast<int>(value.size()), SQLITE_TRANSIENT));
     return *this;
   }
   Query& bind(int index, const std::string& value) { return bind(index, std::string_view(value)); }
@@ -181,12 +180,11 @@ class Query {
   }
   std::string text_at(int column) const {
     const auto* text = reinterpret_cast<const char*>(sqlite3_column_text(stmt_, column));
-    return text ? std::string(text, static_cast<std::size_t>(sqlite3_column_bytes(stmt_, column)))
-                : std::string();
+    return text ? std::string(text, static_cast<std::size_t>(sqlite3_column_bytes(stmt_, column))) : std::string();
   }
   Limits limits_at(int first) const {
-    return {optional_at(first), optional_at(first + 1), optional_at(first + 2),
-            optional_at(first + 3), optional_at(first + 4)};
+    return {optional_at(first), optional_at(first + 1), optional_at(first + 2), optional_at(first + 3),
+            optional_at(first + 4)};
   }
 
  private:
@@ -222,12 +220,9 @@ std::vector<std::string> split_models(const std::string& text) {
   return models;
 }
 
-constexpr const char* kSelectUser =
-    "SELECT id, name, created_at, rpm, tpm, rpd, tpd, tokens_per_month FROM users";
+constexpr const char* kSelectUser = "SELECT id, name, created_at, rpm, tpm, rpd, tpd, tokens_per_month FROM users";
 
-User read_user(const Query& q) {
-  return {q.int64_at(0), q.text_at(1), q.int64_at(2), q.limits_at(3)};
-}
+User read_user(const Query& q) { return {q.int64_at(0), q.text_at(1), q.int64_at(2), q.limits_at(3)}; }
 
 constexpr const char* kSelectKey =
     "SELECT k.id, k.user_id, u.name, k.prefix, k.sha256, k.created_at, k.expires_at,"
@@ -253,11 +248,9 @@ class SqliteStore final : public Store {
  public:
   explicit SqliteStore(const std::string& path) {
     const int rc =
-        sqlite3_open_v2(path.c_str(), &db_,
-                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
+        sqlite3_open_v2(path.c_str(), &db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, nullptr);
     if (rc != SQLITE_OK) {
-      std::string message =
-          "sqlite: cannot open " + path + ": " + (db_ ? sqlite3_errmsg(db_) : sqlite3_errstr(rc));
+      std::string message = "sqlite: cannot open " + path + ": " + (db_ ? sqlite3_errmsg(db_) : sqlite3_errstr(rc));
       sqlite3_close(db_);
       throw std::runtime_error(message);
     }
@@ -493,8 +486,8 @@ class SqliteStore final : public Store {
     q.bind(1, request.user);
     if (request.since) q.bind(2, utc_day(*request.since));
     while (q.step()) {
-      rows.push_back({q.text_at(0), q.text_at(1), q.text_at(2), q.int64_at(3), q.int64_at(4),
-                      q.int64_at(5), q.int64_at(6)});
+      rows.push_back(
+          {q.text_at(0), q.text_at(1), q.text_at(2), q.int64_at(3), q.int64_at(4), q.int64_at(5), q.int64_at(6)});
     }
     return rows;
   }
@@ -555,9 +548,7 @@ class SqliteStore final : public Store {
   // BEGIN IMMEDIATE on construction, ROLLBACK unless committed.
   class Transaction {
    public:
-    explicit Transaction(SqliteStore& store) : store_(store) {
-      store_.query("BEGIN IMMEDIATE").run();
-    }
+    explicit Transaction(SqliteStore& store) : store_(store) { store_.query("BEGIN IMMEDIATE").run(); }
     ~Transaction() {
       if (!committed_) store_.rollback_quietly();
     }
@@ -611,8 +602,8 @@ class SqliteStore final : public Store {
     auto it = statements_.find(sql);
     if (it == statements_.end()) {
       sqlite3_stmt* stmt = nullptr;
-      const int rc = sqlite3_prepare_v3(db_, sql.c_str(), static_cast<int>(sql.size()),
-                                        SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
+      const int rc =
+          sqlite3_prepare_v3(db_, sql.c_str(), static_cast<int>(sql.size()), SQLITE_PREPARE_PERSISTENT, &stmt, nullptr);
       if (rc != SQLITE_OK) fail(db_, rc, "prepare " + sql);
       it = statements_.emplace(sql, stmt).first;
     }
@@ -700,8 +691,6 @@ class SqliteStore final : public Store {
 
 }  // namespace
 
-std::unique_ptr<Store> open_sqlite_store(const std::string& path) {
-  return std::make_unique<SqliteStore>(path);
-}
+std::unique_ptr<Store> open_sqlite_store(const std::string& path) { return std::make_unique<SqliteStore>(path); }
 
 }  // namespace tollgate::metering

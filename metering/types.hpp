@@ -23,8 +23,7 @@ struct Limits {
   std::optional<std::int64_t> tokens_per_month;
 
   bool any() const {
-    return requests_per_minute || tokens_per_minute || requests_per_day || tokens_per_day ||
-           tokens_per_month;
+    return requests_per_minute || tokens_per_minute || requests_per_day || tokens_per_day || tokens_per_month;
   }
   bool operator==(const Limits&) const = default;
 };
@@ -49,9 +48,7 @@ struct ApiKey {
   std::vector<std::string> models;  // empty: every model allowed
   Limits limits;
 
-  bool active(EpochMs now) const {
-    return !revoked_at && (!expires_at || *expires_at > now);
-  }
+  bool active(EpochMs now) const { return !revoked_at && (!expires_at || *expires_at > now); }
   bool allows_model(const std::string& model) const;
 };
 
@@ -68,8 +65,8 @@ struct UsageEvent {
   std::int64_t completion_tokens = 0;
   std::int64_t latency_us = 0;
   std::optional<std::int64_t> ttft_us;  // time to first token, streaming completions only
-  bool counted = false;    // admitted by the quota limiter (consumes request quota)
-  bool estimated = false;  // token counts were estimated, not reported by the backend
+  bool counted = false;                 // admitted by the quota limiter (consumes request quota)
+  bool estimated = false;               // token counts were estimated, not reported by the backend
 };
 
 // Aggregated usage, as reports show it.

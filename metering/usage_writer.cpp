@@ -8,8 +8,8 @@
 
 namespace tollgate::metering {
 
-UsageWriter::UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds flush_interval,
-                         std::size_t max_batch, FlushObserver observer)
+UsageWriter::UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds flush_interval, std::size_t max_batch,
+                         FlushObserver observer)
     : store_(std::move(store)),
       flush_interval_(std::max(flush_interval, std::chrono::milliseconds(1))),
       max_batch_(std::max<std::size_t>(max_batch, 1)),
@@ -103,8 +103,7 @@ void UsageWriter::run() {
     } catch (const std::exception& e) {
       error = e.what();
     }
-    const auto took = std::chrono::duration_cast<std::chrono::microseconds>(
-        std::chrono::steady_clock::now() - started);
+    const auto took = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started);
     if (error.empty() && observer_) {
       try {
         observer_(batch.size(), took);
@@ -127,20 +126,17 @@ void UsageWriter::run() {
 
     ++stats_.failures;
     // Keep the failed rows, oldest first, ahead of what arrived meanwhile.
-    batch.insert(batch.end(), std::make_move_iterator(queue_.begin()),
-                 std::make_move_iterator(queue_.end()));
+    batch.insert(batch.end(), std::make_move_iterator(queue_.begin()), std::make_move_iterator(queue_.end()));
     queue_.clear();
     queue_.swap(batch);
     depth_.store(queue_.size(), std::memory_order_relaxed);
     if (last) {
-      std::fprintf(stderr, "usage writer: final flush failed, %zu usage rows lost: %s\n",
-                   queue_.size(), error.c_str());
+      std::fprintf(stderr, "usage writer: final flush failed, %zu usage rows lost: %s\n", queue_.size(), error.c_str());
       queue_.clear();
       depth_.store(0, std::memory_order_relaxed);
       break;
     }
-    std::fprintf(stderr, "usage writer: writing %zu usage rows failed, will retry: %s\n",
-                 queue_.size(), error.c_str());
+    std::fprintf(stderr, "usage writer: writing %zu usage rows failed, will retry: %s\n", queue_.size(), error.c_str());
     retrying = true;
   }
   writer_done_ = true;

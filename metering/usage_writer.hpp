@@ -28,8 +28,8 @@ class UsageWriter {
 
   // The writer owns `store` (its own connection) and flushes at least every
   // `flush_interval`, or sooner when `max_batch` rows are waiting.
-  UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds flush_interval,
-              std::size_t max_batch = 4096, FlushObserver observer = {});
+  UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds flush_interval, std::size_t max_batch = 4096,
+              FlushObserver observer = {});
   ~UsageWriter();  // stop()s
 
   UsageWriter(const UsageWriter&) = delete;
