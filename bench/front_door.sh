@@ -8,73 +8,11 @@
 # Env:   TOLLGATE=path/to/tollgate  DURATION=10s  CONNECTIONS=64  THREADS=2
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TOLLGATE=${TOLLGATE:-$ROOT/build/tollgate}
-NGINX=${NGINX:-/usr/sbin/nginx}
-WRK=${WRK:-wrk}
-DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-64}
-THREADS=${THREADS:-2}
+. "$(dirname "$0")/lib.sh"
 
-die() { echo "front_door: $*" >&2; exit 1; }
-
-[ -x "$TOLLGATE" ] || die "no tollgate binary at $TOLLGATE: build it first (cmake + ninja tollgate) or set TOLLGATE="
-[ -x "$NGINX" ] || die "nginx not found at $NGINX (apt-get install nginx-light)"
-command -v "$WRK" >/dev/null || die "wrk not found (apt-get install wrk)"
-command -v sqlite3 >/dev/null || die "sqlite3 not found (apt-get install sqlite3)"
-command -v curl >/dev/null || die "curl not found (apt-get install curl)"
-
-WORK=$(mktemp -d /tmp/tollgate-bench.XXXXXX)
-TOLLGATE_PID=""
-NGINX_PID=""
-cleanup() {
-  for pid in $TOLLGATE_PID $NGINX_PID; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in $TOLLGATE_PID $NGINX_PID; do
-    wait "$pid" 2>/dev/null || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# A port nobody listens on: bind to 0 and let the kernel choose.
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# Polls until `curl ARGS...` gets HTTP 200, at most ~10 s.
-wait_200() {
-  local i
-  for i in $(seq 1 200); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "$@" || true)" = 200 ] && return 0
-    sleep 0.05
-  done
-  return 1
-}
-
-# --- nginx ---------------------------------------------------------------
+# --- nginx: the same small JSON from a `return` ----------------------------
 NGINX_PORT=$(free_port)
-mkdir -p "$WORK/nginx/logs"
-{
-  # As root nginx would switch its workers to the default user anyway; say so
-  # explicitly. As anyone else the directive only draws a warning, so omit it.
-  if [ "$(id -u)" = 0 ]; then echo "user nobody nogroup;"; fi
-  cat <<EOF
-worker_processes 2;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx/body;
-  proxy_temp_path $WORK/nginx/proxy;
-  fastcgi_temp_path $WORK/nginx/fastcgi;
-  uwsgi_temp_path $WORK/nginx/uwsgi;
-  scgi_temp_path $WORK/nginx/scgi;
-  keepalive_requests 1000000;
+start_nginx nginx 2 <<EOF
   server {
     listen 127.0.0.1:$NGINX_PORT;
     location = /v1/models {
@@ -82,10 +20,7 @@ http {
       return 200 '{"object":"list","data":[]}';
     }
   }
-}
 EOF
-} >"$WORK/nginx/nginx.conf"
-"$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx/logs/stdout.log" 2>&1 &
 NGINX_PID=$!
 wait_200 "http://127.0.0.1:$NGINX_PORT/v1/models" || die "nginx did not come up: $(cat "$WORK/nginx/logs/"*.log)"
 
@@ -99,76 +34,5 @@ models:
   - name: echo
     deployments: [{backend: echo}]
 EOF
-"$TOLLGATE" serve --config "$WORK/tollgate.yaml" --listen 127.0.0.1:0 --db "$DB" >"$WORK/tollgate.log" 2>&1 &
-TOLLGATE_PID=$!
-TOLLGATE_PORT=""
-for _ in $(seq 1 200); do
-  TOLLGATE_PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/tollgate.log" | head -1)
-  [ -n "$TOLLGATE_PORT" ] && break
-  kill -0 "$TOLLGATE_PID" 2>/dev/null || die "tollgate exited: $(cat "$WORK/tollgate.log")"
-  sleep 0.05
-done
-[ -n "$TOLLGATE_PORT" ] || die "tollgate did not start: $(cat "$WORK/tollgate.log")"
-
-KEY=$("$TOLLGATE" keys create --user bench --db "$DB" | tail -1)
-# Keys made by the CLI reach the running gateway within its 1 s refresh.
-wait_200 -H "Authorization: Bearer $KEY" "http://127.0.0.1:$TOLLGATE_PORT/v1/models" ||
-  die "tollgate never accepted the key: $(cat "$WORK/tollgate.log")"
-
-# --- wrk -----------------------------------------------------------------
-run_wrk() {  # NAME URL [wrk args...]
-  local name=$1 url=$2
-  shift 2
-  echo "== $name: wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency $url" >&2
-  "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url" | tee "$WORK/$name.wrk" >&2
-}
-
-# wrk prints latencies as 812.00us, 1.23ms or 1.05s: normalise to ms.
-to_ms() {
-  awk -v v="$1" 'BEGIN {
-    n = v + 0
-    if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /m$/) n *= 60000; else if (v ~ /s$/) n *= 1000
-    printf "%.3f", n }'
-}
-field() {  # FILE WHAT
-  case $2 in
-    rps) awk '/^Requests\/sec:/ {print $2}' "$1" ;;
-    p50) to_ms "$(awk '$1 == "50%" {print $2}' "$1")" ;;
-    p99) to_ms "$(awk '$1 == "99%" {print $2}' "$1")" ;;
-    requests) awk '/requests in/ {print $1}' "$1" ;;
-    errors) awk '/Non-2xx or 3xx responses:/ {print $NF}' "$1" ;;
-  esac
-}
-
-rows() { sqlite3 "$DB" "SELECT COUNT(*) FROM usage_events WHERE route = '/v1/models' AND status = 200;"; }
-
-# Rows the probes above wrote are flushed within the interval; count them out.
-sleep 1.5
-ROWS_BEFORE=$(rows)
-run_wrk tollgate "http://127.0.0.1:$TOLLGATE_PORT/v1/models" -H "Authorization: Bearer $KEY"
-run_wrk nginx "http://127.0.0.1:$NGINX_PORT/v1/models"
-
-# A graceful stop writes every queued row before the process exits.
-kill -TERM "$TOLLGATE_PID"
-wait "$TOLLGATE_PID" || die "tollgate exited non-zero on SIGTERM: $(tail -5 "$WORK/tollgate.log")"
-TOLLGATE_PID=""
-ROWS=$(( $(rows) - ROWS_BEFORE ))
-
-T_RPS=$(field "$WORK/tollgate.wrk" rps)
-N_RPS=$(field "$WORK/nginx.wrk" rps)
-T_REQ=$(field "$WORK/tollgate.wrk" requests)
-T_ERR=$(field "$WORK/tollgate.wrk" errors)
-N_ERR=$(field "$WORK/nginx.wrk" errors)
-T_P50=$(field "$WORK/tollgate.wrk" p50)
-T_P99=$(field "$WORK/tollgate.wrk" p99)
-N_P50=$(field "$WORK/nginx.wrk" p50)
-N_P99=$(field "$WORK/nginx.wrk" p99)
-
-echo
-echo "GET /v1/models, $THREADS wrk threads, $CONNECTIONS connections, $DURATION, loopback, $(nproc) cores"
-printf '%-10s %12s %10s %10s %8s\n' "" "requests/s" "p50 ms" "p99 ms" "non-2xx"
-printf '%-10s %12s %10s %10s %8s\n' tollgate "$T_RPS" "$T_P50" "$T_P99" "${T_ERR:-0}"
-printf '%-10s %12s %10s %10s %8s\n' nginx "$N_RPS" "$N_P50" "$N_P99" "${N_ERR:-0}"
-awk -v t="$T_RPS" -v n="$N_RPS" -v tp="$T_P50" -v np="$N_P50" -v tq="$T_P99" -v nq="$N_P99" 'BEGIN {
-  printf "tollgate/nginx: throughput %.2f, p50 %.2f, p99 %.2f\n", t / n, (np > 0 ? tp / np : 0), (nq > 0 ? tq / nq : 0) }'
-echo "usage rows written during the tollgate run: $ROWS (wrk completed $T_REQ requests)"
+start_tollgate
+compare_with_nginx /v1/models "GET /v1/models"
