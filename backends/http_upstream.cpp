@@ -130,6 +130,8 @@ std::string request_head(const http::request_header<>& req) {
   return out;
 }
 
+}  // namespace
+
 std::string response_head(const http::response_header<>& res) {
   std::string out = res.version() == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
   out += std::to_string(res.result_int());
@@ -140,8 +142,6 @@ std::string response_head(const http::response_header<>& res) {
   append_fields(out, res);
   return out;
 }
-
-}  // namespace
 
 awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::flat_buffer& client_buffer,
                                            http::request_parser<http::string_body>& parser, const AppForward& how) {

@@ -329,26 +329,9 @@ class Session {
   std::optional<net::ip::address> peer_;  // the client's address, looked up once
 };
 
-// Beast's generic serializer costs about 19k instructions per small response
-// (callgrind); a string body is simple enough to frame by hand in one buffer.
+// A string body is framed by hand in one buffer (see backends::response_head).
 std::string wire_format(const Response& res) {
-  std::string out;
-  out.reserve(256 + res.body().size());
-  out += res.version() == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
-  out += std::to_string(res.result_int());
-  out += ' ';
-  auto reason = res.reason();
-  out.append(reason.data(), reason.size());
-  out += "\r\n";
-  for (const auto& field : res) {
-    auto name = field.name_string();
-    auto value = field.value();
-    out.append(name.data(), name.size());
-    out += ": ";
-    out.append(value.data(), value.size());
-    out += "\r\n";
-  }
-  out += "\r\n";
+  std::string out = backends::response_head(res);
   out += res.body();
   return out;
 }
