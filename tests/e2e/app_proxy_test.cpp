@@ -2,13 +2,6 @@
 // app_upstream, here a small Python app (fake_app.py) that echoes what it got.
 #include <catch2/catch.hpp>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <poll.h>
-#include <signal.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -16,68 +9,13 @@
 #include <thread>
 
 #include "harness.hpp"
+#include "upstream.hpp"
 #include "metering/api_key.hpp"
 
 using namespace tollgate::test;
 namespace json = boost::json;
 
 namespace {
-
-// fake_app.py as a child process on a free loopback port.
-class FakeApp {
- public:
-  FakeApp() {
-    int out[2];
-    if (pipe(out) != 0) throw std::runtime_error("pipe failed");
-    pid_ = fork();
-    if (pid_ == 0) {
-      dup2(out[1], STDOUT_FILENO);
-      close(out[0]);
-      close(out[1]);
-      std::string script = std::string(TOLLGATE_SOURCE_DIR) + "/tests/e2e/fake_app.py";
-      execlp("python3", "python3", script.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    close(out[1]);
-    std::string line;
-    auto deadline = std::chrono::steady_clock::now() + 15s;
-    while (line.find('\n') == std::string::npos && std::chrono::steady_clock::now() < deadline) {
-      pollfd p{out[0], POLLIN, 0};
-      if (poll(&p, 1, 100) <= 0) continue;
-      char buf[64];
-      auto n = read(out[0], buf, sizeof buf);
-      if (n <= 0) break;
-      line.append(buf, static_cast<std::size_t>(n));
-    }
-    close(out[0]);
-    if (line.find('\n') == std::string::npos) throw std::runtime_error("fake_app.py did not start");
-    port_ = static_cast<std::uint16_t>(std::stoi(line));
-  }
-  ~FakeApp() {
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
-  }
-  FakeApp(const FakeApp&) = delete;
-  FakeApp& operator=(const FakeApp&) = delete;
-  std::uint16_t port() const { return port_; }
-
- private:
-  pid_t pid_ = -1;
-  std::uint16_t port_ = 0;
-};
-
-// A loopback port nobody listens on.
-std::uint16_t closed_port() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  socklen_t len = sizeof addr;
-  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
 
 std::string app_config(std::uint16_t app_port, const std::string& extra = "") {
   return "app_upstream: http://127.0.0.1:" + std::to_string(app_port) +
@@ -143,7 +81,7 @@ std::string pattern_bytes(std::size_t size) {
 }  // namespace
 
 TEST_CASE("app paths need a key, and the app sees who called, never the key", "[e2e][app_proxy]") {
-  FakeApp app;
+  FakeServer app("fake_app.py");
   TempDir dir;
   GatewayProcess gw(dir, options(app_config(app.port())));
   auto key = create_key(gw.db(), "alice");
@@ -229,7 +167,7 @@ TEST_CASE("app paths need a key, and the app sees who called, never the key", "[
 }
 
 TEST_CASE("X-Forwarded-* are replaced from an untrusted peer, appended from a trusted one", "[e2e][app_proxy]") {
-  FakeApp app;
+  FakeServer app("fake_app.py");
   Headers forwarded{{"X-Forwarded-For", "203.0.113.7"},
                     {"X-Forwarded-Proto", "https"},
                     {"X-Forwarded-Host", "example.com"}};
@@ -267,7 +205,7 @@ TEST_CASE("X-Forwarded-* are replaced from an untrusted peer, appended from a tr
 }
 
 TEST_CASE("bodies larger than max_body stream through both ways", "[e2e][app_proxy]") {
-  FakeApp app;
+  FakeServer app("fake_app.py");
   TempDir dir;
   GatewayProcess gw(dir, options(app_config(app.port(), "limits: {max_body: 1MiB}\n")));
   auto key = create_key(gw.db(), "alice");
@@ -338,7 +276,7 @@ TEST_CASE("app down answers 502, app too slow 504, both metered", "[e2e][app_pro
     CHECK(wait_rows(gw.db(), "route = '/echo/down' AND status = 502 AND user_id IS NOT NULL", 1) == 1);
   }
   SECTION("slow") {
-    FakeApp app;
+    FakeServer app("fake_app.py");
     TempDir dir;
     GatewayProcess gw(dir, options(app_config(app.port(), "app_timeouts: {first_byte: 300ms}\n")));
     auto key = create_key(gw.db(), "alice");
@@ -354,7 +292,7 @@ TEST_CASE("app down answers 502, app too slow 504, both metered", "[e2e][app_pro
 }
 
 TEST_CASE("app calls are metered per user and count against the request quota", "[e2e][app_proxy]") {
-  FakeApp app;
+  FakeServer app("fake_app.py");
   TempDir dir;
   GatewayProcess gw(dir, options(app_config(app.port())));
   auto alice = create_key(gw.db(), "alice", {"--rpm", "3"});

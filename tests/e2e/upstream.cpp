@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -16,22 +17,23 @@ namespace tollgate::test {
 
 using Clock = std::chrono::steady_clock;
 
-FakeOpenAI::FakeOpenAI(const std::string& cert, const std::string& key) {
+FakeServer::FakeServer(const std::string& script, const std::vector<std::string>& args) {
   int in[2], out[2];
   if (pipe(in) != 0 || pipe(out) != 0) throw std::runtime_error("pipe failed");
+  std::string path = std::string(TOLLGATE_SOURCE_DIR) + "/tests/e2e/" + script;
+  std::vector<std::string> argv_text = {"python3", path};
+  argv_text.insert(argv_text.end(), args.begin(), args.end());
   pid_ = fork();
   if (pid_ == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  // a crashed test leaves no fake behind
     dup2(in[0], 0);
     dup2(out[1], 1);
     close(in[1]);
     close(out[0]);
-    std::string script = std::string(TOLLGATE_SOURCE_DIR) + "/tests/e2e/fake_openai.py";
-    if (cert.empty()) {
-      execlp("python3", "python3", script.c_str(), static_cast<char*>(nullptr));
-    } else {
-      execlp("python3", "python3", script.c_str(), "--cert", cert.c_str(), "--key", key.c_str(),
-             static_cast<char*>(nullptr));
-    }
+    std::vector<char*> argv;
+    for (auto& a : argv_text) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    execvp("python3", argv.data());
     _exit(127);
   }
   close(in[0]);
@@ -48,11 +50,11 @@ FakeOpenAI::FakeOpenAI(const std::string& cert, const std::string& key) {
     line.append(buf, static_cast<std::size_t>(n));
   }
   close(out[0]);
-  if (line.find('\n') == std::string::npos) throw std::runtime_error("fake_openai.py did not start");
+  if (line.find('\n') == std::string::npos) throw std::runtime_error(script + " did not start");
   port_ = static_cast<std::uint16_t>(std::stoi(line));
 }
 
-FakeOpenAI::~FakeOpenAI() {
+FakeServer::~FakeServer() {
   if (stdin_fd_ >= 0) close(stdin_fd_);
   if (pid_ > 0) {
     kill(pid_, SIGKILL);
@@ -60,13 +62,17 @@ FakeOpenAI::~FakeOpenAI() {
   }
 }
 
+FakeOpenAI::FakeOpenAI(const std::string& cert, const std::string& key)
+    : server_("fake_openai.py", cert.empty() ? std::vector<std::string>{}
+                                             : std::vector<std::string>{"--cert", cert, "--key", key}) {}
+
 boost::json::value FakeOpenAI::last() {
-  HttpClient client(port_);
+  HttpClient client(port());
   return client.get("/_last").json();
 }
 
 boost::json::value FakeOpenAI::stats() {
-  HttpClient client(port_);
+  HttpClient client(port());
   return client.get("/_stats").json();
 }
 

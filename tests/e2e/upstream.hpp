@@ -13,24 +13,37 @@
 
 namespace tollgate::test {
 
+// A Python fake from tests/e2e as a child process: it binds a free loopback
+// port and prints it as its first line; it goes when its stdin closes or at
+// SIGKILL.
+class FakeServer {
+ public:
+  FakeServer(const std::string& script, const std::vector<std::string>& args = {});
+  ~FakeServer();
+  FakeServer(const FakeServer&) = delete;
+  FakeServer& operator=(const FakeServer&) = delete;
+
+  std::uint16_t port() const { return port_; }
+
+ private:
+  int pid_ = -1;
+  int stdin_fd_ = -1;
+  std::uint16_t port_ = 0;
+};
+
 // fake_openai.py on a free loopback port; TLS when given a certificate and key.
 class FakeOpenAI {
  public:
   explicit FakeOpenAI(const std::string& cert = "", const std::string& key = "");
-  ~FakeOpenAI();
-  FakeOpenAI(const FakeOpenAI&) = delete;
-  FakeOpenAI& operator=(const FakeOpenAI&) = delete;
 
-  std::uint16_t port() const { return port_; }
+  std::uint16_t port() const { return server_.port(); }
   // The last completion request it received: {path, headers, body} (plain HTTP only).
   boost::json::value last();
   // {requests, disconnects} (plain HTTP only).
   boost::json::value stats();
 
  private:
-  int pid_ = -1;
-  int stdin_fd_ = -1;
-  std::uint16_t port_ = 0;
+  FakeServer server_;
 };
 
 // A CA and a server certificate for 127.0.0.1 and localhost, made in `dir`.
