@@ -1,0 +1,55 @@
+// The CPU device's numeric kernels: vectorised (AVX2/FMA chosen at run time
+// where the CPU has them, a portable fallback otherwise) and multi-threaded
+// over a ThreadPool. The reference every other device is tested against.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "local_engine/tensor.hpp"
+#include "local_engine/thread_pool.hpp"
+
+namespace tollgate::local_engine::cpu {
+
+// Instruction sets the dispatched kernels (matmul, dot, axpy) exist for.
+enum class Isa { portable, avx2_fma };
+
+// Whether this CPU (and OS) can run kernels built for isa (AVX2, FMA and F16C).
+bool isa_supported(Isa isa);
+// What the dispatched kernels use: the best supported, unless the environment
+// variable TOLLGATE_CPU=portable forces the fallback. Decided once per process.
+Isa active_isa();
+// "avx2+fma" or "portable": active_isa() by name.
+std::string features();
+
+// y = x · Wᵀ for a batch: x is n x w.cols (f32, row-major), y is n x w.rows.
+// W may be F32, F16, BF16, Q8_0 or Q4_0; quantised weights are never
+// dequantised whole (Q8_0/Q4_0 take x quantised to Q8_0 per row, as ggml does).
+// Each weight row is read once for the whole batch. No allocation once warm.
+// Each y[t][r] is computed the same way whatever n is: a row of a batch is
+// bit-identical to that row computed alone.
+void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, float* y);
+// The same on an explicit instruction set (isa_supported(isa) must hold).
+void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, float* y, Isa isa);
+
+// One row of any tensor type as f32 (embedding lookup).
+void dequantize_row(const Tensor& t, std::int64_t row, float* out);
+
+void rmsnorm(float* out, const float* x, const float* weight, std::int64_t n, float eps);
+// Rotates adjacent pairs (v[2i], v[2i+1]) of each head by pos * theta^(-2i/head_dim).
+void rope(float* v, std::int64_t n_heads, std::int64_t head_dim, std::int64_t pos, float theta);
+float dot(const float* a, const float* b, std::int64_t n);
+float dot(const float* a, const float* b, std::int64_t n, Isa isa);
+void axpy(float a, const float* x, float* y, std::int64_t n);  // y += a * x
+void axpy(float a, const float* x, float* y, std::int64_t n, Isa isa);
+void scale(float* x, float a, std::int64_t n);
+void softmax(float* x, std::int64_t n);                       // in place, max-subtracted
+void silu_mul(float* gate, const float* up, std::int64_t n);  // gate = silu(gate) * up
+void add(float* y, const float* x, std::int64_t n);           // y += x
+
+// Row quantisation (n a multiple of 32), for the GGUF writer and for
+// activations; both round exactly as ggml's reference quantisers do.
+void quantize_row_q8_0(const float* x, BlockQ8_0* out, std::int64_t n);
+void quantize_row_q4_0(const float* x, BlockQ4_0* out, std::int64_t n);
+
+}  // namespace tollgate::local_engine::cpu
