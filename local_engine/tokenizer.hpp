@@ -26,8 +26,9 @@ class Tokenizer {
   std::vector<std::int32_t> encode(std::string_view text, bool add_bos, bool parse_special = false) const;
 
   // The bytes one token stands for: byte pieces give their byte, "▁" a space,
-  // GPT-2 pieces their decoded bytes, control tokens nothing. May be part of
-  // a UTF-8 character.
+  // GPT-2 pieces their decoded bytes, user-defined tokens their text,
+  // control, unknown and unused tokens nothing. May be part of a UTF-8
+  // character.
   std::string token_bytes(std::int32_t id) const;
 
   // Whole-sequence decoding (SentencePiece drops the leading space of a
