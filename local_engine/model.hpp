@@ -49,11 +49,11 @@ struct LayerWeights {
 // of each head, the layout of both GGUF llama files and llama2.c checkpoints.
 struct Model {
   Hyperparams params;
-  std::string name;            // general.name, or the file's stem
-  std::string file_type;       // e.g. "F32", "Q8_0", "mostly F16"
-  Tensor token_embedding;      // vocab x dim
-  Tensor output_norm;          // 1 x dim, f32
-  Tensor output;               // vocab x dim; the embedding itself when tied
+  std::string name;        // general.name, or the file's stem
+  std::string file_type;   // e.g. "F32", "Q8_0", "mostly F16"
+  Tensor token_embedding;  // vocab x dim
+  Tensor output_norm;      // 1 x dim, f32
+  Tensor output;           // vocab x dim; the embedding itself when tied
   std::vector<LayerWeights> layers;
   Vocabulary vocab;
   std::shared_ptr<const void> storage;  // keeps the mapping (or owned buffers) alive
@@ -77,7 +77,7 @@ std::string describe_model_file(const std::string& path);
 // `seed`. Throws std::invalid_argument for inconsistent hyperparameters (or
 // dim/hidden_dim not multiples of 32 for quantised types), std::runtime_error
 // when the file cannot be written.
-void write_random_llama_gguf(const std::string& path, const Hyperparams& params, DType weight_type,
-                             std::uint64_t seed, const std::string& name);
+void write_random_llama_gguf(const std::string& path, const Hyperparams& params, DType weight_type, std::uint64_t seed,
+                             const std::string& name);
 
 }  // namespace tollgate::local_engine
