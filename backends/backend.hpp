@@ -27,6 +27,10 @@ struct CompletionRequest {
   double top_p = 1.0;
   double presence_penalty = 0.0;
   double frequency_penalty = 0.0;
+  // Beyond OpenAI's parameters, as vLLM and llama.cpp's server accept them.
+  std::int64_t top_k = 0;  // 0: off
+  double min_p = 0.0;
+  double repetition_penalty = 1.0;
   std::optional<std::uint64_t> seed;
   std::vector<std::string> stop;
   bool stream = false;

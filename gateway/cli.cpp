@@ -1,17 +1,22 @@
 #include "gateway/cli.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <boost/json.hpp>
 #include <charconv>
+#include <condition_variable>
+#include <mutex>
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
 #include <map>
 #include <optional>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include "backends/local.hpp"
 #include "gateway/admin.hpp"
 #include "gateway/config.hpp"
 #include "gateway/server.hpp"
@@ -32,6 +37,11 @@ usage:
   tollgate users list [--db FILE]
   tollgate users limits NAME [--rpm N] [--tpm N] [--rpd N] [--tpd N] [--tokens-per-month N] [--db FILE]
   tollgate usage [--user NAME] [--since DATE] [--by-day] [--by-model] [--json] [--db FILE]
+  tollgate generate --model FILE [--tokenizer FILE] [--prompt TEXT] [--max-tokens N]
+                    [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ids]
+  tollgate model info FILE         architecture, sizes and tensor types of a model file
+  tollgate model init [--out FILE] [--preset demo|bench-100m] [--type f32|f16|bf16|q8_0|q4_0] [--seed S]
+                                   write a random-weight GGUF (for demos and benchmarks)
   tollgate config default          print the embedded default configuration
   tollgate config check FILE       validate a configuration file
 
@@ -83,6 +93,17 @@ class Args {
       throw UsageError("--" + name + " needs a non-negative integer, got '" + *v + "'");
     }
     return n;
+  }
+  std::optional<double> real(const std::string& name) {
+    auto v = take(name);
+    if (!v) return std::nullopt;
+    try {
+      std::size_t used = 0;
+      double d = std::stod(*v, &used);
+      if (used == v->size()) return d;
+    } catch (const std::exception&) {
+    }
+    throw UsageError("--" + name + " needs a number, got '" + *v + "'");
   }
   std::vector<std::string>& positionals() { return positionals_; }
   // Anything left over is a mistake worth naming.
@@ -262,6 +283,118 @@ int usage(Args& args) {
   return 0;
 }
 
+namespace le = local_engine;
+
+// Runs one request through the engine and prints its text as it streams (or,
+// with --ids, the prompt ids after BOS and the generated ids, as llama2.c's
+// reference files list them).
+int generate(Args& args) {
+  auto model_path = args.take("model");
+  if (!model_path) throw UsageError("generate needs --model FILE");
+  auto tokenizer_path = args.take("tokenizer").value_or("");
+  auto prompt = args.take("prompt").value_or("");
+  auto max_tokens = args.number("max-tokens").value_or(256);
+  le::SamplingParams sampling;
+  sampling.temperature = static_cast<float>(args.real("temperature").value_or(1.0));
+  sampling.top_p = static_cast<float>(args.real("top-p").value_or(1.0));
+  sampling.top_k = static_cast<std::int32_t>(args.number("top-k").value_or(0));
+  auto seed = args.number("seed");
+  sampling.seed = seed ? static_cast<std::uint64_t>(*seed) : std::random_device{}();
+  bool print_ids = args.flag("ids");
+  args.finish();
+
+  auto model = le::load_model(*model_path, tokenizer_path);
+  le::Tokenizer tokenizer(model.vocab);
+  le::GenerationRequest request;
+  request.prompt = tokenizer.encode(prompt, model.vocab.add_bos);
+  request.sampling = sampling;
+  request.max_tokens = max_tokens;
+  le::EngineConfig config;
+  config.max_num_seqs = 1;
+  // The file's context length is advice, not a wall: past it the engine warns.
+  config.max_model_len =
+      std::max(model.params.context_length, static_cast<std::int64_t>(request.prompt.size()) + max_tokens);
+  le::Engine engine(std::move(model), config, le::make_cpu_device());
+
+  std::mutex mutex;
+  std::condition_variable finished;
+  std::optional<le::GenerationEvent> last;
+  auto started = std::chrono::steady_clock::now();
+  auto prompt_ids = request.prompt;
+  auto submission = engine.submit(std::move(request), [&](le::GenerationEvent e) {
+    if (e.type == le::GenerationEvent::Type::text) {
+      if (!print_ids) std::cout << e.text << std::flush;
+      return;
+    }
+    std::lock_guard lock(mutex);
+    last = std::move(e);
+    finished.notify_one();
+  });
+  if (submission.refusal != le::Engine::Refusal::none) throw std::runtime_error(submission.message);
+  std::unique_lock lock(mutex);
+  finished.wait(lock, [&] { return last.has_value(); });
+  if (last->type == le::GenerationEvent::Type::error) throw std::runtime_error(last->error);
+  auto took = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  if (print_ids) {
+    std::string line;
+    bool skip_bos = !prompt_ids.empty() && prompt_ids.front() == engine.model().vocab.bos;
+    for (std::size_t i = skip_bos ? 1 : 0; i < prompt_ids.size(); ++i) line += std::to_string(prompt_ids[i]) + " ";
+    for (auto t : last->tokens) line += std::to_string(t) + " ";
+    if (!line.empty()) line.pop_back();
+    std::cout << line;
+  }
+  std::cout << std::endl;
+  std::fprintf(stderr, "tollgate: %lld prompt + %lld generated tokens in %.3f s (%.1f tokens/s) on %s; finish: %s\n",
+               static_cast<long long>(last->prompt_tokens), static_cast<long long>(last->completion_tokens), took,
+               static_cast<double>(last->completion_tokens) / took, engine.device_name().c_str(),
+               last->finish_reason.c_str());
+  return 0;
+}
+
+int model_command(const std::string& sub, Args& args) {
+  if (sub == "info") {
+    args.finish();
+    if (args.positionals().size() != 1) throw UsageError("model info needs exactly one FILE");
+    std::cout << le::describe_model_file(args.positionals()[0]);
+    return 0;
+  }
+  if (sub == "init") {
+    auto out = args.take("out").value_or("./tollgate-demo.gguf");
+    auto preset = args.take("preset").value_or("demo");
+    auto type_name = args.take("type");
+    auto seed = static_cast<std::uint64_t>(args.number("seed").value_or(42));
+    args.finish();
+    if (preset == "demo") {
+      if (type_name) throw UsageError("--type applies to --preset bench-100m; the demo model is Q8_0");
+      backends::write_demo_model(out);
+    } else if (preset == "bench-100m") {
+      // Llama-shaped, ~100M parameters: what bench/ measures decode on.
+      le::Hyperparams p;
+      p.dim = 768;
+      p.hidden_dim = 2048;
+      p.n_layers = 12;
+      p.n_heads = 12;
+      p.n_kv_heads = 12;
+      p.vocab_size = 32000;
+      p.context_length = 2048;
+      std::map<std::string, le::DType> types = {{"f32", le::DType::f32},
+                                                {"f16", le::DType::f16},
+                                                {"bf16", le::DType::bf16},
+                                                {"q8_0", le::DType::q8_0},
+                                                {"q4_0", le::DType::q4_0}};
+      auto type = types.find(type_name.value_or("f32"));
+      if (type == types.end()) throw UsageError("--type must be one of f32, f16, bf16, q8_0, q4_0");
+      le::write_random_llama_gguf(out, p, type->second, seed,
+                                  "tollgate-bench-100m (random weights, not a real model)");
+    } else {
+      throw UsageError("--preset must be demo or bench-100m");
+    }
+    std::cout << out << std::endl;
+    return 0;
+  }
+  throw UsageError("unknown command 'model " + sub + "'");
+}
+
 int dispatch(int argc, char** argv) {
   std::string command = argc > 1 ? argv[1] : "";
   std::string sub = argc > 2 ? argv[2] : "";
@@ -282,6 +415,14 @@ int dispatch(int argc, char** argv) {
   if (command == "usage") {
     Args args(argc, argv, 2, flags);
     return usage(args);
+  }
+  if (command == "generate") {
+    Args args(argc, argv, 2, {"ids"});
+    return generate(args);
+  }
+  if (command == "model") {
+    Args args(argc, argv, 3, flags);
+    return model_command(sub, args);
   }
   if (command == "config" && sub == "default") {
     std::cout << embedded_default_yaml();

@@ -200,6 +200,15 @@ Result parse_completion_request(std::string_view body, bool chat) {
   if (auto e = read_number(*o, "top_p", 0.0, 1.0, r.top_p)) return *e;
   if (auto e = read_number(*o, "presence_penalty", -2.0, 2.0, r.presence_penalty)) return *e;
   if (auto e = read_number(*o, "frequency_penalty", -2.0, 2.0, r.frequency_penalty)) return *e;
+  if (auto e = read_number(*o, "min_p", 0.0, 1.0, r.min_p)) return *e;
+  if (auto e = read_number(*o, "repetition_penalty", 0.01, 10.0, r.repetition_penalty)) return *e;
+  if (const json::value* k = o->if_contains("top_k"); k && !k->is_null()) {
+    // vLLM's -1 means off, as our 0 does.
+    if (!k->is_int64() || k->get_int64() < -1) {
+      return bad_request("'top_k' must be an integer >= -1", "top_k", "invalid_type");
+    }
+    r.top_k = std::max<std::int64_t>(0, k->get_int64());
+  }
   if (auto e = read_bool(*o, "stream", r.stream)) return *e;
 
   if (const json::value* n = o->if_contains("n"); n && !n->is_null()) {

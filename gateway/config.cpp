@@ -164,8 +164,32 @@ BackendConfig read_backend(const Reader& r, const YAML::Node& node, const std::s
     if (auto n = node["insecure_skip_verify"]) {
       b.insecure_skip_verify = r.boolean(n, child_path(path, "insecure_skip_verify"));
     }
+  } else if (b.type == "local") {
+    r.expect_map(node, path,
+                 {"name", "type", "path", "tokenizer", "create_demo", "device", "max_num_seqs",
+                  "max_num_batched_tokens", "max_model_len", "kv_cache", "block_size", "max_waiting", "threads"});
+    if (!node["path"]) r.fail(path, "missing key 'path' (the model file)");
+    b.path = r.string(node["path"], child_path(path, "path"));
+    if (auto n = node["tokenizer"]) b.tokenizer = r.string(n, child_path(path, "tokenizer"));
+    if (auto n = node["create_demo"]) b.create_demo = r.boolean(n, child_path(path, "create_demo"));
+    if (auto n = node["device"]) {
+      b.device = r.string(n, child_path(path, "device"));
+      if (b.device != "auto" && b.device != "cpu" && b.device != "cuda") {
+        r.fail(child_path(path, "device"), "expected auto, cpu or cuda, got '" + b.device + "'");
+      }
+    }
+    std::pair<const char*, std::int64_t*> counts[] = {{"max_num_seqs", &b.max_num_seqs},
+                                                      {"max_num_batched_tokens", &b.max_num_batched_tokens},
+                                                      {"max_model_len", &b.max_model_len},
+                                                      {"block_size", &b.block_size},
+                                                      {"max_waiting", &b.max_waiting}};
+    for (auto [key, target] : counts) {
+      if (auto n = node[key]) *target = r.integer(n, child_path(path, key), 1, 1'000'000);
+    }
+    if (auto n = node["kv_cache"]) b.kv_cache_bytes = static_cast<std::int64_t>(r.size(n, child_path(path, "kv_cache")));
+    if (auto n = node["threads"]) b.threads = static_cast<int>(r.integer(n, child_path(path, "threads"), 0, 1024));
   } else {
-    r.fail(child_path(path, "type"), "unknown backend type '" + b.type + "' (known types: echo, openai)");
+    r.fail(child_path(path, "type"), "unknown backend type '" + b.type + "' (known types: echo, openai, local)");
   }
   if (!node["name"]) r.fail(path, "missing key 'name'");
   b.name = r.string(node["name"], child_path(path, "name"));
@@ -440,9 +464,14 @@ metering: {flush_interval: 1s, per_user_metrics: false}
 limits: {max_body: 4MiB, header_timeout: 10s, idle_timeout: 60s, max_connections: 10000}
 backends:
   - {name: echo, type: echo}
+  # A random-weight demo model Tollgate writes itself at first start (it
+  # babbles: configure a real GGUF to serve a real model).
+  - {name: local, type: local, path: ./tollgate-demo.gguf, create_demo: true, max_num_seqs: 8}
 models:
   - name: echo
     deployments: [{backend: echo}]
+  - name: demo
+    deployments: [{backend: local}]
 )";
   return yaml;
 }

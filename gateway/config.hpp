@@ -53,6 +53,18 @@ struct BackendConfig {
   std::size_t max_connections = 64;
   std::string ca_file;
   bool insecure_skip_verify = false;
+  // local: the in-process engine.
+  std::string path;       // GGUF, or a llama2.c checkpoint
+  std::string tokenizer;  // llama2.c tokenizer file (checkpoints; overrides a GGUF's vocabulary)
+  bool create_demo = false;  // write the random-weight demo model at `path` when it is missing
+  std::string device = "auto";
+  std::int64_t max_num_seqs = 16;
+  std::int64_t max_num_batched_tokens = 512;
+  std::int64_t max_model_len = 0;   // 0: the file's context length
+  std::int64_t kv_cache_bytes = 0;  // 0: room for max_num_seqs full sequences (at most 1 GiB)
+  std::int64_t block_size = 16;
+  std::int64_t max_waiting = 256;
+  int threads = 0;  // 0: one per core
 };
 
 struct DeploymentConfig {

@@ -114,15 +114,43 @@ TEST_CASE("parse_config defaults", "[gateway][config]") {
   }
 }
 
-TEST_CASE("the embedded default configuration parses and serves echo", "[gateway][config]") {
+TEST_CASE("the embedded default configuration parses and serves echo and the local demo model", "[gateway][config]") {
   auto c = tollgate::gateway::embedded_default_config();
   CHECK(c.listen.host == "127.0.0.1");
   CHECK(c.listen.port == 8080);
-  REQUIRE(c.backends.size() == 1);
+  REQUIRE(c.backends.size() == 2);
   CHECK(c.backends[0].type == "echo");
-  REQUIRE(c.models.size() == 1);
+  CHECK(c.backends[1].type == "local");
+  CHECK(c.backends[1].create_demo);
+  REQUIRE(c.models.size() == 2);
   CHECK(c.models[0].name == "echo");
+  CHECK(c.models[1].name == "demo");
   CHECK_NOTHROW(parse_config(tollgate::gateway::embedded_default_yaml(), "again"));
+}
+
+TEST_CASE("a local backend's engine settings are read and checked", "[gateway][config]") {
+  auto c = parse_config(
+      "backends: [{name: l, type: local, path: /m.gguf, tokenizer: /t.bin, device: cpu, max_num_seqs: 4,\n"
+      "            max_num_batched_tokens: 256, max_model_len: 1024, kv_cache: 64MiB, block_size: 32, max_waiting: 9,\n"
+      "            threads: 2}]",
+      "test.yaml");
+  REQUIRE(c.backends.size() == 1);
+  const auto& b = c.backends[0];
+  CHECK(b.path == "/m.gguf");
+  CHECK(b.tokenizer == "/t.bin");
+  CHECK(b.device == "cpu");
+  CHECK(b.max_num_seqs == 4);
+  CHECK(b.max_num_batched_tokens == 256);
+  CHECK(b.max_model_len == 1024);
+  CHECK(b.kv_cache_bytes == 64 * 1024 * 1024);
+  CHECK(b.block_size == 32);
+  CHECK(b.max_waiting == 9);
+  CHECK(b.threads == 2);
+  CHECK_FALSE(b.create_demo);
+  CHECK(contains(config_error("backends: [{name: l, type: local}]"), "missing key 'path'"));
+  CHECK(contains(config_error("backends: [{name: l, type: local, path: x, device: tpu}]"), "expected auto, cpu or cuda"));
+  CHECK(contains(config_error("backends: [{name: l, type: local, path: x, max_num_seqs: 0}]"), "max_num_seqs"));
+  CHECK(contains(config_error("backends: [{name: l, type: local, path: x, max_num_seq: 2}]"), "unknown key 'max_num_seq'"));
 }
 
 TEST_CASE("unknown keys are errors that name the key and where it is", "[gateway][config]") {

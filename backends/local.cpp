@@ -1,0 +1,220 @@
+#include "backends/local.hpp"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <random>
+#include <stdexcept>
+
+#include "local_engine/chat_template.hpp"
+#include "metering/metrics.hpp"
+
+namespace tollgate::backends {
+namespace {
+
+namespace le = local_engine;
+
+// The engine's metrics, named after vLLM's, one series per local backend.
+class EngineMetrics final : public le::EngineObserver {
+ public:
+  EngineMetrics(metering::Registry& r, const std::string& backend)
+      : running_(r.gauge("tollgate_engine_num_requests_running", "Requests in the engine's running batch.",
+                         {"backend"})
+                     .labels({backend})),
+        waiting_(r.gauge("tollgate_engine_num_requests_waiting", "Requests waiting for the engine.", {"backend"})
+                     .labels({backend})),
+        kv_usage_(r.gauge("tollgate_engine_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).",
+                          {"backend"})
+                      .labels({backend})),
+        preemptions_(r.counter("tollgate_engine_num_preemptions_total",
+                               "Requests preempted (KV blocks freed, recomputed later).", {"backend"})
+                         .labels({backend})),
+        prompt_tokens_(r.counter("tollgate_engine_prompt_tokens_total", "Prompt tokens prefilled.", {"backend"})
+                           .labels({backend})),
+        generation_tokens_(r.counter("tollgate_engine_generation_tokens_total", "Tokens generated.", {"backend"})
+                               .labels({backend})),
+        ttft_(r.histogram("tollgate_engine_time_to_first_token_seconds", "Submit to first generated token.",
+                          {"backend"}, metering::latency_buckets())
+                  .labels({backend})),
+        itl_(r.histogram("tollgate_engine_inter_token_latency_seconds", "Time between two generated tokens.",
+                         {"backend"}, metering::latency_buckets())
+                 .labels({backend})),
+        queue_(r.histogram("tollgate_engine_request_queue_time_seconds", "Submit to first scheduled step.",
+                           {"backend"}, metering::latency_buckets())
+                   .labels({backend})) {}
+
+  void on_scheduled(double queue_seconds, std::int64_t prompt_tokens) override {
+    queue_.observe(queue_seconds);
+    prompt_tokens_.inc(static_cast<double>(prompt_tokens));
+  }
+  void on_first_token(double ttft_seconds) override {
+    ttft_.observe(ttft_seconds);
+    generation_tokens_.inc();
+  }
+  void on_token(double inter_token_seconds) override {
+    itl_.observe(inter_token_seconds);
+    generation_tokens_.inc();
+  }
+  void on_step(const le::EngineStats& s) override {
+    running_.set(static_cast<double>(s.running));
+    waiting_.set(static_cast<double>(s.waiting));
+    kv_usage_.set(s.kv_cache_usage);
+    auto seen = static_cast<double>(s.num_preemptions);
+    if (seen > preemptions_.value()) preemptions_.inc(seen - preemptions_.value());
+  }
+
+ private:
+  metering::Gauge& running_;
+  metering::Gauge& waiting_;
+  metering::Gauge& kv_usage_;
+  metering::Counter& preemptions_;
+  metering::Counter& prompt_tokens_;
+  metering::Counter& generation_tokens_;
+  metering::Histogram& ttft_;
+  metering::Histogram& itl_;
+  metering::Histogram& queue_;
+};
+
+class LocalHandle final : public CompletionHandle {
+ public:
+  LocalHandle(le::Engine& engine, std::uint64_t id, std::shared_ptr<std::atomic<bool>> cancelled)
+      : engine_(engine), id_(id), cancelled_(std::move(cancelled)) {}
+  void cancel() override {
+    if (cancelled_->exchange(true) || id_ == 0) return;
+    engine_.cancel(id_);
+  }
+
+ private:
+  le::Engine& engine_;
+  std::uint64_t id_;
+  std::shared_ptr<std::atomic<bool>> cancelled_;
+};
+
+CompletionEvent error_event(ErrorKind kind, std::string message, Usage usage = {}) {
+  CompletionEvent e;
+  e.type = CompletionEvent::Type::error;
+  e.error.kind = kind;
+  e.error.message = std::move(message);
+  if (kind == ErrorKind::overloaded) e.error.retry_after_s = 1;
+  e.usage = usage;
+  return e;
+}
+
+class LocalBackend final : public Backend {
+ public:
+  explicit LocalBackend(const LocalBackendConfig& config) : name_(config.name) {
+    if (config.device != "auto" && config.device != "cpu") {
+      throw std::invalid_argument("backend '" + config.name + "': device '" + config.device +
+                                  "' is not available in this build (available: auto, cpu)");
+    }
+    auto model = le::load_model(config.model_path, config.tokenizer_path);
+    if (config.metrics) metrics_ = std::make_unique<EngineMetrics>(*config.metrics, config.name);
+    engine_ = std::make_unique<le::Engine>(std::move(model), config.engine, le::make_cpu_device(config.engine.threads),
+                                           metrics_.get());
+    chat_format_ = le::detect_chat_format(engine_->model().vocab.chat_template);
+  }
+
+  const std::string& name() const override { return name_; }
+  std::string type() const override { return "local"; }
+  Capabilities capabilities() const override { return {}; }
+
+  std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const override {
+    return static_cast<std::int64_t>(prompt_ids(request).size());
+  }
+
+  std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
+    auto cancelled = std::make_shared<std::atomic<bool>>(false);
+    le::GenerationRequest g;
+    g.prompt = prompt_ids(request);
+    g.sampling.temperature = static_cast<float>(request.temperature);
+    g.sampling.top_p = static_cast<float>(request.top_p);
+    g.sampling.top_k = static_cast<std::int32_t>(request.top_k);
+    g.sampling.min_p = static_cast<float>(request.min_p);
+    g.sampling.presence_penalty = static_cast<float>(request.presence_penalty);
+    g.sampling.frequency_penalty = static_cast<float>(request.frequency_penalty);
+    g.sampling.repetition_penalty = static_cast<float>(request.repetition_penalty);
+    g.sampling.seed = request.seed ? *request.seed : std::random_device{}();
+    g.max_tokens = request.max_tokens.value_or(0);
+    g.stop = request.stop;
+    const auto prompt_tokens = static_cast<std::int64_t>(g.prompt.size());
+
+    auto submission = engine_->submit(std::move(g), [sink, cancelled](le::GenerationEvent e) {
+      if (cancelled->load()) return;
+      CompletionEvent out;
+      out.usage = {e.prompt_tokens, e.completion_tokens, false};
+      switch (e.type) {
+        case le::GenerationEvent::Type::text:
+          out.text = std::move(e.text);
+          break;
+        case le::GenerationEvent::Type::done:
+          out.type = CompletionEvent::Type::done;
+          out.finish_reason = std::move(e.finish_reason);
+          break;
+        case le::GenerationEvent::Type::error:
+          out = error_event(ErrorKind::internal, std::move(e.error), out.usage);
+          break;
+      }
+      sink->on_event(std::move(out));
+    });
+    switch (submission.refusal) {
+      case le::Engine::Refusal::none:
+        break;
+      case le::Engine::Refusal::overloaded:
+        sink->on_event(error_event(ErrorKind::overloaded, submission.message, {prompt_tokens, 0, false}));
+        break;
+      case le::Engine::Refusal::too_long:
+      case le::Engine::Refusal::empty:
+        sink->on_event(error_event(ErrorKind::bad_request, submission.message, {prompt_tokens, 0, false}));
+        break;
+    }
+    return std::make_unique<LocalHandle>(*engine_, submission.id, std::move(cancelled));
+  }
+
+ private:
+  std::vector<std::int32_t> prompt_ids(const CompletionRequest& request) const {
+    const auto& tokenizer = engine_->tokenizer();
+    const auto& vocab = tokenizer.vocabulary();
+    if (!request.chat) return tokenizer.encode(request.prompt, vocab.add_bos);
+    std::vector<le::ChatTurn> turns;
+    turns.reserve(request.messages.size());
+    for (const auto& m : request.messages) turns.push_back({m.role, m.content});
+    const bool has_bos = vocab.bos >= 0 && static_cast<std::size_t>(vocab.bos) < vocab.pieces.size();
+    const std::string bos_piece = has_bos ? vocab.pieces[static_cast<std::size_t>(vocab.bos)] : std::string();
+    auto text = le::render_chat(chat_format_, turns, bos_piece);
+    // A format that writes BOS itself (llama2's "<s>") must not get a second one.
+    bool add_bos = vocab.add_bos && !le::chat_format_writes_bos(chat_format_);
+    return tokenizer.encode(text, add_bos, /*parse_special=*/true);
+  }
+
+  std::string name_;
+  std::unique_ptr<EngineMetrics> metrics_;
+  std::unique_ptr<le::Engine> engine_;
+  le::ChatFormat chat_format_ = le::ChatFormat::plain;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_local_backend(const LocalBackendConfig& config) {
+  return std::make_unique<LocalBackend>(config);
+}
+
+void write_demo_model(const std::string& path) {
+  // Small enough to write and load in a blink, big enough to look like a model.
+  le::Hyperparams p;
+  p.dim = 256;
+  p.hidden_dim = 768;
+  p.n_layers = 4;
+  p.n_heads = 8;
+  p.n_kv_heads = 4;
+  p.vocab_size = 1024;
+  p.context_length = 2048;
+  // Written aside and renamed, so a gateway starting beside another never reads half a file.
+  auto parent = std::filesystem::path(path).parent_path();
+  if (!parent.empty()) std::filesystem::create_directories(parent);
+  auto partial = path + ".partial-" + std::to_string(::getpid());
+  le::write_random_llama_gguf(partial, p, le::DType::q8_0, 42, "tollgate-demo (random weights, not a real model)");
+  std::filesystem::rename(partial, path);
+}
+
+}  // namespace tollgate::backends

@@ -1,0 +1,284 @@
+// The in-process engine (`type: local`) through the real binary: reference
+// outputs over HTTP, concurrent streams, chat, metering, cancellation,
+// overload, the CLI, and the embedded default's demo model.
+#include <catch2/catch.hpp>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <thread>
+
+#include "harness.hpp"
+#include "tests/local_engine/reference.hpp"
+
+using namespace tollgate::test;
+namespace json = boost::json;
+
+namespace {
+
+std::string stories_config(const std::string& extra = "") {
+  return "metering: {flush_interval: 100ms}\n"
+         "backends:\n"
+         "  - {name: local, type: local, path: " +
+         shared_model("stories260K.bin") + ", tokenizer: " + shared_model("tok512.bin") + extra +
+         "}\n"
+         "models:\n"
+         "  - name: stories\n"
+         "    deployments: [{backend: local}]\n";
+}
+
+GatewayProcess::Options gateway_options(std::string yaml) {
+  GatewayProcess::Options o;
+  o.config_yaml = std::move(yaml);
+  return o;
+}
+
+std::string completion_body(const std::string& prompt, int max_tokens, bool stream) {
+  json::object o{{"model", "stories"}, {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", 0}};
+  if (stream) {
+    o["stream"] = true;
+    o["stream_options"] = json::object{{"include_usage", true}};
+  }
+  return json::serialize(o);
+}
+
+struct Streamed {
+  std::string text;
+  std::size_t chunks = 0;
+  std::string finish_reason;
+  std::int64_t completion_tokens = -1;
+  bool done = false;
+};
+
+Streamed parse_sse(const std::string& body) {
+  Streamed s;
+  std::size_t pos = 0;
+  while ((pos = body.find("data: ", pos)) != std::string::npos) {
+    auto end = body.find("\n\n", pos);
+    auto data = body.substr(pos + 6, end - pos - 6);
+    pos = end;
+    if (data == "[DONE]") {
+      s.done = true;
+      continue;
+    }
+    auto event = json::parse(data).as_object();
+    if (auto* u = event.if_contains("usage"); u && u->is_object()) {
+      s.completion_tokens = u->at("completion_tokens").as_int64();
+    }
+    for (const auto& c : event.at("choices").as_array()) {
+      s.text += c.at("text").as_string();
+      ++s.chunks;
+      if (!c.at("finish_reason").is_null()) s.finish_reason = c.at("finish_reason").as_string();
+    }
+  }
+  return s;
+}
+
+std::optional<double> metric(std::uint16_t port, const std::string& series) {
+  HttpClient client(port);
+  auto body = client.get("/metrics").body;
+  std::istringstream in(body);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+TEST_CASE("POST /v1/completions reproduces the stories260K reference", "[e2e][local]") {
+  TempDir dir;
+  GatewayProcess gw(dir, gateway_options(stories_config()));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port(), 60s);
+  for (auto [prompt, name] : {std::pair{"", "stories260K-no-prompt-t0-n256"}, {"The cat", "stories260K-The_cat-t0-n256"}}) {
+    INFO(name);
+    auto r = client.post("/v1/completions", key, completion_body(prompt, 256, false));
+    REQUIRE(r.status == 200);
+    auto body = r.json().as_object();
+    auto& choice = body.at("choices").as_array().at(0).as_object();
+    auto expected = trim_right(read_text_file(shared_model("reference/" + std::string(name) + ".txt")));
+    CHECK(trim_right(std::string(prompt) + std::string(choice.at("text").as_string())) == expected);
+    auto ids = reference_ids(std::string(name) + ".ids");
+    auto prompt_after_bos = std::string(prompt).empty() ? 0 : 3;  // "The cat": ▁The ▁c at
+    CHECK(body.at("usage").at("prompt_tokens") == prompt_after_bos + 1);
+    // The reference lists generated ids up to (not including) a generated BOS.
+    auto generated = body.at("usage").at("completion_tokens").as_int64();
+    CHECK((generated == static_cast<std::int64_t>(ids.size()) - prompt_after_bos ||
+           generated == static_cast<std::int64_t>(ids.size()) - prompt_after_bos + 1));
+  }
+  // The usage rows hold the engine's own counts.
+  gw.stop(SIGTERM);
+  CHECK(count_usage_rows(gw.db(), "model = 'stories' AND status = 200 AND estimated = 0 AND completion_tokens > 200") ==
+        2);
+}
+
+TEST_CASE("16 concurrent streamed requests each get exactly what they get alone", "[e2e][local]") {
+  TempDir dir;
+  GatewayProcess gw(dir, gateway_options(stories_config()));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  const std::vector<std::string> prompts = {"",        "The cat", "Once upon a time", "Lily",   "The dog", "Tom and",
+                                            "A big",   "She saw", "They",             "One day", "The sun", "Ben",
+                                            "It was", "The bird", "Mom said",         "The little"};
+  std::vector<std::string> alone;
+  {
+    HttpClient client(gw.port(), 60s);
+    for (const auto& p : prompts) {
+      auto r = client.post("/v1/completions", key, completion_body(p, 100, false));
+      REQUIRE(r.status == 200);
+      alone.emplace_back(r.json().at("choices").at(0).at("text").as_string());
+    }
+  }
+  std::vector<Streamed> streamed(prompts.size());
+  std::vector<int> statuses(prompts.size());
+  std::vector<std::thread> threads;
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] {
+      HttpClient client(gw.port(), 60s);
+      auto r = client.post("/v1/completions", key, completion_body(prompts[i], 100, true));
+      statuses[i] = r.status;
+      streamed[i] = parse_sse(r.body);
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    INFO("prompt '" << prompts[i] << "'");
+    CHECK(statuses[i] == 200);
+    CHECK(streamed[i].done);
+    CHECK(streamed[i].text == alone[i]);
+    CHECK(streamed[i].chunks > 10);  // token by token, not one blob
+    CHECK(streamed[i].completion_tokens > 0);
+  }
+}
+
+TEST_CASE("chat completions, stop sequences and sampling parameters reach the engine", "[e2e][local]") {
+  TempDir dir;
+  GatewayProcess gw(dir, gateway_options(stories_config()));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port(), 60s);
+
+  auto chat = client.post("/v1/chat/completions", key,
+                          R"({"model":"stories","messages":[{"role":"user","content":"Tell me a story"}],)"
+                          R"("max_tokens":20,"temperature":0})");
+  REQUIRE(chat.status == 200);
+  CHECK(chat.json().at("choices").at(0).at("message").at("content").as_string().size() > 0);
+  CHECK(chat.json().at("usage").at("completion_tokens") == 20);
+  CHECK(chat.json().at("choices").at(0).at("finish_reason") == "length");
+
+  auto stopped = client.post("/v1/completions", key,
+                             R"({"model":"stories","prompt":"","max_tokens":100,"temperature":0,"stop":["little girl"]})");
+  REQUIRE(stopped.status == 200);
+  CHECK(stopped.json().at("choices").at(0).at("text") == "Once upon a time, there was a ");
+  CHECK(stopped.json().at("choices").at(0).at("finish_reason") == "stop");
+
+  auto seeded = [&](int seed) {
+    auto r = client.post("/v1/completions", key,
+                         R"({"model":"stories","prompt":"Once","max_tokens":40,"temperature":1.0,"top_k":40,"top_p":0.9,"seed":)" +
+                             std::to_string(seed) + "}");
+    REQUIRE(r.status == 200);
+    return std::string(r.json().at("choices").at(0).at("text").as_string());
+  };
+  CHECK(seeded(5) == seeded(5));
+  CHECK(seeded(5) != seeded(6));
+
+  auto too_long = client.post("/v1/completions", key, completion_body(std::string(4000, 'x'), 10, false));
+  CHECK(too_long.status == 400);
+  CHECK(too_long.json().at("error").at("message").as_string().find("context length") != std::string::npos);
+}
+
+TEST_CASE("a client that disconnects mid-stream frees its sequence; a full queue answers 503", "[e2e][local]") {
+  TempDir dir;
+  GatewayProcess gw(dir, gateway_options(stories_config(", max_num_seqs: 1, max_waiting: 1")));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  {
+    HttpClient client(gw.port());
+    auto body = completion_body("", 100000, true);
+    REQUIRE(client.send_raw("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
+                            "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+                            "\r\n\r\n" + body));
+    REQUIRE(client.read_some(5s).find("data: ") != std::string::npos);
+  }  // closed mid-stream
+  auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (metric(gw.port(), "tollgate_engine_kv_cache_usage_perc{backend=\"local\"}").value_or(1) != 0 &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  CHECK(metric(gw.port(), "tollgate_engine_kv_cache_usage_perc{backend=\"local\"}") == 0.0);
+  CHECK(metric(gw.port(), "tollgate_engine_num_requests_running{backend=\"local\"}") == 0.0);
+
+  // One running, one waiting: a third concurrent request is refused with 503 and Retry-After.
+  std::vector<int> statuses(6);
+  std::vector<std::string> retry_after(6);
+  std::vector<std::thread> threads;
+  for (std::size_t i = 0; i < statuses.size(); ++i) {
+    threads.emplace_back([&, i] {
+      HttpClient client(gw.port(), 60s);
+      auto r = client.post("/v1/completions", key, completion_body("", 300, false));
+      statuses[i] = r.status;
+      retry_after[i] = r.header("retry-after");
+    });
+  }
+  for (auto& t : threads) t.join();
+  auto ok = std::count(statuses.begin(), statuses.end(), 200);
+  auto refused = std::count(statuses.begin(), statuses.end(), 503);
+  CHECK(ok >= 2);
+  CHECK(refused >= 1);
+  CHECK(ok + refused == 6);
+  for (std::size_t i = 0; i < statuses.size(); ++i) {
+    if (statuses[i] == 503) CHECK(retry_after[i] == "1");
+  }
+  CHECK(metric(gw.port(), "tollgate_engine_generation_tokens_total{backend=\"local\"}").value_or(0) > 300);
+}
+
+TEST_CASE("tollgate generate prints the reference completion; model info describes the file", "[e2e][local]") {
+  auto ids = run_tollgate({"generate", "--model", shared_model("stories260K.bin"), "--tokenizer",
+                           shared_model("tok512.bin"), "--prompt", "The cat", "--temperature", "0", "--max-tokens",
+                           "300", "--ids"},
+                          60s);
+  REQUIRE(ids.exit_code == 0);
+  auto expected = reference_ids("stories260K-The_cat-t0-n256.ids");
+  std::string expected_line;
+  for (auto id : expected) expected_line += std::to_string(id) + " ";
+  // A generated BOS ends the run; the reference does not list it.
+  auto line = trim_right(ids.out);
+  if (line.size() >= 2 && line.substr(line.size() - 2) == " 1") line.resize(line.size() - 2);
+  CHECK(line == trim_right(expected_line));
+
+  auto text = run_tollgate({"generate", "--model", shared_model("stories260K.gguf"), "--temperature", "0",
+                            "--max-tokens", "255"},
+                           60s);
+  REQUIRE(text.exit_code == 0);
+  CHECK(trim_right(text.out) ==
+        trim_right(read_text_file(shared_model("reference/stories260K-no-prompt-t0-n256.txt"))).substr(0, trim_right(text.out).size()));
+  CHECK(text.out.starts_with("Once upon a time, there was a little girl named Lily."));
+  CHECK(text.err.find("exceeds") != std::string::npos);  // past the file's 128-token context: a warning, not a refusal
+
+  auto info = run_tollgate({"model", "info", shared_model("stories260K.gguf")});
+  REQUIRE(info.exit_code == 0);
+  CHECK(info.out.find("llama") != std::string::npos);
+  CHECK(info.out.find("blk.4.ffn_down.weight") != std::string::npos);
+  auto bad = run_tollgate({"model", "info", shared_model("README.md")});
+  CHECK(bad.exit_code == 1);
+  CHECK_FALSE(bad.err.empty());
+}
+
+TEST_CASE("the embedded default serves the demo model it writes itself", "[e2e][local]") {
+  TempDir dir;
+  GatewayProcess gw(dir);
+  CHECK(std::filesystem::exists(dir.file("tollgate-demo.gguf")));
+  CHECK(gw.log().find("demo model") != std::string::npos);
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port(), 60s);
+  auto models = client.get("/v1/models", key);
+  CHECK(models.body.find("\"demo\"") != std::string::npos);
+  auto r = client.post("/v1/chat/completions", key, chat_body("demo", "hello", R"("max_tokens":8)"));
+  REQUIRE(r.status == 200);
+  CHECK(r.json().at("usage").at("completion_tokens").as_int64() >= 1);
+}
