@@ -15,6 +15,7 @@
 
 #include "deploy_support.hpp"
 #include "harness.hpp"
+#include "tests/local_engine/reference.hpp"
 
 using namespace tollgate::test;
 using namespace tollgate::test::deploy;
@@ -76,7 +77,8 @@ class PrometheusProcess {
 };
 
 // Tollgate with per-user metrics on and some traffic of every kind the
-// dashboard charts: completions (tokens, time to first token), a 401, a 429.
+// dashboard charts: completions (tokens, time to first token) from echo and
+// from the local engine, a 401, a 429.
 struct BusyGateway {
   explicit BusyGateway(const TempDir& dir) : gw(dir, options()) {
     auto key = create_key(gw.db(), "alice", {"--rpm", "3"});
@@ -85,6 +87,7 @@ struct BusyGateway {
     client.post("/v1/chat/completions", key, chat_body("echo", "one two three", R"("stream":true)"));
     client.post("/v1/completions", key, R"({"model":"echo","prompt":"four five"})");
     client.post("/v1/chat/completions", "tg-notakey", chat_body("echo", "x"));
+    client.post("/v1/completions", key, R"({"model":"stories","prompt":"Once","max_tokens":5})");
     for (int i = 0; i < 3; ++i) client.post("/v1/chat/completions", key, chat_body("echo", "over"));
   }
   static GatewayProcess::Options options() {
@@ -93,9 +96,12 @@ struct BusyGateway {
 metering: {per_user_metrics: true, flush_interval: 100ms}
 backends:
   - {name: echo, type: echo}
+  - {name: local, type: local, path: )" + shared_model("stories260K.bin") + ", tokenizer: " + shared_model("tok512.bin") + R"(}
 models:
   - name: echo
     deployments: [{backend: echo}]
+  - name: stories
+    deployments: [{backend: local}]
 )";
     return o;
   }
@@ -401,10 +407,12 @@ TEST_CASE("every dashboard query parses in Prometheus and names only metrics Tol
     }
   }
   REQUIRE(exprs.size() >= 10);
-  // What the issue asks the dashboard to show (the engine's queue and KV
-  // cache come with the engine, which exports no metrics yet).
+  REQUIRE(exported.contains("tollgate_engine_kv_cache_usage_perc"));  // the local engine ran
+  // What the issue asks the dashboard to show.
   for (const char* t : {"Requests/s by status", "Gateway overhead p50 / p99", "Tokens/s by model and backend",
-                        "Top users by requests", "Top users by tokens"}) {
+                        "Top users by requests", "Top users by tokens", "Engine queue: running and waiting requests",
+                        "KV cache usage", "Time to first token p50 / p99 by model and backend",
+                        "Upstream errors by backend", "Quota rejections and auth failures"}) {
     INFO(t);
     CHECK(titles.contains(t));
   }
