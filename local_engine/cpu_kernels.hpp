@@ -1,0 +1,56 @@
+// Internal to the CPU device: the per-instruction-set kernels behind cpu_ops.hpp.
+// cpu_ops.cpp owns dispatch; cpu_ops_portable.cpp and cpu_ops_avx2.cpp each
+// implement the same table.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+
+#include "local_engine/tensor.hpp"
+
+namespace tollgate::local_engine::cpu::kernels {
+
+// One matmul call's operands. For Q8_0/Q4_0 weights xq holds x quantised to
+// Q8_0 (n rows of cols/32 blocks) and xd those blocks' scales as f32.
+struct MatmulArgs {
+  const Tensor* w = nullptr;
+  const float* x = nullptr;
+  const BlockQ8_0* xq = nullptr;
+  const float* xd = nullptr;
+  std::int64_t n = 0;
+  float* y = nullptr;
+};
+
+// Tokens processed per sweep over the weight rows: x for one sweep should
+// stay in L2 while each row (or tile of rows) is applied to all of it.
+inline std::int64_t token_block(std::int64_t cols) {
+  constexpr std::int64_t kBytes = 512 * 1024;
+  std::int64_t t = kBytes / (cols * 4);
+  return t < 16 ? 16 : t;
+}
+
+// Exact for every finite half (inf and nan keep their class); branch-free so
+// loops over it vectorise, unlike fp16_to_f32.
+inline float half_to_float(std::uint16_t h) {
+  std::uint32_t magnitude = h & 0x7fffu;
+  float f = std::bit_cast<float>(magnitude << 13) * 0x1p112f;
+  std::uint32_t bits = std::bit_cast<std::uint32_t>(f);
+  if (magnitude >= 0x7c00u) bits = 0x7f800000u | (magnitude & 0x3ffu) << 13;
+  return std::bit_cast<float>(bits | (static_cast<std::uint32_t>(h & 0x8000u) << 16));
+}
+
+namespace portable {
+// Computes y[t][r] for rows [row_begin, row_end) and every token t.
+void matmul_rows(const MatmulArgs& args, std::int64_t row_begin, std::int64_t row_end);
+float dot(const float* a, const float* b, std::int64_t n);
+void axpy(float a, const float* x, float* y, std::int64_t n);
+}  // namespace portable
+
+namespace avx2 {
+// Same contracts as portable::; call only where the CPU has AVX2, FMA and F16C.
+void matmul_rows(const MatmulArgs& args, std::int64_t row_begin, std::int64_t row_end);
+float dot(const float* a, const float* b, std::int64_t n);
+void axpy(float a, const float* x, float* y, std::int64_t n);
+}  // namespace avx2
+
+}  // namespace tollgate::local_engine::cpu::kernels

@@ -1,0 +1,236 @@
+#include "local_engine/cpu_ops.hpp"
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string_view>
+#include <vector>
+
+#include "local_engine/cpu_kernels.hpp"
+
+namespace tollgate::local_engine::cpu {
+
+namespace {
+
+Isa choose_isa() {
+  const char* forced = std::getenv("TOLLGATE_CPU");
+  if (forced != nullptr && std::string_view(forced) == "portable") return Isa::portable;
+  return isa_supported(Isa::avx2_fma) ? Isa::avx2_fma : Isa::portable;
+}
+
+// x quantised to Q8_0 for one matmul call. Per calling thread, and it only
+// grows, so a warm engine quantises without allocating.
+struct QuantizedActivations {
+  std::vector<BlockQ8_0> blocks;
+  std::vector<float> scales;
+};
+
+}  // namespace
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::portable:
+      return true;
+    case Isa::avx2_fma: {
+      static const bool supported =
+          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+      return supported;
+    }
+  }
+  return false;
+}
+
+Isa active_isa() {
+  static const Isa isa = choose_isa();
+  return isa;
+}
+
+std::string features() { return active_isa() == Isa::avx2_fma ? "avx2+fma" : "portable"; }
+
+void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, float* y) {
+  matmul(pool, w, x, n, y, active_isa());
+}
+
+void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, float* y, Isa isa) {
+  assert(isa_supported(isa));
+  if (n <= 0 || w.rows <= 0) return;
+  kernels::MatmulArgs args{&w, x, nullptr, nullptr, n, y};
+  if (w.type == DType::q8_0 || w.type == DType::q4_0) {
+    thread_local QuantizedActivations scratch;
+    const std::int64_t blocks = w.cols / kQuantBlock;
+    const auto total = static_cast<std::size_t>(n * blocks);
+    if (scratch.blocks.size() < total) {
+      scratch.blocks.resize(total);
+      scratch.scales.resize(total);
+    }
+    // Plain pointers: inside the lambda `scratch` would name the worker's own.
+    BlockQ8_0* xq = scratch.blocks.data();
+    float* xd = scratch.scales.data();
+    pool.parallel_for(n, [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t t = begin; t < end; ++t) {
+        quantize_row_q8_0(x + t * w.cols, xq + t * blocks, w.cols);
+        for (std::int64_t b = t * blocks; b < (t + 1) * blocks; ++b) xd[b] = fp16_to_f32(xq[b].scale);
+      }
+    });
+    args.xq = xq;
+    args.xd = xd;
+  }
+  auto* rows = isa == Isa::avx2_fma ? &kernels::avx2::matmul_rows : &kernels::portable::matmul_rows;
+  // Threads split the rows in groups of 4 so every thread's tiles are whole.
+  constexpr std::int64_t kGroup = 4;
+  pool.parallel_for((w.rows + kGroup - 1) / kGroup, [&](std::int64_t begin, std::int64_t end) {
+    rows(args, begin * kGroup, std::min(end * kGroup, w.rows));
+  });
+}
+
+void dequantize_row(const Tensor& t, std::int64_t row, float* out) {
+  const std::byte* data = t.row(row);
+  const std::int64_t cols = t.cols;
+  switch (t.type) {
+    case DType::f32:
+      std::memcpy(out, data, static_cast<std::size_t>(cols) * 4);
+      return;
+    case DType::f16: {
+      const auto* h = reinterpret_cast<const std::uint16_t*>(data);
+      for (std::int64_t k = 0; k < cols; ++k) out[k] = kernels::half_to_float(h[k]);
+      return;
+    }
+    case DType::bf16: {
+      const auto* h = reinterpret_cast<const std::uint16_t*>(data);
+      for (std::int64_t k = 0; k < cols; ++k) out[k] = bf16_to_f32(h[k]);
+      return;
+    }
+    case DType::q8_0: {
+      const auto* blocks = reinterpret_cast<const BlockQ8_0*>(data);
+      for (std::int64_t b = 0; b < cols / kQuantBlock; ++b) {
+        const float d = fp16_to_f32(blocks[b].scale);
+        for (int l = 0; l < kQuantBlock; ++l) out[b * kQuantBlock + l] = d * blocks[b].q[l];
+      }
+      return;
+    }
+    case DType::q4_0: {
+      const auto* blocks = reinterpret_cast<const BlockQ4_0*>(data);
+      for (std::int64_t b = 0; b < cols / kQuantBlock; ++b) {
+        const float d = fp16_to_f32(blocks[b].scale);
+        float* o = out + b * kQuantBlock;
+        for (int l = 0; l < kQuantBlock / 2; ++l) {
+          o[l] = d * static_cast<float>((blocks[b].q[l] & 0x0f) - 8);
+          o[l + kQuantBlock / 2] = d * static_cast<float>((blocks[b].q[l] >> 4) - 8);
+        }
+      }
+      return;
+    }
+  }
+}
+
+void rmsnorm(float* out, const float* x, const float* weight, std::int64_t n, float eps) {
+  // Eight partial sums: the loop vectorises and the order is fixed.
+  float partial[8] = {};
+  std::int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) partial[l] += x[k + l] * x[k + l];
+  float sum = 0.0f;
+  for (float p : partial) sum += p;
+  for (; k < n; ++k) sum += x[k] * x[k];
+  const float inv = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
+  for (std::int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * weight[i];
+}
+
+void rope(float* v, std::int64_t n_heads, std::int64_t head_dim, std::int64_t pos, float theta) {
+  // Angles in double: pos * freq reaches thousands of radians, where f32
+  // would lose the fraction that matters.
+  for (std::int64_t i = 0; i < head_dim / 2; ++i) {
+    const double freq =
+        std::pow(static_cast<double>(theta), -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+    const double angle = static_cast<double>(pos) * freq;
+    const auto c = static_cast<float>(std::cos(angle));
+    const auto s = static_cast<float>(std::sin(angle));
+    for (std::int64_t h = 0; h < n_heads; ++h) {
+      float* p = v + h * head_dim + 2 * i;
+      const float a = p[0];
+      const float b = p[1];
+      p[0] = a * c - b * s;
+      p[1] = a * s + b * c;
+    }
+  }
+}
+
+float dot(const float* a, const float* b, std::int64_t n) { return dot(a, b, n, active_isa()); }
+
+float dot(const float* a, const float* b, std::int64_t n, Isa isa) {
+  return isa == Isa::avx2_fma ? kernels::avx2::dot(a, b, n) : kernels::portable::dot(a, b, n);
+}
+
+void axpy(float a, const float* x, float* y, std::int64_t n) { axpy(a, x, y, n, active_isa()); }
+
+void axpy(float a, const float* x, float* y, std::int64_t n, Isa isa) {
+  if (isa == Isa::avx2_fma) {
+    kernels::avx2::axpy(a, x, y, n);
+  } else {
+    kernels::portable::axpy(a, x, y, n);
+  }
+}
+
+void scale(float* x, float a, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+
+void softmax(float* x, std::int64_t n) {
+  if (n <= 0) return;
+  const float max = *std::max_element(x, x + n);
+  float sum = 0.0f;
+  for (std::int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - max);
+    sum += x[i];
+  }
+  scale(x, 1.0f / sum, n);
+}
+
+void silu_mul(float* gate, const float* up, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+void add(float* y, const float* x, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void quantize_row_q8_0(const float* x, BlockQ8_0* out, std::int64_t n) {
+  assert(n % kQuantBlock == 0);
+  for (std::int64_t b = 0; b < n / kQuantBlock; ++b) {
+    const float* v = x + b * kQuantBlock;
+    float amax = 0.0f;
+    for (int l = 0; l < kQuantBlock; ++l) amax = std::max(amax, std::fabs(v[l]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    out[b].scale = f32_to_fp16(d);
+    for (int l = 0; l < kQuantBlock; ++l) out[b].q[l] = static_cast<std::int8_t>(std::round(v[l] * id));
+  }
+}
+
+void quantize_row_q4_0(const float* x, BlockQ4_0* out, std::int64_t n) {
+  assert(n % kQuantBlock == 0);
+  for (std::int64_t b = 0; b < n / kQuantBlock; ++b) {
+    const float* v = x + b * kQuantBlock;
+    // The value of largest magnitude, sign kept, maps to -8: the full range.
+    float amax = 0.0f;
+    float max = 0.0f;
+    for (int l = 0; l < kQuantBlock; ++l) {
+      if (std::fabs(v[l]) > amax) {
+        amax = std::fabs(v[l]);
+        max = v[l];
+      }
+    }
+    const float d = max / -8.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    out[b].scale = f32_to_fp16(d);
+    // x * id lies in [-8, 8]; + 8.5 truncated is round-half-up, clamped to 15.
+    auto level = [&](float value) { return std::min(15, static_cast<int>(value * id + 8.5f)); };
+    for (int l = 0; l < kQuantBlock / 2; ++l) {
+      out[b].q[l] = static_cast<std::uint8_t>(level(v[l]) | level(v[l + kQuantBlock / 2]) << 4);
+    }
+  }
+}
+
+}  // namespace tollgate::local_engine::cpu
