@@ -6,6 +6,8 @@
 #include <thread>
 
 #include "backends/http_client.hpp"
+#include "local_engine/model.hpp"
+#include "local_engine/tokenizer.hpp"
 
 namespace tollgate::backends {
 namespace {
@@ -29,6 +31,8 @@ struct Call {
   UpstreamConnection* active = nullptr;  // backend thread only
   std::int64_t prompt_estimate = 0;
   std::int64_t chunks = 0;  // content pieces received
+  const local_engine::Tokenizer* tokenizer = nullptr;  // counts `produced` when usage is not reported
+  std::string produced;                                // the text, kept only with a tokenizer
   std::optional<Usage> reported;
   bool answered = false;  // the upstream accepted the call: the prompt was consumed
   std::string finish_reason;
@@ -42,6 +46,7 @@ struct Call {
   Usage usage() const {
     if (reported) return *reported;
     if (!answered) return {};
+    if (tokenizer) return {prompt_estimate, static_cast<std::int64_t>(tokenizer->encode(produced, false).size()), true};
     return {prompt_estimate, chunks, true};
   }
 
@@ -194,6 +199,7 @@ Step on_stream_data(Call& call, const std::string& data, bool chat) {
   }
   if (text && text->is_string() && !text->get_string().empty()) {
     ++call.chunks;
+    if (call.tokenizer) call.produced.append(text->get_string());
     CompletionEvent delta;
     delta.text = std::string(text->get_string());
     call.emit(std::move(delta));
@@ -232,6 +238,7 @@ void on_full_body(Call& call, const std::string& body, bool chat) {
   if (!text.empty()) {
     // Without reported usage, ~4 bytes per token is the usual rule of thumb.
     call.chunks = std::max<std::int64_t>(1, static_cast<std::int64_t>(text.size() / 4));
+    if (call.tokenizer) call.produced = text;
     CompletionEvent delta;
     delta.text = std::move(text);
     call.emit(std::move(delta));
@@ -421,6 +428,13 @@ class OpenAICompatibleBackend final : public Backend {
   OpenAICompatibleBackend(const OpenAICompatibleConfig& config, UpstreamOrigin origin)
       : ioc_(std::make_shared<net::io_context>(1)), work_(net::make_work_guard(*ioc_)) {
     up_.config = config;
+    if (!config.tokenizer_path.empty()) {
+      try {
+        tokenizer_ = std::make_unique<local_engine::Tokenizer>(local_engine::load_vocabulary(config.tokenizer_path));
+      } catch (const std::exception& e) {
+        throw std::invalid_argument("backend '" + config.name + "': tokenizer: " + e.what());
+      }
+    }
     HttpClientOptions options;
     options.connect_timeout = config.connect_timeout;
     options.max_connections = config.max_connections;
@@ -455,8 +469,14 @@ class OpenAICompatibleBackend final : public Backend {
   Capabilities capabilities() const override { return {}; }
 
   std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const override {
-    // No tokenizer for a remote model: ~4 bytes per token, plus the chat
-    // template's few tokens per message.
+    // The chat template is the upstream's: a few tokens per message for it.
+    if (tokenizer_) {
+      if (!request.chat) return static_cast<std::int64_t>(tokenizer_->encode(request.prompt, true).size());
+      std::int64_t n = 0;
+      for (const auto& m : request.messages) n += static_cast<std::int64_t>(tokenizer_->encode(m.content, false).size()) + 4;
+      return n;
+    }
+    // No tokenizer for a remote model: ~4 bytes per token.
     std::size_t bytes = request.prompt.size();
     std::int64_t overhead = 0;
     for (const auto& m : request.messages) {
@@ -470,12 +490,14 @@ class OpenAICompatibleBackend final : public Backend {
     auto call = std::make_shared<Call>();
     call->sink = std::move(sink);
     call->prompt_estimate = estimate_prompt_tokens(request);
+    call->tokenizer = tokenizer_.get();
     net::co_spawn(*ioc_, run_call(&up_, call, std::move(request)), net::detached);
     return std::make_unique<CallHandle>(std::move(call), ioc_);
   }
 
  private:
   Upstream up_;
+  std::unique_ptr<local_engine::Tokenizer> tokenizer_;
   std::shared_ptr<net::io_context> ioc_;
   net::executor_work_guard<net::io_context::executor_type> work_;
   std::unique_ptr<HttpClient> client_;

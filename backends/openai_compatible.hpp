@@ -28,11 +28,15 @@ struct OpenAICompatibleConfig {
   std::size_t max_connections = 64;
   std::string ca_file;
   bool insecure_skip_verify = false;
+  // A GGUF or llama2.c tokenizer file for the upstream's model: when the
+  // upstream reports no usage, tokens are counted with it (still marked
+  // estimated) instead of guessed from bytes and chunks.
+  std::string tokenizer_path;
   // Events the client has not taken yet past which reading the upstream pauses.
   std::size_t max_pending_events = 64;
 };
 
-// Throws std::invalid_argument for a bad base_url or an unreadable ca_file.
+// Throws std::invalid_argument for a bad base_url, an unreadable ca_file or tokenizer.
 std::unique_ptr<Backend> make_openai_compatible_backend(const OpenAICompatibleConfig& config);
 
 // The upstream request body: the model is the deployment's, and a streamed

@@ -128,7 +128,8 @@ BackendConfig read_backend(const Reader& r, const YAML::Node& node, const std::s
   } else if (b.type == "openai") {
     r.expect_map(node, path,
                  {"name", "type", "base_url", "api_key", "headers", "timeouts", "max_connections", "ca_file",
-                  "insecure_skip_verify"});
+                  "insecure_skip_verify", "tokenizer"});
+    if (auto n = node["tokenizer"]) b.tokenizer = r.string(n, child_path(path, "tokenizer"));
     if (!node["base_url"]) r.fail(path, "missing key 'base_url'");
     b.base_url = r.string(node["base_url"], child_path(path, "base_url"));
     if (!b.base_url.starts_with("http://") && !b.base_url.starts_with("https://")) {

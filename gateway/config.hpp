@@ -55,7 +55,9 @@ struct BackendConfig {
   bool insecure_skip_verify = false;
   // local: the in-process engine.
   std::string path;       // GGUF, or a llama2.c checkpoint
-  std::string tokenizer;  // llama2.c tokenizer file (checkpoints; overrides a GGUF's vocabulary)
+  // local: a llama2.c tokenizer file (checkpoints; overrides a GGUF's vocabulary).
+  // openai: a GGUF or llama2.c tokenizer file to count tokens an upstream does not report.
+  std::string tokenizer;
   bool create_demo = false;  // write the random-weight demo model at `path` when it is missing
   std::string device = "auto";
   std::int64_t max_num_seqs = 16;

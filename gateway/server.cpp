@@ -1000,6 +1000,7 @@ std::unique_ptr<backends::Backend> make_backend(const BackendConfig& b, metering
     c.max_connections = b.max_connections;
     c.ca_file = b.ca_file;
     c.insecure_skip_verify = b.insecure_skip_verify;
+    c.tokenizer_path = b.tokenizer;
     try {
       return backends::make_openai_compatible_backend(c);
     } catch (const std::invalid_argument& e) {

@@ -65,6 +65,10 @@ struct Model {
 // with a llama2.c tokenizer. Throws ModelError.
 Model load_model(const std::string& path, const std::string& tokenizer_path = {});
 
+// Only the vocabulary: of a GGUF file (any architecture), or of a llama2.c
+// tokenizer file. For counting tokens where no model runs. Throws ModelError.
+Vocabulary load_vocabulary(const std::string& path);
+
 // A human-readable summary for `tollgate model info`: architecture, sizes,
 // tensor names, shapes and types.
 std::string describe_model_file(const std::string& path);

@@ -520,6 +520,23 @@ Model load_model(const std::string& path, const std::string& tokenizer_path) {
   return load_llama2c(std::move(file), tokenizer_path);
 }
 
+Vocabulary load_vocabulary(const std::string& path) {
+  auto file = std::make_shared<const MappedFile>(path);
+  if (!is_gguf(*file)) {
+    try {
+      return load_llama2c_tokenizer(path);
+    } catch (const ModelError&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw ModelError(path + ": " + e.what());
+    }
+  }
+  gguf::File gguf(std::move(file));
+  auto tokens = gguf.get_strings("tokenizer.ggml.tokens");
+  if (!tokens) throw ModelError(path + ": missing metadata 'tokenizer.ggml.tokens'");
+  return read_gguf_vocabulary(gguf, static_cast<std::int64_t>(tokens->size()));
+}
+
 std::string describe_model_file(const std::string& path) {
   auto file = std::make_shared<const MappedFile>(path);
   if (is_gguf(*file)) return describe_gguf(std::move(file));

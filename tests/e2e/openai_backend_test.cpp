@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "harness.hpp"
+#include "local_engine/tokenizer.hpp"
+#include "tests/local_engine/reference.hpp"
 #include "upstream.hpp"
 
 using namespace tollgate::test;
@@ -174,6 +176,46 @@ TEST_CASE("openai backend: Groq's x_groq.usage is exact, and an upstream without
         2);
   CHECK(wait_usage_rows(gw.db(), "model='m-nousage' AND status=200 AND estimated=1 AND completion_tokens>0", 2) == 2);
   CHECK(count_usage_rows(gw.db(), "model='m-nousage' AND estimated=1 AND completion_tokens=4") == 1);
+}
+
+TEST_CASE("openai backend: with a tokenizer, unreported usage is counted with it (and still marked estimated)",
+          "[e2e][openai]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  std::string url = "http://127.0.0.1:" + std::to_string(fake.port()) + "/v1";
+  GatewayProcess gw(dir, with_config("backends:\n"
+                                     "  - {name: counted, type: openai, base_url: '" + url + "', tokenizer: " +
+                                     shared_model("tok512.bin") +
+                                     "}\n"
+                                     "models:\n"
+                                     "  - {name: m-counted, deployments: [{backend: counted, model: nousage}]}\n"));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  tollgate::local_engine::Tokenizer tok512(tollgate::local_engine::load_llama2c_tokenizer(shared_model("tok512.bin")));
+  auto completion = static_cast<std::int64_t>(tok512.encode("Hello from fake upstream", false).size());
+  auto prompt = static_cast<std::int64_t>(tok512.encode("hi there", false).size()) + 4;  // + the template's share
+  REQUIRE(completion != 4);  // differs from the one-per-piece count, so the test tells them apart
+
+  HttpClient client(gw.port());
+  auto r = client.post("/v1/chat/completions", key, stream_body("m-counted", true));
+  REQUIRE(r.status == 200);
+  auto s = parse_stream(r.body);
+  CHECK(s.text == "Hello from fake upstream");
+  REQUIRE(s.usage);
+  CHECK(s.usage->at("completion_tokens") == completion);
+  CHECK(s.usage->at("prompt_tokens") == prompt);
+  CHECK(wait_usage_rows(gw.db(),
+                        "model='m-counted' AND estimated=1 AND completion_tokens=" + std::to_string(completion) +
+                            " AND prompt_tokens=" + std::to_string(prompt),
+                        1) == 1);
+
+  // A tokenizer that cannot be read stops the start with a message naming it.
+  auto config = dir.file("bad.yaml");
+  std::ofstream(config) << "backends: [{name: b, type: openai, base_url: 'http://127.0.0.1:9', tokenizer: " +
+                               dir.file("absent.bin") + "}]\n";
+  auto bad = run_tollgate({"serve", "--config", config, "--listen", "127.0.0.1:0", "--db", dir.file("b.db")});
+  CHECK(bad.exit_code == 1);
+  CHECK(bad.err.find("backend 'b': tokenizer") != std::string::npos);
 }
 
 TEST_CASE("openai backend: upstream failures map to 502, 504, 429, 400, 404 and a mid-stream error event",
