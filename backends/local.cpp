@@ -164,7 +164,7 @@ class LocalBackend final : public Backend {
         sink->on_event(error_event(ErrorKind::overloaded, submission.message, {prompt_tokens, 0, false}));
         break;
       case le::Engine::Refusal::too_long:
-      case le::Engine::Refusal::empty:
+      case le::Engine::Refusal::invalid:
         sink->on_event(error_event(ErrorKind::bad_request, submission.message, {prompt_tokens, 0, false}));
         break;
     }
@@ -213,7 +213,7 @@ void write_demo_model(const std::string& path) {
   auto parent = std::filesystem::path(path).parent_path();
   if (!parent.empty()) std::filesystem::create_directories(parent);
   auto partial = path + ".partial-" + std::to_string(::getpid());
-  le::write_random_llama_gguf(partial, p, le::DType::q8_0, 42, "tollgate-demo (random weights, not a real model)");
+  le::write_random_llama_gguf(partial, p, le::DType::q8_0, 42, "tollgate-demo");
   std::filesystem::rename(partial, path);
 }
 

@@ -385,7 +385,7 @@ int model_command(const std::string& sub, Args& args) {
       auto type = types.find(type_name.value_or("f32"));
       if (type == types.end()) throw UsageError("--type must be one of f32, f16, bf16, q8_0, q4_0");
       le::write_random_llama_gguf(out, p, type->second, seed,
-                                  "tollgate-bench-100m (random weights, not a real model)");
+                                  "tollgate-bench-100m");
     } else {
       throw UsageError("--preset must be demo or bench-100m");
     }

@@ -62,7 +62,7 @@ struct BackendConfig {
   std::string device = "auto";
   std::int64_t max_num_seqs = 16;
   std::int64_t max_num_batched_tokens = 512;
-  std::int64_t max_model_len = 0;   // 0: the file's context length
+  std::int64_t max_model_len = 0;   // 0: the file's context length, at most 8192
   std::int64_t kv_cache_bytes = 0;  // 0: room for max_num_seqs full sequences (at most 1 GiB)
   std::int64_t block_size = 16;
   std::int64_t max_waiting = 256;

@@ -25,9 +25,13 @@ GenerationEvent error_event(std::string message, std::int64_t prompt_tokens, std
   return e;
 }
 
+// Files often claim 128K positions; the default stays where one sequence's
+// KV cache is a few hundred MB at most. max_model_len raises it.
+constexpr std::int64_t kDefaultMaxModelLen = 8192;
+
 std::int64_t resolved_max_model_len(const Model& model, const EngineConfig& config) {
   if (config.max_model_len > 0) return config.max_model_len;
-  return model.params.context_length > 0 ? model.params.context_length : 2048;
+  return model.params.context_length > 0 ? std::min(model.params.context_length, kDefaultMaxModelLen) : 2048;
 }
 
 std::int64_t resolved_kv_blocks(const Model& model, const EngineConfig& config, std::int64_t max_model_len) {
@@ -138,7 +142,7 @@ Engine::~Engine() {
 }
 
 Engine::Submission Engine::submit(GenerationRequest request, GenerationCallback callback) {
-  if (request.prompt.empty()) return {0, Refusal::empty, "the prompt is empty"};
+  if (request.prompt.empty()) return {0, Refusal::invalid, "the prompt is empty"};
   auto len = static_cast<std::int64_t>(request.prompt.size());
   if (len >= config_.max_model_len) {
     return {0, Refusal::too_long,
@@ -146,7 +150,7 @@ Engine::Submission Engine::submit(GenerationRequest request, GenerationCallback 
                 std::to_string(config_.max_model_len) + " tokens"};
   }
   for (auto t : request.prompt) {
-    if (t < 0 || t >= model_.params.vocab_size) return {0, Refusal::empty, "token id out of range"};
+    if (t < 0 || t >= model_.params.vocab_size) return {0, Refusal::invalid, "token id out of range"};
   }
   auto live = std::make_unique<Live>(tokenizer_, std::move(request), std::move(callback));
   std::uint64_t id;

@@ -23,7 +23,7 @@ namespace tollgate::local_engine {
 struct EngineConfig {
   std::int64_t max_num_seqs = 16;
   std::int64_t max_num_batched_tokens = 512;  // per step: decode tokens and prefill chunks together
-  std::int64_t max_model_len = 0;             // prompt + output; 0: the file's context length
+  std::int64_t max_model_len = 0;             // prompt + output; 0: the file's context length, at most 8192
   std::int64_t kv_cache_bytes = 0;            // 0: room for max_num_seqs sequences of max_model_len
   std::int64_t block_size = 16;               // tokens per KV block
   std::int64_t max_waiting = 256;             // past it, submit() answers overloaded
@@ -77,7 +77,7 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  enum class Refusal { none, overloaded, too_long, empty };
+  enum class Refusal { none, overloaded, too_long, invalid };
   struct Submission {
     std::uint64_t id = 0;
     Refusal refusal = Refusal::none;
@@ -116,7 +116,6 @@ class Engine {
   std::vector<std::unique_ptr<Live>> inbox_;
   std::vector<std::uint64_t> cancels_;
   std::uint64_t next_id_ = 1;
-  std::int64_t queued_ = 0;  // submitted, not yet finished
   bool stopping_ = false;
 
   std::atomic<std::int64_t> running_{0};

@@ -32,7 +32,7 @@ KvCache::KvCache(std::int64_t n_layers, std::int64_t num_blocks, std::int64_t bl
     : block_size_(block_size),
       slots_(num_blocks * block_size),
       kv_dim_(kv_dim),
-      keys_(static_cast<std::size_t>(n_layers * slots_ * kv_dim)),
-      values_(static_cast<std::size_t>(n_layers * slots_ * kv_dim)) {}
+      keys_(new float[static_cast<std::size_t>(n_layers * slots_ * kv_dim)]),
+      values_(new float[static_cast<std::size_t>(n_layers * slots_ * kv_dim)]) {}
 
 }  // namespace tollgate::local_engine

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -65,8 +66,10 @@ class KvCache {
   std::int64_t block_size_;
   std::int64_t slots_;
   std::int64_t kv_dim_;
-  std::vector<float> keys_;
-  std::vector<float> values_;
+  // Not zeroed: a slot is read only after its position was written, and
+  // untouched pages cost no memory.
+  std::unique_ptr<float[]> keys_;
+  std::unique_ptr<float[]> values_;
 };
 
 }  // namespace tollgate::local_engine

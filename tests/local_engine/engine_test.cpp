@@ -198,5 +198,5 @@ TEST_CASE("a cancelled request leaves at once and frees its blocks; the engine r
   auto too_long = greedy(engine.tokenizer(), std::string(3000, 'a'), 1);
   CHECK(engine.submit(std::move(too_long), [](le::GenerationEvent) {}).refusal == le::Engine::Refusal::too_long);
   le::GenerationRequest empty;
-  CHECK(engine.submit(std::move(empty), [](le::GenerationEvent) {}).refusal == le::Engine::Refusal::empty);
+  CHECK(engine.submit(std::move(empty), [](le::GenerationEvent) {}).refusal == le::Engine::Refusal::invalid);
 }

@@ -1,0 +1,152 @@
+// Decode throughput of the local engine against the machine's memory
+// bandwidth: single-stream decode reads every weight once per token, so
+// bandwidth / weight bytes is its ceiling. Prints one line per stream count.
+//
+//   tollgate_engine_bench MODEL.gguf [TOKENS_PER_STREAM] [STREAMS...]
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <numeric>
+#include <thread>
+#include <string>
+#include <vector>
+
+#include "local_engine/engine.hpp"
+
+namespace le = tollgate::local_engine;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// Best of several passes of a 512 MiB copy: read + write bytes per second,
+// the traffic a streaming kernel sees.
+double copy_bandwidth() {
+  const std::size_t n = std::size_t{512} << 20;
+  std::vector<char> a(n, 1), b(n, 2);
+  double best = 0;
+  for (int pass = 0; pass < 5; ++pass) {
+    auto t0 = Clock::now();
+    std::memcpy(b.data(), a.data(), n);
+    double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    best = std::max(best, 2.0 * static_cast<double>(n) / s);
+    std::swap(a, b);
+  }
+  return best;
+}
+
+// Best of several passes of every hardware thread summing its share of a
+// 512 MiB buffer: the read bandwidth decode can use at most.
+double read_bandwidth() {
+  const std::size_t n = (std::size_t{512} << 20) / sizeof(std::uint64_t);
+  std::vector<std::uint64_t> data(n, 3);
+  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::uint64_t> sums(threads);
+  double best = 0;
+  for (int pass = 0; pass < 5; ++pass) {
+    auto t0 = Clock::now();
+    std::vector<std::thread> workers;
+    for (unsigned t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        std::uint64_t sum = 0;
+        for (std::size_t i = n * t / threads; i < n * (t + 1) / threads; ++i) sum += data[i];
+        sums[t] = sum;
+      });
+    }
+    for (auto& w : workers) w.join();
+    double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(n * sizeof(std::uint64_t)) / s);
+  }
+  if (std::accumulate(sums.begin(), sums.end(), std::uint64_t{0}) != 3 * n) std::abort();
+  return best;
+}
+
+std::size_t weight_bytes(const le::Model& m) {
+  std::size_t total = m.output.bytes() + m.output_norm.bytes();
+  for (const auto& l : m.layers) {
+    for (const auto* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w_gate, &l.w_down, &l.w_up}) {
+      total += t->bytes();
+    }
+  }
+  return total;
+}
+
+// Runs `streams` requests of `tokens` generated tokens at once; returns
+// generated tokens per second over the wall time of the decode phase.
+double run(le::Engine& engine, int streams, std::int64_t tokens) {
+  std::mutex mutex;
+  std::condition_variable cv;
+  int finished = 0;
+  std::int64_t generated = 0;
+  auto t0 = Clock::now();
+  for (int i = 0; i < streams; ++i) {
+    le::GenerationRequest r;
+    r.prompt = engine.tokenizer().encode("Once upon a time " + std::to_string(i), true);
+    r.sampling.temperature = 0;
+    r.max_tokens = tokens;
+    auto s = engine.submit(std::move(r), [&](le::GenerationEvent e) {
+      if (e.type == le::GenerationEvent::Type::text) return;
+      std::lock_guard lock(mutex);
+      generated += e.completion_tokens;
+      ++finished;
+      cv.notify_one();
+    });
+    if (s.refusal != le::Engine::Refusal::none) {
+      std::fprintf(stderr, "refused: %s\n", s.message.c_str());
+      std::exit(1);
+    }
+  }
+  std::unique_lock lock(mutex);
+  cv.wait(lock, [&] { return finished == streams; });
+  return static_cast<double>(generated) / std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: %s MODEL.gguf [TOKENS_PER_STREAM] [STREAMS...]\n", argv[0]);
+    return 2;
+  }
+  std::int64_t tokens = argc > 2 ? std::atoll(argv[2]) : 64;
+  std::vector<int> stream_counts;
+  for (int i = 3; i < argc; ++i) stream_counts.push_back(std::atoi(argv[i]));
+  if (stream_counts.empty()) stream_counts = {1, 4, 16};
+
+  double copy = copy_bandwidth();
+  double read = read_bandwidth();
+  auto model = le::load_model(argv[1]);
+  auto bytes = weight_bytes(model);
+  std::string name = model.name, type = model.file_type;
+  le::EngineConfig config;
+  config.max_num_seqs = *std::max_element(stream_counts.begin(), stream_counts.end());
+  config.max_model_len = 512;
+  le::Engine engine(std::move(model), config, le::make_cpu_device());
+
+  // Decode only reads weights: the read loop's rate is the ceiling (the copy
+  // loop's read+write rate is printed beside it).
+  double ceiling = read / static_cast<double>(bytes);
+  std::printf("model %s (%s), %.1f MB of weights read per step; device %s\n", name.c_str(), type.c_str(),
+              static_cast<double>(bytes) / 1e6, engine.device_name().c_str());
+  std::printf("memory bandwidth: copy loop %.2f GB/s (read+write), read loop %.2f GB/s -> single-stream ceiling %.1f "
+              "tokens/s\n",
+              copy / 1e9, read / 1e9, ceiling);
+  run(engine, 1, 8);  // warm the page cache and the buffers
+  double single = 0;
+  for (int streams : stream_counts) {
+    double rate = run(engine, streams, tokens);
+    if (streams == 1) single = rate;
+    std::printf("streams %2d: %8.1f tokens/s aggregate", streams, rate);
+    if (streams == 1) {
+      std::printf("  (%.0f%% of the read-bandwidth ceiling, %.0f%% of the copy loop's)", 100.0 * rate / ceiling,
+                  100.0 * rate * static_cast<double>(bytes) / copy);
+    }
+    if (single > 0 && streams > 1) std::printf("  (%.2fx single stream)", rate / single);
+    std::printf("\n");
+    std::fflush(stdout);
+  }
+  return 0;
+}
