@@ -77,6 +77,40 @@ const checks = {
     assert.ok(page.data.some((m) => m.id === 'echo'));
   },
 
+  // The embedded default's demo model on the in-process engine (random
+  // weights: the text is babble, but its shape and counts are real).
+  async localEngineStream() {
+    const stream = await client.chat.completions.create({
+      model: 'demo',
+      messages: [{ role: 'user', content: 'tell me a story' }],
+      max_tokens: 12,
+      seed: 3,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    let deltas = 0;
+    let usage = null;
+    let finish = null;
+    for await (const chunk of stream) {
+      for (const c of chunk.choices) {
+        if (c.delta?.content) deltas++;
+        if (c.finish_reason) finish = c.finish_reason;
+      }
+      if (chunk.usage) usage = chunk.usage;
+    }
+    assert.ok(deltas >= 1, 'no text streamed');
+    assert.ok(usage && usage.completion_tokens >= 1 && usage.completion_tokens <= 12);
+    assert.ok(finish === 'length' || finish === 'stop');
+    const again = await client.completions.create({ model: 'demo', prompt: 'Once', max_tokens: 6, seed: 9 });
+    const same = await client.completions.create({ model: 'demo', prompt: 'Once', max_tokens: 6, seed: 9 });
+    assert.equal(again.choices[0].text, same.choices[0].text);
+  },
+
+  async localEngineContextError() {
+    await expectError(OpenAI.BadRequestError, 400, () =>
+      client.completions.create({ model: 'demo', prompt: 'word '.repeat(5000), max_tokens: 4 }));
+  },
+
   async authenticationError() {
     const stranger = new OpenAI({ baseURL, apiKey: 'tg-not-a-real-key', maxRetries: 0 });
     await expectError(OpenAI.AuthenticationError, 401, () =>
