@@ -236,7 +236,7 @@ void Engine::admit_and_cancel() {
 
 void Engine::step() {
   auto& s = *state_;
-  SchedulerOutput out = s.scheduler.schedule();
+  const SchedulerOutput& out = s.scheduler.schedule();
   preemptions_ += static_cast<std::int64_t>(out.preempted.size());
   if (out.empty()) return;
 

@@ -20,8 +20,10 @@ void Scheduler::preempt(ScheduledRequest* request, SchedulerOutput& output) {
   output.preempted.push_back(request);
 }
 
-SchedulerOutput Scheduler::schedule() {
-  SchedulerOutput output;
+const SchedulerOutput& Scheduler::schedule() {
+  SchedulerOutput& output = output_;
+  output.chunks.clear();
+  output.preempted.clear();
   std::int64_t budget = config_.max_num_batched_tokens;
 
   // Running requests first, highest priority first.

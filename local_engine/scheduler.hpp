@@ -50,7 +50,9 @@ class Scheduler {
   Scheduler(SchedulerConfig config, KvBlockAllocator& blocks);
 
   void add_request(ScheduledRequest* request);  // joins at the next step
-  SchedulerOutput schedule();
+  // The step's decision; valid until the next call (its buffers are reused,
+  // so a steady-state step allocates nothing).
+  const SchedulerOutput& schedule();
   // After the forward pass: the scheduled tokens are now cached.
   void update_from_output(const SchedulerOutput& output);
   // Finished or cancelled: leaves at once and frees its blocks.
@@ -67,6 +69,7 @@ class Scheduler {
   KvBlockAllocator& blocks_;
   std::vector<ScheduledRequest*> running_;  // in priority order
   std::deque<ScheduledRequest*> waiting_;   // in priority order
+  SchedulerOutput output_;
 };
 
 }  // namespace tollgate::local_engine
