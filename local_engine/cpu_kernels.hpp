@@ -1,6 +1,6 @@
 // Internal to the CPU device: the per-instruction-set kernels behind cpu_ops.hpp.
 // cpu_ops.cpp owns dispatch; cpu_ops_portable.cpp and cpu_ops_avx2.cpp each
-// implement the same table.
+// implement the same table (cpu_ops_avx2.cpp also the avx2_vnni matmul).
 #pragma once
 
 #include <bit>
@@ -52,5 +52,11 @@ void matmul_rows(const MatmulArgs& args, std::int64_t row_begin, std::int64_t ro
 float dot(const float* a, const float* b, std::int64_t n);
 void axpy(float a, const float* x, float* y, std::int64_t n);
 }  // namespace avx2
+
+namespace avx2_vnni {
+// avx2::matmul_rows with Q8_0/Q4_0 block dot products on AVX-VNNI, bit-identical
+// to it; call only where the CPU also has AVX-VNNI.
+void matmul_rows(const MatmulArgs& args, std::int64_t row_begin, std::int64_t row_end);
+}  // namespace avx2_vnni
 
 }  // namespace tollgate::local_engine::cpu::kernels

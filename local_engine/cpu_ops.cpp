@@ -1,5 +1,7 @@
 #include "local_engine/cpu_ops.hpp"
 
+#include <cpuid.h>
+
 #include <algorithm>
 #include <cassert>
 #include <cmath>
@@ -16,8 +18,22 @@ namespace {
 
 Isa choose_isa() {
   const char* forced = std::getenv("TOLLGATE_CPU");
-  if (forced != nullptr && std::string_view(forced) == "portable") return Isa::portable;
+  const std::string_view cap = forced != nullptr ? forced : "";
+  if (cap == "portable") return Isa::portable;
+  if (cap != "avx2" && isa_supported(Isa::avx2_vnni)) return Isa::avx2_vnni;
   return isa_supported(Isa::avx2_fma) ? Isa::avx2_fma : Isa::portable;
+}
+
+// CPUID.(EAX=7,ECX=1):EAX bit 4, and the OS saving YMM state (XCR0 bits 1
+// and 2, readable once OSXSAVE is set). Read directly: compilers before GCC 11
+// and Clang 12 have no "avxvnni" for __builtin_cpu_supports.
+bool cpu_has_avx_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) == 0 || (eax & (1u << 4)) == 0) return false;
+  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0 || (ecx & bit_OSXSAVE) == 0) return false;
+  unsigned xcr0 = 0, xcr0_high = 0;
+  __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
+  return (xcr0 & 0x6u) == 0x6u;
 }
 
 // x quantised to Q8_0 for one matmul call. Per calling thread, and it only
@@ -38,6 +54,10 @@ bool isa_supported(Isa isa) {
           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
       return supported;
     }
+    case Isa::avx2_vnni: {
+      static const bool supported = isa_supported(Isa::avx2_fma) && cpu_has_avx_vnni();
+      return supported;
+    }
   }
   return false;
 }
@@ -47,7 +67,17 @@ Isa active_isa() {
   return isa;
 }
 
-std::string features() { return active_isa() == Isa::avx2_fma ? "avx2+fma" : "portable"; }
+std::string features() {
+  switch (active_isa()) {
+    case Isa::portable:
+      return "portable";
+    case Isa::avx2_fma:
+      return "avx2+fma";
+    case Isa::avx2_vnni:
+      return "avx2+fma+avxvnni";
+  }
+  return "portable";
+}
 
 void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, float* y) {
   matmul(pool, w, x, n, y, active_isa());
@@ -77,7 +107,9 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
     args.xq = xq;
     args.xd = xd;
   }
-  auto* rows = isa == Isa::avx2_fma ? &kernels::avx2::matmul_rows : &kernels::portable::matmul_rows;
+  auto* rows = isa == Isa::avx2_vnni  ? &kernels::avx2_vnni::matmul_rows
+               : isa == Isa::avx2_fma ? &kernels::avx2::matmul_rows
+                                      : &kernels::portable::matmul_rows;
   // Threads split the rows in groups of 4 so every thread's tiles are whole.
   constexpr std::int64_t kGroup = 4;
   pool.parallel_for((w.rows + kGroup - 1) / kGroup, [&](std::int64_t begin, std::int64_t end) {
@@ -160,16 +192,16 @@ void rope(float* v, std::int64_t n_heads, std::int64_t head_dim, std::int64_t po
 float dot(const float* a, const float* b, std::int64_t n) { return dot(a, b, n, active_isa()); }
 
 float dot(const float* a, const float* b, std::int64_t n, Isa isa) {
-  return isa == Isa::avx2_fma ? kernels::avx2::dot(a, b, n) : kernels::portable::dot(a, b, n);
+  return isa == Isa::portable ? kernels::portable::dot(a, b, n) : kernels::avx2::dot(a, b, n);
 }
 
 void axpy(float a, const float* x, float* y, std::int64_t n) { axpy(a, x, y, n, active_isa()); }
 
 void axpy(float a, const float* x, float* y, std::int64_t n, Isa isa) {
-  if (isa == Isa::avx2_fma) {
-    kernels::avx2::axpy(a, x, y, n);
-  } else {
+  if (isa == Isa::portable) {
     kernels::portable::axpy(a, x, y, n);
+  } else {
+    kernels::avx2::axpy(a, x, y, n);
   }
 }
 

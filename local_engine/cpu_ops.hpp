@@ -1,4 +1,4 @@
-// The CPU device's numeric kernels: vectorised (AVX2/FMA chosen at run time
+// The CPU device's numeric kernels: vectorised (AVX2/FMA/AVX-VNNI chosen at run time
 // where the CPU has them, a portable fallback otherwise) and multi-threaded
 // over a ThreadPool. The reference every other device is tested against.
 #pragma once
@@ -12,14 +12,18 @@
 namespace tollgate::local_engine::cpu {
 
 // Instruction sets the dispatched kernels (matmul, dot, axpy) exist for.
-enum class Isa { portable, avx2_fma };
+// avx2_vnni is avx2_fma plus AVX-VNNI for the Q8_0/Q4_0 matmul, with results
+// bit-identical to avx2_fma.
+enum class Isa { portable, avx2_fma, avx2_vnni };
 
-// Whether this CPU (and OS) can run kernels built for isa (AVX2, FMA and F16C).
+// Whether this CPU (and OS) can run kernels built for isa (AVX2, FMA and F16C;
+// for avx2_vnni also AVX-VNNI).
 bool isa_supported(Isa isa);
 // What the dispatched kernels use: the best supported, unless the environment
-// variable TOLLGATE_CPU=portable forces the fallback. Decided once per process.
+// variable TOLLGATE_CPU caps it: "portable" forces the fallback, "avx2" AVX2
+// without VNNI (for comparisons and benchmarks). Decided once per process.
 Isa active_isa();
-// "avx2+fma" or "portable": active_isa() by name.
+// "avx2+fma+avxvnni", "avx2+fma" or "portable": active_isa() by name.
 std::string features();
 
 // y = x · Wᵀ for a batch: x is n x w.cols (f32, row-major), y is n x w.rows.

@@ -1,8 +1,9 @@
-// AVX2 + FMA + F16C kernels, compiled per function with target attributes so
-// the rest of the binary still runs on CPUs without them; cpu_ops.cpp calls in
-// only after checking the CPU. Every dot product of a row with a token is one
-// 8-lane accumulator updated in column order and reduced the same way,
-// whatever tile it falls in, so batching never changes a result.
+// AVX2 + FMA + F16C kernels (and AVX-VNNI variants of the quantised ones),
+// compiled per function with target attributes so the rest of the binary still
+// runs on CPUs without them; cpu_ops.cpp calls in only after checking the CPU.
+// Every dot product of a row with a token is one 8-lane accumulator updated in
+// column order and reduced the same way, whatever tile it falls in, so
+// batching never changes a result.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -189,6 +190,62 @@ struct QuantTile {
   }
 };
 
+// QuantTile with each block's integer dot as one AVX-VNNI vpdpbusd per pair
+// instead of sign + maddubs + madd. vpdpbusd multiplies unsigned by signed
+// bytes, so x is offset to x + 128 (flipping its sign bit) and the sum starts
+// from -128 * sum(w) per lane, computed once per row and block: the int32 lane
+// sums (bytes 4l..4l+3) are exactly those of the maddubs path, and the f32
+// steps after them are the same, so results are bit-identical to QuantTile.
+template <typename Load>
+struct VnniQuantTile {
+  template <int R, int T>
+  __attribute__((target("avx2,fma,f16c,avxvnni"))) static void run(const MatmulArgs& a, std::int64_t r0,
+                                                                   std::int64_t t0) {
+    const Tensor& w = *a.w;
+    const std::int64_t blocks = w.cols / kQuantBlock;
+    const auto stride = static_cast<std::int64_t>(row_bytes(w.type, w.cols));
+    const std::byte* rows[R];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) rows[i] = w.row(r0 + i);
+    const BlockQ8_0* xq = a.xq + t0 * blocks;
+    const float* xd = a.xd + t0 * blocks;
+    const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc[R][T];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      __m256i wq[R];
+      __m256i start[R];
+      float wd[R];
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[i] + R * stride) + b * Load::kBlockBytes, _MM_HINT_T0);
+        wq[i] = Load::values(rows[i], b);
+        start[i] = _mm256_sub_epi32(zero, _mm256_dpbusd_avx_epi32(zero, offset, wq[i]));
+        wd[i] = Load::scale(rows[i], b);
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) {
+        __m256i xv =
+            _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[j * blocks + b].q)), offset);
+        float d = xd[j * blocks + b];
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+          __m256 sums = _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(start[i], xv, wq[i]));
+          acc[i][j] = _mm256_fmadd_ps(sums, _mm256_set1_ps(wd[i] * d), acc[i][j]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) a.y[(t0 + j) * w.rows + r0 + i] = hsum(acc[i][j]);
+  }
+};
+
 // Applies row tiles to all tokens in T-token tiles, one L2-sized block of
 // tokens at a time. A single token uses taller tiles (R1 rows) so enough
 // independent accumulators are in flight to keep up with memory.
@@ -262,3 +319,20 @@ __attribute__((target("avx2,fma,f16c"))) void axpy(float a, const float* x, floa
 }
 
 }  // namespace tollgate::local_engine::cpu::kernels::avx2
+
+namespace tollgate::local_engine::cpu::kernels::avx2_vnni {
+
+void matmul_rows(const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
+  switch (a.w->type) {
+    case DType::q8_0:
+      return avx2::sweep<avx2::VnniQuantTile<avx2::Q8Load>, 4, 2, 4>(a, row_begin, row_end);
+    case DType::q4_0:
+      return avx2::sweep<avx2::VnniQuantTile<avx2::Q4Load>, 4, 2, 4>(a, row_begin, row_end);
+    case DType::f32:
+    case DType::f16:
+    case DType::bf16:
+      return avx2::matmul_rows(a, row_begin, row_end);
+  }
+}
+
+}  // namespace tollgate::local_engine::cpu::kernels::avx2_vnni

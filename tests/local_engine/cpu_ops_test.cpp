@@ -26,10 +26,21 @@ std::vector<Isa> testable_isas() {
   } else {
     WARN("this CPU has no AVX2/FMA/F16C: only the portable kernels are tested");
   }
+  if (cpu::isa_supported(Isa::avx2_vnni)) isas.push_back(Isa::avx2_vnni);
   return isas;
 }
 
-const char* isa_name(Isa isa) { return isa == Isa::avx2_fma ? "avx2" : "portable"; }
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::portable:
+      return "portable";
+    case Isa::avx2_fma:
+      return "avx2";
+    case Isa::avx2_vnni:
+      return "avx2+vnni";
+  }
+  return "?";
+}
 
 // A weight matrix in one storage type, built from f32 values.
 struct Weights {
@@ -142,9 +153,12 @@ struct Shape {
 
 TEST_CASE("features names the active instruction set", "[cpu_ops]") {
   auto f = cpu::features();
-  CHECK((f == "avx2+fma" || f == "portable"));
+  CHECK((f == "avx2+fma+avxvnni" || f == "avx2+fma" || f == "portable"));
+  CHECK((f == "avx2+fma+avxvnni") == (cpu::active_isa() == Isa::avx2_vnni));
   CHECK((f == "avx2+fma") == (cpu::active_isa() == Isa::avx2_fma));
   CHECK(cpu::isa_supported(Isa::portable));
+  // VNNI kernels are AVX2 kernels with one more extension.
+  if (cpu::isa_supported(Isa::avx2_vnni)) CHECK(cpu::isa_supported(Isa::avx2_fma));
 }
 
 TEST_CASE("float-weight matmul matches a double-precision reference", "[cpu_ops][matmul]") {
@@ -223,6 +237,37 @@ TEST_CASE("a batched matmul row is bit-identical to that row alone", "[cpu_ops][
             REQUIRE(std::memcmp(alone.data(), batched.data() + t * shape.rows, alone.size() * 4) == 0);
           }
         }
+      }
+    }
+  }
+}
+
+TEST_CASE("the AVX-VNNI quantised matmul is bit-identical to the AVX2 one", "[cpu_ops][matmul]") {
+  if (!cpu::isa_supported(Isa::avx2_vnni)) {
+    WARN("this CPU has no AVX-VNNI: the VNNI kernels are not tested");
+    return;
+  }
+  ThreadPool pool(2);
+  for (Shape shape : {Shape{67, 96}, Shape{1000, 256}, Shape{9, 2048}, Shape{5, 32}}) {
+    // Extreme weights and activations too: w = -128 (possible in a file, not
+    // from our quantiser) and +-127 saturate nothing on either path.
+    auto w32 = random_vector(static_cast<std::size_t>(shape.rows * shape.cols), 16, -4.0f, 4.0f);
+    for (DType type : {DType::q8_0, DType::q4_0}) {
+      auto w = make_weights(type, w32, shape.rows, shape.cols);
+      if (type == DType::q8_0) {
+        auto* blocks = reinterpret_cast<BlockQ8_0*>(w.storage.data());
+        blocks[0].q[0] = -128;
+        blocks[0].q[1] = 127;
+        blocks[0].q[2] = -127;
+      }
+      for (std::int64_t n : {1, 3, 16, 33, 70}) {
+        auto x = random_vector(static_cast<std::size_t>(n * shape.cols), 17);
+        x[0] = 5.0f;  // the largest magnitude of its block: quantised to 127
+        x[1] = -5.0f;
+        INFO(dtype_name(type) << " " << shape.rows << "x" << shape.cols << " n=" << n);
+        auto avx2 = run_matmul(pool, w.tensor, x, n, Isa::avx2_fma);
+        auto vnni = run_matmul(pool, w.tensor, x, n, Isa::avx2_vnni);
+        REQUIRE(std::memcmp(avx2.data(), vnni.data(), avx2.size() * 4) == 0);
       }
     }
   }
