@@ -10,6 +10,8 @@ HTTP or TLS (--cert/--key). The upstream model name picks the behaviour:
   slow     streams 300 pieces, one per 100 ms
   hang     never answers
   die      streams two pieces, then drops the connection
+  flood    streams 100000 pieces of 1 KiB as fast as the socket takes them
+           (GET /_stats "flood_sent" counts the pieces written so far)
   429      Retry-After: 7;  500, 400, 404: errors with a message
 
 GET /_last returns the last completion request (path, headers, body);
@@ -26,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REPLY = ["Hello", " from", " fake", " upstream"]
 lock = threading.Lock()
-state = {"last": None, "requests": 0, "disconnects": 0}
+state = {"last": None, "requests": 0, "disconnects": 0, "flood_sent": 0}
 
 
 def count_disconnect():
@@ -55,7 +57,8 @@ class Handler(BaseHTTPRequestHandler):
             if self.path == "/_last":
                 return self.send_json(200, state["last"] or {})
             if self.path == "/_stats":
-                return self.send_json(200, {"requests": state["requests"], "disconnects": state["disconnects"]})
+                return self.send_json(200, {"requests": state["requests"], "disconnects": state["disconnects"],
+                                            "flood_sent": state["flood_sent"]})
         self.send_json(404, {"error": {"message": "no such route"}})
 
     def chunk(self, data):
@@ -109,7 +112,12 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        pieces = ["t%d " % i for i in range(300)] if model == "slow" else REPLY
+        if model == "slow":
+            pieces = ["t%d " % i for i in range(300)]
+        elif model == "flood":
+            pieces = ("f" * 1024 for _ in range(100000))
+        else:
+            pieces = REPLY
         try:
             self.chunk(b": keep-alive comment\n\n")
             for i, piece in enumerate(pieces):
@@ -132,6 +140,9 @@ class Handler(BaseHTTPRequestHandler):
                     return
                 if model == "slow":
                     time.sleep(0.1)
+                if model == "flood":
+                    with lock:
+                        state["flood_sent"] += 1
             final = {"id": "x", "choices": [{"index": 0, "finish_reason": "stop",
                                              **({"delta": {}} if chat else {"text": ""})}]}
             if model == "groq":

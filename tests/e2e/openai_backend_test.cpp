@@ -38,7 +38,7 @@ std::string fake_config(std::uint16_t port, const std::string& extra_backends = 
                      "    base_url: " + url + "\n"
                      "    timeouts: {first_byte: 1s}\n" +
                      extra_backends + "models:\n";
-  for (std::string m : {"normal", "groq", "nousage", "slow", "die", "429", "500", "400", "404"}) {
+  for (std::string m : {"normal", "groq", "nousage", "slow", "die", "flood", "429", "500", "400", "404"}) {
     yaml += "  - {name: m-" + m + ", deployments: [{backend: up, model: '" + m + "'}]}\n";
   }
   yaml += "  - {name: m-hang, deployments: [{backend: up-impatient, model: hang}]}\n" + extra_models;
@@ -321,6 +321,45 @@ TEST_CASE("openai backend: a client leaving mid-stream cancels the upstream call
   }
   CHECK(disconnects == 1);
   CHECK(wait_usage_rows(gw.db(), "model='m-slow' AND status=499 AND completion_tokens>=3 AND estimated=1", 1) == 1);
+}
+
+TEST_CASE("openai backend: a client that stops reading slows the upstream down instead of being buffered for",
+          "[e2e][openai]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  GatewayProcess gw(dir, with_config(fake_config(fake.port())));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  std::string body = stream_body("m-flood", false);
+  REQUIRE(client.send_raw("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
+                          "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+                          "\r\n\r\n" + body));
+  std::string got;
+  for (int i = 0; i < 100 && got.find("ffff") == std::string::npos; ++i) got += client.read_some(100ms);
+  REQUIRE(got.find("ffff") != std::string::npos);
+  // The client reads nothing more: socket buffers fill, then the gateway's
+  // queue, then the gateway stops reading the upstream, which stalls.
+  auto flood_sent = [&] { return fake.stats().at("flood_sent").as_int64(); };
+  std::this_thread::sleep_for(3s);
+  auto stalled_at = flood_sent();
+  std::this_thread::sleep_for(1s);
+  INFO("pieces sent: " << stalled_at);
+  // The whole answer is 100000 pieces (~100 MiB): without backpressure it
+  // would have been read (and buffered) long ago.
+  CHECK(stalled_at < 40000);
+  CHECK(flood_sent() - stalled_at < 1000);
+  HttpClient other(gw.port());
+  auto metrics = other.get("/metrics").body;
+  auto rss_at = metrics.find("\nprocess_resident_memory_bytes ");
+  REQUIRE(rss_at != std::string::npos);
+  CHECK(std::stod(metrics.substr(rss_at + 31)) < 300e6);
+  // Reading again, the stream goes on from where it was.
+  std::size_t more = 0;
+  auto deadline = std::chrono::steady_clock::now() + 20s;
+  while (more < (8u << 20) && std::chrono::steady_clock::now() < deadline) more += client.read_some(100ms).size();
+  CHECK(more >= (8u << 20));
+  CHECK(flood_sent() > stalled_at);
 }
 
 TEST_CASE("openai backend over TLS: verified with ca_file, refused without it, insecure_skip_verify warns",
