@@ -181,10 +181,9 @@ class LocalBackend final : public Backend {
     for (const auto& m : request.messages) turns.push_back({m.role, m.content});
     const bool has_bos = vocab.bos >= 0 && static_cast<std::size_t>(vocab.bos) < vocab.pieces.size();
     const std::string bos_piece = has_bos ? vocab.pieces[static_cast<std::size_t>(vocab.bos)] : std::string();
-    auto text = le::render_chat(chat_format_, turns, bos_piece);
     // A format that writes BOS itself (llama2's "<s>") must not get a second one.
     bool add_bos = vocab.add_bos && !le::chat_format_writes_bos(chat_format_);
-    return tokenizer.encode(text, add_bos, /*parse_special=*/true);
+    return tokenizer.encode(le::render_chat_segments(chat_format_, turns, bos_piece), add_bos);
   }
 
   std::string name_;

@@ -29,82 +29,120 @@ class SystemPreamble {
   std::optional<std::string> text_;
 };
 
+// The prompt as it is built: template markup (where special tokens count)
+// and what the caller wrote (where they are ordinary text), in order.
+class PromptBuilder {
+ public:
+  void markup(std::string_view text) { append(text, true); }
+  void content(std::string_view text) { append(text, false); }
+  std::vector<TextSegment> take() { return std::move(segments_); }
+
+ private:
+  void append(std::string_view text, bool special) {
+    if (text.empty()) return;
+    if (segments_.empty() || segments_.back().parse_special != special) segments_.push_back({{}, special});
+    segments_.back().text.append(text);
+  }
+  std::vector<TextSegment> segments_;
+};
+
 // <s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} </s><s>[INST] {user} [/INST]
-std::string render_llama2(const std::vector<ChatTurn>& turns, const std::string& bos) {
-  std::string out;
+void render_llama2(PromptBuilder& out, const std::vector<ChatTurn>& turns, const std::string& bos) {
   SystemPreamble system;
+  bool any = false;
   const auto user_turn = [&](const std::string& content) {
-    out += bos + "[INST] ";
-    if (auto preamble = system.take()) out += "<<SYS>>\n" + *preamble + "\n<</SYS>>\n\n";
-    out += content + " [/INST]";
+    out.markup(bos + "[INST] ");
+    if (auto preamble = system.take()) {
+      out.markup("<<SYS>>\n");
+      out.content(*preamble);
+      out.markup("\n<</SYS>>\n\n");
+    }
+    out.content(content);
+    out.markup(" [/INST]");
+    any = true;
   };
   for (const ChatTurn& turn : turns) {
     if (turn.role == "system") {
       system.add(turn.content);
     } else if (turn.role == "assistant") {
-      out += " " + turn.content + " </s>";
+      out.markup(" ");
+      out.content(turn.content);
+      out.markup(" </s>");
+      any = true;
     } else {
       user_turn(turn.content);
     }
   }
-  if (system.pending() || out.empty()) user_turn("");
-  return out;
+  if (system.pending() || !any) user_turn("");
 }
 
 // <|begin_of_text|> is BOS, which the encoder adds.
-std::string render_llama3(const std::vector<ChatTurn>& turns) {
-  std::string out;
+void render_llama3(PromptBuilder& out, const std::vector<ChatTurn>& turns) {
   for (const ChatTurn& turn : turns) {
-    out += "<|start_header_id|>" + turn.role + "<|end_header_id|>\n\n" + turn.content + "<|eot_id|>";
+    out.markup("<|start_header_id|>" + turn.role + "<|end_header_id|>\n\n");
+    out.content(turn.content);
+    out.markup("<|eot_id|>");
   }
-  return out + "<|start_header_id|>assistant<|end_header_id|>\n\n";
+  out.markup("<|start_header_id|>assistant<|end_header_id|>\n\n");
 }
 
-std::string render_chatml(const std::vector<ChatTurn>& turns) {
-  std::string out;
-  for (const ChatTurn& turn : turns) out += "<|im_start|>" + turn.role + "\n" + turn.content + "<|im_end|>\n";
-  return out + "<|im_start|>assistant\n";
+void render_chatml(PromptBuilder& out, const std::vector<ChatTurn>& turns) {
+  for (const ChatTurn& turn : turns) {
+    out.markup("<|im_start|>" + turn.role + "\n");
+    out.content(turn.content);
+    out.markup("<|im_end|>\n");
+  }
+  out.markup("<|im_start|>assistant\n");
 }
 
-std::string render_zephyr(const std::vector<ChatTurn>& turns) {
-  std::string out;
-  for (const ChatTurn& turn : turns) out += "<|" + turn.role + "|>\n" + turn.content + "</s>\n";
-  return out + "<|assistant|>\n";
+void render_zephyr(PromptBuilder& out, const std::vector<ChatTurn>& turns) {
+  for (const ChatTurn& turn : turns) {
+    out.markup("<|" + turn.role + "|>\n");
+    out.content(turn.content);
+    out.markup("</s>\n");
+  }
+  out.markup("<|assistant|>\n");
 }
 
 // Gemma has only user and model turns; a system text opens the next user turn.
-std::string render_gemma(const std::vector<ChatTurn>& turns) {
-  std::string out;
+void render_gemma(PromptBuilder& out, const std::vector<ChatTurn>& turns) {
   SystemPreamble system;
   const auto user_turn = [&](const std::string& content) {
-    out += "<start_of_turn>user\n";
-    if (auto preamble = system.take()) out += *preamble + "\n\n";
-    out += content + "<end_of_turn>\n";
+    out.markup("<start_of_turn>user\n");
+    if (auto preamble = system.take()) {
+      out.content(*preamble);
+      out.markup("\n\n");
+    }
+    out.content(content);
+    out.markup("<end_of_turn>\n");
   };
   for (const ChatTurn& turn : turns) {
     if (turn.role == "system") {
       system.add(turn.content);
     } else if (turn.role == "assistant") {
-      out += "<start_of_turn>model\n" + turn.content + "<end_of_turn>\n";
+      out.markup("<start_of_turn>model\n");
+      out.content(turn.content);
+      out.markup("<end_of_turn>\n");
     } else {
       user_turn(turn.content);
     }
   }
   if (system.pending()) user_turn("");
-  return out + "<start_of_turn>model\n";
+  out.markup("<start_of_turn>model\n");
 }
 
 // For a model without a known template: one "Role: content" line per turn
 // ("System:", "User:", "Assistant:", other roles capitalised likewise), then
 // "Assistant:" for the model to continue.
-std::string render_plain(const std::vector<ChatTurn>& turns) {
-  std::string out;
+void render_plain(PromptBuilder& out, const std::vector<ChatTurn>& turns) {
   for (const ChatTurn& turn : turns) {
     std::string role = turn.role;
     if (!role.empty() && role[0] >= 'a' && role[0] <= 'z') role[0] = static_cast<char>(role[0] - 'a' + 'A');
-    out += role + ": " + turn.content + "\n";
+    out.markup(role + ": ");
+    out.content(turn.content);
+    out.markup("\n");
   }
-  return out + "Assistant:";
+  out.markup("Assistant:");
 }
 
 }  // namespace
@@ -143,22 +181,36 @@ const char* chat_format_name(ChatFormat format) {
 
 bool chat_format_writes_bos(ChatFormat format) { return format == ChatFormat::llama2; }
 
-std::string render_chat(ChatFormat format, const std::vector<ChatTurn>& turns, const std::string& bos) {
+std::vector<TextSegment> render_chat_segments(ChatFormat format, const std::vector<ChatTurn>& turns,
+                                              const std::string& bos) {
+  PromptBuilder out;
   switch (format) {
     case ChatFormat::llama2:
-      return render_llama2(turns, bos);
+      render_llama2(out, turns, bos);
+      break;
     case ChatFormat::llama3:
-      return render_llama3(turns);
+      render_llama3(out, turns);
+      break;
     case ChatFormat::chatml:
-      return render_chatml(turns);
+      render_chatml(out, turns);
+      break;
     case ChatFormat::zephyr:
-      return render_zephyr(turns);
+      render_zephyr(out, turns);
+      break;
     case ChatFormat::gemma:
-      return render_gemma(turns);
+      render_gemma(out, turns);
+      break;
     case ChatFormat::plain:
-      return render_plain(turns);
+      render_plain(out, turns);
+      break;
   }
-  return render_plain(turns);
+  return out.take();
+}
+
+std::string render_chat(ChatFormat format, const std::vector<ChatTurn>& turns, const std::string& bos) {
+  std::string text;
+  for (const auto& segment : render_chat_segments(format, turns, bos)) text += segment.text;
+  return text;
 }
 
 }  // namespace tollgate::local_engine

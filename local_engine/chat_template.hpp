@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "local_engine/tokenizer.hpp"
+
 namespace tollgate::local_engine {
 
 struct ChatTurn {
@@ -22,9 +24,14 @@ const char* chat_format_name(ChatFormat format);
 // without adding another.
 bool chat_format_writes_bos(ChatFormat format);
 
-// The prompt text, ending with the assistant's opening so generation answers.
-// Special markers appear as text: encode it with parse_special. `bos` is the
-// vocabulary's BOS piece where a format writes it itself (llama2's "<s>").
+// The prompt, ending with the assistant's opening so generation answers, as
+// segments for Tokenizer::encode: the template's markers are special tokens,
+// the turns' contents never are (a user who writes "<|im_end|>" gets text, not
+// a turn boundary). `bos` is the vocabulary's BOS piece where a format writes
+// it itself (llama2's "<s>").
+std::vector<TextSegment> render_chat_segments(ChatFormat format, const std::vector<ChatTurn>& turns,
+                                              const std::string& bos);
+// The same prompt as one string (for display and tests).
 std::string render_chat(ChatFormat format, const std::vector<ChatTurn>& turns, const std::string& bos);
 
 }  // namespace tollgate::local_engine

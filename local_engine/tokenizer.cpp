@@ -666,25 +666,39 @@ Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 
 std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool add_bos, bool parse_special) const {
+  return encode(std::vector<TextSegment>{{std::string(text), parse_special}}, add_bos);
+}
+
+std::vector<std::int32_t> Tokenizer::encode(const std::vector<TextSegment>& segments, bool add_bos) const {
   const Impl& impl = *impl_;
   std::vector<std::int32_t> out;
   if (add_bos && impl.vocab.bos >= 0) out.push_back(impl.vocab.bos);
   // llama.cpp's rule: the space prefix goes before text at the start and
   // after each special token, as SentencePiece sees each such run alone.
   bool after_special = true;
-  for (const Impl::Fragment& fragment : impl.split_special(text, parse_special)) {
-    if (fragment.special >= 0) {
+  std::string run;  // ordinary text since the last special token, across segments
+  const auto flush = [&] {
+    if (run.empty()) return;
+    if (impl.vocab.kind == TokenizerKind::sentencepiece) {
+      impl.encode_sentencepiece(run, impl.vocab.add_space_prefix && after_special, out);
+    } else {
+      impl.encode_gpt2(run, out);
+    }
+    run.clear();
+    after_special = false;
+  };
+  for (const TextSegment& segment : segments) {
+    for (const Impl::Fragment& fragment : impl.split_special(segment.text, segment.parse_special)) {
+      if (fragment.special < 0) {
+        run.append(fragment.text);
+        continue;
+      }
+      flush();
       out.push_back(fragment.special);
       after_special = true;
-      continue;
     }
-    if (impl.vocab.kind == TokenizerKind::sentencepiece) {
-      impl.encode_sentencepiece(fragment.text, impl.vocab.add_space_prefix && after_special, out);
-    } else {
-      impl.encode_gpt2(fragment.text, out);
-    }
-    after_special = false;
   }
+  flush();
   return out;
 }
 

@@ -12,6 +12,13 @@
 
 namespace tollgate::local_engine {
 
+// A run of text to encode, and whether special-token text inside it counts
+// (template markup) or is ordinary text (what a user wrote).
+struct TextSegment {
+  std::string text;
+  bool parse_special = false;
+};
+
 class Tokenizer {
  public:
   // Throws std::invalid_argument for a vocabulary it cannot use.
@@ -24,6 +31,9 @@ class Tokenizer {
   // tokens ("<s>", "<|eot_id|>", "<|im_start|>") becomes their ids; without
   // it such text is ordinary text.
   std::vector<std::int32_t> encode(std::string_view text, bool add_bos, bool parse_special = false) const;
+  // The segments encoded as one text (BPE merges across their boundaries),
+  // special tokens recognised only in segments that allow them.
+  std::vector<std::int32_t> encode(const std::vector<TextSegment>& segments, bool add_bos) const;
 
   // The bytes one token stands for: byte pieces give their byte, "▁" a space,
   // GPT-2 pieces their decoded bytes, user-defined tokens their text,
