@@ -11,12 +11,15 @@
 namespace tollgate::local_engine::cpu::kernels {
 
 // One matmul call's operands. For Q8_0/Q4_0 weights xq holds x quantised to
-// Q8_0 (n rows of cols/32 blocks) and xd those blocks' scales as f32.
+// Q8_0 (n rows of cols/32 blocks), xd those blocks' scales as f32 and
+// xoffset -128 * the sum of each block's values (what an unsigned + 128
+// weight operand adds to a block's dot product).
 struct MatmulArgs {
   const Tensor* w = nullptr;
   const float* x = nullptr;
   const BlockQ8_0* xq = nullptr;
   const float* xd = nullptr;
+  const std::int32_t* xoffset = nullptr;
   std::int64_t n = 0;
   float* y = nullptr;
 };
@@ -51,6 +54,8 @@ namespace avx2 {
 void matmul_rows(const MatmulArgs& args, std::int64_t row_begin, std::int64_t row_end);
 float dot(const float* a, const float* b, std::int64_t n);
 void axpy(float a, const float* x, float* y, std::int64_t n);
+// cpu::quantize_row_q8_0 in 8 lanes, the same steps and so the same bytes.
+void quantize_row_q8_0(const float* x, BlockQ8_0* out, std::int64_t n);
 }  // namespace avx2
 
 namespace avx2_vnni {

@@ -41,6 +41,7 @@ bool cpu_has_avx_vnni() {
 struct QuantizedActivations {
   std::vector<BlockQ8_0> blocks;
   std::vector<float> scales;
+  std::vector<std::int32_t> offsets;
 };
 
 }  // namespace
@@ -86,7 +87,7 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
 void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, float* y, Isa isa) {
   assert(isa_supported(isa));
   if (n <= 0 || w.rows <= 0) return;
-  kernels::MatmulArgs args{&w, x, nullptr, nullptr, n, y};
+  kernels::MatmulArgs args{&w, x, nullptr, nullptr, nullptr, n, y};
   if (w.type == DType::q8_0 || w.type == DType::q4_0) {
     thread_local QuantizedActivations scratch;
     const std::int64_t blocks = w.cols / kQuantBlock;
@@ -94,24 +95,36 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
     if (scratch.blocks.size() < total) {
       scratch.blocks.resize(total);
       scratch.scales.resize(total);
+      scratch.offsets.resize(total);
     }
     // Plain pointers: inside the lambda `scratch` would name the worker's own.
     BlockQ8_0* xq = scratch.blocks.data();
     float* xd = scratch.scales.data();
+    std::int32_t* xo = scratch.offsets.data();
     pool.parallel_for(n, [&](std::int64_t begin, std::int64_t end) {
       for (std::int64_t t = begin; t < end; ++t) {
-        quantize_row_q8_0(x + t * w.cols, xq + t * blocks, w.cols);
-        for (std::int64_t b = t * blocks; b < (t + 1) * blocks; ++b) xd[b] = fp16_to_f32(xq[b].scale);
+        if (isa == Isa::portable) {
+          quantize_row_q8_0(x + t * w.cols, xq + t * blocks, w.cols);
+        } else {
+          kernels::avx2::quantize_row_q8_0(x + t * w.cols, xq + t * blocks, w.cols);
+        }
+        for (std::int64_t b = t * blocks; b < (t + 1) * blocks; ++b) {
+          xd[b] = fp16_to_f32(xq[b].scale);
+          std::int32_t sum = 0;
+          for (std::int8_t q : xq[b].q) sum += q;
+          xo[b] = -128 * sum;
+        }
       }
     });
     args.xq = xq;
     args.xd = xd;
+    args.xoffset = xo;
   }
   auto* rows = isa == Isa::avx2_vnni  ? &kernels::avx2_vnni::matmul_rows
                : isa == Isa::avx2_fma ? &kernels::avx2::matmul_rows
                                       : &kernels::portable::matmul_rows;
-  // Threads split the rows in groups of 4 so every thread's tiles are whole.
-  constexpr std::int64_t kGroup = 4;
+  // Threads split the rows in groups of 8 so every thread's tiles are whole.
+  constexpr std::int64_t kGroup = 8;
   pool.parallel_for((w.rows + kGroup - 1) / kGroup, [&](std::int64_t begin, std::int64_t end) {
     rows(args, begin * kGroup, std::min(end * kGroup, w.rows));
   });
@@ -237,7 +250,16 @@ void quantize_row_q8_0(const float* x, BlockQ8_0* out, std::int64_t n) {
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     out[b].scale = f32_to_fp16(d);
-    for (int l = 0; l < kQuantBlock; ++l) out[b].q[l] = static_cast<std::int8_t>(std::round(v[l] * id));
+    for (int l = 0; l < kQuantBlock; ++l) {
+      // std::round (half away from zero) as truncation plus a carry: exact,
+      // since |scaled| <= 127 makes the fraction exact, and a few inline
+      // instructions instead of a libm call (activations are quantised on
+      // every matmul).
+      const float scaled = v[l] * id;
+      const auto whole = static_cast<std::int32_t>(scaled);
+      const float frac = scaled - static_cast<float>(whole);
+      out[b].q[l] = static_cast<std::int8_t>(whole + (frac >= 0.5f ? 1 : 0) - (frac <= -0.5f ? 1 : 0));
+    }
   }
 }
 

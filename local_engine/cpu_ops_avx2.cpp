@@ -2,13 +2,15 @@
 // compiled per function with target attributes so the rest of the binary still
 // runs on CPUs without them; cpu_ops.cpp calls in only after checking the CPU.
 // Every dot product of a row with a token is one 8-lane accumulator updated in
-// column order and reduced the same way, whatever tile it falls in, so
-// batching never changes a result.
+// column order and reduced the same way, whatever tile it falls in (Q8_0: one
+// f32 lane per row, updated per block, see q8_sweep), so batching never
+// changes a result.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "local_engine/cpu_kernels.hpp"
 
@@ -106,18 +108,6 @@ struct FloatTile {
 };
 
 // Loaders for quantised rows: block b as 32 signed bytes and its scale.
-struct Q8Load {
-  static constexpr int kBlockBytes = sizeof(BlockQ8_0);
-  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static __m256i values(const std::byte* row,
-                                                                                        std::int64_t b) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const BlockQ8_0*>(row)[b].q));
-  }
-  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static float scale(const std::byte* row,
-                                                                                     std::int64_t b) {
-    return _cvtsh_ss(reinterpret_cast<const BlockQ8_0*>(row)[b].scale);
-  }
-};
-
 struct Q4Load {
   static constexpr int kBlockBytes = sizeof(BlockQ4_0);
   [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static __m256i values(const std::byte* row,
@@ -246,6 +236,255 @@ struct VnniQuantTile {
   }
 };
 
+// Q8_0 weights against Q8_0 activations, 8 rows at a time so one f32 lane
+// holds one row. Per row r and block b the 32-value integer dot isum is exact,
+// and the row's accumulator is updated once per block, in block order:
+//   acc_r = fma(float(isum), d_w * d_x, acc_r)
+// whichever of the two kernels below computes it, so every n gives the same bits.
+constexpr int kGroupRows = 8;
+// Fewer tokens than this use the rows in place; more amortise interleaving them.
+constexpr std::int64_t kInterleaveMinTokens = 2;
+
+// One block of 8 rows, interleaved (ggml's "8x4" repack): chunk k holds bytes
+// 4k..4k+3 of each row, row r in int32 lane r, so a vpdpbusd against a
+// broadcast of the token's bytes 4k..4k+3 adds to all 8 rows' sums at once.
+// Weights are stored + 128 to be vpdpbusd's unsigned operand.
+struct InterleavedBlock {
+  alignas(32) float scale[kGroupRows];
+  alignas(32) std::uint8_t q[kGroupRows][32];
+};
+
+// Rows past the matrix repeat its last row; their lanes are never stored.
+[[gnu::always_inline]] inline void group_rows(const Tensor& w, std::int64_t r0, const BlockQ8_0* rows[kGroupRows]) {
+  for (int i = 0; i < kGroupRows; ++i) {
+    rows[i] = reinterpret_cast<const BlockQ8_0*>(w.row(std::min(r0 + i, w.rows - 1)));
+  }
+}
+
+// Block b's 8 row scales as f32.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 group_scales(
+    const BlockQ8_0* const rows[kGroupRows], std::int64_t b) {
+  return _mm256_cvtph_ps(_mm_setr_epi16(static_cast<short>(rows[0][b].scale), static_cast<short>(rows[1][b].scale),
+                                        static_cast<short>(rows[2][b].scale), static_cast<short>(rows[3][b].scale),
+                                        static_cast<short>(rows[4][b].scale), static_cast<short>(rows[5][b].scale),
+                                        static_cast<short>(rows[6][b].scale), static_cast<short>(rows[7][b].scale)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) void interleave_q8(const Tensor& w, std::int64_t r0, InterleavedBlock* out) {
+  const BlockQ8_0* rows[kGroupRows];
+  group_rows(w, r0, rows);
+  const std::int64_t blocks = w.cols / kQuantBlock;
+  const auto stride = static_cast<std::int64_t>(row_bytes(w.type, w.cols));
+  const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    __m256i v[kGroupRows];
+#pragma GCC unroll 8
+    for (int i = 0; i < kGroupRows; ++i) {
+      // Rows are short, too short for the hardware prefetcher to ramp up on:
+      // fetch the next group's rows.
+      _mm_prefetch(reinterpret_cast<const char*>(&rows[i][b]) + kGroupRows * stride, _MM_HINT_T0);
+      v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i][b].q));
+    }
+    // 8x8 transpose of 4-byte chunks.
+    __m256i t[kGroupRows];
+#pragma GCC unroll 4
+    for (int i = 0; i < kGroupRows; i += 2) {
+      t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+      t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    __m256i u[kGroupRows];
+#pragma GCC unroll 2
+    for (int i = 0; i < kGroupRows; i += 4) {
+      u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+      u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+      u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+      u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    auto* q = reinterpret_cast<__m256i*>(out[b].q);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      _mm256_store_si256(q + k, _mm256_xor_si256(_mm256_permute2x128_si256(u[k], u[k + 4], 0x20), offset));
+      _mm256_store_si256(q + k + 4, _mm256_xor_si256(_mm256_permute2x128_si256(u[k], u[k + 4], 0x31), offset));
+    }
+    _mm256_store_ps(out[b].scale, group_scales(rows, b));
+  }
+}
+
+// Token t's bytes 4k..4k+3 of block b, in every int32 lane.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256i token_chunk(const BlockQ8_0& x, int k) {
+  std::int32_t chunk;
+  std::memcpy(&chunk, x.q + 4 * k, 4);
+  return _mm256_set1_epi32(chunk);
+}
+
+// The 8 rows' lanes for token t into y, dropping rows past the matrix.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void store_group(const MatmulArgs& a,
+                                                                                        std::int64_t r0, std::int64_t t,
+                                                                                        __m256 acc) {
+  float* out = a.y + t * a.w->rows + r0;
+  if (r0 + kGroupRows <= a.w->rows) {
+    _mm256_storeu_ps(out, acc);
+    return;
+  }
+  alignas(32) float lanes[kGroupRows];
+  _mm256_store_ps(lanes, acc);
+  std::memcpy(out, lanes, static_cast<std::size_t>(a.w->rows - r0) * 4);
+}
+
+// One block's f32 step for T tokens and all 8 rows, after its integer sums.
+template <int T>
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void scale_block(const MatmulArgs& a,
+                                                                                        const InterleavedBlock& block,
+                                                                                        std::int64_t b, std::int64_t t0,
+                                                                                        const __m256i* isum,
+                                                                                        __m256* acc) {
+  const std::int64_t blocks = a.w->cols / kQuantBlock;
+  const float* xd = a.xd + t0 * blocks + b;
+  const __m256 dw = _mm256_load_ps(block.scale);
+#pragma GCC unroll 8
+  for (int j = 0; j < T; ++j) {
+    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(dw, _mm256_set1_ps(xd[j * blocks])), acc[j]);
+  }
+}
+
+// Two ways to form an interleaved block's integer sums. Each tile() runs T
+// tokens against one group: per block the sums for T tokens, then one f32 step
+// per token for all 8 rows. tile() is repeated in each: a function built for
+// AVX-VNNI cannot be inlined into one built without it.
+// This one makes the weights signed again and multiplies with maddubs as in QuantTile.
+struct InterleavedDot {
+  template <int T>
+  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static void sums(const MatmulArgs& a,
+                                                                                   const InterleavedBlock& block,
+                                                                                   std::int64_t b, std::int64_t t0,
+                                                                                   __m256i* isum) {
+    const std::int64_t blocks = a.w->cols / kQuantBlock;
+    const BlockQ8_0* xq = a.xq + t0 * blocks + b;
+    const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) isum[j] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int k = 0; k < kGroupRows; ++k) {
+      const __m256i ws = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(block.q[k])), offset);
+      const __m256i wabs = _mm256_sign_epi8(ws, ws);
+#pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) {
+        __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(token_chunk(xq[j * blocks], k), ws));
+        isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+  template <int T>
+  __attribute__((target("avx2,fma,f16c"))) static void tile(const MatmulArgs& a, const InterleavedBlock* group,
+                                                            std::int64_t r0, std::int64_t t0) {
+    __m256 acc[T];
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
+    for (std::int64_t b = 0; b < a.w->cols / kQuantBlock; ++b) {
+      __m256i isum[T];
+      sums<T>(a, group[b], b, t0, isum);
+      scale_block<T>(a, group[b], b, t0, isum, acc);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) store_group(a, r0, t0 + j, acc[j]);
+  }
+};
+
+// vpdpbusd on the stored weights + 128, each sum starting at -128 * sum(x
+// block) to take the offset back out.
+struct VnniInterleavedDot {
+  template <int T>
+  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c,avxvnni"))) static void sums(
+      const MatmulArgs& a, const InterleavedBlock& block, std::int64_t b, std::int64_t t0, __m256i* isum) {
+    const std::int64_t blocks = a.w->cols / kQuantBlock;
+    const BlockQ8_0* xq = a.xq + t0 * blocks + b;
+    const std::int32_t* xo = a.xoffset + t0 * blocks + b;
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) isum[j] = _mm256_set1_epi32(xo[j * blocks]);
+#pragma GCC unroll 8
+    for (int k = 0; k < kGroupRows; ++k) {
+      const __m256i wu = _mm256_load_si256(reinterpret_cast<const __m256i*>(block.q[k]));
+#pragma GCC unroll 8
+      for (int j = 0; j < T; ++j) isum[j] = _mm256_dpbusd_avx_epi32(isum[j], wu, token_chunk(xq[j * blocks], k));
+    }
+  }
+  template <int T>
+  __attribute__((target("avx2,fma,f16c,avxvnni"))) static void tile(const MatmulArgs& a, const InterleavedBlock* group,
+                                                                    std::int64_t r0, std::int64_t t0) {
+    __m256 acc[T];
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
+    for (std::int64_t b = 0; b < a.w->cols / kQuantBlock; ++b) {
+      __m256i isum[T];
+      sums<T>(a, group[b], b, t0, isum);
+      scale_block<T>(a, group[b], b, t0, isum, acc);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) store_group(a, r0, t0 + j, acc[j]);
+  }
+};
+
+// One token against 8 rows read in place: each row's 8 lane sums (maddubs as
+// in QuantTile) are added across lanes in integers, giving the same exact
+// isum per row as the interleaved kernel.
+__attribute__((target("avx2,fma,f16c"))) void in_place_group(const MatmulArgs& a, std::int64_t r0, std::int64_t t) {
+  const std::int64_t blocks = a.w->cols / kQuantBlock;
+  const auto stride = static_cast<std::int64_t>(row_bytes(a.w->type, a.w->cols));
+  const BlockQ8_0* rows[kGroupRows];
+  group_rows(*a.w, r0, rows);
+  const BlockQ8_0* xq = a.xq + t * blocks;
+  const float* xd = a.xd + t * blocks;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc = _mm256_setzero_ps();
+  for (std::int64_t b = 0; b < blocks; ++b) {
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[b].q));
+    __m256i lanes[kGroupRows];
+#pragma GCC unroll 8
+    for (int i = 0; i < kGroupRows; ++i) {
+      // Rows are short, too short for the hardware prefetcher to ramp up on:
+      // fetch the next group's rows.
+      _mm_prefetch(reinterpret_cast<const char*>(&rows[i][b]) + kGroupRows * stride, _MM_HINT_T0);
+      const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i][b].q));
+      const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xv, wq));
+      lanes[i] = _mm256_madd_epi16(pairs, ones);
+    }
+    const __m256i h0 = _mm256_hadd_epi32(lanes[0], lanes[1]);
+    const __m256i h1 = _mm256_hadd_epi32(lanes[2], lanes[3]);
+    const __m256i h2 = _mm256_hadd_epi32(lanes[4], lanes[5]);
+    const __m256i h3 = _mm256_hadd_epi32(lanes[6], lanes[7]);
+    // Rows 0-3 then 4-7, lanes 0-3 of each row in the low half, 4-7 in the high.
+    const __m256i g0 = _mm256_hadd_epi32(h0, h1);
+    const __m256i g1 = _mm256_hadd_epi32(h2, h3);
+    const __m256i isum =
+        _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
+    const __m256 dw = group_scales(rows, b);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(xd[b])), acc);
+  }
+  store_group(a, r0, t, acc);
+}
+
+template <typename Dot, int T>
+__attribute__((target("avx2,fma,f16c"))) void q8_sweep(const MatmulArgs& a, std::int64_t row_begin,
+                                                       std::int64_t row_end) {
+  if (a.n < kInterleaveMinTokens) {
+    for (std::int64_t r = row_begin; r < row_end; r += kGroupRows) {
+      for (std::int64_t t = 0; t < a.n; ++t) in_place_group(a, r, t);
+    }
+    return;
+  }
+  // Per thread, and it only grows: no allocation once warm.
+  thread_local std::vector<InterleavedBlock> group;
+  const auto blocks = static_cast<std::size_t>(a.w->cols / kQuantBlock);
+  if (group.size() < blocks) group.resize(blocks);
+  for (std::int64_t r = row_begin; r < row_end; r += kGroupRows) {
+    interleave_q8(*a.w, r, group.data());
+    std::int64_t t = 0;
+    for (; t + T <= a.n; t += T) Dot::template tile<T>(a, group.data(), r, t);
+    for (; t < a.n; ++t) Dot::template tile<1>(a, group.data(), r, t);
+  }
+}
+
 // Applies row tiles to all tokens in T-token tiles, one L2-sized block of
 // tokens at a time. A single token uses taller tiles (R1 rows) so enough
 // independent accumulators are in flight to keep up with memory.
@@ -286,9 +525,43 @@ __attribute__((target("avx2,fma,f16c"))) void matmul_rows(const MatmulArgs& a, s
     case DType::bf16:
       return sweep<FloatTile<BF16Load>, 4, 4, 3>(a, row_begin, row_end);
     case DType::q8_0:
-      return sweep<QuantTile<Q8Load>, 4, 2, 4>(a, row_begin, row_end);
+      return q8_sweep<InterleavedDot, 4>(a, row_begin, row_end);
     case DType::q4_0:
       return sweep<QuantTile<Q4Load>, 4, 2, 4>(a, row_begin, row_end);
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void quantize_row_q8_0(const float* x, BlockQ8_0* out, std::int64_t n) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 minus_half = _mm256_set1_ps(-0.5f);
+  // packs interleaves 128-bit halves: this puts the 8 values of each vector back in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (std::int64_t b = 0; b < n / kQuantBlock; ++b) {
+    __m256 v[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + b * kQuantBlock + i * kLanes);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], magnitude), _mm256_and_ps(v[1], magnitude)),
+                             _mm256_max_ps(_mm256_and_ps(v[2], magnitude), _mm256_and_ps(v[3], magnitude)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    const float d = _mm_cvtss_f32(m4) / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    out[b].scale = f32_to_fp16(d);
+    const __m256 idv = _mm256_set1_ps(id);
+    __m256i q[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m256 scaled = _mm256_mul_ps(v[i], idv);
+      const __m256i whole = _mm256_cvttps_epi32(scaled);
+      const __m256 frac = _mm256_sub_ps(scaled, _mm256_cvtepi32_ps(whole));
+      const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(frac, half, _CMP_GE_OQ));
+      const __m256i down = _mm256_castps_si256(_mm256_cmp_ps(frac, minus_half, _CMP_LE_OQ));
+      q[i] = _mm256_add_epi32(_mm256_sub_epi32(whole, up), down);
+    }
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].q), _mm256_permutevar8x32_epi32(bytes, order));
   }
 }
 
@@ -325,7 +598,7 @@ namespace tollgate::local_engine::cpu::kernels::avx2_vnni {
 void matmul_rows(const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
   switch (a.w->type) {
     case DType::q8_0:
-      return avx2::sweep<avx2::VnniQuantTile<avx2::Q8Load>, 4, 2, 4>(a, row_begin, row_end);
+      return avx2::q8_sweep<avx2::VnniInterleavedDot, 4>(a, row_begin, row_end);
     case DType::q4_0:
       return avx2::sweep<avx2::VnniQuantTile<avx2::Q4Load>, 4, 2, 4>(a, row_begin, row_end);
     case DType::f32:

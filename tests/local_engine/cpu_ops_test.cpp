@@ -6,6 +6,8 @@
 #include <random>
 #include <vector>
 
+#include "local_engine/cpu_kernels.hpp"
+
 using namespace tollgate::local_engine;
 using cpu::Isa;
 
@@ -226,7 +228,8 @@ TEST_CASE("a batched matmul row is bit-identical to that row alone", "[cpu_ops][
     for (DType type : {DType::f32, DType::f16, DType::bf16, DType::q8_0, DType::q4_0}) {
       if (shape.cols % kQuantBlock != 0 && (type == DType::q8_0 || type == DType::q4_0)) continue;
       auto w = make_weights(type, w32, shape.rows, shape.cols);
-      for (std::int64_t n : {16, 70}) {
+      // n = 2 is the fewest tokens the interleaved Q8_0 kernel takes.
+      for (std::int64_t n : {2, 16, 70}) {
         auto x = random_vector(static_cast<std::size_t>(n * shape.cols), 6);
         for (Isa isa : testable_isas()) {
           INFO(dtype_name(type) << " " << shape.rows << "x" << shape.cols << " n=" << n << " " << isa_name(isa));
@@ -286,6 +289,23 @@ TEST_CASE("matmul does not depend on the thread count", "[cpu_ops][matmul]") {
       CHECK(std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
     }
   }
+}
+
+TEST_CASE("the AVX2 activation quantiser gives quantize_row_q8_0's bytes", "[cpu_ops][quant]") {
+  if (!cpu::isa_supported(Isa::avx2_fma)) {
+    WARN("this CPU has no AVX2: the AVX2 quantiser is not tested");
+    return;
+  }
+  const std::int64_t n = 4096;
+  auto x = random_vector(static_cast<std::size_t>(n), 21, -3.0f, 3.0f);
+  // With 127 the block's largest magnitude its scale is 1, so k + 0.5 are ties.
+  for (int l = 0; l < 32; ++l) x[l] = l == 0 ? 127.0f : static_cast<float>(l) - 16.5f;
+  std::fill(x.begin() + 32, x.begin() + 64, 0.0f);
+  std::vector<BlockQ8_0> scalar(n / kQuantBlock);
+  std::vector<BlockQ8_0> avx2(n / kQuantBlock);
+  cpu::quantize_row_q8_0(x.data(), scalar.data(), n);
+  cpu::kernels::avx2::quantize_row_q8_0(x.data(), avx2.data(), n);
+  REQUIRE(std::memcmp(scalar.data(), avx2.data(), scalar.size() * sizeof(BlockQ8_0)) == 0);
 }
 
 TEST_CASE("quantize_row_q8_0 follows ggml's scheme", "[cpu_ops][quant]") {
