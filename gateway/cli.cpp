@@ -311,9 +311,10 @@ int generate(Args& args) {
   request.max_tokens = max_tokens;
   le::EngineConfig config;
   config.max_num_seqs = 1;
-  // The file's context length is advice, not a wall: past it the engine warns.
-  config.max_model_len =
-      std::max(model.params.context_length, static_cast<std::int64_t>(request.prompt.size()) + max_tokens);
+  // Room for exactly this request. The file's context length is advice, not
+  // a wall: past it the engine warns.
+  // --max-tokens 0: until EOS, within the engine's default length.
+  if (max_tokens > 0) config.max_model_len = static_cast<std::int64_t>(request.prompt.size()) + max_tokens + 1;
   le::Engine engine(std::move(model), config, le::make_cpu_device());
 
   std::mutex mutex;

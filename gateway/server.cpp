@@ -1,7 +1,11 @@
 #include "gateway/server.hpp"
 
+#include <sys/socket.h>
+
 #include <atomic>
+#include <cerrno>
 #include <boost/asio.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/experimental/concurrent_channel.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -308,6 +312,30 @@ class Session {
 
   awaitable<void> run();
 
+  // The backend's next events. For an answer that is not streamed, the client
+  // is watched meanwhile, so one that hangs up cancels the work at once
+  // (nullopt) instead of when the answer would be written; a streamed answer
+  // notices at its next write.
+  awaitable<std::optional<std::deque<backends::CompletionEvent>>> next_events(SessionSink& sink, bool watch_client,
+                                                                             bool& client_pipelined) {
+    if (!watch_client || client_pipelined) co_return co_await sink.next();
+    using namespace net::experimental::awaitable_operators;
+    auto& socket = stream().socket();
+    for (;;) {
+      auto first = co_await (sink.next() || socket.async_wait(tcp::socket::wait_read, as_tuple));
+      if (first.index() == 0) co_return std::move(std::get<0>(first));
+      // Readable: end of stream or an error means the client left; bytes are
+      // a pipelined request, left in the socket for later.
+      char byte;
+      auto n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (n > 0) {
+        client_pipelined = true;
+        co_return co_await sink.next();
+      }
+      if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) co_return std::nullopt;
+    }
+  }
+
  private:
   beast::tcp_stream& stream() { return conn_->stream; }
   const ServerLimits& limits() const { return gw_.config.limits; }
@@ -503,6 +531,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
     co_return !ec;
   };
 
+  bool client_pipelined = false;  // the client sent more: it is there, and its bytes wait their turn
   // Deployments are tried in the plan's order until one answers; a retryable
   // failure moves on only while nothing has reached the client.
   for (std::size_t attempt = 0;; ++attempt) {
@@ -527,7 +556,14 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
     }
     bool retry = false;
     while (!retry) {
-      auto events = co_await sink->next();
+      auto next = co_await next_events(*sink, !stream_mode, client_pipelined);
+      if (!next) {
+        handle->cancel();
+        x.backend_time = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
+        x.finish(499);  // the client hung up while the answer was being produced
+        co_return false;
+      }
+      auto events = std::move(*next);
       for (auto& ev : events) {
         switch (ev.type) {
           case backends::CompletionEvent::Type::delta:

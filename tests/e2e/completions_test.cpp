@@ -62,3 +62,47 @@ TEST_CASE("streamed completion sends SSE chunks, usage when asked, and [DONE]", 
   CHECK(events[4].at("usage").at("completion_tokens") == 3);
   CHECK(events[4].at("usage").at("prompt_tokens") == 4);
 }
+
+TEST_CASE("a client that hangs up before a non-streamed answer cancels the work at once", "[e2e][completions]") {
+  TempDir dir;
+  GatewayProcess::Options options;
+  options.config_yaml = R"(
+metering: {flush_interval: 100ms}
+backends: [{name: echo, type: echo, token_delay: 20ms}]
+models: [{name: echo, deployments: [{backend: echo}]}]
+)";
+  GatewayProcess gw(dir, options);
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  std::string words;
+  for (int i = 0; i < 300; ++i) words += "word ";  // 300 tokens at 20 ms: a 6 s answer
+  auto body = R"({"model":"echo","prompt":")" + words + R"("})";
+  auto sent = std::chrono::steady_clock::now();
+  {
+    HttpClient client(gw.port());
+    REQUIRE(client.send_raw("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
+                            "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+                            "\r\n\r\n" + body));
+    std::this_thread::sleep_for(300ms);
+  }  // hangs up without reading
+  std::int64_t rows = 0;
+  for (int i = 0; i < 100 && rows == 0; ++i) {
+    std::this_thread::sleep_for(50ms);
+    rows = count_usage_rows(gw.db(), "route = '/v1/completions' AND status = 499");
+  }
+  CHECK(rows == 1);
+  CHECK(std::chrono::steady_clock::now() - sent < 4s);  // long before the answer would have been done
+  // A keep-alive client that pipelines its next request is not mistaken for one that left.
+  HttpClient client(gw.port());
+  std::string small = R"({"model":"echo","prompt":"a b c"})";
+  std::string one = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
+                    "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(small.size()) +
+                    "\r\n\r\n" + small;
+  REQUIRE(client.send_raw(one + one));
+  auto first = client.read_response();
+  auto second = client.read_response();
+  REQUIRE(first);
+  REQUIRE(second);
+  CHECK(first->status == 200);
+  CHECK(second->status == 200);
+}
