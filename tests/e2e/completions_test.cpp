@@ -80,9 +80,7 @@ models: [{name: echo, deployments: [{backend: echo}]}]
   auto sent = std::chrono::steady_clock::now();
   {
     HttpClient client(gw.port());
-    REQUIRE(client.send_raw("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
-                            "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-                            "\r\n\r\n" + body));
+    REQUIRE(client.send_raw(raw_post("/v1/completions", key, body)));
     std::this_thread::sleep_for(300ms);
   }  // hangs up without reading
   std::int64_t rows = 0;
@@ -95,9 +93,7 @@ models: [{name: echo, deployments: [{backend: echo}]}]
   // A keep-alive client that pipelines its next request is not mistaken for one that left.
   HttpClient client(gw.port());
   std::string small = R"({"model":"echo","prompt":"a b c"})";
-  std::string one = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
-                    "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(small.size()) +
-                    "\r\n\r\n" + small;
+  std::string one = raw_post("/v1/completions", key, small);
   REQUIRE(client.send_raw(one + one));
   auto first = client.read_response();
   auto second = client.read_response();

@@ -320,6 +320,11 @@ HttpResponse HttpClient::get(const std::string& target, const std::string& key) 
   return request("GET", target, "", {{"Authorization", "Bearer " + key}});
 }
 
+std::string raw_post(const std::string& target, const std::string& key, const std::string& body) {
+  return "POST " + target + " HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
+         "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+}
+
 std::string chat_body(const std::string& model, const std::string& content, const std::string& extra) {
   return R"({"model":")" + model + R"(","messages":[{"role":"user","content":)" +
          boost::json::serialize(boost::json::value(content)) + "}]" + (extra.empty() ? "" : "," + extra) + "}";

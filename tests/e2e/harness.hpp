@@ -126,6 +126,10 @@ class HttpClient {
   std::string buffer_;
 };
 
+// The bytes of a JSON POST with a bearer key, for tests that send a request
+// with send_raw and read (or do not read) the answer themselves.
+std::string raw_post(const std::string& target, const std::string& key, const std::string& body);
+
 // A default chat request body.
 std::string chat_body(const std::string& model, const std::string& content, const std::string& extra = "");
 

@@ -199,9 +199,7 @@ TEST_CASE("a client that disconnects mid-stream frees its sequence; a full queue
   {
     HttpClient client(gw.port());
     auto body = completion_body("", 100000, true);
-    REQUIRE(client.send_raw("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
-                            "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-                            "\r\n\r\n" + body));
+    REQUIRE(client.send_raw(raw_post("/v1/completions", key, body)));
     REQUIRE(client.read_some(5s).find("data: ") != std::string::npos);
   }  // closed mid-stream
   auto deadline = std::chrono::steady_clock::now() + 10s;

@@ -306,9 +306,7 @@ TEST_CASE("openai backend: a client leaving mid-stream cancels the upstream call
   {
     HttpClient client(gw.port());
     std::string body = stream_body("m-slow", false);
-    REQUIRE(client.send_raw("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
-                            "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-                            "\r\n\r\n" + body));
+    REQUIRE(client.send_raw(raw_post("/v1/chat/completions", key, body)));
     std::string got;
     for (int i = 0; i < 100 && got.find("t2 ") == std::string::npos; ++i) got += client.read_some(100ms);
     REQUIRE(got.find("t2 ") != std::string::npos);
@@ -332,9 +330,7 @@ TEST_CASE("openai backend: a client that stops reading slows the upstream down i
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port());
   std::string body = stream_body("m-flood", false);
-  REQUIRE(client.send_raw("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
-                          "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-                          "\r\n\r\n" + body));
+  REQUIRE(client.send_raw(raw_post("/v1/chat/completions", key, body)));
   std::string got;
   for (int i = 0; i < 100 && got.find("ffff") == std::string::npos; ++i) got += client.read_some(100ms);
   REQUIRE(got.find("ffff") != std::string::npos);

@@ -138,9 +138,7 @@ TEST_CASE("weights split traffic and least_busy avoids a busy deployment", "[e2e
   std::string words;
   for (int i = 0; i < 30; ++i) words += "w ";
   std::string body = R"({"model":"idle-first","stream":true,"prompt":")" + words + "\"}";
-  REQUIRE(busy.send_raw("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key +
-                        "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-                        "\r\n\r\n" + body));
+  REQUIRE(busy.send_raw(raw_post("/v1/completions", key, body)));
   std::string first;
   for (int i = 0; i < 50 && first.find("data: {") == std::string::npos; ++i) first += busy.read_some(100ms);
   REQUIRE(first.find("data: {") != std::string::npos);

@@ -98,8 +98,8 @@ TEST_CASE("greedy output is the same alone and among 16 concurrent requests, wit
       alone.push_back(c.wait().tokens);
     }
   }
-  SECTION("16 at once, plenty of KV blocks") {
-    le::Engine engine(stories(), {}, le::make_cpu_device());
+  // All at once on `engine`: each must get what it got alone.
+  const auto all_at_once = [&](le::Engine& engine) {
     std::vector<Collector> collectors(prompts.size());
     for (std::size_t i = 0; i < prompts.size(); ++i) {
       engine.submit(greedy(engine.tokenizer(), prompts[i], 120), collectors[i].callback());
@@ -108,23 +108,21 @@ TEST_CASE("greedy output is the same alone and among 16 concurrent requests, wit
       INFO(prompts[i]);
       CHECK(collectors[i].wait().tokens == alone[i]);
     }
+  };
+  SECTION("16 at once, plenty of KV blocks") {
+    le::Engine engine(stories(), {}, le::make_cpu_device());
+    all_at_once(engine);
   }
   SECTION("16 at once with a KV cache too small for all: requests are preempted and recomputed") {
+    auto model = stories();
+    const auto& p = model.params;
     le::EngineConfig config;
     config.block_size = 16;
     // 40 blocks of 16 tokens: 640 slots for 16 sequences of up to ~125 tokens.
-    const auto& p = stories().params;
-    config.kv_cache_bytes = 40 * 2 * p.n_layers * 16 * p.n_kv_heads * p.head_dim() * 4;
+    config.kv_cache_bytes = 40 * le::KvCache::block_bytes(p.n_layers, 16, p.n_kv_heads * p.head_dim());
     config.max_num_batched_tokens = 64;  // prompts arrive in chunks too
-    le::Engine engine(stories(), config, le::make_cpu_device());
-    std::vector<Collector> collectors(prompts.size());
-    for (std::size_t i = 0; i < prompts.size(); ++i) {
-      engine.submit(greedy(engine.tokenizer(), prompts[i], 120), collectors[i].callback());
-    }
-    for (std::size_t i = 0; i < prompts.size(); ++i) {
-      INFO(prompts[i]);
-      CHECK(collectors[i].wait().tokens == alone[i]);
-    }
+    le::Engine engine(std::move(model), config, le::make_cpu_device());
+    all_at_once(engine);
     CHECK(engine.stats().num_preemptions > 0);
   }
 }
