@@ -12,7 +12,9 @@ class CpuDevice final : public Device {
  public:
   explicit CpuDevice(int threads) : pool_(threads) {}
 
-  std::string name() const override { return "cpu (" + cpu::features() + ", " + std::to_string(pool_.size()) + " threads)"; }
+  std::string name() const override {
+    return "cpu (" + cpu::features() + ", " + std::to_string(pool_.size()) + " threads)";
+  }
   bool supports(DType) const override { return true; }
 
   void matmul(const Tensor& w, const float* x, std::int64_t n, float* y) override { cpu::matmul(pool_, w, x, n, y); }
@@ -54,6 +56,10 @@ class CpuDevice final : public Device {
     const auto hd = shape.head_dim;
     const auto group = shape.n_heads / shape.n_kv_heads;
     const float inv_sqrt = 1.0f / std::sqrt(static_cast<float>(hd));
+    collect_slots(cache, tokens);
+    const std::int64_t* slots = slots_.data();
+    const float* keys = cache.key(layer, 0);
+    const float* values = cache.value(layer, 0);
     const auto units = static_cast<std::int64_t>(tokens.size()) * shape.n_heads;
     // Each (token, head) is computed whole by one thread in a fixed order, so
     // the result does not depend on the batch it runs in.
@@ -62,22 +68,12 @@ class CpuDevice final : public Device {
       for (std::int64_t u = begin; u < end; ++u) {
         const auto t = u / shape.n_heads;
         const auto h = u % shape.n_heads;
-        const auto& tok = tokens[static_cast<std::size_t>(t)];
-        const float* qh = q + (t * shape.n_heads + h) * hd;
-        const auto kv_offset = (h / group) * hd;
-        const auto len = tok.pos + 1;
+        const auto len = tokens[static_cast<std::size_t>(t)].pos + 1;
         if (static_cast<std::int64_t>(scores.size()) < len) scores.resize(static_cast<std::size_t>(len));
-        for (std::int64_t p = 0; p < len; ++p) {
-          scores[static_cast<std::size_t>(p)] =
-              cpu::dot(qh, cache.key(layer, cache.slot(*tok.table, p)) + kv_offset, hd) * inv_sqrt;
-        }
-        cpu::softmax(scores.data(), len);
-        float* o = out + (t * shape.n_heads + h) * hd;
-        std::fill(o, o + hd, 0.0f);
-        for (std::int64_t p = 0; p < len; ++p) {
-          cpu::axpy(scores[static_cast<std::size_t>(p)], cache.value(layer, cache.slot(*tok.table, p)) + kv_offset, o,
-                    hd);
-        }
+        const auto kv_offset = (h / group) * hd;
+        cpu::attend(q + (t * shape.n_heads + h) * hd, keys + kv_offset, values + kv_offset, cache.kv_dim(),
+                    slots + slot_begin_[static_cast<std::size_t>(t)], len, hd, inv_sqrt, scores.data(),
+                    out + (t * shape.n_heads + h) * hd);
       }
     });
   }
@@ -86,7 +82,31 @@ class CpuDevice final : public Device {
   void add(float* y, const float* x, std::int64_t count) override { cpu::add(y, x, count); }
 
  private:
+  // The slots of each token's positions 0..pos into slots_, from
+  // slot_begin_[t]. A token of the same sequence as a later token with at
+  // least as many positions (a prefill's earlier tokens) shares its list.
+  void collect_slots(const KvCache& cache, std::span<const AttentionToken> tokens) {
+    slots_.clear();
+    slot_begin_.resize(tokens.size());
+    const KvBlockTable* listed = nullptr;
+    std::int64_t listed_len = 0;
+    std::size_t listed_begin = 0;
+    for (std::size_t i = tokens.size(); i-- > 0;) {
+      const auto len = tokens[i].pos + 1;
+      if (tokens[i].table != listed || len > listed_len) {
+        listed = tokens[i].table;
+        listed_len = len;
+        listed_begin = slots_.size();
+        for (std::int64_t p = 0; p < len; ++p) slots_.push_back(cache.slot(*listed, p));
+      }
+      slot_begin_[i] = listed_begin;
+    }
+  }
+
   ThreadPool pool_;
+  // Reused across calls: they only grow, so a warm engine does not allocate.
+  std::vector<std::int64_t> slots_;
+  std::vector<std::size_t> slot_begin_;
 };
 
 }  // namespace

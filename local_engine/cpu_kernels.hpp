@@ -47,6 +47,8 @@ namespace portable {
 void matmul_rows(const MatmulArgs& args, std::int64_t row_begin, std::int64_t row_end);
 float dot(const float* a, const float* b, std::int64_t n);
 void axpy(float a, const float* x, float* y, std::int64_t n);
+void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
+            std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out);
 }  // namespace portable
 
 namespace avx2 {
@@ -54,6 +56,8 @@ namespace avx2 {
 void matmul_rows(const MatmulArgs& args, std::int64_t row_begin, std::int64_t row_end);
 float dot(const float* a, const float* b, std::int64_t n);
 void axpy(float a, const float* x, float* y, std::int64_t n);
+void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
+            std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out);
 // cpu::quantize_row_q8_0 in 8 lanes, the same steps and so the same bytes.
 void quantize_row_q8_0(const float* x, BlockQ8_0* out, std::int64_t n);
 }  // namespace avx2

@@ -218,6 +218,20 @@ void axpy(float a, const float* x, float* y, std::int64_t n, Isa isa) {
   }
 }
 
+void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
+            std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out) {
+  attend(q, keys, values, stride, slots, len, head_dim, scale, scores, out, active_isa());
+}
+
+void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
+            std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out, Isa isa) {
+  if (isa == Isa::portable) {
+    kernels::portable::attend(q, keys, values, stride, slots, len, head_dim, scale, scores, out);
+  } else {
+    kernels::avx2::attend(q, keys, values, stride, slots, len, head_dim, scale, scores, out);
+  }
+}
+
 void scale(float* x, float a, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) x[i] *= a;
 }

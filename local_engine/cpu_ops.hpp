@@ -11,7 +11,7 @@
 
 namespace tollgate::local_engine::cpu {
 
-// Instruction sets the dispatched kernels (matmul, dot, axpy) exist for.
+// Instruction sets the dispatched kernels (matmul, dot, axpy, attend) exist for.
 // avx2_vnni is avx2_fma plus AVX-VNNI for the Q8_0/Q4_0 matmul, with results
 // bit-identical to avx2_fma.
 enum class Isa { portable, avx2_fma, avx2_vnni };
@@ -46,6 +46,15 @@ float dot(const float* a, const float* b, std::int64_t n);
 float dot(const float* a, const float* b, std::int64_t n, Isa isa);
 void axpy(float a, const float* x, float* y, std::int64_t n);  // y += a * x
 void axpy(float a, const float* x, float* y, std::int64_t n, Isa isa);
+// One query head's attention over len cached positions: key and value of
+// position p start at keys + slots[p] * stride and values + slots[p] * stride
+// (head_dim floats each). scores (len floats) is scratch and ends holding the
+// softmax weights of scale * q·k_p (max-subtracted); out (head_dim floats) =
+// their weighted sum of the values. The result depends only on the inputs.
+void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
+            std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out);
+void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
+            std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out, Isa isa);
 void scale(float* x, float a, std::int64_t n);
 void softmax(float* x, std::int64_t n);                       // in place, max-subtracted
 void silu_mul(float* gate, const float* up, std::int64_t n);  // gate = silu(gate) * up

@@ -513,6 +513,61 @@ __attribute__((target("avx2,fma,f16c"))) void sweep(const MatmulArgs& a, std::in
   }
 }
 
+// The first `count` (< 8) lanes: maskload through it reads only those (the
+// rest are zero) and never touches memory past them.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256i lane_mask(std::int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// q·k for 8 keys at once, lane j for k[j]: each is one 8-lane accumulator
+// updated in column order (the last partial step masked) and reduced by the
+// same tree whatever lane it lands in.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 dot8(const float* q,
+                                                                                   const float* const* k,
+                                                                                   std::int64_t n) {
+  __m256 acc[kLanes];
+#pragma GCC unroll 8
+  for (int j = 0; j < kLanes; ++j) acc[j] = _mm256_setzero_ps();
+  std::int64_t d = 0;
+  for (; d + kLanes <= n; d += kLanes) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+#pragma GCC unroll 8
+    for (int j = 0; j < kLanes; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), acc[j]);
+  }
+  if (d < n) {
+    const __m256i mask = lane_mask(n - d);
+    const __m256 qv = _mm256_maskload_ps(q + d, mask);
+#pragma GCC unroll 8
+    for (int j = 0; j < kLanes; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k[j] + d, mask), acc[j]);
+  }
+  // hadd pairs lanes within 128-bit halves: abcd = [a0123 b0123 c0123 d0123 | a4567 ... d4567].
+  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 efgh = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20), _mm256_permute2f128_ps(abcd, efgh, 0x31));
+}
+
+// out[0, 8C) (+ a masked partial vector of `tail` floats) = Σ_p w[p] · v_p,
+// each output lane one FMA chain in position order.
+template <int C>
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void weighted_sum(
+    const float* values, std::int64_t stride, const std::int64_t* slots, const float* w, std::int64_t len,
+    std::int64_t tail, float* out) {
+  __m256 acc[C + 1];
+#pragma GCC unroll 8
+  for (int i = 0; i <= C; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i mask = lane_mask(tail);
+  for (std::int64_t p = 0; p < len; ++p) {
+    const float* v = values + slots[p] * stride;
+    const __m256 wv = _mm256_broadcast_ss(w + p);
+#pragma GCC unroll 8
+    for (int i = 0; i < C; ++i) acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i * kLanes), acc[i]);
+    if (tail > 0) acc[C] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(v + C * kLanes, mask), acc[C]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < C; ++i) _mm256_storeu_ps(out + i * kLanes, acc[i]);
+  if (tail > 0) _mm256_maskstore_ps(out + C * kLanes, mask, acc[C]);
+}
+
 }  // namespace
 
 __attribute__((target("avx2,fma,f16c"))) void matmul_rows(const MatmulArgs& a, std::int64_t row_begin,
@@ -589,6 +644,73 @@ __attribute__((target("avx2,fma,f16c"))) void axpy(float a, const float* x, floa
     _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
   }
   for (; k < n; ++k) y[k] = std::fma(a, x[k], y[k]);
+}
+
+__attribute__((target("avx2,fma,f16c"))) void attend(const float* q, const float* keys, const float* values,
+                                                     std::int64_t stride, const std::int64_t* slots, std::int64_t len,
+                                                     std::int64_t head_dim, float scale, float* scores, float* out) {
+  if (len <= 0) {
+    std::fill(out, out + head_dim, 0.0f);
+    return;
+  }
+  // Scores 8 positions at a time; a last partial group repeats its first key
+  // in the spare lanes, so every score comes from the same instructions.
+  const __m256 scale_v = _mm256_set1_ps(scale);
+  __m256 max_v = _mm256_set1_ps(-INFINITY);
+  for (std::int64_t p = 0; p < len; p += kLanes) {
+    const std::int64_t count = std::min<std::int64_t>(kLanes, len - p);
+    const float* k[kLanes];
+    for (int j = 0; j < kLanes; ++j) k[j] = keys + slots[p + (j < count ? j : 0)] * stride;
+    const __m256 s = _mm256_mul_ps(dot8(q, k, head_dim), scale_v);
+    max_v = _mm256_max_ps(max_v, s);
+    if (count == kLanes) {
+      _mm256_storeu_ps(scores + p, s);
+    } else {
+      _mm256_maskstore_ps(scores + p, lane_mask(count), s);
+    }
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(max_v), _mm256_extractf128_ps(max_v, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float max = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+  float sum = 0.0f;
+  for (std::int64_t p = 0; p < len; ++p) {
+    scores[p] = std::exp(scores[p] - max);
+    sum += scores[p];
+  }
+  const float inv = 1.0f / sum;
+  for (std::int64_t p = 0; p < len; ++p) scores[p] *= inv;
+  // The values in column chunks of at most 8 vectors, one pass over the positions each.
+  std::int64_t d = 0;
+  for (; d + 8 * kLanes <= head_dim; d += 8 * kLanes)
+    weighted_sum<8>(values + d, stride, slots, scores, len, 0, out + d);
+  const std::int64_t whole = (head_dim - d) / kLanes;
+  const std::int64_t tail = (head_dim - d) % kLanes;
+  switch (whole) {
+    case 0:
+      if (tail > 0) weighted_sum<0>(values + d, stride, slots, scores, len, tail, out + d);
+      break;
+    case 1:
+      weighted_sum<1>(values + d, stride, slots, scores, len, tail, out + d);
+      break;
+    case 2:
+      weighted_sum<2>(values + d, stride, slots, scores, len, tail, out + d);
+      break;
+    case 3:
+      weighted_sum<3>(values + d, stride, slots, scores, len, tail, out + d);
+      break;
+    case 4:
+      weighted_sum<4>(values + d, stride, slots, scores, len, tail, out + d);
+      break;
+    case 5:
+      weighted_sum<5>(values + d, stride, slots, scores, len, tail, out + d);
+      break;
+    case 6:
+      weighted_sum<6>(values + d, stride, slots, scores, len, tail, out + d);
+      break;
+    default:
+      weighted_sum<7>(values + d, stride, slots, scores, len, tail, out + d);
+      break;
+  }
 }
 
 }  // namespace tollgate::local_engine::cpu::kernels::avx2

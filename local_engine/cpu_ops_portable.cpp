@@ -3,6 +3,7 @@
 // with a token is computed the same way whatever tile it falls in, so batching
 // never changes a result.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "local_engine/cpu_kernels.hpp"
@@ -184,6 +185,24 @@ float dot(const float* a, const float* b, std::int64_t n) {
 
 void axpy(float a, const float* x, float* y, std::int64_t n) {
   for (std::int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
+            std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out) {
+  std::fill(out, out + head_dim, 0.0f);
+  if (len <= 0) return;
+  for (std::int64_t p = 0; p < len; ++p) scores[p] = dot(q, keys + slots[p] * stride, head_dim) * scale;
+  const float max = *std::max_element(scores, scores + len);
+  float sum = 0.0f;
+  for (std::int64_t p = 0; p < len; ++p) {
+    scores[p] = std::exp(scores[p] - max);
+    sum += scores[p];
+  }
+  const float inv = 1.0f / sum;
+  for (std::int64_t p = 0; p < len; ++p) {
+    scores[p] *= inv;
+    axpy(scores[p], values + slots[p] * stride, out, head_dim);
+  }
 }
 
 }  // namespace tollgate::local_engine::cpu::kernels::portable

@@ -1,5 +1,6 @@
 #include "local_engine/cpu_ops.hpp"
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
@@ -421,6 +422,62 @@ TEST_CASE("dot and axpy match references on both code paths", "[cpu_ops]") {
       auto y = b;
       cpu::axpy(0.75f, a.data(), y.data(), n, isa);
       for (std::int64_t i = 0; i < n; ++i) REQUIRE(y[i] == Approx(b[i] + 0.75 * a[i]).margin(1e-6));
+    }
+  }
+}
+
+TEST_CASE("attend matches a double-precision reference on both code paths", "[cpu_ops]") {
+  // A cache of 320 slots of `stride` floats with the head's columns at an
+  // offset; positions map to slots in a scattered order, as paged blocks do.
+  constexpr std::int64_t kSlots = 320;
+  for (std::int64_t head_dim : {8, 64, 72, 100}) {
+    const std::int64_t offset = 3;
+    const std::int64_t stride = head_dim + 2 * offset + 1;
+    auto keys = random_vector(static_cast<std::size_t>(kSlots * stride), 21, -2.0f, 2.0f);
+    auto values = random_vector(static_cast<std::size_t>(kSlots * stride), 22);
+    auto q = random_vector(static_cast<std::size_t>(head_dim), 23, -2.0f, 2.0f);
+    std::vector<std::int64_t> slots(kSlots);
+    for (std::int64_t p = 0; p < kSlots; ++p) slots[static_cast<std::size_t>(p)] = (p * 97 + 13) % kSlots;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    for (std::int64_t len : {1, 2, 7, 8, 9, 15, 16, 17, 63, 100, 129, 300}) {
+      std::vector<double> weights(static_cast<std::size_t>(len));
+      double max = -1e300;
+      for (std::int64_t p = 0; p < len; ++p) {
+        const float* k = keys.data() + slots[static_cast<std::size_t>(p)] * stride + offset;
+        double s = 0;
+        for (std::int64_t d = 0; d < head_dim; ++d) s += static_cast<double>(q[d]) * k[d];
+        weights[static_cast<std::size_t>(p)] = s * scale;
+        max = std::max(max, s * scale);
+      }
+      double sum = 0;
+      for (auto& w : weights) sum += (w = std::exp(w - max));
+      std::vector<double> expected(static_cast<std::size_t>(head_dim));
+      for (std::int64_t p = 0; p < len; ++p) {
+        const float* v = values.data() + slots[static_cast<std::size_t>(p)] * stride + offset;
+        for (std::int64_t d = 0; d < head_dim; ++d) expected[d] += weights[static_cast<std::size_t>(p)] / sum * v[d];
+      }
+      for (Isa isa : testable_isas()) {
+        INFO("head_dim=" << head_dim << " len=" << len << " " << isa_name(isa));
+        std::vector<float> scores(static_cast<std::size_t>(len) + 8, -7.0f);
+        // Sentinels on both sides of out catch writes past head_dim.
+        std::vector<float> out(static_cast<std::size_t>(head_dim) + 16, 42.0f);
+        cpu::attend(q.data(), keys.data() + offset, values.data() + offset, stride, slots.data(), len, head_dim, scale,
+                    scores.data(), out.data() + 8, isa);
+        for (std::int64_t p = 0; p < len; ++p)
+          REQUIRE(scores[p] == Approx(weights[static_cast<std::size_t>(p)] / sum).margin(1e-6));
+        for (std::size_t p = static_cast<std::size_t>(len); p < scores.size(); ++p) REQUIRE(scores[p] == -7.0f);
+        for (std::int64_t d = 0; d < head_dim; ++d)
+          REQUIRE(out[static_cast<std::size_t>(d) + 8] == Approx(expected[d]).margin(1e-5));
+        for (std::size_t i = 0; i < 8; ++i) {
+          REQUIRE(out[i] == 42.0f);
+          REQUIRE(out[static_cast<std::size_t>(head_dim) + 8 + i] == 42.0f);
+        }
+        // The result depends only on the inputs: a second call is bit-identical.
+        std::vector<float> again(static_cast<std::size_t>(head_dim));
+        cpu::attend(q.data(), keys.data() + offset, values.data() + offset, stride, slots.data(), len, head_dim, scale,
+                    scores.data(), again.data(), isa);
+        REQUIRE(std::memcmp(again.data(), out.data() + 8, again.size() * sizeof(float)) == 0);
+      }
     }
   }
 }
