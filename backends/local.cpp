@@ -19,29 +19,28 @@ namespace le = local_engine;
 class EngineMetrics final : public le::EngineObserver {
  public:
   EngineMetrics(metering::Registry& r, const std::string& backend)
-      : running_(r.gauge("tollgate_engine_num_requests_running", "Requests in the engine's running batch.",
-                         {"backend"})
+      : running_(r.gauge("tollgate_engine_num_requests_running", "Requests in the engine's running batch.", {"backend"})
                      .labels({backend})),
         waiting_(r.gauge("tollgate_engine_num_requests_waiting", "Requests waiting for the engine.", {"backend"})
                      .labels({backend})),
-        kv_usage_(r.gauge("tollgate_engine_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).",
-                          {"backend"})
-                      .labels({backend})),
+        kv_usage_(
+            r.gauge("tollgate_engine_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).", {"backend"})
+                .labels({backend})),
         preemptions_(r.counter("tollgate_engine_num_preemptions_total",
                                "Requests preempted (KV blocks freed, recomputed later).", {"backend"})
                          .labels({backend})),
         prompt_tokens_(r.counter("tollgate_engine_prompt_tokens_total", "Prompt tokens prefilled.", {"backend"})
                            .labels({backend})),
-        generation_tokens_(r.counter("tollgate_engine_generation_tokens_total", "Tokens generated.", {"backend"})
-                               .labels({backend})),
+        generation_tokens_(
+            r.counter("tollgate_engine_generation_tokens_total", "Tokens generated.", {"backend"}).labels({backend})),
         ttft_(r.histogram("tollgate_engine_time_to_first_token_seconds", "Submit to first generated token.",
                           {"backend"}, metering::latency_buckets())
                   .labels({backend})),
         itl_(r.histogram("tollgate_engine_inter_token_latency_seconds", "Time between two generated tokens.",
                          {"backend"}, metering::latency_buckets())
                  .labels({backend})),
-        queue_(r.histogram("tollgate_engine_request_queue_time_seconds", "Submit to first scheduled step.",
-                           {"backend"}, metering::latency_buckets())
+        queue_(r.histogram("tollgate_engine_request_queue_time_seconds", "Submit to first scheduled step.", {"backend"},
+                           metering::latency_buckets())
                    .labels({backend})) {}
 
   void on_scheduled(double queue_seconds, std::int64_t prompt_tokens) override {

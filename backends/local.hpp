@@ -17,8 +17,8 @@ namespace tollgate::backends {
 
 struct LocalBackendConfig {
   std::string name = "local";
-  std::string model_path;      // GGUF, or a llama2.c checkpoint
-  std::string tokenizer_path;  // a llama2.c tokenizer file (required for checkpoints)
+  std::string model_path;       // GGUF, or a llama2.c checkpoint
+  std::string tokenizer_path;   // a llama2.c tokenizer file (required for checkpoints)
   std::string device = "auto";  // auto | cpu | cuda
   local_engine::EngineConfig engine;
   // Where the engine's metrics go (tollgate_engine_*{backend}); may be null.

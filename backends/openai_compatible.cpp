@@ -30,7 +30,7 @@ struct Call {
   std::atomic<bool> cancelled{false};
   UpstreamConnection* active = nullptr;  // backend thread only
   std::int64_t prompt_estimate = 0;
-  std::int64_t chunks = 0;  // content pieces received
+  std::int64_t chunks = 0;                             // content pieces received
   const local_engine::Tokenizer* tokenizer = nullptr;  // counts `produced` when usage is not reported
   std::string produced;                                // the text, kept only with a tokenizer
   std::optional<Usage> reported;
@@ -473,7 +473,8 @@ class OpenAICompatibleBackend final : public Backend {
     if (tokenizer_) {
       if (!request.chat) return static_cast<std::int64_t>(tokenizer_->encode(request.prompt, true).size());
       std::int64_t n = 0;
-      for (const auto& m : request.messages) n += static_cast<std::int64_t>(tokenizer_->encode(m.content, false).size()) + 4;
+      for (const auto& m : request.messages)
+        n += static_cast<std::int64_t>(tokenizer_->encode(m.content, false).size()) + 4;
       return n;
     }
     // No tokenizer for a remote model: ~4 bytes per token.

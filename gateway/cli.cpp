@@ -1,15 +1,15 @@
 #include "gateway/cli.hpp"
 
 #include <algorithm>
-#include <chrono>
 #include <boost/json.hpp>
 #include <charconv>
+#include <chrono>
 #include <condition_variable>
-#include <mutex>
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -385,8 +385,7 @@ int model_command(const std::string& sub, Args& args) {
                                                 {"q4_0", le::DType::q4_0}};
       auto type = types.find(type_name.value_or("f32"));
       if (type == types.end()) throw UsageError("--type must be one of f32, f16, bf16, q8_0, q4_0");
-      le::write_random_llama_gguf(out, p, type->second, seed,
-                                  "tollgate-bench-100m");
+      le::write_random_llama_gguf(out, p, type->second, seed, "tollgate-bench-100m");
     } else {
       throw UsageError("--preset must be demo or bench-100m");
     }

@@ -187,7 +187,8 @@ BackendConfig read_backend(const Reader& r, const YAML::Node& node, const std::s
     for (auto [key, target] : counts) {
       if (auto n = node[key]) *target = r.integer(n, child_path(path, key), 1, 1'000'000);
     }
-    if (auto n = node["kv_cache"]) b.kv_cache_bytes = static_cast<std::int64_t>(r.size(n, child_path(path, "kv_cache")));
+    if (auto n = node["kv_cache"])
+      b.kv_cache_bytes = static_cast<std::int64_t>(r.size(n, child_path(path, "kv_cache")));
     if (auto n = node["threads"]) b.threads = static_cast<int>(r.integer(n, child_path(path, "threads"), 0, 1024));
   } else {
     r.fail(child_path(path, "type"), "unknown backend type '" + b.type + "' (known types: echo, openai, local)");

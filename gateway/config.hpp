@@ -54,7 +54,7 @@ struct BackendConfig {
   std::string ca_file;
   bool insecure_skip_verify = false;
   // local: the in-process engine.
-  std::string path;       // GGUF, or a llama2.c checkpoint
+  std::string path;  // GGUF, or a llama2.c checkpoint
   // local: a llama2.c tokenizer file (checkpoints; overrides a GGUF's vocabulary).
   // openai: a GGUF or llama2.c tokenizer file to count tokens an upstream does not report.
   std::string tokenizer;

@@ -3,13 +3,13 @@
 #include <sys/socket.h>
 
 #include <atomic>
-#include <cerrno>
 #include <boost/asio.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/experimental/concurrent_channel.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/json.hpp>
+#include <cerrno>
 #include <deque>
 #include <filesystem>
 #include <iostream>
@@ -317,7 +317,7 @@ class Session {
   // (nullopt) instead of when the answer would be written; a streamed answer
   // notices at its next write.
   awaitable<std::optional<std::deque<backends::CompletionEvent>>> next_events(SessionSink& sink, bool watch_client,
-                                                                             bool& client_pipelined) {
+                                                                              bool& client_pipelined) {
     if (!watch_client || client_pipelined) co_return co_await sink.next();
     using namespace net::experimental::awaitable_operators;
     auto& socket = stream().socket();

@@ -14,7 +14,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_between(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
 
 GenerationEvent error_event(std::string message, std::int64_t prompt_tokens, std::int64_t completion_tokens) {
   GenerationEvent e;
@@ -42,8 +44,8 @@ std::int64_t resolved_kv_blocks(const Model& model, const EngineConfig& config, 
     auto blocks = config.kv_cache_bytes / per_block;
     if (blocks < one_sequence) {
       throw ModelError("kv_cache of " + std::to_string(config.kv_cache_bytes) + " bytes holds " +
-                       std::to_string(blocks * config.block_size) + " tokens, less than one sequence of max_model_len " +
-                       std::to_string(max_model_len));
+                       std::to_string(blocks * config.block_size) +
+                       " tokens, less than one sequence of max_model_len " + std::to_string(max_model_len));
     }
     return blocks;
   }
@@ -175,15 +177,14 @@ void Engine::cancel(std::uint64_t id) {
   wake_.notify_one();
 }
 
-EngineStats Engine::stats() const {
-  return {running_.load(), waiting_.load(), kv_usage_.load(), preemptions_.load()};
-}
+EngineStats Engine::stats() const { return {running_.load(), waiting_.load(), kv_usage_.load(), preemptions_.load()}; }
 
 void Engine::run() {
   for (;;) {
     {
       std::unique_lock lock(mutex_);
-      wake_.wait(lock, [&] { return stopping_ || !inbox_.empty() || !cancels_.empty() || state_->scheduler.has_work(); });
+      wake_.wait(lock,
+                 [&] { return stopping_ || !inbox_.empty() || !cancels_.empty() || state_->scheduler.has_work(); });
       if (stopping_) break;
     }
     admit_and_cancel();
@@ -249,8 +250,8 @@ void Engine::step() {
       if (observer_) observer_->on_scheduled(seconds_between(live.submitted, now), live.num_prompt);
     }
     for (auto i = c.start; i < c.start + c.count; ++i) {
-      s.batch.push_back({live.tokens[static_cast<std::size_t>(i)], i, &live.blocks,
-                         c.samples && i == c.start + c.count - 1});
+      s.batch.push_back(
+          {live.tokens[static_cast<std::size_t>(i)], i, &live.blocks, c.samples && i == c.start + c.count - 1});
     }
   }
   std::span<float> logits = s.forward.run(s.batch);

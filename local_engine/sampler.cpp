@@ -44,7 +44,9 @@ std::int32_t Sampler::sample(float* logits, std::int32_t vocab) {
     if (std::isfinite(logits[i])) candidates_.emplace_back(logits[i] / params_.temperature, i);
   }
   if (candidates_.empty()) return 0;
-  auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  auto by_logit = [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
   std::size_t keep = candidates_.size();
   if (params_.top_k > 0 && static_cast<std::size_t>(params_.top_k) < keep) {
     keep = static_cast<std::size_t>(params_.top_k);

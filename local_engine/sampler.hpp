@@ -14,8 +14,8 @@ namespace tollgate::local_engine {
 struct SamplingParams {
   float temperature = 1.0f;  // 0: greedy
   float top_p = 1.0f;
-  std::int32_t top_k = 0;  // 0: off
-  float min_p = 0.0f;      // drop tokens below min_p * p(best)
+  std::int32_t top_k = 0;           // 0: off
+  float min_p = 0.0f;               // drop tokens below min_p * p(best)
   float presence_penalty = 0.0f;    // OpenAI's, over generated tokens
   float frequency_penalty = 0.0f;   // OpenAI's, over generated tokens
   float repetition_penalty = 1.0f;  // llama.cpp's, over prompt and generated tokens
@@ -40,9 +40,9 @@ class Sampler {
   SamplingParams params_;
   std::mt19937_64 rng_;
   std::unordered_map<std::int32_t, std::int32_t> generated_;  // token -> count
-  std::vector<std::int32_t> seen_;                          // prompt and generated, for repetition_penalty
-  std::vector<std::pair<float, std::int32_t>> candidates_;  // scratch
-  std::vector<char> penalised_;                             // scratch
+  std::vector<std::int32_t> seen_;                            // prompt and generated, for repetition_penalty
+  std::vector<std::pair<float, std::int32_t>> candidates_;    // scratch
+  std::vector<char> penalised_;                               // scratch
 };
 
 // Finds stop sequences in streamed text, across token boundaries: text that

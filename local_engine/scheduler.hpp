@@ -15,9 +15,9 @@ namespace tollgate::local_engine {
 
 // A request as the scheduler sees it; the engine owns it.
 struct ScheduledRequest {
-  std::uint64_t id = 0;                // arrival order: lower is higher priority
-  std::vector<std::int32_t> tokens;    // prompt, then generated tokens
-  std::int64_t num_computed = 0;       // tokens whose keys and values are cached
+  std::uint64_t id = 0;              // arrival order: lower is higher priority
+  std::vector<std::int32_t> tokens;  // prompt, then generated tokens
+  std::int64_t num_computed = 0;     // tokens whose keys and values are cached
   KvBlockTable blocks;
   std::int64_t num_preemptions = 0;
 

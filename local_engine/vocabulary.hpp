@@ -23,8 +23,8 @@ struct Vocabulary {
   // GGUF do (the llama2.c loader converts its plain spaces); byte pieces are
   // "<0xAB>". gpt2: pieces in GPT-2's byte-to-unicode encoding.
   std::vector<std::string> pieces;
-  std::vector<float> scores;      // sentencepiece merge priority (higher first); may be empty for gpt2
-  std::vector<TokenType> types;   // empty: all normal (ids that look like "<0xAB>" are bytes)
+  std::vector<float> scores;        // sentencepiece merge priority (higher first); may be empty for gpt2
+  std::vector<TokenType> types;     // empty: all normal (ids that look like "<0xAB>" are bytes)
   std::vector<std::string> merges;  // gpt2: "a b", in rank order
   std::int32_t bos = 1;
   std::int32_t eos = 2;

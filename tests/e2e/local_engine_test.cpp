@@ -2,7 +2,6 @@
 // outputs over HTTP, concurrent streams, chat, metering, cancellation,
 // overload, the CLI, and the embedded default's demo model.
 #include <catch2/catch.hpp>
-
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -94,7 +93,8 @@ TEST_CASE("POST /v1/completions reproduces the stories260K reference", "[e2e][lo
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port(), 60s);
-  for (auto [prompt, name] : {std::pair{"", "stories260K-no-prompt-t0-n256"}, {"The cat", "stories260K-The_cat-t0-n256"}}) {
+  for (auto [prompt, name] :
+       {std::pair{"", "stories260K-no-prompt-t0-n256"}, {"The cat", "stories260K-The_cat-t0-n256"}}) {
     INFO(name);
     auto r = client.post("/v1/completions", key, completion_body(prompt, 256, false));
     REQUIRE(r.status == 200);
@@ -121,9 +121,9 @@ TEST_CASE("16 concurrent streamed requests each get exactly what they get alone"
   GatewayProcess gw(dir, gateway_options(stories_config()));
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
-  const std::vector<std::string> prompts = {"",        "The cat", "Once upon a time", "Lily",   "The dog", "Tom and",
-                                            "A big",   "She saw", "They",             "One day", "The sun", "Ben",
-                                            "It was", "The bird", "Mom said",         "The little"};
+  const std::vector<std::string> prompts = {
+      "",     "The cat", "Once upon a time", "Lily", "The dog", "Tom and",  "A big",    "She saw",
+      "They", "One day", "The sun",          "Ben",  "It was",  "The bird", "Mom said", "The little"};
   std::vector<std::string> alone;
   {
     HttpClient client(gw.port(), 60s);
@@ -170,16 +170,18 @@ TEST_CASE("chat completions, stop sequences and sampling parameters reach the en
   CHECK(chat.json().at("usage").at("completion_tokens") == 20);
   CHECK(chat.json().at("choices").at(0).at("finish_reason") == "length");
 
-  auto stopped = client.post("/v1/completions", key,
-                             R"({"model":"stories","prompt":"","max_tokens":100,"temperature":0,"stop":["little girl"]})");
+  auto stopped =
+      client.post("/v1/completions", key,
+                  R"({"model":"stories","prompt":"","max_tokens":100,"temperature":0,"stop":["little girl"]})");
   REQUIRE(stopped.status == 200);
   CHECK(stopped.json().at("choices").at(0).at("text") == "Once upon a time, there was a ");
   CHECK(stopped.json().at("choices").at(0).at("finish_reason") == "stop");
 
   auto seeded = [&](int seed) {
-    auto r = client.post("/v1/completions", key,
-                         R"({"model":"stories","prompt":"Once","max_tokens":40,"temperature":1.0,"top_k":40,"top_p":0.9,"seed":)" +
-                             std::to_string(seed) + "}");
+    auto r = client.post(
+        "/v1/completions", key,
+        R"({"model":"stories","prompt":"Once","max_tokens":40,"temperature":1.0,"top_k":40,"top_p":0.9,"seed":)" +
+            std::to_string(seed) + "}");
     REQUIRE(r.status == 200);
     return std::string(r.json().at("choices").at(0).at("text").as_string());
   };
@@ -235,10 +237,10 @@ TEST_CASE("a client that disconnects mid-stream frees its sequence; a full queue
 }
 
 TEST_CASE("tollgate generate prints the reference completion; model info describes the file", "[e2e][local]") {
-  auto ids = run_tollgate({"generate", "--model", shared_model("stories260K.bin"), "--tokenizer",
-                           shared_model("tok512.bin"), "--prompt", "The cat", "--temperature", "0", "--max-tokens",
-                           "300", "--ids"},
-                          60s);
+  auto ids =
+      run_tollgate({"generate", "--model", shared_model("stories260K.bin"), "--tokenizer", shared_model("tok512.bin"),
+                    "--prompt", "The cat", "--temperature", "0", "--max-tokens", "300", "--ids"},
+                   60s);
   REQUIRE(ids.exit_code == 0);
   auto expected = reference_ids("stories260K-The_cat-t0-n256.ids");
   std::string expected_line;
@@ -248,12 +250,11 @@ TEST_CASE("tollgate generate prints the reference completion; model info describ
   if (line.size() >= 2 && line.substr(line.size() - 2) == " 1") line.resize(line.size() - 2);
   CHECK(line == trim_right(expected_line));
 
-  auto text = run_tollgate({"generate", "--model", shared_model("stories260K.gguf"), "--temperature", "0",
-                            "--max-tokens", "255"},
-                           60s);
+  auto text = run_tollgate(
+      {"generate", "--model", shared_model("stories260K.gguf"), "--temperature", "0", "--max-tokens", "255"}, 60s);
   REQUIRE(text.exit_code == 0);
-  CHECK(trim_right(text.out) ==
-        trim_right(read_text_file(shared_model("reference/stories260K-no-prompt-t0-n256.txt"))).substr(0, trim_right(text.out).size()));
+  CHECK(trim_right(text.out) == trim_right(read_text_file(shared_model("reference/stories260K-no-prompt-t0-n256.txt")))
+                                    .substr(0, trim_right(text.out).size()));
   CHECK(text.out.starts_with("Once upon a time, there was a little girl named Lily."));
   CHECK(text.err.find("exceeds") != std::string::npos);  // past the file's 128-token context: a warning, not a refusal
 

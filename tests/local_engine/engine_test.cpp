@@ -64,7 +64,8 @@ std::vector<std::int32_t> run_ids(const le::GenerationRequest& r, const le::Gene
 
 TEST_CASE("greedy generation reproduces the stories260K reference, token for token") {
   le::Engine engine(stories(), {}, le::make_cpu_device());
-  for (auto [prompt, name] : {std::pair{"", "stories260K-no-prompt-t0-n256"}, {"The cat", "stories260K-The_cat-t0-n256"}}) {
+  for (auto [prompt, name] :
+       {std::pair{"", "stories260K-no-prompt-t0-n256"}, {"The cat", "stories260K-The_cat-t0-n256"}}) {
     INFO(name);
     auto expected = reference_ids(std::string(name) + ".ids");
     auto request = greedy(engine.tokenizer(), prompt, 256);
@@ -78,16 +79,16 @@ TEST_CASE("greedy generation reproduces the stories260K reference, token for tok
     if (!ids.empty() && ids.back() == 1) ids.pop_back();
     CHECK(ids == std::vector<std::int32_t>(expected.begin(), expected.begin() + std::min(expected.size(), ids.size())));
     CHECK(ids.size() == expected.size());
-    auto reference_text = tollgate::test::trim_right(tollgate::test::read_text_file(shared_model("reference/" + std::string(name) + ".txt")));
+    auto reference_text = tollgate::test::trim_right(
+        tollgate::test::read_text_file(shared_model("reference/" + std::string(name) + ".txt")));
     CHECK(tollgate::test::trim_right(std::string(prompt) + c.text) == reference_text);
   }
 }
 
 TEST_CASE("greedy output is the same alone and among 16 concurrent requests, with preemption") {
-  const std::vector<std::string> prompts = {"",          "The cat",  "Once upon a time", "Lily",     "The dog",
-                                            "Tom and",   "A big",    "She saw",          "They",     "One day",
-                                            "The sun",   "Ben",      "It was",           "The bird", "Mom said",
-                                            "The little"};
+  const std::vector<std::string> prompts = {
+      "",     "The cat", "Once upon a time", "Lily", "The dog", "Tom and",  "A big",    "She saw",
+      "They", "One day", "The sun",          "Ben",  "It was",  "The bird", "Mom said", "The little"};
   // Alone, one at a time.
   std::vector<std::vector<std::int32_t>> alone;
   {
@@ -173,7 +174,8 @@ TEST_CASE("a cancelled request leaves at once and frees its blocks; the engine r
   Collector first;
   auto id = engine.submit(greedy(engine.tokenizer(), "", 0), first.callback()).id;
   // Wait until it produces something, then cancel.
-  for (int i = 0; i < 500 && engine.stats().running == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  for (int i = 0; i < 500 && engine.stats().running == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
   engine.cancel(id);
   for (int i = 0; i < 500 && engine.stats().kv_cache_usage > 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -184,7 +186,8 @@ TEST_CASE("a cancelled request leaves at once and frees its blocks; the engine r
   // One running, two waiting: the next is refused as overloaded.
   Collector a, b, c;
   REQUIRE(engine.submit(greedy(engine.tokenizer(), "", 0), a.callback()).refusal == le::Engine::Refusal::none);
-  for (int i = 0; i < 500 && engine.stats().running == 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  for (int i = 0; i < 500 && engine.stats().running == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
   REQUIRE(engine.submit(greedy(engine.tokenizer(), "", 5), b.callback()).refusal == le::Engine::Refusal::none);
   REQUIRE(engine.submit(greedy(engine.tokenizer(), "", 5), c.callback()).refusal == le::Engine::Refusal::none);
   CHECK(engine.submit(greedy(engine.tokenizer(), "", 5), [](le::GenerationEvent) {}).refusal ==

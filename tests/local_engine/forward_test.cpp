@@ -1,9 +1,10 @@
 #include "local_engine/forward.hpp"
 
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <filesystem>
-#include <unistd.h>
 
 #include "reference.hpp"
 
@@ -59,16 +60,19 @@ class TempFile {
 }  // namespace
 
 TEST_CASE("a prefill in one step gives the logits of token-by-token decoding") {
-  auto model = le::load_model(tollgate::test::shared_model("stories260K.bin"), tollgate::test::shared_model("tok512.bin"));
-  std::vector<std::int32_t> tokens = {1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426,
-                                      338, 401, 396, 267};  // the reference story's first tokens
+  auto model =
+      le::load_model(tollgate::test::shared_model("stories260K.bin"), tollgate::test::shared_model("tok512.bin"));
+  std::vector<std::int32_t> tokens = {
+      1,   403, 407, 261, 378, 432, 383, 286, 261, 376,
+      298, 315, 421, 395, 317, 426, 338, 401, 396, 267};  // the reference story's first tokens
   auto stepwise = last_logits(model, tokens, false);
   auto batched = last_logits(model, tokens, true);
   CHECK(stepwise == batched);  // bit for bit: batching never changes an output
 }
 
 TEST_CASE("the GGUF and llama2.c files of stories260K compute the same logits") {
-  auto bin = le::load_model(tollgate::test::shared_model("stories260K.bin"), tollgate::test::shared_model("tok512.bin"));
+  auto bin =
+      le::load_model(tollgate::test::shared_model("stories260K.bin"), tollgate::test::shared_model("tok512.bin"));
   auto gguf = le::load_model(tollgate::test::shared_model("stories260K.gguf"));
   std::vector<std::int32_t> tokens = {1, 291, 280, 294};
   CHECK(last_logits(bin, tokens, true) == last_logits(gguf, tokens, true));
@@ -88,8 +92,8 @@ TEST_CASE("F16, BF16, Q8_0 and Q4_0 models agree with the F32 model within state
   le::write_random_llama_gguf(f32_file.path(), p, le::DType::f32, 3, "test");
   auto reference = last_logits(le::load_model(f32_file.path()), tokens, true);
   // Per type: a bound on the NMSE of the final logits (measured 4e-7, 2.5e-5, 2.7e-4, 3.8e-2).
-  for (auto [type, tolerance] : {std::pair{le::DType::f16, 1e-5}, {le::DType::bf16, 1e-3}, {le::DType::q8_0, 1e-3},
-                                 {le::DType::q4_0, 1e-1}}) {
+  for (auto [type, tolerance] :
+       {std::pair{le::DType::f16, 1e-5}, {le::DType::bf16, 1e-3}, {le::DType::q8_0, 1e-3}, {le::DType::q4_0, 1e-1}}) {
     INFO(le::dtype_name(type));
     TempFile file(std::string(le::dtype_name(type)) + ".gguf");
     le::write_random_llama_gguf(file.path(), p, type, 3, "test");
