@@ -27,24 +27,7 @@ APP_PID=$!
 wait_200 "http://127.0.0.1:$APP_PORT/app/hello" || die "the app did not come up: $(cat "$WORK/app/logs/"*.log)"
 
 # --- nginx as the reverse proxy, with a keep-alive pool to the app ----------
-NGINX_PORT=$(free_port)
-start_nginx proxy 2 <<EOF
-  upstream app {
-    server 127.0.0.1:$APP_PORT;
-    keepalive 128;
-  }
-  server {
-    listen 127.0.0.1:$NGINX_PORT;
-    location / {
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    }
-  }
-EOF
-NGINX_PID=$!
-wait_200 "http://127.0.0.1:$NGINX_PORT/app/hello" || die "nginx did not come up: $(cat "$WORK/proxy/logs/"*.log)"
+start_nginx_proxy "$APP_PORT"
 
 # --- tollgate ------------------------------------------------------------
 DB=$WORK/tollgate.db

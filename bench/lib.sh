@@ -160,3 +160,26 @@ compare_with_nginx() {  # PATH DESCRIPTION
     printf "tollgate/nginx: throughput %.2f, p50 %.2f, p99 %.2f\n", t / n, (np > 0 ? tp / np : 0), (nq > 0 ? tq / nq : 0) }'
   echo "usage rows written during the tollgate run: $ROWS (wrk completed $T_REQ requests)"
 }
+
+# nginx (2 workers) proxying to the app on 127.0.0.1:APP_PORT with a keep-alive
+# pool, on a free port: sets NGINX_PORT and NGINX_PID.
+start_nginx_proxy() {  # APP_PORT
+  NGINX_PORT=$(free_port)
+  start_nginx proxy 2 <<EOF
+  upstream app {
+    server 127.0.0.1:$1;
+    keepalive 128;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+EOF
+  NGINX_PID=$!
+  wait_200 "http://127.0.0.1:$NGINX_PORT/app/hello" || die "nginx did not come up: $(cat "$WORK/proxy/logs/"*.log)"
+}
