@@ -40,9 +40,15 @@ TEST_CASE("KV blocks: allocation grows a table, runs out as a normal answer, and
   le::KvCache cache(2, 4, 16, 8);
   CHECK(cache.slot(b, 0) == b.blocks[0] * 16);
   CHECK(cache.slot(b, 17) == b.blocks[1] * 16 + 1);
+  // Layers, slots, keys and values are separate storage.
+  cache.key(0, 5)[3] = 1.0f;
+  cache.value(1, 5)[3] = 3.0f;
   cache.key(1, 5)[3] = 2.5f;
+  cache.key(1, 6)[3] = 4.0f;
   CHECK(cache.key(1, 5)[3] == 2.5f);
-  CHECK(cache.key(0, 5)[3] == 0.0f);
+  CHECK(cache.key(0, 5)[3] == 1.0f);
+  CHECK(cache.value(1, 5)[3] == 3.0f);
+  CHECK(cache.key(1, 6) - cache.key(1, 5) == 8);
 }
 
 TEST_CASE("a step spends the token budget over decodes first, then chunks of new prompts") {
