@@ -231,14 +231,18 @@ class ResponseParser {
     std::size_t i = 0;
     while (i < in.size()) {
       switch (state_) {
-        case State::head: {
+        case State::head:
+        case State::chunk_size:
+        case State::chunk_crlf:
+        case State::trailers: {
+          // Line-framed parts: the head, chunk sizes, chunk ends, trailers.
           auto end = in.find('\n', i);
           std::size_t take = (end == std::string_view::npos ? in.size() : end + 1) - i;
           line_.append(in.substr(i, take));
           i += take;
           if (line_.size() > kMaxHead) return Result::bad;
           if (end == std::string_view::npos) break;
-          if (!head_line_done()) return Result::bad;
+          if (!(state_ == State::head ? head_line_done() : chunk_line_done())) return Result::bad;
           break;
         }
         case State::length_body:
@@ -259,18 +263,6 @@ class ResponseParser {
               line_.clear();
             }
           }
-          break;
-        }
-        case State::chunk_size:
-        case State::chunk_crlf:
-        case State::trailers: {
-          auto end = in.find('\n', i);
-          std::size_t take = (end == std::string_view::npos ? in.size() : end + 1) - i;
-          line_.append(in.substr(i, take));
-          i += take;
-          if (line_.size() > kMaxHead) return Result::bad;
-          if (end == std::string_view::npos) break;
-          if (!chunk_line_done()) return Result::bad;
           break;
         }
         case State::done:

@@ -57,6 +57,14 @@ std::string stream_body(const std::string& model, bool include_usage) {
          (include_usage ? R"(,"stream_options":{"include_usage":true}})" : "}");
 }
 
+// Starts a streamed chat on `client` and reads until `marker` arrives.
+void start_stream(HttpClient& client, const std::string& key, const std::string& model, const std::string& marker) {
+  REQUIRE(client.send_raw(raw_post("/v1/chat/completions", key, stream_body(model, false))));
+  std::string got;
+  for (int i = 0; i < 100 && got.find(marker) == std::string::npos; ++i) got += client.read_some(100ms);
+  REQUIRE(got.find(marker) != std::string::npos);
+}
+
 // The streamed text and whether a usage chunk and [DONE] came.
 struct Streamed {
   std::string text;
@@ -305,11 +313,7 @@ TEST_CASE("openai backend: a client leaving mid-stream cancels the upstream call
   wait_for_key(gw.port(), key);
   {
     HttpClient client(gw.port());
-    std::string body = stream_body("m-slow", false);
-    REQUIRE(client.send_raw(raw_post("/v1/chat/completions", key, body)));
-    std::string got;
-    for (int i = 0; i < 100 && got.find("t2 ") == std::string::npos; ++i) got += client.read_some(100ms);
-    REQUIRE(got.find("t2 ") != std::string::npos);
+    start_stream(client, key, "m-slow", "t2 ");
   }  // the client closes its connection here
   // The slow answer would take 30 s; the fake sees its client go away long before.
   std::int64_t disconnects = 0;
@@ -329,11 +333,7 @@ TEST_CASE("openai backend: a client that stops reading slows the upstream down i
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port());
-  std::string body = stream_body("m-flood", false);
-  REQUIRE(client.send_raw(raw_post("/v1/chat/completions", key, body)));
-  std::string got;
-  for (int i = 0; i < 100 && got.find("ffff") == std::string::npos; ++i) got += client.read_some(100ms);
-  REQUIRE(got.find("ffff") != std::string::npos);
+  start_stream(client, key, "m-flood", "ffff");
   // The client reads nothing more: socket buffers fill, then the gateway's
   // queue, then the gateway stops reading the upstream, which stalls.
   auto flood_sent = [&] { return fake.stats().at("flood_sent").as_int64(); };
