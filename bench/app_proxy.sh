@@ -33,6 +33,7 @@ start_nginx_proxy "$APP_PORT"
 DB=$WORK/tollgate.db
 cat >"$WORK/tollgate.yaml" <<EOF
 app_upstream: http://127.0.0.1:$APP_PORT
+io_threads: ${IO_THREADS:-0}
 metering: {flush_interval: 1s}
 backends:
   - {name: echo, type: echo}

@@ -164,6 +164,10 @@ Family<Series>::Family(std::string name, std::string help, std::vector<std::stri
 
 template <class Series>
 Series& Family<Series>::labels(std::initializer_list<std::string_view> values) {
+  if (values.size() == label_names_.size()) {
+    std::lock_guard lock(mutex_);
+    if (auto it = series_.find(values); it != series_.end()) return *it->second;
+  }
   return labels(std::vector<std::string>(values.begin(), values.end()));
 }
 

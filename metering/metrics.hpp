@@ -3,6 +3,7 @@
 // path is a lock-free atomic update once a series is looked up.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -50,6 +51,17 @@ class Histogram {
   std::atomic<double> sum_{0.0};
 };
 
+// Orders label-value lists, and lets a list of views find a stored list
+// without building one: the per-request lookups allocate nothing.
+struct LabelValuesLess {
+  using is_transparent = void;
+  template <class A, class B>
+  bool operator()(const A& a, const B& b) const {
+    return std::lexicographical_compare(a.begin(), a.end(), b.begin(), b.end(),
+                                        [](std::string_view x, std::string_view y) { return x < y; });
+  }
+};
+
 // All series of one metric name, keyed by label values (in label-name order).
 template <class Series>
 class Family {
@@ -71,7 +83,7 @@ class Family {
   std::vector<std::string> label_names_;
   std::function<std::unique_ptr<Series>()> make_;
   mutable std::mutex mutex_;
-  std::map<std::vector<std::string>, std::unique_ptr<Series>> series_;
+  std::map<std::vector<std::string>, std::unique_ptr<Series>, LabelValuesLess> series_;
 };
 
 class Registry {

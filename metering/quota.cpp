@@ -168,9 +168,21 @@ EpochMs next_month_start(EpochMs t) {
 
 std::string day_string(EpochMs t) {
   const CivilDate date = civil_from_days(day_index(t));
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%04lld-%02u-%02u", static_cast<long long>(date.year), date.month, date.day);
-  return buf;
+  if (date.year < 0 || date.year > 9999) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%04lld-%02u-%02u", static_cast<long long>(date.year), date.month, date.day);
+    return buf;
+  }
+  // By hand: the metering writer formats one per usage row, and snprintf
+  // costs more than the rest of the row's rollup.
+  const auto y = static_cast<unsigned>(date.year);
+  const char text[10] = {static_cast<char>('0' + y / 1000),      static_cast<char>('0' + y / 100 % 10),
+                         static_cast<char>('0' + y / 10 % 10),   static_cast<char>('0' + y % 10),
+                         '-',
+                         static_cast<char>('0' + date.month / 10), static_cast<char>('0' + date.month % 10),
+                         '-',
+                         static_cast<char>('0' + date.day / 10),   static_cast<char>('0' + date.day % 10)};
+  return std::string(text, sizeof text);
 }
 
 std::optional<EpochMs> parse_utc_time(std::string_view text) {

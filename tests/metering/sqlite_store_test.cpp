@@ -23,6 +23,27 @@ std::int64_t read_pragma(const std::string& path, const char* pragma) {
   return value;
 }
 
+void run_sql(const std::string& path, const char* sql) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(db, sql, nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(db);
+}
+
+// The first column of the first row of `sql`, as text.
+std::string read_text(const std::string& path, const char* sql) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  const auto* text = sqlite3_column_text(stmt, 0);
+  std::string out = text ? reinterpret_cast<const char*>(text) : "";
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return out;
+}
+
 std::string read_journal_mode(const std::string& path) {
   sqlite3* db = nullptr;
   REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
@@ -84,14 +105,14 @@ constexpr EpochMs k2024_11_30_120000 = 1732968000000;
 
 }  // namespace
 
-TEST_CASE("opening migrates to user_version 1 in WAL mode, and reopening is idempotent",
+TEST_CASE("opening migrates to the latest user_version in WAL mode, and reopening is idempotent",
           "[metering][store]") {
   TempDatabase db;
   {
     auto store = open_sqlite_store(db.path());
     store->ensure_user("alice");
   }
-  CHECK(read_pragma(db.path(), "user_version") == 1);
+  CHECK(read_pragma(db.path(), "user_version") == 2);
   CHECK(read_journal_mode(db.path()) == "wal");
   {
     auto store = open_sqlite_store(db.path());
@@ -99,7 +120,57 @@ TEST_CASE("opening migrates to user_version 1 in WAL mode, and reopening is idem
     CHECK(store->list_users().size() == 1);
     CHECK(again->find_user("alice").has_value());
   }
-  CHECK(read_pragma(db.path(), "user_version") == 1);
+  CHECK(read_pragma(db.path(), "user_version") == 2);
+}
+
+TEST_CASE("a version-1 database keeps its usage rows and gets the single ts index", "[metering][store]") {
+  TempDatabase db;
+  const EpochMs now = k2024_03_15_102030;
+  std::int64_t user = 0, key = 0;
+  {
+    auto store = open_sqlite_store(db.path());
+    const ApiKey a = store->insert_key(new_key("alice", "tg-alice000", "ha"));
+    user = a.user_id;
+    key = a.id;
+    store->append_usage(std::vector<UsageEvent>{event(now - 1000, a.user_id, a.id, "m", 200, 10, 5)});
+  }
+  // Back to version 1's indexes, as a database written by an older build has them.
+  run_sql(db.path(),
+          "DROP INDEX usage_events_ts;"
+          " CREATE INDEX usage_events_user_ts ON usage_events(user_id, ts);"
+          " CREATE INDEX usage_events_key_ts ON usage_events(key_id, ts);"
+          " PRAGMA user_version = 1;");
+  auto store = open_sqlite_store(db.path());
+  CHECK(read_pragma(db.path(), "user_version") == 2);
+  CHECK(read_text(db.path(), "SELECT group_concat(name, ',') FROM sqlite_master"
+                             " WHERE type = 'index' AND tbl_name = 'usage_events'") == "usage_events_ts");
+  CHECK(store->count_usage_events() == 1);
+  const Store::QuotaState state = store->quota_state(now);
+  CHECK(state.users.at(user).minute.tokens == 15);
+  CHECK(state.keys.at(key).minute.requests == 1);
+}
+
+TEST_CASE("a batch of usage rows spanning several multi-row inserts is stored row for row", "[metering][store]") {
+  TempDatabase db;
+  auto store = open_sqlite_store(db.path());
+  const ApiKey a = store->insert_key(new_key("alice", "tg-alice000", "ha"));
+  std::vector<UsageEvent> events;
+  const int n = GENERATE(1, 31, 32, 33, 70);
+  for (int i = 0; i < n; ++i) {
+    auto e = event(k2024_03_15_102000 + i, a.user_id, a.id, "model-" + std::to_string(i), 200 + i, i, 2 * i);
+    e.route = "/route/" + std::to_string(i);
+    e.latency_us = 1000 + i;
+    events.push_back(std::move(e));
+  }
+  store->append_usage(events);
+  CHECK(store->count_usage_events() == n);
+  // Every column of every row landed where it belongs.
+  CHECK(read_text(db.path(),
+                  "SELECT COUNT(*) FROM usage_events WHERE route = '/route/' || (ts - 1710498000000)"
+                  " AND model = 'model-' || (ts - 1710498000000) AND status = 200 + ts - 1710498000000"
+                  " AND prompt_tokens = ts - 1710498000000 AND completion_tokens = 2 * prompt_tokens"
+                  " AND latency_us = 1000 + prompt_tokens AND backend = 'echo' AND counted = 1") ==
+        std::to_string(n));
 }
 
 TEST_CASE("a database from a newer schema is refused", "[metering][store]") {
