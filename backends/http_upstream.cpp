@@ -5,7 +5,10 @@
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <array>
 #include <cerrno>
+#include <charconv>
+#include <span>
 #include <optional>
 
 namespace tollgate::backends {
@@ -69,20 +72,84 @@ AppUpstream::Pool& AppUpstream::pool_for(const net::any_io_executor& ex) {
   throw std::logic_error("AppUpstream: executor of an unregistered io_context");
 }
 
-void strip_hop_by_hop(http::fields& fields) {
-  // Headers named by Connection are hop-by-hop too (RFC 9110 §7.6.1).
-  std::vector<std::string> named;
-  // Not equal_range: Beast walks insertion order from the first match to the
-  // last, taking in whatever other headers lie between.
+bool HeaderNames::contains(std::string_view name) const {
+  for (auto n : names_) {
+    if (beast::iequals(n, name)) return true;
+  }
+  return false;
+}
+
+void append_header_line(std::string& out, std::string_view name, std::string_view value) {
+  out.append(name);
+  out += ": ";
+  const std::size_t at = out.size();
+  out.append(value);
+  for (std::size_t i = at; i < out.size(); ++i) {
+    if (out[i] == '\r' || out[i] == '\n' || out[i] == '\0') out[i] = ' ';
+  }
+  out += "\r\n";
+}
+
+void AppForward::set_request_header(std::string_view name, std::string_view value) {
+  append_header_line(request_headers, name, value);
+  drop_request.add(name);
+}
+
+void AppForward::set_response_header(std::string_view name, std::string_view value) {
+  append_header_line(response_headers, name, value);
+  drop_response.add(name);
+}
+
+namespace {
+
+bool is_hop_by_hop(http::field f) {
+  switch (f) {
+    case http::field::connection:
+    case http::field::keep_alive:
+    case http::field::proxy_connection:
+    case http::field::te:
+    case http::field::transfer_encoding:
+    case http::field::upgrade:
+    case http::field::proxy_authorization:
+    case http::field::proxy_authenticate:
+    case http::field::trailer:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Every field as it is, "Name: value\r\n" each.
+void append_fields(std::string& out, const http::fields& fields) {
+  for (const auto& field : fields) {
+    auto name = field.name_string();
+    auto value = field.value();
+    out.append(name.data(), name.size());
+    out += ": ";
+    out.append(value.data(), value.size());
+    out += "\r\n";
+  }
+}
+
+}  // namespace
+
+void append_end_to_end_fields(std::string& out, const http::fields& fields, const HeaderNames& drop) {
+  // Headers named by Connection are hop-by-hop too (RFC 9110 §7.6.1); every
+  // Connection line counts, wherever it is.
+  HeaderNames named;
   for (const auto& f : fields) {
     if (f.name() != http::field::connection) continue;
-    for (auto token : http::token_list(f.value())) named.emplace_back(token);
+    for (auto token : http::token_list(f.value())) named.add(std::string_view(token.data(), token.size()));
   }
-  for (const auto& name : named) fields.erase(name);
-  for (auto f : {http::field::connection, http::field::keep_alive, http::field::proxy_connection, http::field::te,
-                 http::field::transfer_encoding, http::field::upgrade, http::field::proxy_authorization,
-                 http::field::proxy_authenticate, http::field::trailer}) {
-    fields.erase(f);
+  for (const auto& f : fields) {
+    auto name = f.name_string();
+    const std::string_view n(name.data(), name.size());
+    if (is_hop_by_hop(f.name()) || named.contains(n) || drop.contains(n)) continue;
+    auto value = f.value();
+    out.append(n);
+    out += ": ";
+    out.append(value.data(), value.size());
+    out += "\r\n";
   }
 }
 
@@ -103,32 +170,79 @@ bool looks_alive(tcp::socket& socket, const beast::flat_buffer& leftover, Steady
   return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
 
-// Header fields as they go on the wire, each line ending in CRLF.
-void append_fields(std::string& out, const http::fields& fields) {
-  for (const auto& field : fields) {
-    auto name = field.name_string();
-    auto value = field.value();
-    out.append(name.data(), name.size());
-    out += ": ";
-    out.append(value.data(), value.size());
-    out += "\r\n";
-  }
-  out += "\r\n";
-}
-
-// Beast's buffer_body serializers cost tens of thousands of instructions per
-// small message (callgrind); a header without a body to relay is framed here.
-std::string request_head(const http::request_header<>& req) {
+// The request line and header the app receives: HTTP/1.1 whatever the
+// client spoke, the client's end-to-end fields minus `drop`, the gateway's.
+std::string request_head(const http::request_header<>& req, const HeaderNames& drop, const AppForward& how,
+                         bool chunked) {
   std::string out;
+  out.reserve(512);
   auto method = req.method_string();
   auto target = req.target();
   out.append(method.data(), method.size());
   out += ' ';
   out.append(target.data(), target.size());
-  out += req.version() == 10 ? " HTTP/1.0\r\n" : " HTTP/1.1\r\n";
-  append_fields(out, req);
+  out += " HTTP/1.1\r\n";
+  append_end_to_end_fields(out, req, drop);
+  out += how.request_headers;
+  if (chunked) out += "Transfer-Encoding: chunked\r\n";
+  out += "\r\n";
   return out;
 }
+
+// The status line and header the client receives, framed for it.
+std::string client_response_head(const http::response_header<>& res, unsigned client_version,
+                                 const HeaderNames& drop, const AppForward& how, bool chunked, bool keep) {
+  std::string out;
+  out.reserve(512);
+  out += client_version == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
+  out += std::to_string(res.result_int());
+  out += ' ';
+  auto reason = res.reason();
+  out.append(reason.data(), reason.size());
+  out += "\r\n";
+  append_end_to_end_fields(out, res, drop);
+  out += how.response_headers;
+  if (chunked) out += "Transfer-Encoding: chunked\r\n";
+  if (client_version >= 11 && !keep) out += "Connection: close\r\n";
+  if (client_version < 11 && keep) out += "Connection: keep-alive\r\n";
+  out += "\r\n";
+  return out;
+}
+
+// One relay write's buffers: the head while it is unsent, then a piece of
+// body, raw or as one chunk; the last piece of a chunked body also ends it.
+class RelayPiece {
+ public:
+  RelayPiece(const std::string& head, bool chunked, net::const_buffer data, bool last) {
+    if (!head.empty()) add(net::buffer(head));
+    if (!chunked) {
+      if (data.size() > 0) add(data);
+      return;
+    }
+    if (data.size() > 0) {
+      auto [end, ec] = std::to_chars(size_line_, size_line_ + sizeof size_line_ - 2, data.size(), 16);
+      *end++ = '\r';
+      *end++ = '\n';
+      add(net::buffer(size_line_, static_cast<std::size_t>(end - size_line_)));
+      add(data);
+      add(last ? net::buffer("\r\n0\r\n\r\n", 7) : net::buffer("\r\n", 2));
+    } else if (last) {
+      add(net::buffer("0\r\n\r\n", 5));
+    }
+  }
+  RelayPiece(const RelayPiece&) = delete;
+  RelayPiece& operator=(const RelayPiece&) = delete;
+
+  std::span<const net::const_buffer> buffers() const { return {buffers_.data(), count_}; }
+  bool empty() const { return count_ == 0; }
+
+ private:
+  void add(net::const_buffer b) { buffers_[count_++] = b; }
+
+  char size_line_[24];
+  std::array<net::const_buffer, 4> buffers_;
+  std::size_t count_ = 0;
+};
 
 }  // namespace
 
@@ -140,6 +254,7 @@ std::string response_head(const http::response_header<>& res) {
   out.append(reason.data(), reason.size());
   out += "\r\n";
   append_fields(out, res);
+  out += "\r\n";
   return out;
 }
 
@@ -162,16 +277,19 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
   const bool chunked_in = rp.chunked();
   const bool has_body = !rp.is_done();
   out.request_body_read = !has_body;
-  strip_hop_by_hop(req);
-  req.erase(http::field::expect);  // answered here, once the app is reachable
-  for (const auto& f : how.add_request_headers) req.set(f.name_string(), f.value());
-  req.version(11);
-  if (chunked_in) {
-    req.erase(http::field::content_length);
-    req.chunked(true);
-  }
+  // The header goes out as the client sent it, minus what is hop-by-hop or
+  // the gateway's to set; Expect is answered here, once the app is reachable;
+  // a chunked body is re-chunked, so a Content-Length beside it goes.
+  HeaderNames drop_request = how.drop_request;
+  drop_request.add("Expect");
+  if (chunked_in) drop_request.add("Content-Length");
 
-  auto buf = std::make_unique_for_overwrite<char[]>(kRelayChunk);
+  // Only bodies that do not fit one read need the relay buffer.
+  std::unique_ptr<char[]> relay;
+  auto relay_buffer = [&relay] {
+    if (!relay) relay = std::make_unique_for_overwrite<char[]>(kRelayChunk);
+    return relay.get();
+  };
   std::unique_ptr<Connection> conn;
   std::optional<http::response_parser<http::buffer_body>> resp;
   bool sent_continue = false;
@@ -229,45 +347,40 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
       }
     }
 
-    // Request: read a bounded piece of the client's body, write it to the app,
-    // repeat (Beast's relay pattern).
-    http::request_serializer<http::buffer_body> sr{req};
+    // Request: the header, then a bounded piece of the client's body at a
+    // time, each written before the next is read (Beast's relay pattern).
+    std::string head = request_head(req, drop_request, how, chunked_in);
     beast::error_code upstream_ec;
-    if (!has_body) {
-      std::string head = request_head(req);
-      conn->stream.expires_after(options_.idle_timeout);
-      auto [ec, n] = co_await net::async_write(conn->stream, net::buffer(head), as_tuple);
-      upstream_ec = ec;
-    } else
-      do {
-        if (!rp.is_done()) {
-          req.body().data = buf.get();
-          req.body().size = kRelayChunk;
-          client.expires_after(how.client_read_timeout);
-          auto [ec, n] = co_await http::async_read(client, client_buffer, rp, as_tuple);
-          if (ec == http::error::need_buffer) ec = {};
-          if (ec) {
-            out.failure = AppOutcome::Failure::client_gone;
-            out.detail = "reading the request body: " + ec.message();
-            out.upstream_time = elapsed();
-            co_return out;
-          }
-          req.body().size = kRelayChunk - req.body().size;
-          req.body().data = buf.get();
-          req.body().more = !rp.is_done();
-        } else {
-          req.body().data = nullptr;
-          req.body().size = 0;
-          req.body().more = false;
-        }
-        conn->stream.expires_after(options_.idle_timeout);
-        auto [ec, n] = co_await http::async_write(conn->stream, sr, as_tuple);
+    for (;;) {
+      std::size_t got = 0;
+      if (!rp.is_done()) {
+        char* buf = relay_buffer();
+        req.body().data = buf;
+        req.body().size = kRelayChunk;
+        client.expires_after(how.client_read_timeout);
+        auto [ec, n] = co_await http::async_read(client, client_buffer, rp, as_tuple);
         if (ec == http::error::need_buffer) ec = {};
+        if (ec) {
+          out.failure = AppOutcome::Failure::client_gone;
+          out.detail = "reading the request body: " + ec.message();
+          out.upstream_time = elapsed();
+          co_return out;
+        }
+        got = kRelayChunk - req.body().size;
+      }
+      const bool last = rp.is_done();
+      RelayPiece piece(head, chunked_in, net::buffer(relay.get(), got), last);
+      if (!piece.empty()) {
+        conn->stream.expires_after(options_.idle_timeout);
+        auto [ec, n] = co_await net::async_write(conn->stream, piece.buffers(), as_tuple);
         if (ec) {
           upstream_ec = ec;
           break;
         }
-      } while (!rp.is_done() && !sr.is_done());
+      }
+      head.clear();
+      if (last) break;
+    }
     out.request_body_read = rp.is_done();
 
     // Response header: the app's first byte, past any interim 1xx.
@@ -303,21 +416,20 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
   const bool chunked_up = resp->chunked();
   const bool length_framed = !chunked_up && resp->content_length().has_value();
   const bool bodyless = resp->is_done();  // HEAD, 204, 304, or an empty body
-  strip_hop_by_hop(res);
-  for (const auto& f : how.add_response_headers) res.set(f.name_string(), f.value());
-  res.version(client_version);
   bool keep = how.client_keep_alive;
-  if (chunked_up) res.erase(http::field::content_length);
+  // Chunked (or close-delimited) from the app: chunked keeps an HTTP/1.1
+  // client's connection; an HTTP/1.0 client reads to the close.
+  bool chunked_out = false;
   if (!bodyless && !length_framed) {
-    // Chunked (or close-delimited) from the app: chunked keeps an HTTP/1.1
-    // client's connection; an HTTP/1.0 client reads to the close.
     if (client_version >= 11) {
-      res.chunked(true);
+      chunked_out = true;
     } else {
       keep = false;
     }
   }
-  res.keep_alive(keep);
+  HeaderNames drop_response = how.drop_response;
+  if (chunked_up) drop_response.add("Content-Length");
+  std::string head = client_response_head(res, client_version, drop_response, how, chunked_out, keep);
   out.status = res.result_int();
 
   auto release = [&] {
@@ -332,12 +444,11 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
   // An answer whose body has already arrived whole goes out in one write.
   if (bodyless || (length_framed && *resp->content_length() <= conn->buffer.size())) {
     const auto body_size = bodyless ? std::size_t{0} : static_cast<std::size_t>(*resp->content_length());
-    std::string wire = response_head(res);
-    wire.append(static_cast<const char*>(conn->buffer.data().data()), body_size);
+    head.append(static_cast<const char*>(conn->buffer.data().data()), body_size);
     conn->buffer.consume(body_size);
     out.response_started = true;
     client.expires_after(how.client_write_timeout);
-    auto [ec, n] = co_await net::async_write(client, net::buffer(wire), as_tuple);
+    auto [ec, n] = co_await net::async_write(client, net::buffer(head), as_tuple);
     out.upstream_time = elapsed();
     if (ec) {
       out.failure = AppOutcome::Failure::client_gone;
@@ -348,22 +459,24 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
     co_return out;
   }
 
-  http::response_serializer<http::buffer_body> csr{res};
-  if (!bodyless && conn->buffer.size() == 0) {
+  if (conn->buffer.size() == 0) {
     // Nothing of the body has arrived yet: the client gets the header now,
     // not when the app's first chunk comes (a stream may start slowly).
     out.response_started = true;
     client.expires_after(how.client_write_timeout);
-    auto [ec, n] = co_await http::async_write_header(client, csr, as_tuple);
+    auto [ec, n] = co_await net::async_write(client, net::buffer(head), as_tuple);
     if (ec) {
       out.failure = AppOutcome::Failure::client_gone;
       out.upstream_time = elapsed();
       co_return out;
     }
+    head.clear();
   }
-  do {
+  for (;;) {
+    std::size_t got = 0;
     if (!resp->is_done()) {
-      res.body().data = buf.get();
+      char* buf = relay_buffer();
+      res.body().data = buf;
       res.body().size = kRelayChunk;
       conn->stream.expires_after(options_.idle_timeout);
       auto [ec, n] = co_await http::async_read(conn->stream, conn->buffer, *resp, as_tuple);
@@ -378,28 +491,27 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
         }
         co_return out;
       }
-      res.body().size = kRelayChunk - res.body().size;
-      res.body().data = buf.get();
-      res.body().more = !resp->is_done();
-    } else {
-      res.body().data = nullptr;
-      res.body().size = 0;
-      res.body().more = false;
+      got = kRelayChunk - res.body().size;
     }
+    const bool last = resp->is_done();
+    RelayPiece piece(head, chunked_out, net::buffer(relay.get(), got), last);
     out.response_started = true;
-    client.expires_after(how.client_write_timeout);
-    auto [ec, n] = co_await http::async_write(client, csr, as_tuple);
-    if (ec == http::error::need_buffer) ec = {};
-    if (ec) {
-      out.failure = AppOutcome::Failure::client_gone;
-      out.upstream_time = elapsed();
-      co_return out;
+    if (!piece.empty()) {
+      client.expires_after(how.client_write_timeout);
+      auto [ec, n] = co_await net::async_write(client, piece.buffers(), as_tuple);
+      if (ec) {
+        out.failure = AppOutcome::Failure::client_gone;
+        out.upstream_time = elapsed();
+        co_return out;
+      }
     }
-  } while (!resp->is_done() && !csr.is_done());
+    head.clear();
+    if (last) break;
+  }
 
   out.upstream_time = elapsed();
   out.keep_client = keep;
-  if (resp->is_done()) release();
+  release();
   co_return out;
 }
 

@@ -10,6 +10,7 @@
 #include <boost/beast/http/fields.hpp>
 #include <boost/beast/http/parser.hpp>
 #include <boost/beast/http/string_body.hpp>
+#include <boost/container/small_vector.hpp>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -28,13 +29,31 @@ struct AppUpstreamOptions {
   std::size_t max_idle_per_thread = 256;
 };
 
-// What the gateway decided about one proxied request.
+// Header names, compared case-insensitively. Holds views: the names must
+// outlive it (literals, or names inside the message being filtered).
+class HeaderNames {
+ public:
+  void add(std::string_view name) { names_.push_back(name); }
+  bool contains(std::string_view name) const;
+
+ private:
+  boost::container::small_vector<std::string_view, 12> names_;
+};
+
+// What the gateway decided about one proxied request. Headers it sets go out
+// as wire lines after the message's own, whose copies of them are dropped.
 struct AppForward {
-  boost::beast::http::fields add_request_headers;          // set on the request, replacing any the client sent
-  boost::beast::http::fields add_response_headers;         // set on the response to the client
+  std::string request_headers;   // "Name: value\r\n" lines added to the request
+  HeaderNames drop_request;      // client headers the app never sees
+  std::string response_headers;  // lines added to the response to the client
+  HeaderNames drop_response;     // app headers the client never sees
   std::chrono::milliseconds client_read_timeout{30'000};   // each read of the request body
   std::chrono::milliseconds client_write_timeout{60'000};  // each write to the client
   bool client_keep_alive = true;                           // the client may send another request afterwards
+
+  // Replace whatever the client (or the app) sent under `name`, a literal.
+  void set_request_header(std::string_view name, std::string_view value);
+  void set_response_header(std::string_view name, std::string_view value);
 };
 
 struct AppOutcome {
@@ -82,10 +101,15 @@ class AppUpstream {
   std::vector<std::unique_ptr<Pool>> pools_;
 };
 
-// Removes the hop-by-hop headers of RFC 9110 §7.6.1: Connection and every
-// header it names, Keep-Alive, Proxy-Connection, TE, Transfer-Encoding,
-// Upgrade, Proxy-Authorization, Proxy-Authenticate, Trailer.
-void strip_hop_by_hop(boost::beast::http::fields& fields);
+// Appends `fields` as they go on the wire, "Name: value\r\n" each, leaving
+// out the hop-by-hop ones of RFC 9110 §7.6.1 (Connection and every header it
+// names, Keep-Alive, Proxy-Connection, TE, Transfer-Encoding, Upgrade,
+// Proxy-Authorization, Proxy-Authenticate, Trailer) and those in `drop`.
+void append_end_to_end_fields(std::string& out, const boost::beast::http::fields& fields, const HeaderNames& drop);
+
+// "Name: value\r\n", with any CR, LF or NUL in the value made a space: a
+// value from elsewhere (a user's name) can never split the header.
+void append_header_line(std::string& out, std::string_view name, std::string_view value);
 
 // A response's status line and header fields as they go on the wire, ending
 // in the blank line: Beast's generic serializers cost tens of thousands of

@@ -112,17 +112,23 @@ awaitable<std::invoke_result_t<F>> run_blocking(Gateway& gw, F f) {
   co_return co_await net::co_spawn(gw.admin_pool, invoke(std::move(f)), use_awaitable);
 }
 
-void set_rate_limit_headers(http::fields& res, const metering::RateLimitStatus& status) {
+// Calls set(name, value) for each x-ratelimit-* header `status` calls for.
+template <class Set>
+void for_each_rate_limit_header(const metering::RateLimitStatus& status, Set&& set) {
   if (status.requests) {
-    res.set("x-ratelimit-limit-requests", std::to_string(status.requests->limit));
-    res.set("x-ratelimit-remaining-requests", std::to_string(status.requests->remaining));
-    res.set("x-ratelimit-reset-requests", metering::format_reset(status.requests->reset_ms));
+    set("x-ratelimit-limit-requests", std::to_string(status.requests->limit));
+    set("x-ratelimit-remaining-requests", std::to_string(status.requests->remaining));
+    set("x-ratelimit-reset-requests", metering::format_reset(status.requests->reset_ms));
   }
   if (status.tokens) {
-    res.set("x-ratelimit-limit-tokens", std::to_string(status.tokens->limit));
-    res.set("x-ratelimit-remaining-tokens", std::to_string(status.tokens->remaining));
-    res.set("x-ratelimit-reset-tokens", metering::format_reset(status.tokens->reset_ms));
+    set("x-ratelimit-limit-tokens", std::to_string(status.tokens->limit));
+    set("x-ratelimit-remaining-tokens", std::to_string(status.tokens->remaining));
+    set("x-ratelimit-reset-tokens", metering::format_reset(status.tokens->reset_ms));
   }
+}
+
+void set_rate_limit_headers(http::fields& res, const metering::RateLimitStatus& status) {
+  for_each_rate_limit_header(status, [&res](std::string_view name, std::string_view value) { res.set(name, value); });
 }
 
 Response make_response(const Request& req, http::status status, std::string body,
@@ -347,7 +353,7 @@ class Session {
   awaitable<bool> refuse(http::request_parser<http::string_body>& parser, Exchange& x, ApiError error);
   awaitable<bool> handle_admin_route(http::request_parser<http::string_body>& parser, Exchange& x);
   awaitable<bool> handle_app(http::request_parser<http::string_body>& parser, Exchange& x, std::string_view path);
-  void set_forwarding_headers(Request& req, backends::AppForward& how);
+  void set_forwarding_headers(const Request& req, backends::AppForward& how);
   awaitable<bool> handle_models(const Request& req, Exchange& x);
   awaitable<bool> handle_completion(const Request& req, Exchange& x, bool chat);
   std::optional<ApiError> authenticate(const Request& req, Exchange& x);
@@ -357,6 +363,7 @@ class Session {
   beast::flat_buffer buffer_;
   bool close_after_ = false;              // the request's body was not read: framing is lost
   std::optional<net::ip::address> peer_;  // the client's address, looked up once
+  std::string peer_text_;                 // and as text
 };
 
 // A string body is framed by hand in one buffer (see backends::response_head).
@@ -682,7 +689,7 @@ awaitable<bool> Session::handle_admin_route(http::request_parser<http::string_bo
 
 // X-Forwarded-For gets the client's address appended when the peer is a
 // trusted proxy, and replaced otherwise, as do the other forwarding headers.
-void Session::set_forwarding_headers(Request& req, backends::AppForward& how) {
+void Session::set_forwarding_headers(const Request& req, backends::AppForward& how) {
   if (!peer_) {
     beast::error_code ec;
     auto address = stream().socket().remote_endpoint(ec).address();
@@ -690,6 +697,7 @@ void Session::set_forwarding_headers(Request& req, backends::AppForward& how) {
       address = net::ip::make_address_v4(net::ip::v4_mapped, address.to_v6());
     }
     peer_ = address;
+    peer_text_ = address.to_string();
   }
   bool trusted = std::find(gw_.trusted_proxies.begin(), gw_.trusted_proxies.end(), *peer_) != gw_.trusted_proxies.end();
   std::string forwarded_for;
@@ -701,18 +709,17 @@ void Session::set_forwarding_headers(Request& req, backends::AppForward& how) {
       forwarded_for += f.value();
     }
   } else {
-    for (std::string_view name :
-         {"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded"}) {
-      req.erase(name);
+    for (std::string_view name : {"X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded"}) {
+      how.drop_request.add(name);
     }
   }
   if (!forwarded_for.empty()) forwarded_for += ", ";
-  forwarded_for += peer_->to_string();
-  how.add_request_headers.set("X-Forwarded-For", forwarded_for);
+  forwarded_for += peer_text_;
+  how.set_request_header("X-Forwarded-For", forwarded_for);
   // Tollgate itself speaks plain HTTP; TLS ends at a proxy in front, which says so.
-  if (req["X-Forwarded-Proto"].empty()) how.add_request_headers.set("X-Forwarded-Proto", "http");
-  if (req["X-Forwarded-Host"].empty() && !req[http::field::host].empty()) {
-    how.add_request_headers.set("X-Forwarded-Host", req[http::field::host]);
+  if (!trusted || req["X-Forwarded-Proto"].empty()) how.set_request_header("X-Forwarded-Proto", "http");
+  if ((!trusted || req["X-Forwarded-Host"].empty()) && !req[http::field::host].empty()) {
+    how.set_request_header("X-Forwarded-Host", req[http::field::host]);
   }
 }
 
@@ -733,9 +740,16 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
       auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
       co_return co_await refuse(parser, x, limited);
     }
-    how.add_request_headers.set("X-Tollgate-User", x.caller->key.user_name);
-    how.add_request_headers.set("X-Tollgate-Key-Id", x.caller->key.prefix);
-    set_rate_limit_headers(how.add_response_headers, x.admission->status);
+    how.set_request_header("X-Tollgate-User", x.caller->key.user_name);
+    how.set_request_header("X-Tollgate-Key-Id", x.caller->key.prefix);
+    for_each_rate_limit_header(x.admission->status,
+                               [&how](std::string_view name, std::string_view value) {
+                                 how.set_response_header(name, value);
+                               });
+  } else {
+    // Only Tollgate vouches for who the caller is.
+    how.drop_request.add("X-Tollgate-User");
+    how.drop_request.add("X-Tollgate-Key-Id");
   }
 
   // The app never sees a Tollgate key: the header that carried the key used
@@ -749,12 +763,9 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
     };
     bool drop_authorization = ours(bearer);
     bool drop_api_key = ours(api_key);
-    if (drop_authorization) req.erase(http::field::authorization);
-    if (drop_api_key) req.erase("x-api-key");
+    if (drop_authorization) how.drop_request.add("Authorization");
+    if (drop_api_key) how.drop_request.add("x-api-key");
   }
-  // Only Tollgate vouches for who the caller is.
-  req.erase("X-Tollgate-User");
-  req.erase("X-Tollgate-Key-Id");
   set_forwarding_headers(req, how);
   how.client_read_timeout = limits().body_timeout;
   how.client_write_timeout = limits().idle_timeout;

@@ -5,7 +5,8 @@
 
 namespace http = boost::beast::http;
 
-TEST_CASE("strip_hop_by_hop removes the fixed set and what Connection names", "[backends][app_proxy]") {
+TEST_CASE("end-to-end fields leave out the fixed hop-by-hop set, what Connection names, and what is dropped",
+          "[backends][app_proxy]") {
   http::fields f;
   f.set("Host", "app");
   f.insert("Connection", "keep-alive, X-Hop-One");
@@ -18,10 +19,20 @@ TEST_CASE("strip_hop_by_hop removes the fixed set and what Connection names", "[
     f.set(name, "x");
   }
   f.set("Authorization", "Basic abc");
+  f.set("X-Tollgate-User", "mallory");
   f.set("Content-Length", "5");
-  tollgate::backends::strip_hop_by_hop(f);
+  tollgate::backends::HeaderNames drop;
+  drop.add("x-tollgate-user");
 
-  std::vector<std::string> left;
-  for (const auto& field : f) left.emplace_back(field.name_string());
-  CHECK(left == std::vector<std::string>{"Host", "X-Between", "Authorization", "Content-Length"});
+  std::string wire;
+  tollgate::backends::append_end_to_end_fields(wire, f, drop);
+  CHECK(wire == "Host: app\r\nX-Between: stays\r\nAuthorization: Basic abc\r\nContent-Length: 5\r\n");
+}
+
+TEST_CASE("a header line set by the gateway cannot be split by its value", "[backends][app_proxy]") {
+  tollgate::backends::AppForward how;
+  how.set_request_header("X-Tollgate-User", std::string_view("eve\r\nX-Admin: yes\0", 18));
+  CHECK(how.request_headers == "X-Tollgate-User: eve  X-Admin: yes \r\n");
+  CHECK(how.drop_request.contains("x-tollgate-user"));
+  CHECK_FALSE(how.drop_request.contains("X-Tollgate-Key-Id"));
 }
