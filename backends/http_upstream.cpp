@@ -42,8 +42,9 @@ bool is_stale_connection(const beast::error_code& ec) {
 }  // namespace
 
 struct AppUpstream::Connection {
-  explicit Connection(const net::any_io_executor& ex) : stream(ex) {}
-  beast::tcp_stream stream;
+  explicit Connection(const net::any_io_executor& ex) : stream(ex), deadline(ex, stream.socket()) {}
+  beast::tcp_stream stream;  // its own expiry only for connecting; the rest goes through `deadline`
+  IoDeadline deadline;
   beast::flat_buffer buffer;
   bool reused = false;
   SteadyClock::time_point released{};
@@ -258,14 +259,16 @@ std::string response_head(const http::response_header<>& res) {
   return out;
 }
 
-awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::flat_buffer& client_buffer,
+awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client_stream, IoDeadline& client_deadline,
+                                           beast::flat_buffer& client_buffer,
                                            http::request_parser<http::string_body>& parser, const AppForward& how) {
+  tcp::socket& client = client_stream.socket();
   AppOutcome out;
   auto started = SteadyClock::now();
   auto elapsed = [&started] {
     return std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - started);
   };
-  auto ex = client.get_executor();
+  auto ex = client_stream.get_executor();
   Pool& pool = pool_for(ex);
 
   // The body is relayed, never buffered whole: max_body does not apply.
@@ -338,8 +341,8 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
     if (expect_continue && has_body && !sent_continue) {
       sent_continue = true;
       http::response<http::empty_body> cont{http::status::continue_, client_version};
-      client.expires_after(how.client_write_timeout);
-      auto [ec, n] = co_await http::async_write(client, cont, as_tuple);
+      client_stream.expires_after(how.client_write_timeout);
+      auto [ec, n] = co_await http::async_write(client_stream, cont, as_tuple);
       if (ec) {
         out.failure = AppOutcome::Failure::client_gone;
         out.upstream_time = elapsed();
@@ -357,8 +360,9 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
         char* buf = relay_buffer();
         req.body().data = buf;
         req.body().size = kRelayChunk;
-        client.expires_after(how.client_read_timeout);
-        auto [ec, n] = co_await http::async_read(client, client_buffer, rp, as_tuple);
+        client_deadline.arm(how.client_read_timeout);
+        auto [read_ec, n] = co_await http::async_read(client, client_buffer, rp, as_tuple);
+        auto ec = client_deadline.outcome(read_ec);
         if (ec == http::error::need_buffer) ec = {};
         if (ec) {
           out.failure = AppOutcome::Failure::client_gone;
@@ -371,10 +375,10 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
       const bool last = rp.is_done();
       RelayPiece piece(head, chunked_in, net::buffer(relay.get(), got), last);
       if (!piece.empty()) {
-        conn->stream.expires_after(options_.idle_timeout);
-        auto [ec, n] = co_await net::async_write(conn->stream, piece.buffers(), as_tuple);
+        conn->deadline.arm(options_.idle_timeout);
+        auto [ec, n] = co_await net::async_write(conn->stream.socket(), piece.buffers(), as_tuple);
         if (ec) {
-          upstream_ec = ec;
+          upstream_ec = conn->deadline.outcome(ec);
           break;
         }
       }
@@ -389,10 +393,10 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
         resp.emplace();
         resp->body_limit(boost::none);
         if (req.method() == http::verb::head) resp->skip(true);
-        conn->stream.expires_after(options_.first_byte_timeout);
-        auto [ec, n] = co_await http::async_read_header(conn->stream, conn->buffer, *resp, as_tuple);
+        conn->deadline.arm(options_.first_byte_timeout);
+        auto [ec, n] = co_await http::async_read_header(conn->stream.socket(), conn->buffer, *resp, as_tuple);
         if (ec) {
-          upstream_ec = ec;
+          upstream_ec = conn->deadline.outcome(ec);
           break;
         }
         if (resp->get().result_int() / 100 != 1) break;
@@ -435,6 +439,7 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
   auto release = [&] {
     if (upstream_keep && pool.idle.size() < options_.max_idle_per_thread) {
       conn->stream.expires_never();
+      conn->deadline.disarm();
       conn->reused = true;
       conn->released = SteadyClock::now();
       pool.idle.push_back(std::move(conn));
@@ -447,7 +452,7 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
     head.append(static_cast<const char*>(conn->buffer.data().data()), body_size);
     conn->buffer.consume(body_size);
     out.response_started = true;
-    client.expires_after(how.client_write_timeout);
+    client_deadline.arm(how.client_write_timeout);
     auto [ec, n] = co_await net::async_write(client, net::buffer(head), as_tuple);
     out.upstream_time = elapsed();
     if (ec) {
@@ -463,7 +468,7 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
     // Nothing of the body has arrived yet: the client gets the header now,
     // not when the app's first chunk comes (a stream may start slowly).
     out.response_started = true;
-    client.expires_after(how.client_write_timeout);
+    client_deadline.arm(how.client_write_timeout);
     auto [ec, n] = co_await net::async_write(client, net::buffer(head), as_tuple);
     if (ec) {
       out.failure = AppOutcome::Failure::client_gone;
@@ -478,8 +483,9 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
       char* buf = relay_buffer();
       res.body().data = buf;
       res.body().size = kRelayChunk;
-      conn->stream.expires_after(options_.idle_timeout);
-      auto [ec, n] = co_await http::async_read(conn->stream, conn->buffer, *resp, as_tuple);
+      conn->deadline.arm(options_.idle_timeout);
+      auto [read_ec, n] = co_await http::async_read(conn->stream.socket(), conn->buffer, *resp, as_tuple);
+      auto ec = conn->deadline.outcome(read_ec);
       if (ec == http::error::need_buffer) ec = {};
       if (ec) {
         out.upstream_time = elapsed();
@@ -497,7 +503,7 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client, beast::fla
     RelayPiece piece(head, chunked_out, net::buffer(relay.get(), got), last);
     out.response_started = true;
     if (!piece.empty()) {
-      client.expires_after(how.client_write_timeout);
+      client_deadline.arm(how.client_write_timeout);
       auto [ec, n] = co_await net::async_write(client, piece.buffers(), as_tuple);
       if (ec) {
         out.failure = AppOutcome::Failure::client_gone;

@@ -18,6 +18,8 @@
 #include <string_view>
 #include <vector>
 
+#include "backends/io_deadline.hpp"
+
 namespace tollgate::backends {
 
 struct AppUpstreamOptions {
@@ -88,8 +90,10 @@ class AppUpstream {
   // Streams the request whose headers `parser` holds (its body still unread,
   // partly in `client_buffer`) to the app and the app's answer back to
   // `client`. Hop-by-hop headers are removed both ways and bodies re-framed.
+  // `client_deadline` keeps the client's socket, on which forward() operates
+  // directly (the stream's own expiry only for an interim 100 Continue).
   boost::asio::awaitable<AppOutcome> forward(
-      boost::beast::tcp_stream& client, boost::beast::flat_buffer& client_buffer,
+      boost::beast::tcp_stream& client, IoDeadline& client_deadline, boost::beast::flat_buffer& client_buffer,
       boost::beast::http::request_parser<boost::beast::http::string_body>& parser, const AppForward& how);
 
  private:

@@ -314,7 +314,8 @@ class SessionSink final : public backends::CompletionSink {
 
 class Session {
  public:
-  Session(Gateway& gw, std::shared_ptr<Connection> conn) : gw_(gw), conn_(std::move(conn)) {}
+  Session(Gateway& gw, std::shared_ptr<Connection> conn)
+      : gw_(gw), conn_(std::move(conn)), deadline_(conn_->stream.get_executor(), conn_->stream.socket()) {}
 
   awaitable<void> run();
 
@@ -360,6 +361,9 @@ class Session {
 
   Gateway& gw_;
   std::shared_ptr<Connection> conn_;
+  // For reading requests, writing whole answers and the app proxy, which use
+  // the socket directly; streamed answers use the stream's own expiry.
+  backends::IoDeadline deadline_;
   beast::flat_buffer buffer_;
   bool close_after_ = false;              // the request's body was not read: framing is lost
   std::optional<net::ip::address> peer_;  // the client's address, looked up once
@@ -377,8 +381,8 @@ awaitable<bool> Session::write(Response res) {
   if (close_after_ || gw_.stopping) res.keep_alive(false);
   bool keep = res.keep_alive();
   std::string wire = wire_format(res);
-  stream().expires_after(limits().idle_timeout);
-  auto [ec, n] = co_await net::async_write(stream(), net::buffer(wire), as_tuple);
+  deadline_.arm(limits().idle_timeout);
+  auto [ec, n] = co_await net::async_write(stream().socket(), net::buffer(wire), as_tuple);
   co_return !ec && keep;
 }
 
@@ -773,7 +777,7 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
   const bool keep_alive = req.keep_alive();
   how.client_keep_alive = keep_alive && !gw_.stopping;
 
-  auto out = co_await gw_.app->forward(stream(), buffer_, parser, how);
+  auto out = co_await gw_.app->forward(stream(), deadline_, buffer_, parser, how);
   x.backend_time = out.upstream_time;
   using Failure = backends::AppOutcome::Failure;
   if (out.response_started) {
@@ -882,8 +886,8 @@ awaitable<void> Session::run() {
       // Waiting for a request: only now may the shutdown close the connection.
       conn_->idle = true;
       if (gw_.stopping) break;
-      stream().expires_after(first ? limits().header_timeout : limits().idle_timeout);
-      auto [ec, n] = co_await stream().async_read_some(buffer_.prepare(8192), as_tuple);
+      deadline_.arm(first ? limits().header_timeout : limits().idle_timeout);
+      auto [ec, n] = co_await stream().socket().async_read_some(buffer_.prepare(8192), as_tuple);
       if (ec) break;  // idle timeout, client closed, or shutdown
       buffer_.commit(n);
     }
@@ -894,7 +898,7 @@ awaitable<void> Session::run() {
     // No limit yet: bodies proxied to the app stream through unbounded;
     // handle() caps the gateway's own routes once the path is known.
     parser.body_limit(boost::none);
-    stream().expires_after(limits().header_timeout);
+    deadline_.arm(limits().header_timeout);
     // Beast applies header_limit to the unparsed bytes of each put(), not to
     // the whole header: fed in small reads, a header of any size would pass.
     // So the header is parsed here, with the limit shrinking as it is consumed.
@@ -912,9 +916,9 @@ awaitable<void> Session::run() {
           break;
         }
       }
-      auto [read_ec, n] = co_await stream().async_read_some(buffer_.prepare(8192), as_tuple);
+      auto [read_ec, n] = co_await stream().socket().async_read_some(buffer_.prepare(8192), as_tuple);
       if (read_ec) {
-        ec = read_ec == net::error::eof ? beast::error_code(http::error::end_of_stream) : read_ec;
+        ec = read_ec == net::error::eof ? beast::error_code(http::error::end_of_stream) : deadline_.outcome(read_ec);
         break;
       }
       buffer_.commit(n);

@@ -328,3 +328,32 @@ TEST_CASE("app calls are metered per user and count against the request quota", 
   // A public path has no caller: no usage row.
   CHECK(count_usage_rows(gw.db(), "route = '/actuator/health'") == 0);
 }
+
+TEST_CASE("a client that stalls mid-upload or stops reading a download is cut off and metered 499",
+          "[e2e][app_proxy]") {
+  FakeServer app("fake_app.py");
+  TempDir dir;
+  GatewayProcess gw(dir, options(app_config(app.port(), "limits: {body_timeout: 400ms, idle_timeout: 400ms}\n")));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+
+  SECTION("upload") {
+    HttpClient client(gw.port());
+    REQUIRE(client.send_raw("PUT /files/stalled HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key +
+                            "\r\nContent-Length: 1000000\r\n\r\n" + std::string(1000, 'u')));
+    CHECK(client.wait_closed(10s));
+    CHECK(wait_rows(gw.db(), "route = '/files/stalled' AND status = 499 AND user_id IS NOT NULL", 1) == 1);
+  }
+  SECTION("download") {
+    HttpClient client(gw.port());
+    // Far more than the socket buffers hold: the relay must wait on the client.
+    REQUIRE(client.send_raw("GET /download?size=67108864&framing=length HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            "Authorization: Bearer " +
+                            key + "\r\n\r\n"));
+    CHECK(wait_rows(gw.db(), "route = '/download' AND status = 499 AND user_id IS NOT NULL", 1) == 1);
+    CHECK(client.wait_closed(10s));
+  }
+  // The gateway serves on.
+  HttpClient after(gw.port());
+  CHECK(after.get("/echo/after", key).status == 200);
+}
