@@ -75,7 +75,8 @@ AppUpstream::Pool& AppUpstream::pool_for(const net::any_io_executor& ex) {
 
 bool HeaderNames::contains(std::string_view name) const {
   for (auto n : names_) {
-    if (beast::iequals(n, name)) return true;
+    // Lengths first: most names differ there, and iequals is a call.
+    if (n.size() == name.size() && beast::iequals(n, name)) return true;
   }
   return false;
 }
@@ -92,6 +93,7 @@ void append_header_line(std::string& out, std::string_view name, std::string_vie
 }
 
 void AppForward::set_request_header(std::string_view name, std::string_view value) {
+  if (request_headers.empty()) request_headers.reserve(256);  // the gateway's five lines, usually
   append_header_line(request_headers, name, value);
   drop_request.add(name);
 }
