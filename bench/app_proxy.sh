@@ -7,7 +7,7 @@
 # the ratio, and the usage rows written.
 #
 # Usage: bench/app_proxy.sh             (from anywhere; builds nothing)
-# Env:   TOLLGATE=path/to/tollgate  DURATION=10s  CONNECTIONS=64  THREADS=2
+# Env:   TOLLGATE=path/to/tollgate  DURATION=10s  CONNECTIONS=64  THREADS=2  ROUNDS=3  IO_THREADS=0
 set -euo pipefail
 
 . "$(dirname "$0")/lib.sh"

@@ -5,7 +5,7 @@
 # requests/s, p50 and p99 for each, the ratio, and the usage rows written.
 #
 # Usage: bench/front_door.sh            (from anywhere; builds nothing)
-# Env:   TOLLGATE=path/to/tollgate  DURATION=10s  CONNECTIONS=64  THREADS=2
+# Env:   TOLLGATE=path/to/tollgate  DURATION=10s  CONNECTIONS=64  THREADS=2  ROUNDS=3
 set -euo pipefail
 
 . "$(dirname "$0")/lib.sh"

@@ -9,6 +9,7 @@ WRK=${WRK:-wrk}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
+ROUNDS=${ROUNDS:-3}
 
 die() { echo "$(basename "$0" .sh): $*" >&2; exit 1; }
 
@@ -132,8 +133,26 @@ compare_with_nginx() {  # PATH DESCRIPTION
   # Rows the probes above wrote are flushed within the interval; count them out.
   sleep 1.5
   ROWS_BEFORE=$(rows)
-  run_wrk tollgate "http://127.0.0.1:$TOLLGATE_PORT$path" -H "Authorization: Bearer $KEY"
-  run_wrk nginx "http://127.0.0.1:$NGINX_PORT$path"
+  # Rounds alternate the two so a burst of other load on the machine hits
+  # both alike; the median round's ratio is the figure.
+  local round T_REQ=0 ratios=""
+  echo
+  echo "$description, $THREADS wrk threads, $CONNECTIONS connections, $DURATION, loopback, $(nproc) cores"
+  printf '%-6s %-10s %12s %10s %10s %8s\n' round "" "requests/s" "p50 ms" "p99 ms" "non-2xx"
+  for round in $(seq 1 "$ROUNDS"); do
+    run_wrk tollgate "http://127.0.0.1:$TOLLGATE_PORT$path" -H "Authorization: Bearer $KEY"
+    run_wrk nginx "http://127.0.0.1:$NGINX_PORT$path"
+    T_RPS=$(field "$WORK/tollgate.wrk" rps)
+    N_RPS=$(field "$WORK/nginx.wrk" rps)
+    T_REQ=$((T_REQ + $(field "$WORK/tollgate.wrk" requests)))
+    printf '%-6s %-10s %12s %10s %10s %8s\n' "$round" tollgate "$T_RPS" "$(field "$WORK/tollgate.wrk" p50)" \
+      "$(field "$WORK/tollgate.wrk" p99)" "$(field "$WORK/tollgate.wrk" errors | grep . || echo 0)"
+    printf '%-6s %-10s %12s %10s %10s %8s\n' "" nginx "$N_RPS" "$(field "$WORK/nginx.wrk" p50)" \
+      "$(field "$WORK/nginx.wrk" p99)" "$(field "$WORK/nginx.wrk" errors | grep . || echo 0)"
+    ratio=$(awk -v t="$T_RPS" -v n="$N_RPS" 'BEGIN { printf "%.2f", t / n }')
+    echo "       tollgate/nginx throughput $ratio"
+    ratios="$ratios $ratio"
+  done
 
   # A graceful stop writes every queued row before the process exits.
   kill -TERM "$TOLLGATE_PID"
@@ -141,24 +160,9 @@ compare_with_nginx() {  # PATH DESCRIPTION
   TOLLGATE_PID=""
   ROWS=$(( $(rows) - ROWS_BEFORE ))
 
-  T_RPS=$(field "$WORK/tollgate.wrk" rps)
-  N_RPS=$(field "$WORK/nginx.wrk" rps)
-  T_REQ=$(field "$WORK/tollgate.wrk" requests)
-  T_ERR=$(field "$WORK/tollgate.wrk" errors)
-  N_ERR=$(field "$WORK/nginx.wrk" errors)
-  T_P50=$(field "$WORK/tollgate.wrk" p50)
-  T_P99=$(field "$WORK/tollgate.wrk" p99)
-  N_P50=$(field "$WORK/nginx.wrk" p50)
-  N_P99=$(field "$WORK/nginx.wrk" p99)
-
-  echo
-  echo "$description, $THREADS wrk threads, $CONNECTIONS connections, $DURATION, loopback, $(nproc) cores"
-  printf '%-10s %12s %10s %10s %8s\n' "" "requests/s" "p50 ms" "p99 ms" "non-2xx"
-  printf '%-10s %12s %10s %10s %8s\n' tollgate "$T_RPS" "$T_P50" "$T_P99" "${T_ERR:-0}"
-  printf '%-10s %12s %10s %10s %8s\n' nginx "$N_RPS" "$N_P50" "$N_P99" "${N_ERR:-0}"
-  awk -v t="$T_RPS" -v n="$N_RPS" -v tp="$T_P50" -v np="$N_P50" -v tq="$T_P99" -v nq="$N_P99" 'BEGIN {
-    printf "tollgate/nginx: throughput %.2f, p50 %.2f, p99 %.2f\n", t / n, (np > 0 ? tp / np : 0), (nq > 0 ? tq / nq : 0) }'
-  echo "usage rows written during the tollgate run: $ROWS (wrk completed $T_REQ requests)"
+  echo "$ratios" | tr ' ' '\n' | sed '/^$/d' | sort -n |
+    awk '{ r[NR] = $1 } END { printf "tollgate/nginx throughput, median of %d rounds: %s (min %s, max %s)\n", NR, r[int((NR + 1) / 2)], r[1], r[NR] }'
+  echo "usage rows written during the tollgate runs: $ROWS (wrk completed $T_REQ requests)"
 }
 
 # nginx (2 workers) proxying to the app on 127.0.0.1:APP_PORT with a keep-alive

@@ -141,6 +141,8 @@ class Query {
   Query(const Query&) = delete;
   Query& operator=(const Query&) = delete;
 
+  sqlite3_stmt* statement() const { return stmt_; }
+
   Query& bind(int index, std::int64_t value) {
     check(sqlite3_bind_int64(stmt_, index, value));
     return *this;
@@ -615,6 +617,7 @@ class SqliteStore final : public Store {
   void close() {
     for (auto& [sql, stmt] : statements_) sqlite3_finalize(stmt);
     statements_.clear();
+    insert_usage_stmt_.fill(nullptr);
     sqlite3_close(db_);
     db_ = nullptr;
   }
@@ -675,9 +678,9 @@ class SqliteStore final : public Store {
   static constexpr int kUsageColumns = 13;
 
   void insert_usage_rows(std::span<const UsageEvent> rows) {
-    std::string& sql = insert_usage_sql_[rows.size()];
-    if (sql.empty()) {
-      sql =
+    sqlite3_stmt*& stmt = insert_usage_stmt_[rows.size()];
+    if (!stmt) {
+      std::string sql =
           "INSERT INTO usage_events (ts, user_id, key_id, route, model, backend, status,"
           " prompt_tokens, completion_tokens, latency_us, ttft_us, counted, estimated) VALUES ";
       for (std::size_t r = 0; r < rows.size(); ++r) {
@@ -685,8 +688,9 @@ class SqliteStore final : public Store {
         for (int c = 0; c < kUsageColumns; ++c) sql += c == 0 ? "?" : ", ?";
         sql += ')';
       }
+      stmt = query(sql).statement();  // prepared once, owned by the statement cache
     }
-    Query q = query(sql);
+    Query q(db_, stmt);
     int b = 0;  // the row's first parameter is b + 1
     for (const UsageEvent& e : rows) {
       // The events outlive the statement's execution: no copies of the text.
@@ -723,7 +727,7 @@ class SqliteStore final : public Store {
   std::mutex mutex_;
   sqlite3* db_ = nullptr;
   std::unordered_map<std::string, sqlite3_stmt*> statements_;
-  std::array<std::string, kRowsPerInsert + 1> insert_usage_sql_;  // by row count, built on first use
+  std::array<sqlite3_stmt*, kRowsPerInsert + 1> insert_usage_stmt_{};  // by row count, prepared on first use
 };
 
 }  // namespace
