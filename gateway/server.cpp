@@ -383,6 +383,7 @@ awaitable<bool> Session::write(Response res) {
   std::string wire = wire_format(res);
   deadline_.arm(limits().idle_timeout);
   auto [ec, n] = co_await net::async_write(stream().socket(), net::buffer(wire), as_tuple);
+  deadline_.disarm();
   co_return !ec && keep;
 }
 
@@ -778,6 +779,7 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
   how.client_keep_alive = keep_alive && !gw_.stopping;
 
   auto out = co_await gw_.app->forward(stream(), deadline_, buffer_, parser, how);
+  deadline_.disarm();
   x.backend_time = out.upstream_time;
   using Failure = backends::AppOutcome::Failure;
   if (out.response_started) {
@@ -949,6 +951,9 @@ awaitable<void> Session::run() {
       co_await respond_error(req, x, error, true);
       break;
     }
+    // The deadline guards raw reads and writes only: past this point a long
+    // answer (a stream on the stream's own expiry) must not be cut by it.
+    deadline_.disarm();
     close_after_ = false;
     if (!co_await handle(parser)) break;
     if (close_after_) break;

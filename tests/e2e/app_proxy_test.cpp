@@ -357,3 +357,15 @@ TEST_CASE("a client that stalls mid-upload or stops reading a download is cut of
   HttpClient after(gw.port());
   CHECK(after.get("/echo/after", key).status == 200);
 }
+
+TEST_CASE("an app answer slower than header_timeout and idle_timeout still arrives", "[e2e][app_proxy]") {
+  FakeServer app("fake_app.py");
+  TempDir dir;
+  GatewayProcess gw(dir, options(app_config(app.port(), "limits: {header_timeout: 300ms, idle_timeout: 400ms}\n")));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  auto r = client.get("/slow?delay=1", key);
+  CHECK(r.status == 200);
+  CHECK(client.get("/slow?delay=0", key).status == 200);
+}

@@ -483,3 +483,15 @@ TEST_CASE("openai backend config: unknown keys and bad URLs are refused by name"
   CHECK(scheme.exit_code != 0);
   CHECK(scheme.err.find("base_url") != std::string::npos);
 }
+
+TEST_CASE("openai backend: a stream that outlasts header_timeout and idle_timeout keeps flowing", "[e2e][openai]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  GatewayProcess gw(dir, with_config("limits: {header_timeout: 300ms, idle_timeout: 400ms}\n" +
+                                     fake_config(fake.port())));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  // One piece per 100 ms: t12 arrives well past both timeouts of the request's own reads.
+  start_stream(client, key, "m-slow", "t12 ");
+}
