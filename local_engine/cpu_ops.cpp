@@ -20,20 +20,42 @@ Isa choose_isa() {
   const char* forced = std::getenv("TOLLGATE_CPU");
   const std::string_view cap = forced != nullptr ? forced : "";
   if (cap == "portable") return Isa::portable;
+  if (cap != "avx2" && cap != "avx2_vnni" && isa_supported(Isa::avx512_vnni)) return Isa::avx512_vnni;
   if (cap != "avx2" && isa_supported(Isa::avx2_vnni)) return Isa::avx2_vnni;
   return isa_supported(Isa::avx2_fma) ? Isa::avx2_fma : Isa::portable;
 }
 
-// CPUID.(EAX=7,ECX=1):EAX bit 4, and the OS saving YMM state (XCR0 bits 1
-// and 2, readable once OSXSAVE is set). Read directly: compilers before GCC 11
-// and Clang 12 have no "avxvnni" for __builtin_cpu_supports.
-bool cpu_has_avx_vnni() {
+// XCR0: whether the OS saves the register state of YMM (bits 1, 2) or also
+// of ZMM (bits 5-7: opmask, upper halves of zmm0-15, zmm16-31). Readable once
+// CPUID reports OSXSAVE.
+bool os_saves(unsigned mask) {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) == 0 || (eax & (1u << 4)) == 0) return false;
   if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0 || (ecx & bit_OSXSAVE) == 0) return false;
   unsigned xcr0 = 0, xcr0_high = 0;
   __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
-  return (xcr0 & 0x6u) == 0x6u;
+  return (xcr0 & mask) == mask;
+}
+constexpr unsigned kYmmState = 0x6u;
+constexpr unsigned kZmmState = 0xe6u;
+
+// CPUID.(EAX=7,ECX=1):EAX bit 4, and the OS saving YMM state. Read directly:
+// compilers before GCC 11 and Clang 12 have no "avxvnni" for
+// __builtin_cpu_supports.
+bool cpu_has_avx_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) == 0 || (eax & (1u << 4)) == 0) return false;
+  return os_saves(kYmmState);
+}
+
+// CPUID.(EAX=7,ECX=0): EBX bits 16 (F), 30 (BW), 31 (VL), ECX bit 11 (VNNI),
+// and the OS saving ZMM state: a hypervisor or kernel may expose the CPUID
+// bits without enabling the state, and zmm instructions would then fault.
+bool cpu_has_avx512_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
+  const unsigned ebx_bits = 1u << 16 | 1u << 30 | 1u << 31;
+  if ((ebx & ebx_bits) != ebx_bits || (ecx & (1u << 11)) == 0) return false;
+  return os_saves(kZmmState);
 }
 
 // x quantised to Q8_0 for one matmul call. Per calling thread, and it only
@@ -59,6 +81,10 @@ bool isa_supported(Isa isa) {
       static const bool supported = isa_supported(Isa::avx2_fma) && cpu_has_avx_vnni();
       return supported;
     }
+    case Isa::avx512_vnni: {
+      static const bool supported = isa_supported(Isa::avx2_fma) && cpu_has_avx512_vnni();
+      return supported;
+    }
   }
   return false;
 }
@@ -76,6 +102,8 @@ std::string features() {
       return "avx2+fma";
     case Isa::avx2_vnni:
       return "avx2+fma+avxvnni";
+    case Isa::avx512_vnni:
+      return "avx2+fma+avx512vnni";
   }
   return "portable";
 }
@@ -123,11 +151,44 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
   auto* rows = isa == Isa::avx2_vnni  ? &kernels::avx2_vnni::matmul_rows
                : isa == Isa::avx2_fma ? &kernels::avx2::matmul_rows
                                       : &kernels::portable::matmul_rows;
-  // Threads split the rows in groups of 8 so every thread's tiles are whole.
-  constexpr std::int64_t kGroup = 8;
+  if (isa == Isa::avx512_vnni) {
+    // Only Q8_0 has a 512-bit kernel; the rest take the best 256-bit one
+    // (Zen 4 has AVX-512 VNNI without AVX-VNNI).
+    rows = w.type == DType::q8_0           ? &kernels::avx512_vnni::matmul_rows_q8_0
+           : isa_supported(Isa::avx2_vnni) ? &kernels::avx2_vnni::matmul_rows
+                                           : &kernels::avx2::matmul_rows;
+  }
+  // Threads split the rows in interleaved groups so every thread's tiles are whole.
+  constexpr std::int64_t kGroup = kernels::kInterleavedRows;
   pool.parallel_for((w.rows + kGroup - 1) / kGroup, [&](std::int64_t begin, std::int64_t end) {
     rows(args, begin * kGroup, std::min(end * kGroup, w.rows));
   });
+}
+
+std::size_t interleaved_bytes(const Tensor& w) {
+  assert(w.type == DType::q8_0);
+  const std::int64_t groups = (w.rows + kernels::kInterleavedRows - 1) / kernels::kInterleavedRows;
+  return static_cast<std::size_t>(groups * kernels::kInterleavedRows) * row_bytes(w.type, w.cols);
+}
+
+void interleave_q8_0(const Tensor& w, std::byte* out) {
+  assert(w.type == DType::q8_0 && w.cols % kQuantBlock == 0);
+  constexpr int kRows = kernels::kInterleavedRows;
+  const std::int64_t blocks = w.cols / kQuantBlock;
+  kernels::InterleavedQ8Block block;
+  for (std::int64_t r0 = 0; r0 < w.rows; r0 += kRows) {
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      for (int i = 0; i < kRows; ++i) {
+        const auto& src = reinterpret_cast<const BlockQ8_0*>(w.row(std::min(r0 + i, w.rows - 1)))[b];
+        block.scale[i] = src.scale;
+        for (int k = 0; k < 8; ++k) {
+          for (int l = 0; l < 4; ++l) block.q[k][4 * i + l] = static_cast<std::uint8_t>(src.q[4 * k + l] ^ 0x80);
+        }
+      }
+      std::memcpy(out, &block, sizeof block);
+      out += sizeof block;
+    }
+  }
 }
 
 void dequantize_row(const Tensor& t, std::int64_t row, float* out) {
