@@ -160,9 +160,12 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
   }
   // Threads split the rows in interleaved groups so every thread's tiles are whole.
   constexpr std::int64_t kGroup = kernels::kInterleavedRows;
-  pool.parallel_for((w.rows + kGroup - 1) / kGroup, [&](std::int64_t begin, std::int64_t end) {
-    rows(args, begin * kGroup, std::min(end * kGroup, w.rows));
-  });
+  constexpr int kChunksPerThread = 4;
+  // Several chunks per thread even out a thread that starts late or loses its core.
+  pool.parallel_for(
+      (w.rows + kGroup - 1) / kGroup,
+      [&](std::int64_t begin, std::int64_t end) { rows(args, begin * kGroup, std::min(end * kGroup, w.rows)); },
+      kChunksPerThread);
 }
 
 std::size_t interleaved_bytes(const Tensor& w) {
