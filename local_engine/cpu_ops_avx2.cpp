@@ -519,6 +519,17 @@ __attribute__((target("avx2,fma,f16c"))) void sweep(const MatmulArgs& a, std::in
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// Cached rows are scattered (each sequence's slots, block by block) and short
+// (a head is a few hundred bytes): the hardware prefetcher cannot follow
+// them, so attend fetches the rows this many positions ahead.
+constexpr std::int64_t kPrefetchPositions = 8;
+
+[[gnu::always_inline]] inline void prefetch_row(const float* row, std::int64_t bytes) {
+  for (std::int64_t offset = 0; offset < bytes; offset += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(row) + offset, _MM_HINT_T0);
+  }
+}
+
 // q·k for 8 keys at once, lane j for k[j]: each is one 8-lane accumulator
 // updated in column order (the last partial step masked) and reduced by the
 // same tree whatever lane it lands in.
@@ -552,12 +563,15 @@ template <int C>
 [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void weighted_sum(
     const float* values, std::int64_t stride, const std::int64_t* slots, const float* w, std::int64_t len,
     std::int64_t tail, float* out) {
+  // Fully unrolled (all C + 1), or the accumulators live on the stack.
   __m256 acc[C + 1];
-#pragma GCC unroll 8
+#pragma GCC unroll 9
   for (int i = 0; i <= C; ++i) acc[i] = _mm256_setzero_ps();
   const __m256i mask = lane_mask(tail);
+  const std::int64_t bytes = (8 * C + (tail > 0 ? kLanes : 0)) * 4;
   for (std::int64_t p = 0; p < len; ++p) {
     const float* v = values + slots[p] * stride;
+    if (p + kPrefetchPositions < len) prefetch_row(values + slots[p + kPrefetchPositions] * stride, bytes);
     const __m256 wv = _mm256_broadcast_ss(w + p);
 #pragma GCC unroll 8
     for (int i = 0; i < C; ++i) acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i * kLanes), acc[i]);
@@ -705,6 +719,9 @@ __attribute__((target("avx2,fma,f16c"))) void attend(const float* q, const float
     const std::int64_t count = std::min<std::int64_t>(kLanes, len - p);
     const float* k[kLanes];
     for (int j = 0; j < kLanes; ++j) k[j] = keys + slots[p + (j < count ? j : 0)] * stride;
+    for (std::int64_t j = p + kPrefetchPositions; j < std::min(len, p + 2 * kPrefetchPositions); ++j) {
+      prefetch_row(keys + slots[j] * stride, head_dim * 4);
+    }
     const __m256 s = _mm256_mul_ps(dot8(q, k, head_dim), scale_v);
     max_v = _mm256_max_ps(max_v, s);
     if (count == kLanes) {
