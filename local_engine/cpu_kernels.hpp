@@ -1,7 +1,7 @@
 // Internal to the CPU device: the per-instruction-set kernels behind cpu_ops.hpp.
 // cpu_ops.cpp owns dispatch; cpu_ops_portable.cpp and cpu_ops_avx2.cpp each
 // implement the same table (cpu_ops_avx2.cpp also the avx2_vnni matmul,
-// cpu_ops_avx512.cpp the avx512_vnni one).
+// cpu_ops_avx512.cpp the avx512_vnni one, cpu_ops_amx.cpp the amx one).
 #pragma once
 
 #include <bit>
@@ -11,10 +11,19 @@
 
 namespace tollgate::local_engine::cpu::kernels {
 
+// One block's values for 16 tokens, row t for token t: the AMX kernel's A
+// operand, contiguous (read with the tokens' stride it loads several times slower).
+inline constexpr int kTileTokens = 16;
+struct TokenTile {
+  alignas(64) std::int8_t q[kTileTokens][kQuantBlock];
+};
+
 // One matmul call's operands. For Q8_0/Q4_0 weights xq holds x quantised to
 // Q8_0 (n rows of cols/32 blocks), xd those blocks' scales as f32 and
 // xoffset -128 * the sum of each block's values (what an unsigned + 128
-// weight operand adds to a block's dot product).
+// weight operand adds to a block's dot product). For the AMX kernel, xtiles
+// holds the same values of each whole group of 16 tokens, group by group,
+// block by block.
 struct MatmulArgs {
   const Tensor* w = nullptr;
   const float* x = nullptr;
@@ -23,6 +32,7 @@ struct MatmulArgs {
   const std::int32_t* xoffset = nullptr;
   std::int64_t n = 0;
   float* y = nullptr;
+  const TokenTile* xtiles = nullptr;
 };
 
 // Q8_0 weights 16 rows at a time, interleaved (ggml's "8x4" repack, twice as
@@ -93,6 +103,19 @@ namespace avx512_vnni {
 // OS saves zmm state, besides AVX2, FMA and F16C. Other types are the caller's
 // to route (cpu_ops.cpp).
 void matmul_rows_q8_0(const MatmulArgs& args, std::int64_t row_begin, std::int64_t row_end);
+// The interleaved group of rows r0..r0+15: w's copy, or interleaved now into
+// a per-thread buffer (valid until this thread's next call).
+const InterleavedQ8Block* group_at(const Tensor& w, std::int64_t r0);
+// matmul_rows_q8_0 for one group and tokens [t_begin, args.n).
+void group_tokens(const MatmulArgs& args, const InterleavedQ8Block* group, std::int64_t r0, std::int64_t t_begin);
 }  // namespace avx512_vnni
+
+namespace amx {
+// avx512_vnni::matmul_rows_q8_0 with the integer block sums of 16 tokens x 16
+// rows as one AMX tile product, bit-identical to it; call only where the CPU
+// has AMX-TILE and AMX-INT8 and the process was granted the tile state, besides
+// everything avx512_vnni needs.
+void matmul_rows_q8_0(const MatmulArgs& args, std::int64_t row_begin, std::int64_t row_end);
+}  // namespace amx
 
 }  // namespace tollgate::local_engine::cpu::kernels

@@ -1,6 +1,8 @@
 #include "local_engine/cpu_ops.hpp"
 
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cassert>
@@ -20,7 +22,9 @@ Isa choose_isa() {
   const char* forced = std::getenv("TOLLGATE_CPU");
   const std::string_view cap = forced != nullptr ? forced : "";
   if (cap == "portable") return Isa::portable;
-  if (cap != "avx2" && cap != "avx2_vnni" && isa_supported(Isa::avx512_vnni)) return Isa::avx512_vnni;
+  const bool below_avx512 = cap == "avx2" || cap == "avx2_vnni";
+  if (!below_avx512 && cap != "avx512_vnni" && isa_supported(Isa::amx)) return Isa::amx;
+  if (!below_avx512 && isa_supported(Isa::avx512_vnni)) return Isa::avx512_vnni;
   if (cap != "avx2" && isa_supported(Isa::avx2_vnni)) return Isa::avx2_vnni;
   return isa_supported(Isa::avx2_fma) ? Isa::avx2_fma : Isa::portable;
 }
@@ -37,6 +41,7 @@ bool os_saves(unsigned mask) {
 }
 constexpr unsigned kYmmState = 0x6u;
 constexpr unsigned kZmmState = 0xe6u;
+constexpr unsigned kTileState = 0x60000u;  // XTILECFG, XTILEDATA
 
 // CPUID.(EAX=7,ECX=1):EAX bit 4, and the OS saving YMM state. Read directly:
 // compilers before GCC 11 and Clang 12 have no "avxvnni" for
@@ -58,12 +63,26 @@ bool cpu_has_avx512_vnni() {
   return os_saves(kZmmState);
 }
 
+// CPUID.(EAX=7,ECX=0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), the OS
+// supporting tile state, and Linux granting this process its (large) tile
+// data: a kernel or sandbox that refuses leaves the AVX-512 kernels.
+bool cpu_has_amx_int8() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
+  const unsigned edx_bits = 1u << 24 | 1u << 25;
+  if ((edx & edx_bits) != edx_bits || !os_saves(kTileState)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return ::syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
 // x quantised to Q8_0 for one matmul call. Per calling thread, and it only
 // grows, so a warm engine quantises without allocating.
 struct QuantizedActivations {
   std::vector<BlockQ8_0> blocks;
   std::vector<float> scales;
   std::vector<std::int32_t> offsets;
+  std::vector<kernels::TokenTile> tiles;
 };
 
 }  // namespace
@@ -85,6 +104,10 @@ bool isa_supported(Isa isa) {
       static const bool supported = isa_supported(Isa::avx2_fma) && cpu_has_avx512_vnni();
       return supported;
     }
+    case Isa::amx: {
+      static const bool supported = isa_supported(Isa::avx512_vnni) && cpu_has_amx_int8();
+      return supported;
+    }
   }
   return false;
 }
@@ -104,6 +127,8 @@ std::string features() {
       return "avx2+fma+avxvnni";
     case Isa::avx512_vnni:
       return "avx2+fma+avx512vnni";
+    case Isa::amx:
+      return "avx2+fma+avx512vnni+amx";
   }
   return "portable";
 }
@@ -125,10 +150,16 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
       scratch.scales.resize(total);
       scratch.offsets.resize(total);
     }
+    // Tokens in whole groups of 16 for the AMX kernel.
+    const std::int64_t tiled =
+        isa == Isa::amx && w.type == DType::q8_0 ? n / kernels::kTileTokens * kernels::kTileTokens : 0;
+    const auto tiles = static_cast<std::size_t>(tiled / kernels::kTileTokens * blocks);
+    if (scratch.tiles.size() < tiles) scratch.tiles.resize(tiles);
     // Plain pointers: inside the lambda `scratch` would name the worker's own.
     BlockQ8_0* xq = scratch.blocks.data();
     float* xd = scratch.scales.data();
     std::int32_t* xo = scratch.offsets.data();
+    kernels::TokenTile* xt = scratch.tiles.data();
     pool.parallel_for(n, [&](std::int64_t begin, std::int64_t end) {
       for (std::int64_t t = begin; t < end; ++t) {
         if (isa == Isa::portable) {
@@ -142,21 +173,30 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
           for (std::int8_t q : xq[b].q) sum += q;
           xo[b] = -128 * sum;
         }
+        if (t < tiled) {
+          kernels::TokenTile* group = xt + t / kernels::kTileTokens * blocks;
+          for (std::int64_t b = 0; b < blocks; ++b) {
+            std::memcpy(group[b].q[t % kernels::kTileTokens], xq[t * blocks + b].q, kQuantBlock);
+          }
+        }
       }
     });
     args.xq = xq;
     args.xd = xd;
     args.xoffset = xo;
+    if (tiled > 0) args.xtiles = xt;
   }
   auto* rows = isa == Isa::avx2_vnni  ? &kernels::avx2_vnni::matmul_rows
                : isa == Isa::avx2_fma ? &kernels::avx2::matmul_rows
                                       : &kernels::portable::matmul_rows;
-  if (isa == Isa::avx512_vnni) {
-    // Only Q8_0 has a 512-bit kernel; the rest take the best 256-bit one
-    // (Zen 4 has AVX-512 VNNI without AVX-VNNI).
-    rows = w.type == DType::q8_0           ? &kernels::avx512_vnni::matmul_rows_q8_0
-           : isa_supported(Isa::avx2_vnni) ? &kernels::avx2_vnni::matmul_rows
-                                           : &kernels::avx2::matmul_rows;
+  if (isa == Isa::avx512_vnni || isa == Isa::amx) {
+    // Only Q8_0 has 512-bit and AMX kernels; the rest take the best 256-bit
+    // one (Zen 4 has AVX-512 VNNI without AVX-VNNI).
+    if (w.type == DType::q8_0) {
+      rows = isa == Isa::amx ? &kernels::amx::matmul_rows_q8_0 : &kernels::avx512_vnni::matmul_rows_q8_0;
+    } else {
+      rows = isa_supported(Isa::avx2_vnni) ? &kernels::avx2_vnni::matmul_rows : &kernels::avx2::matmul_rows;
+    }
   }
   // Threads split the rows in interleaved groups so every thread's tiles are whole.
   constexpr std::int64_t kGroup = kernels::kInterleavedRows;

@@ -14,20 +14,23 @@ namespace tollgate::local_engine::cpu {
 // Instruction sets the dispatched kernels (matmul, dot, axpy, attend) exist for.
 // avx2_vnni is avx2_fma plus AVX-VNNI for the Q8_0/Q4_0 matmul; avx512_vnni
 // avx2_fma plus a 512-bit AVX-512 VNNI Q8_0 matmul (and AVX-VNNI for Q4_0
-// where the CPU has it). Results are bit-identical to avx2_fma on all of them.
-enum class Isa { portable, avx2_fma, avx2_vnni, avx512_vnni };
+// where the CPU has it); amx avx512_vnni with AMX tile products for Q8_0
+// batches of 16 tokens or more. Results are bit-identical to avx2_fma on all.
+enum class Isa { portable, avx2_fma, avx2_vnni, avx512_vnni, amx };
 
 // Whether this CPU (and OS) can run kernels built for isa (AVX2, FMA and F16C;
 // for avx2_vnni also AVX-VNNI; for avx512_vnni also AVX-512 F/BW/VL/VNNI with
-// zmm state enabled by the OS).
+// zmm state enabled by the OS; for amx also AMX-TILE/INT8, with the tile state
+// granted to the process, which the first call asks Linux for).
 bool isa_supported(Isa isa);
 // What the dispatched kernels use: the best supported, unless the environment
 // variable TOLLGATE_CPU caps it (for comparisons and benchmarks): "portable"
-// forces the fallback, "avx2" AVX2 without VNNI, "avx2_vnni" no AVX-512.
+// forces the fallback, "avx2" AVX2 without VNNI, "avx2_vnni" no AVX-512,
+// "avx512_vnni" no AMX.
 // Decided once per process.
 Isa active_isa();
-// "avx2+fma+avx512vnni", "avx2+fma+avxvnni", "avx2+fma" or "portable":
-// active_isa() by name.
+// "avx2+fma+avx512vnni+amx", "avx2+fma+avx512vnni", "avx2+fma+avxvnni",
+// "avx2+fma" or "portable": active_isa() by name.
 std::string features();
 
 // y = x · Wᵀ for a batch: x is n x w.cols (f32, row-major), y is n x w.rows.

@@ -96,8 +96,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) vo
   for (int j = 0; j < T; ++j) store_group(a, r0, t0 + j, acc[j]);
 }
 
-// The group's blocks: w's interleaved copy when it has one, else interleaved
-// now into a per-thread buffer that only grows (no allocation once warm).
+}  // namespace
+
 const InterleavedQ8Block* group_at(const Tensor& w, std::int64_t r0) {
   const std::int64_t blocks = w.cols / kQuantBlock;
   if (w.interleaved != nullptr) {
@@ -109,28 +109,28 @@ const InterleavedQ8Block* group_at(const Tensor& w, std::int64_t r0) {
   return scratch.data();
 }
 
-}  // namespace
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void group_tokens(
+    const MatmulArgs& a, const InterleavedQ8Block* group, std::int64_t r0, std::int64_t t_begin) {
+  constexpr int kTokens = 8;
+  std::int64_t t = t_begin;
+  for (; t + kTokens <= a.n; t += kTokens) tile<kTokens>(a, group, r0, t);
+  if (t + 4 <= a.n) {
+    tile<4>(a, group, r0, t);
+    t += 4;
+  }
+  if (t + 2 <= a.n) {
+    tile<2>(a, group, r0, t);
+    t += 2;
+  }
+  if (t < a.n) tile<1>(a, group, r0, t);
+}
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void matmul_rows_q8_0(
     const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
   // A single token against rows read in place (no interleaved copy) is the
   // AVX2 kernel's: interleaving on the call would cost more than it saves.
   if (a.w->interleaved == nullptr && a.n == 1) return avx2::matmul_rows(a, row_begin, row_end);
-  constexpr int kTokens = 8;
-  for (std::int64_t r = row_begin; r < row_end; r += kInterleavedRows) {
-    const InterleavedQ8Block* group = group_at(*a.w, r);
-    std::int64_t t = 0;
-    for (; t + kTokens <= a.n; t += kTokens) tile<kTokens>(a, group, r, t);
-    if (t + 4 <= a.n) {
-      tile<4>(a, group, r, t);
-      t += 4;
-    }
-    if (t + 2 <= a.n) {
-      tile<2>(a, group, r, t);
-      t += 2;
-    }
-    if (t < a.n) tile<1>(a, group, r, t);
-  }
+  for (std::int64_t r = row_begin; r < row_end; r += kInterleavedRows) group_tokens(a, group_at(*a.w, r), r, 0);
 }
 
 }  // namespace tollgate::local_engine::cpu::kernels::avx512_vnni

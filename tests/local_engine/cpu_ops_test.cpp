@@ -31,6 +31,7 @@ std::vector<Isa> testable_isas() {
   }
   if (cpu::isa_supported(Isa::avx2_vnni)) isas.push_back(Isa::avx2_vnni);
   if (cpu::isa_supported(Isa::avx512_vnni)) isas.push_back(Isa::avx512_vnni);
+  if (cpu::isa_supported(Isa::amx)) isas.push_back(Isa::amx);
   return isas;
 }
 
@@ -44,6 +45,8 @@ const char* isa_name(Isa isa) {
       return "avx2+vnni";
     case Isa::avx512_vnni:
       return "avx512+vnni";
+    case Isa::amx:
+      return "amx";
   }
   return "?";
 }
@@ -171,7 +174,9 @@ struct Shape {
 
 TEST_CASE("features names the active instruction set", "[cpu_ops]") {
   auto f = cpu::features();
-  CHECK((f == "avx2+fma+avx512vnni" || f == "avx2+fma+avxvnni" || f == "avx2+fma" || f == "portable"));
+  CHECK((f == "avx2+fma+avx512vnni+amx" || f == "avx2+fma+avx512vnni" || f == "avx2+fma+avxvnni" || f == "avx2+fma" ||
+         f == "portable"));
+  CHECK((f == "avx2+fma+avx512vnni+amx") == (cpu::active_isa() == Isa::amx));
   CHECK((f == "avx2+fma+avx512vnni") == (cpu::active_isa() == Isa::avx512_vnni));
   CHECK((f == "avx2+fma+avxvnni") == (cpu::active_isa() == Isa::avx2_vnni));
   CHECK((f == "avx2+fma") == (cpu::active_isa() == Isa::avx2_fma));
@@ -179,6 +184,7 @@ TEST_CASE("features names the active instruction set", "[cpu_ops]") {
   // VNNI kernels are AVX2 kernels with one more extension.
   if (cpu::isa_supported(Isa::avx2_vnni)) CHECK(cpu::isa_supported(Isa::avx2_fma));
   if (cpu::isa_supported(Isa::avx512_vnni)) CHECK(cpu::isa_supported(Isa::avx2_fma));
+  if (cpu::isa_supported(Isa::amx)) CHECK(cpu::isa_supported(Isa::avx512_vnni));
 }
 
 TEST_CASE("float-weight matmul matches a double-precision reference", "[cpu_ops][matmul]") {
@@ -279,7 +285,7 @@ TEST_CASE("the VNNI quantised matmuls and interleaved weights are bit-identical 
     return;
   }
   std::vector<Isa> isas{Isa::avx2_fma};
-  for (Isa isa : {Isa::avx2_vnni, Isa::avx512_vnni}) {
+  for (Isa isa : {Isa::avx2_vnni, Isa::avx512_vnni, Isa::amx}) {
     if (cpu::isa_supported(isa)) {
       isas.push_back(isa);
     } else {
