@@ -85,6 +85,8 @@ float dot(const float* a, const float* b, std::int64_t n);
 void axpy(float a, const float* x, float* y, std::int64_t n);
 void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
             std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out);
+// gate = silu(gate) * up with a vectorised exp (within a few ulp of std::exp).
+void silu_mul(float* gate, const float* up, std::int64_t n);
 // cpu::quantize_row_q8_0 in 8 lanes, the same steps and so the same bytes.
 void quantize_row_q8_0(const float* x, BlockQ8_0* out, std::int64_t n);
 // The group of rows r0..r0+15 of Q8_0 w, as interleave_q8_0 lays it out.

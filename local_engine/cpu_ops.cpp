@@ -351,7 +351,10 @@ void softmax(float* x, std::int64_t n) {
   scale(x, 1.0f / sum, n);
 }
 
-void silu_mul(float* gate, const float* up, std::int64_t n) {
+void silu_mul(float* gate, const float* up, std::int64_t n) { silu_mul(gate, up, n, active_isa()); }
+
+void silu_mul(float* gate, const float* up, std::int64_t n, Isa isa) {
+  if (isa != Isa::portable) return kernels::avx2::silu_mul(gate, up, n);
   for (std::int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 

@@ -71,9 +71,12 @@ void attend(const float* q, const float* keys, const float* values, std::int64_t
 void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
             std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out, Isa isa);
 void scale(float* x, float a, std::int64_t n);
-void softmax(float* x, std::int64_t n);                       // in place, max-subtracted
-void silu_mul(float* gate, const float* up, std::int64_t n);  // gate = silu(gate) * up
-void add(float* y, const float* x, std::int64_t n);           // y += x
+void softmax(float* x, std::int64_t n);  // in place, max-subtracted
+// gate = silu(gate) * up; off the portable path with a vectorised exp, so
+// results differ from it by a few ulp (each element's the same wherever it is).
+void silu_mul(float* gate, const float* up, std::int64_t n);
+void silu_mul(float* gate, const float* up, std::int64_t n, Isa isa);
+void add(float* y, const float* x, std::int64_t n);  // y += x
 
 // Row quantisation (n a multiple of 32), for the GGUF writer and for
 // activations; both round exactly as ggml's reference quantisers do.

@@ -678,6 +678,49 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_q8_0(const float* x, 
   }
 }
 
+namespace {
+
+// e^x, 8 lanes: 2^k * e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, e^r
+// from Cephes expf's polynomial (within 2 ulp of std::exp). x is clamped
+// to [-87, 88], so 2^k stays a normal float; NaN goes through.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 e_r = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(e_r, _mm256_castsi256_ps(two_k));
+}
+
+// g / (1 + e^-g) * u, cpu::silu_mul's steps.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 silu8(__m256 g, __m256 u) {
+  const __m256 e = exp8(_mm256_xor_ps(g, _mm256_set1_ps(-0.0f)));
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+}  // namespace
+
+__attribute__((target("avx2,fma,f16c"))) void silu_mul(float* gate, const float* up, std::int64_t n) {
+  std::int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    _mm256_storeu_ps(gate + k, silu8(_mm256_loadu_ps(gate + k), _mm256_loadu_ps(up + k)));
+  }
+  if (k < n) {
+    // The same steps on a masked vector: an element's result never depends
+    // on where a call's range starts or ends.
+    const __m256i mask = lane_mask(n - k);
+    _mm256_maskstore_ps(gate + k, mask, silu8(_mm256_maskload_ps(gate + k, mask), _mm256_maskload_ps(up + k, mask)));
+  }
+}
+
 __attribute__((target("avx2,fma,f16c"))) float dot(const float* a, const float* b, std::int64_t n) {
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();

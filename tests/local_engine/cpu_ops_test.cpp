@@ -559,11 +559,28 @@ TEST_CASE("rmsnorm, softmax, silu_mul, add and scale match scalar references", "
   cpu::softmax(huge.data(), 2);
   CHECK(huge[0] == 0.5f);
 
-  auto g = x;
-  cpu::silu_mul(g.data(), w.data(), n);
-  for (std::int64_t i = 0; i < n; ++i) {
-    double silu = x[i] / (1.0 + std::exp(-static_cast<double>(x[i])));
-    REQUIRE(g[i] == Approx(silu * w[i]).epsilon(1e-5).margin(1e-6));
+  for (Isa isa : testable_isas()) {
+    INFO(isa_name(isa));
+    // Past the exponent range too: silu(x) is x or 0 there.
+    auto gx = x;
+    gx[0] = 100.0f;
+    gx[1] = -100.0f;
+    gx[2] = 88.5f;
+    gx[3] = -88.5f;
+    gx[4] = 0.0f;
+    auto g = gx;
+    cpu::silu_mul(g.data(), w.data(), n, isa);
+    for (std::int64_t i = 0; i < n; ++i) {
+      double silu = gx[i] / (1.0 + std::exp(-static_cast<double>(gx[i])));
+      REQUIRE(g[i] == Approx(silu * w[i]).epsilon(1e-5).margin(1e-6));
+    }
+    // Each element is computed the same way wherever a call's range falls.
+    auto pieces = gx;
+    const std::int64_t cuts[] = {0, 5, 13, 100, n};
+    for (std::size_t c = 0; c + 1 < std::size(cuts); ++c) {
+      cpu::silu_mul(pieces.data() + cuts[c], w.data() + cuts[c], cuts[c + 1] - cuts[c], isa);
+    }
+    REQUIRE(std::memcmp(pieces.data(), g.data(), g.size() * 4) == 0);
   }
 
   auto y = x;
