@@ -69,20 +69,24 @@ class CpuDevice final : public Device {
     const float* values = cache.value(layer, 0);
     const auto units = static_cast<std::int64_t>(tokens.size()) * shape.n_heads;
     // Each (token, head) is computed whole by one thread in a fixed order, so
-    // the result does not depend on the batch it runs in.
-    pool_.parallel_for(units, [&](std::int64_t begin, std::int64_t end) {
-      thread_local std::vector<float> scores;
-      for (std::int64_t u = begin; u < end; ++u) {
-        const auto t = u / shape.n_heads;
-        const auto h = u % shape.n_heads;
-        const auto len = tokens[static_cast<std::size_t>(t)].pos + 1;
-        if (static_cast<std::int64_t>(scores.size()) < len) scores.resize(static_cast<std::size_t>(len));
-        const auto kv_offset = (h / group) * hd;
-        cpu::attend(q + (t * shape.n_heads + h) * hd, keys + kv_offset, values + kv_offset, cache.kv_dim(),
-                    slots + slot_begin_[static_cast<std::size_t>(t)], len, hd, inv_sqrt, scores.data(),
-                    out + (t * shape.n_heads + h) * hd);
-      }
-    });
+    // the result does not depend on the batch it runs in. Sequences differ in
+    // length: several chunks per thread even the threads out.
+    pool_.parallel_for(
+        units,
+        [&](std::int64_t begin, std::int64_t end) {
+          thread_local std::vector<float> scores;
+          for (std::int64_t u = begin; u < end; ++u) {
+            const auto t = u / shape.n_heads;
+            const auto h = u % shape.n_heads;
+            const auto len = tokens[static_cast<std::size_t>(t)].pos + 1;
+            if (static_cast<std::int64_t>(scores.size()) < len) scores.resize(static_cast<std::size_t>(len));
+            const auto kv_offset = (h / group) * hd;
+            cpu::attend(q + (t * shape.n_heads + h) * hd, keys + kv_offset, values + kv_offset, cache.kv_dim(),
+                        slots + slot_begin_[static_cast<std::size_t>(t)], len, hd, inv_sqrt, scores.data(),
+                        out + (t * shape.n_heads + h) * hd);
+          }
+        },
+        4);
   }
 
   void silu_mul(float* gate, const float* up, std::int64_t count) override {
