@@ -193,7 +193,10 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
     // Only Q8_0 has 512-bit and AMX kernels; the rest take the best 256-bit
     // one (Zen 4 has AVX-512 VNNI without AVX-VNNI).
     if (w.type == DType::q8_0) {
-      rows = isa == Isa::amx ? &kernels::amx::matmul_rows_q8_0 : &kernels::avx512_vnni::matmul_rows_q8_0;
+      // isa_supported(amx) also asks Linux for the tile state, which must
+      // precede the first tile instruction even where asserts are off.
+      rows = isa == Isa::amx && isa_supported(Isa::amx) ? &kernels::amx::matmul_rows_q8_0
+                                                        : &kernels::avx512_vnni::matmul_rows_q8_0;
     } else {
       rows = isa_supported(Isa::avx2_vnni) ? &kernels::avx2_vnni::matmul_rows : &kernels::avx2::matmul_rows;
     }
