@@ -90,8 +90,8 @@ class CpuDevice final : public Device {
   }
 
   void silu_mul(float* gate, const float* up, std::int64_t count) override {
-    // One exp per element: worth splitting from a few hundred on.
-    elementwise(count, 512,
+    // A vectorised exp is ~1 ns an element: one token's worth runs inline.
+    elementwise(count, 8192,
                 [&](std::int64_t begin, std::int64_t end) { cpu::silu_mul(gate + begin, up + begin, end - begin); });
   }
   void add(float* y, const float* x, std::int64_t count) override {
