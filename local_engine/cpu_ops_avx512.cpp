@@ -36,7 +36,7 @@ store_group(const MatmulArgs& a, std::int64_t r0, std::int64_t t, __m512 acc) {
   }
 }
 
-constexpr std::int64_t kPrefetchBytes = 8192;
+constexpr std::int64_t kPrefetchBytes = 4096;
 
 // T tokens against one group. Per block, each token's 16 integer sums start
 // at -128 * sum(x block) (taking the + 128 of the stored weights back out) and
