@@ -297,6 +297,15 @@ constexpr std::int64_t kInterleaveMinTokens = 2;
   std::memcpy(out, lanes, static_cast<std::size_t>(a.w->rows - r0) * 4);
 }
 
+// A thread's groups lie back to back: fetch 4 KiB ahead along them, a line at
+// a time (a block spans 8.5 lines), further than the hardware prefetcher
+// ramps up to within one call.
+[[gnu::always_inline]] inline void prefetch_ahead(const InterleavedQ8Block& block) {
+  const char* ahead = reinterpret_cast<const char*>(&block) + 4096;
+#pragma GCC unroll 9
+  for (int line = 0; line < 9; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+}
+
 // Two ways to form an interleaved block's integer sums. Each tile() runs T
 // tokens against one 16-row group: per block the sums of both halves for T
 // tokens, then one f32 step per token and half, as in scale_block. tile() is
@@ -359,6 +368,7 @@ struct InterleavedDot {
 #pragma GCC unroll 8
       for (int j = 0; j < T; ++j) acc[h][j] = _mm256_setzero_ps();
     for (std::int64_t b = 0; b < a.w->cols / kQuantBlock; ++b) {
+      prefetch_ahead(group[b]);
       __m256i isum[2][T];
       sums<T>(a, group[b], b, t0, isum);
       scale_block<T>(a, group[b], b, t0, isum, acc);
@@ -405,6 +415,7 @@ struct VnniInterleavedDot {
 #pragma GCC unroll 8
       for (int j = 0; j < T; ++j) acc[h][j] = _mm256_setzero_ps();
     for (std::int64_t b = 0; b < a.w->cols / kQuantBlock; ++b) {
+      prefetch_ahead(group[b]);
       __m256i isum[2][T];
       sums<T>(a, group[b], b, t0, isum);
       scale_block<T>(a, group[b], b, t0, isum, acc);
