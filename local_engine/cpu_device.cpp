@@ -25,20 +25,27 @@ class CpuDevice final : public Device {
     }
   }
 
+  // The per-token and elementwise ops run on the pool too: in a batched step
+  // on a few cores, each left to one thread cost as much as a matmul. Every
+  // element is computed the same way whichever thread takes it.
   void rmsnorm(const float* x, const Tensor& weight, std::int64_t n, float eps, float* out) override {
     auto d = weight.cols;
-    for (std::int64_t t = 0; t < n; ++t) cpu::rmsnorm(out + t * d, x + t * d, weight.f32(), d, eps);
+    pool_.parallel_for(n, [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t t = begin; t < end; ++t) cpu::rmsnorm(out + t * d, x + t * d, weight.f32(), d, eps);
+    });
   }
 
   void rope(float* q, float* k, std::span<const std::int64_t> positions, const AttentionShape& shape,
             float theta) override {
     auto q_dim = shape.n_heads * shape.head_dim;
     auto k_dim = shape.n_kv_heads * shape.head_dim;
-    for (std::size_t t = 0; t < positions.size(); ++t) {
-      auto i = static_cast<std::int64_t>(t);
-      cpu::rope(q + i * q_dim, shape.n_heads, shape.head_dim, positions[t], theta);
-      cpu::rope(k + i * k_dim, shape.n_kv_heads, shape.head_dim, positions[t], theta);
-    }
+    pool_.parallel_for(static_cast<std::int64_t>(positions.size()), [&](std::int64_t begin, std::int64_t end) {
+      for (std::int64_t t = begin; t < end; ++t) {
+        const auto pos = positions[static_cast<std::size_t>(t)];
+        cpu::rope(q + t * q_dim, shape.n_heads, shape.head_dim, pos, theta);
+        cpu::rope(k + t * k_dim, shape.n_kv_heads, shape.head_dim, pos, theta);
+      }
+    });
   }
 
   void store_kv(KvCache& cache, std::int64_t layer, const float* k, const float* v,
@@ -62,26 +69,45 @@ class CpuDevice final : public Device {
     const float* values = cache.value(layer, 0);
     const auto units = static_cast<std::int64_t>(tokens.size()) * shape.n_heads;
     // Each (token, head) is computed whole by one thread in a fixed order, so
-    // the result does not depend on the batch it runs in.
-    pool_.parallel_for(units, [&](std::int64_t begin, std::int64_t end) {
-      thread_local std::vector<float> scores;
-      for (std::int64_t u = begin; u < end; ++u) {
-        const auto t = u / shape.n_heads;
-        const auto h = u % shape.n_heads;
-        const auto len = tokens[static_cast<std::size_t>(t)].pos + 1;
-        if (static_cast<std::int64_t>(scores.size()) < len) scores.resize(static_cast<std::size_t>(len));
-        const auto kv_offset = (h / group) * hd;
-        cpu::attend(q + (t * shape.n_heads + h) * hd, keys + kv_offset, values + kv_offset, cache.kv_dim(),
-                    slots + slot_begin_[static_cast<std::size_t>(t)], len, hd, inv_sqrt, scores.data(),
-                    out + (t * shape.n_heads + h) * hd);
-      }
-    });
+    // the result does not depend on the batch it runs in. Sequences differ in
+    // length: several chunks per thread even the threads out.
+    pool_.parallel_for(
+        units,
+        [&](std::int64_t begin, std::int64_t end) {
+          thread_local std::vector<float> scores;
+          for (std::int64_t u = begin; u < end; ++u) {
+            const auto t = u / shape.n_heads;
+            const auto h = u % shape.n_heads;
+            const auto len = tokens[static_cast<std::size_t>(t)].pos + 1;
+            if (static_cast<std::int64_t>(scores.size()) < len) scores.resize(static_cast<std::size_t>(len));
+            const auto kv_offset = (h / group) * hd;
+            cpu::attend(q + (t * shape.n_heads + h) * hd, keys + kv_offset, values + kv_offset, cache.kv_dim(),
+                        slots + slot_begin_[static_cast<std::size_t>(t)], len, hd, inv_sqrt, scores.data(),
+                        out + (t * shape.n_heads + h) * hd);
+          }
+        },
+        4);
   }
 
-  void silu_mul(float* gate, const float* up, std::int64_t count) override { cpu::silu_mul(gate, up, count); }
-  void add(float* y, const float* x, std::int64_t count) override { cpu::add(y, x, count); }
+  void silu_mul(float* gate, const float* up, std::int64_t count) override {
+    // A vectorised exp is ~1 ns an element: one token's worth runs inline.
+    elementwise(count, 8192,
+                [&](std::int64_t begin, std::int64_t end) { cpu::silu_mul(gate + begin, up + begin, end - begin); });
+  }
+  void add(float* y, const float* x, std::int64_t count) override {
+    elementwise(count, 8192,
+                [&](std::int64_t begin, std::int64_t end) { cpu::add(y + begin, x + begin, end - begin); });
+  }
 
  private:
+  // fn(begin, end) over [0, count) in pieces of at least `grain` elements.
+  template <typename Fn>
+  void elementwise(std::int64_t count, std::int64_t grain, Fn&& fn) {
+    const std::int64_t pieces = (count + grain - 1) / grain;
+    pool_.parallel_for(pieces,
+                       [&](std::int64_t begin, std::int64_t end) { fn(begin * count / pieces, end * count / pieces); });
+  }
+
   // The slots of each token's positions 0..pos into slots_, from
   // slot_begin_[t]. A token of the same sequence as a later token with at
   // least as many positions (a prefill's earlier tokens) shares its list.

@@ -1,6 +1,8 @@
 #include "local_engine/cpu_ops.hpp"
 
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cassert>
@@ -20,20 +22,58 @@ Isa choose_isa() {
   const char* forced = std::getenv("TOLLGATE_CPU");
   const std::string_view cap = forced != nullptr ? forced : "";
   if (cap == "portable") return Isa::portable;
+  const bool below_avx512 = cap == "avx2" || cap == "avx2_vnni";
+  if (!below_avx512 && cap != "avx512_vnni" && isa_supported(Isa::amx)) return Isa::amx;
+  if (!below_avx512 && isa_supported(Isa::avx512_vnni)) return Isa::avx512_vnni;
   if (cap != "avx2" && isa_supported(Isa::avx2_vnni)) return Isa::avx2_vnni;
   return isa_supported(Isa::avx2_fma) ? Isa::avx2_fma : Isa::portable;
 }
 
-// CPUID.(EAX=7,ECX=1):EAX bit 4, and the OS saving YMM state (XCR0 bits 1
-// and 2, readable once OSXSAVE is set). Read directly: compilers before GCC 11
-// and Clang 12 have no "avxvnni" for __builtin_cpu_supports.
-bool cpu_has_avx_vnni() {
+// XCR0: whether the OS saves the register state of YMM (bits 1, 2) or also
+// of ZMM (bits 5-7: opmask, upper halves of zmm0-15, zmm16-31). Readable once
+// CPUID reports OSXSAVE.
+bool os_saves(unsigned mask) {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) == 0 || (eax & (1u << 4)) == 0) return false;
   if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0 || (ecx & bit_OSXSAVE) == 0) return false;
   unsigned xcr0 = 0, xcr0_high = 0;
   __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_high) : "c"(0));
-  return (xcr0 & 0x6u) == 0x6u;
+  return (xcr0 & mask) == mask;
+}
+constexpr unsigned kYmmState = 0x6u;
+constexpr unsigned kZmmState = 0xe6u;
+constexpr unsigned kTileState = 0x60000u;  // XTILECFG, XTILEDATA
+
+// CPUID.(EAX=7,ECX=1):EAX bit 4, and the OS saving YMM state. Read directly:
+// compilers before GCC 11 and Clang 12 have no "avxvnni" for
+// __builtin_cpu_supports.
+bool cpu_has_avx_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) == 0 || (eax & (1u << 4)) == 0) return false;
+  return os_saves(kYmmState);
+}
+
+// CPUID.(EAX=7,ECX=0): EBX bits 16 (F), 30 (BW), 31 (VL), ECX bit 11 (VNNI),
+// and the OS saving ZMM state: a hypervisor or kernel may expose the CPUID
+// bits without enabling the state, and zmm instructions would then fault.
+bool cpu_has_avx512_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
+  const unsigned ebx_bits = 1u << 16 | 1u << 30 | 1u << 31;
+  if ((ebx & ebx_bits) != ebx_bits || (ecx & (1u << 11)) == 0) return false;
+  return os_saves(kZmmState);
+}
+
+// CPUID.(EAX=7,ECX=0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), the OS
+// supporting tile state, and Linux granting this process its (large) tile
+// data: a kernel or sandbox that refuses leaves the AVX-512 kernels.
+bool cpu_has_amx_int8() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) == 0) return false;
+  const unsigned edx_bits = 1u << 24 | 1u << 25;
+  if ((edx & edx_bits) != edx_bits || !os_saves(kTileState)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return ::syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
 // x quantised to Q8_0 for one matmul call. Per calling thread, and it only
@@ -42,6 +82,7 @@ struct QuantizedActivations {
   std::vector<BlockQ8_0> blocks;
   std::vector<float> scales;
   std::vector<std::int32_t> offsets;
+  std::vector<kernels::TokenTile> tiles;
 };
 
 }  // namespace
@@ -57,6 +98,14 @@ bool isa_supported(Isa isa) {
     }
     case Isa::avx2_vnni: {
       static const bool supported = isa_supported(Isa::avx2_fma) && cpu_has_avx_vnni();
+      return supported;
+    }
+    case Isa::avx512_vnni: {
+      static const bool supported = isa_supported(Isa::avx2_fma) && cpu_has_avx512_vnni();
+      return supported;
+    }
+    case Isa::amx: {
+      static const bool supported = isa_supported(Isa::avx512_vnni) && cpu_has_amx_int8();
       return supported;
     }
   }
@@ -76,6 +125,10 @@ std::string features() {
       return "avx2+fma";
     case Isa::avx2_vnni:
       return "avx2+fma+avxvnni";
+    case Isa::avx512_vnni:
+      return "avx2+fma+avx512vnni";
+    case Isa::amx:
+      return "avx2+fma+avx512vnni+amx";
   }
   return "portable";
 }
@@ -97,10 +150,16 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
       scratch.scales.resize(total);
       scratch.offsets.resize(total);
     }
+    // Tokens in whole groups of 16 for the AMX kernel.
+    const std::int64_t tiled =
+        isa == Isa::amx && w.type == DType::q8_0 ? n / kernels::kTileTokens * kernels::kTileTokens : 0;
+    const auto tiles = static_cast<std::size_t>(tiled / kernels::kTileTokens * blocks);
+    if (scratch.tiles.size() < tiles) scratch.tiles.resize(tiles);
     // Plain pointers: inside the lambda `scratch` would name the worker's own.
     BlockQ8_0* xq = scratch.blocks.data();
     float* xd = scratch.scales.data();
     std::int32_t* xo = scratch.offsets.data();
+    kernels::TokenTile* xt = scratch.tiles.data();
     pool.parallel_for(n, [&](std::int64_t begin, std::int64_t end) {
       for (std::int64_t t = begin; t < end; ++t) {
         if (isa == Isa::portable) {
@@ -114,20 +173,68 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
           for (std::int8_t q : xq[b].q) sum += q;
           xo[b] = -128 * sum;
         }
+        if (t < tiled) {
+          kernels::TokenTile* group = xt + t / kernels::kTileTokens * blocks;
+          for (std::int64_t b = 0; b < blocks; ++b) {
+            std::memcpy(group[b].q[t % kernels::kTileTokens], xq[t * blocks + b].q, kQuantBlock);
+          }
+        }
       }
     });
     args.xq = xq;
     args.xd = xd;
     args.xoffset = xo;
+    if (tiled > 0) args.xtiles = xt;
   }
   auto* rows = isa == Isa::avx2_vnni  ? &kernels::avx2_vnni::matmul_rows
                : isa == Isa::avx2_fma ? &kernels::avx2::matmul_rows
                                       : &kernels::portable::matmul_rows;
-  // Threads split the rows in groups of 8 so every thread's tiles are whole.
-  constexpr std::int64_t kGroup = 8;
-  pool.parallel_for((w.rows + kGroup - 1) / kGroup, [&](std::int64_t begin, std::int64_t end) {
-    rows(args, begin * kGroup, std::min(end * kGroup, w.rows));
-  });
+  if (isa == Isa::avx512_vnni || isa == Isa::amx) {
+    // Only Q8_0 has 512-bit and AMX kernels; the rest take the best 256-bit
+    // one (Zen 4 has AVX-512 VNNI without AVX-VNNI).
+    if (w.type == DType::q8_0) {
+      // isa_supported(amx) also asks Linux for the tile state, which must
+      // precede the first tile instruction even where asserts are off.
+      rows = isa == Isa::amx && isa_supported(Isa::amx) ? &kernels::amx::matmul_rows_q8_0
+                                                        : &kernels::avx512_vnni::matmul_rows_q8_0;
+    } else {
+      rows = isa_supported(Isa::avx2_vnni) ? &kernels::avx2_vnni::matmul_rows : &kernels::avx2::matmul_rows;
+    }
+  }
+  // Threads split the rows in interleaved groups so every thread's tiles are whole.
+  constexpr std::int64_t kGroup = kernels::kInterleavedRows;
+  constexpr int kChunksPerThread = 4;
+  // Several chunks per thread even out a thread that starts late or loses its core.
+  pool.parallel_for(
+      (w.rows + kGroup - 1) / kGroup,
+      [&](std::int64_t begin, std::int64_t end) { rows(args, begin * kGroup, std::min(end * kGroup, w.rows)); },
+      kChunksPerThread);
+}
+
+std::size_t interleaved_bytes(const Tensor& w) {
+  assert(w.type == DType::q8_0);
+  const std::int64_t groups = (w.rows + kernels::kInterleavedRows - 1) / kernels::kInterleavedRows;
+  return static_cast<std::size_t>(groups * kernels::kInterleavedRows) * row_bytes(w.type, w.cols);
+}
+
+void interleave_q8_0(const Tensor& w, std::byte* out) {
+  assert(w.type == DType::q8_0 && w.cols % kQuantBlock == 0);
+  constexpr int kRows = kernels::kInterleavedRows;
+  const std::int64_t blocks = w.cols / kQuantBlock;
+  kernels::InterleavedQ8Block block;
+  for (std::int64_t r0 = 0; r0 < w.rows; r0 += kRows) {
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      for (int i = 0; i < kRows; ++i) {
+        const auto& src = reinterpret_cast<const BlockQ8_0*>(w.row(std::min(r0 + i, w.rows - 1)))[b];
+        block.scale[i] = src.scale;
+        for (int k = 0; k < 8; ++k) {
+          for (int l = 0; l < 4; ++l) block.q[k][4 * i + l] = static_cast<std::uint8_t>(src.q[4 * k + l] ^ 0x80);
+        }
+      }
+      std::memcpy(out, &block, sizeof block);
+      out += sizeof block;
+    }
+  }
 }
 
 void dequantize_row(const Tensor& t, std::int64_t row, float* out) {
@@ -247,7 +354,10 @@ void softmax(float* x, std::int64_t n) {
   scale(x, 1.0f / sum, n);
 }
 
-void silu_mul(float* gate, const float* up, std::int64_t n) {
+void silu_mul(float* gate, const float* up, std::int64_t n) { silu_mul(gate, up, n, active_isa()); }
+
+void silu_mul(float* gate, const float* up, std::int64_t n, Isa isa) {
+  if (isa != Isa::portable) return kernels::avx2::silu_mul(gate, up, n);
   for (std::int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 

@@ -236,78 +236,43 @@ struct VnniQuantTile {
   }
 };
 
-// Q8_0 weights against Q8_0 activations, 8 rows at a time so one f32 lane
-// holds one row. Per row r and block b the 32-value integer dot isum is exact,
-// and the row's accumulator is updated once per block, in block order:
+// Q8_0 weights against Q8_0 activations, one f32 lane per row. Per row r and
+// block b the 32-value integer dot isum is exact, and the row's accumulator is
+// updated once per block, in block order:
 //   acc_r = fma(float(isum), d_w * d_x, acc_r)
-// whichever of the two kernels below computes it, so every n gives the same bits.
-constexpr int kGroupRows = 8;
-// Fewer tokens than this use the rows in place; more amortise interleaving them.
+// whichever kernel computes it (8 rows per vector here, 16 in the AVX-512
+// one), so every n and instruction set gives the same bits.
+constexpr int kHalfRows = kInterleavedRows / 2;
+// Without an interleaved copy of the weights, fewer tokens than this use the
+// rows in place; more amortise interleaving them on the call.
 constexpr std::int64_t kInterleaveMinTokens = 2;
 
-// One block of 8 rows, interleaved (ggml's "8x4" repack): chunk k holds bytes
-// 4k..4k+3 of each row, row r in int32 lane r, so a vpdpbusd against a
-// broadcast of the token's bytes 4k..4k+3 adds to all 8 rows' sums at once.
-// Weights are stored + 128 to be vpdpbusd's unsigned operand.
-struct InterleavedBlock {
-  alignas(32) float scale[kGroupRows];
-  alignas(32) std::uint8_t q[kGroupRows][32];
-};
-
 // Rows past the matrix repeat its last row; their lanes are never stored.
-[[gnu::always_inline]] inline void group_rows(const Tensor& w, std::int64_t r0, const BlockQ8_0* rows[kGroupRows]) {
-  for (int i = 0; i < kGroupRows; ++i) {
+[[gnu::always_inline]] inline void group_rows(const Tensor& w, std::int64_t r0, const BlockQ8_0* rows[kHalfRows]) {
+  for (int i = 0; i < kHalfRows; ++i) {
     rows[i] = reinterpret_cast<const BlockQ8_0*>(w.row(std::min(r0 + i, w.rows - 1)));
   }
 }
 
 // Block b's 8 row scales as f32.
 [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 group_scales(
-    const BlockQ8_0* const rows[kGroupRows], std::int64_t b) {
+    const BlockQ8_0* const rows[kHalfRows], std::int64_t b) {
   return _mm256_cvtph_ps(_mm_setr_epi16(static_cast<short>(rows[0][b].scale), static_cast<short>(rows[1][b].scale),
                                         static_cast<short>(rows[2][b].scale), static_cast<short>(rows[3][b].scale),
                                         static_cast<short>(rows[4][b].scale), static_cast<short>(rows[5][b].scale),
                                         static_cast<short>(rows[6][b].scale), static_cast<short>(rows[7][b].scale)));
 }
 
-__attribute__((target("avx2,fma,f16c"))) void interleave_q8(const Tensor& w, std::int64_t r0, InterleavedBlock* out) {
-  const BlockQ8_0* rows[kGroupRows];
-  group_rows(w, r0, rows);
-  const std::int64_t blocks = w.cols / kQuantBlock;
-  const auto stride = static_cast<std::int64_t>(row_bytes(w.type, w.cols));
-  const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
-  for (std::int64_t b = 0; b < blocks; ++b) {
-    __m256i v[kGroupRows];
-#pragma GCC unroll 8
-    for (int i = 0; i < kGroupRows; ++i) {
-      // Rows are short, too short for the hardware prefetcher to ramp up on:
-      // fetch the next group's rows.
-      _mm_prefetch(reinterpret_cast<const char*>(&rows[i][b]) + kGroupRows * stride, _MM_HINT_T0);
-      v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i][b].q));
-    }
-    // 8x8 transpose of 4-byte chunks.
-    __m256i t[kGroupRows];
-#pragma GCC unroll 4
-    for (int i = 0; i < kGroupRows; i += 2) {
-      t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
-      t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
-    }
-    __m256i u[kGroupRows];
-#pragma GCC unroll 2
-    for (int i = 0; i < kGroupRows; i += 4) {
-      u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-      u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-      u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-      u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    auto* q = reinterpret_cast<__m256i*>(out[b].q);
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {
-      _mm256_store_si256(q + k, _mm256_xor_si256(_mm256_permute2x128_si256(u[k], u[k + 4], 0x20), offset));
-      _mm256_store_si256(q + k + 4, _mm256_xor_si256(_mm256_permute2x128_si256(u[k], u[k + 4], 0x31), offset));
-    }
-    _mm256_store_ps(out[b].scale, group_scales(rows, b));
-  }
+// Rows 0-7 (half 0) or 8-15 (half 1) of an interleaved block's scales as f32.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 half_scales(
+    const InterleavedQ8Block& block, int half) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block.scale + kHalfRows * half)));
+}
+
+// Chunk k of an interleaved block for rows 0-7 or 8-15 (as stored, + 128).
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256i half_chunk(
+    const InterleavedQ8Block& block, int k, int half) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block.q[k] + 4 * kHalfRows * half));
 }
 
 // Token t's bytes 4k..4k+3 of block b, in every int32 lane.
@@ -317,77 +282,101 @@ __attribute__((target("avx2,fma,f16c"))) void interleave_q8(const Tensor& w, std
   return _mm256_set1_epi32(chunk);
 }
 
-// The 8 rows' lanes for token t into y, dropping rows past the matrix.
+// The 8 rows' lanes from r0 for token t into y, dropping rows past the matrix.
 [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void store_group(const MatmulArgs& a,
                                                                                         std::int64_t r0, std::int64_t t,
                                                                                         __m256 acc) {
   float* out = a.y + t * a.w->rows + r0;
-  if (r0 + kGroupRows <= a.w->rows) {
+  if (r0 + kHalfRows <= a.w->rows) {
     _mm256_storeu_ps(out, acc);
     return;
   }
-  alignas(32) float lanes[kGroupRows];
+  if (r0 >= a.w->rows) return;
+  alignas(32) float lanes[kHalfRows];
   _mm256_store_ps(lanes, acc);
   std::memcpy(out, lanes, static_cast<std::size_t>(a.w->rows - r0) * 4);
 }
 
-// One block's f32 step for T tokens and all 8 rows, after its integer sums.
-template <int T>
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void scale_block(const MatmulArgs& a,
-                                                                                        const InterleavedBlock& block,
-                                                                                        std::int64_t b, std::int64_t t0,
-                                                                                        const __m256i* isum,
-                                                                                        __m256* acc) {
-  const std::int64_t blocks = a.w->cols / kQuantBlock;
-  const float* xd = a.xd + t0 * blocks + b;
-  const __m256 dw = _mm256_load_ps(block.scale);
-#pragma GCC unroll 8
-  for (int j = 0; j < T; ++j) {
-    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[j]), _mm256_mul_ps(dw, _mm256_set1_ps(xd[j * blocks])), acc[j]);
-  }
+// A thread's groups lie back to back: fetch 4 KiB ahead along them, a line at
+// a time (a block spans 8.5 lines), further than the hardware prefetcher
+// ramps up to within one call.
+[[gnu::always_inline]] inline void prefetch_ahead(const InterleavedQ8Block& block) {
+  const char* ahead = reinterpret_cast<const char*>(&block) + 4096;
+#pragma GCC unroll 9
+  for (int line = 0; line < 9; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
 }
 
 // Two ways to form an interleaved block's integer sums. Each tile() runs T
-// tokens against one group: per block the sums for T tokens, then one f32 step
-// per token for all 8 rows. tile() is repeated in each: a function built for
-// AVX-VNNI cannot be inlined into one built without it.
+// tokens against one 16-row group: per block the sums of both halves for T
+// tokens, then one f32 step per token and half, as in scale_block. tile() is
+// repeated in each: a function built for AVX-VNNI cannot be inlined into one
+// built without it.
+template <int T>
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void scale_block(const MatmulArgs& a,
+                                                                                        const InterleavedQ8Block& block,
+                                                                                        std::int64_t b, std::int64_t t0,
+                                                                                        const __m256i (*isum)[T],
+                                                                                        __m256 (*acc)[T]) {
+  const std::int64_t blocks = a.w->cols / kQuantBlock;
+  const float* xd = a.xd + t0 * blocks + b;
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    const __m256 dw = half_scales(block, h);
+#pragma GCC unroll 8
+    for (int j = 0; j < T; ++j) {
+      acc[h][j] =
+          _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[h][j]), _mm256_mul_ps(dw, _mm256_set1_ps(xd[j * blocks])), acc[h][j]);
+    }
+  }
+}
+
 // This one makes the weights signed again and multiplies with maddubs as in QuantTile.
 struct InterleavedDot {
   template <int T>
   [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static void sums(const MatmulArgs& a,
-                                                                                   const InterleavedBlock& block,
+                                                                                   const InterleavedQ8Block& block,
                                                                                    std::int64_t b, std::int64_t t0,
-                                                                                   __m256i* isum) {
+                                                                                   __m256i (*isum)[T]) {
     const std::int64_t blocks = a.w->cols / kQuantBlock;
     const BlockQ8_0* xq = a.xq + t0 * blocks + b;
     const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
     const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) isum[j] = _mm256_setzero_si256();
+      for (int j = 0; j < T; ++j) isum[h][j] = _mm256_setzero_si256();
 #pragma GCC unroll 8
-    for (int k = 0; k < kGroupRows; ++k) {
-      const __m256i ws = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(block.q[k])), offset);
-      const __m256i wabs = _mm256_sign_epi8(ws, ws);
+    for (int k = 0; k < 8; ++k) {
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i ws = _mm256_xor_si256(half_chunk(block, k, h), offset);
+        const __m256i wabs = _mm256_sign_epi8(ws, ws);
 #pragma GCC unroll 8
-      for (int j = 0; j < T; ++j) {
-        __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(token_chunk(xq[j * blocks], k), ws));
-        isum[j] = _mm256_add_epi32(isum[j], _mm256_madd_epi16(pairs, ones));
+        for (int j = 0; j < T; ++j) {
+          __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(token_chunk(xq[j * blocks], k), ws));
+          isum[h][j] = _mm256_add_epi32(isum[h][j], _mm256_madd_epi16(pairs, ones));
+        }
       }
     }
   }
   template <int T>
-  __attribute__((target("avx2,fma,f16c"))) static void tile(const MatmulArgs& a, const InterleavedBlock* group,
+  __attribute__((target("avx2,fma,f16c"))) static void tile(const MatmulArgs& a, const InterleavedQ8Block* group,
                                                             std::int64_t r0, std::int64_t t0) {
-    __m256 acc[T];
+    __m256 acc[2][T];
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
+      for (int j = 0; j < T; ++j) acc[h][j] = _mm256_setzero_ps();
     for (std::int64_t b = 0; b < a.w->cols / kQuantBlock; ++b) {
-      __m256i isum[T];
+      prefetch_ahead(group[b]);
+      __m256i isum[2][T];
       sums<T>(a, group[b], b, t0, isum);
       scale_block<T>(a, group[b], b, t0, isum, acc);
     }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) store_group(a, r0, t0 + j, acc[j]);
+      for (int j = 0; j < T; ++j) store_group(a, r0 + kHalfRows * h, t0 + j, acc[h][j]);
   }
 };
 
@@ -396,42 +385,55 @@ struct InterleavedDot {
 struct VnniInterleavedDot {
   template <int T>
   [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c,avxvnni"))) static void sums(
-      const MatmulArgs& a, const InterleavedBlock& block, std::int64_t b, std::int64_t t0, __m256i* isum) {
+      const MatmulArgs& a, const InterleavedQ8Block& block, std::int64_t b, std::int64_t t0, __m256i (*isum)[T]) {
     const std::int64_t blocks = a.w->cols / kQuantBlock;
     const BlockQ8_0* xq = a.xq + t0 * blocks + b;
     const std::int32_t* xo = a.xoffset + t0 * blocks + b;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) isum[j] = _mm256_set1_epi32(xo[j * blocks]);
+      for (int j = 0; j < T; ++j) isum[h][j] = _mm256_set1_epi32(xo[j * blocks]);
 #pragma GCC unroll 8
-    for (int k = 0; k < kGroupRows; ++k) {
-      const __m256i wu = _mm256_load_si256(reinterpret_cast<const __m256i*>(block.q[k]));
+    for (int k = 0; k < 8; ++k) {
+      const __m256i w0 = half_chunk(block, k, 0);
+      const __m256i w1 = half_chunk(block, k, 1);
 #pragma GCC unroll 8
-      for (int j = 0; j < T; ++j) isum[j] = _mm256_dpbusd_avx_epi32(isum[j], wu, token_chunk(xq[j * blocks], k));
+      for (int j = 0; j < T; ++j) {
+        const __m256i x = token_chunk(xq[j * blocks], k);
+        isum[0][j] = _mm256_dpbusd_avx_epi32(isum[0][j], w0, x);
+        isum[1][j] = _mm256_dpbusd_avx_epi32(isum[1][j], w1, x);
+      }
     }
   }
   template <int T>
-  __attribute__((target("avx2,fma,f16c,avxvnni"))) static void tile(const MatmulArgs& a, const InterleavedBlock* group,
-                                                                    std::int64_t r0, std::int64_t t0) {
-    __m256 acc[T];
+  __attribute__((target("avx2,fma,f16c,avxvnni"))) static void tile(const MatmulArgs& a,
+                                                                    const InterleavedQ8Block* group, std::int64_t r0,
+                                                                    std::int64_t t0) {
+    __m256 acc[2][T];
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) acc[j] = _mm256_setzero_ps();
+      for (int j = 0; j < T; ++j) acc[h][j] = _mm256_setzero_ps();
     for (std::int64_t b = 0; b < a.w->cols / kQuantBlock; ++b) {
-      __m256i isum[T];
+      prefetch_ahead(group[b]);
+      __m256i isum[2][T];
       sums<T>(a, group[b], b, t0, isum);
       scale_block<T>(a, group[b], b, t0, isum, acc);
     }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
 #pragma GCC unroll 8
-    for (int j = 0; j < T; ++j) store_group(a, r0, t0 + j, acc[j]);
+      for (int j = 0; j < T; ++j) store_group(a, r0 + kHalfRows * h, t0 + j, acc[h][j]);
   }
 };
 
 // One token against 8 rows read in place: each row's 8 lane sums (maddubs as
 // in QuantTile) are added across lanes in integers, giving the same exact
-// isum per row as the interleaved kernel.
+// isum per row as the interleaved kernels.
 __attribute__((target("avx2,fma,f16c"))) void in_place_group(const MatmulArgs& a, std::int64_t r0, std::int64_t t) {
   const std::int64_t blocks = a.w->cols / kQuantBlock;
   const auto stride = static_cast<std::int64_t>(row_bytes(a.w->type, a.w->cols));
-  const BlockQ8_0* rows[kGroupRows];
+  const BlockQ8_0* rows[kHalfRows];
   group_rows(*a.w, r0, rows);
   const BlockQ8_0* xq = a.xq + t * blocks;
   const float* xd = a.xd + t * blocks;
@@ -439,12 +441,12 @@ __attribute__((target("avx2,fma,f16c"))) void in_place_group(const MatmulArgs& a
   __m256 acc = _mm256_setzero_ps();
   for (std::int64_t b = 0; b < blocks; ++b) {
     const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[b].q));
-    __m256i lanes[kGroupRows];
+    __m256i lanes[kHalfRows];
 #pragma GCC unroll 8
-    for (int i = 0; i < kGroupRows; ++i) {
+    for (int i = 0; i < kHalfRows; ++i) {
       // Rows are short, too short for the hardware prefetcher to ramp up on:
       // fetch the next group's rows.
-      _mm_prefetch(reinterpret_cast<const char*>(&rows[i][b]) + kGroupRows * stride, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(&rows[i][b]) + kHalfRows * stride, _MM_HINT_T0);
       const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i][b].q));
       const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xv, wq));
       lanes[i] = _mm256_madd_epi16(pairs, ones);
@@ -464,24 +466,33 @@ __attribute__((target("avx2,fma,f16c"))) void in_place_group(const MatmulArgs& a
   store_group(a, r0, t, acc);
 }
 
+// The group's blocks: w's interleaved copy when it has one, else interleaved
+// now into `scratch` (per thread, and it only grows: no allocation once warm).
+__attribute__((target("avx2,fma,f16c"))) const InterleavedQ8Block* group_at(const Tensor& w, std::int64_t r0) {
+  const std::int64_t blocks = w.cols / kQuantBlock;
+  if (w.interleaved != nullptr) {
+    return static_cast<const InterleavedQ8Block*>(w.interleaved) + r0 / kInterleavedRows * blocks;
+  }
+  thread_local std::vector<InterleavedQ8Block> scratch;
+  if (scratch.size() < static_cast<std::size_t>(blocks)) scratch.resize(static_cast<std::size_t>(blocks));
+  interleave_q8_group(w, r0, scratch.data());
+  return scratch.data();
+}
+
 template <typename Dot, int T>
 __attribute__((target("avx2,fma,f16c"))) void q8_sweep(const MatmulArgs& a, std::int64_t row_begin,
                                                        std::int64_t row_end) {
-  if (a.n < kInterleaveMinTokens) {
-    for (std::int64_t r = row_begin; r < row_end; r += kGroupRows) {
+  if (a.w->interleaved == nullptr && a.n < kInterleaveMinTokens) {
+    for (std::int64_t r = row_begin; r < row_end; r += kHalfRows) {
       for (std::int64_t t = 0; t < a.n; ++t) in_place_group(a, r, t);
     }
     return;
   }
-  // Per thread, and it only grows: no allocation once warm.
-  thread_local std::vector<InterleavedBlock> group;
-  const auto blocks = static_cast<std::size_t>(a.w->cols / kQuantBlock);
-  if (group.size() < blocks) group.resize(blocks);
-  for (std::int64_t r = row_begin; r < row_end; r += kGroupRows) {
-    interleave_q8(*a.w, r, group.data());
+  for (std::int64_t r = row_begin; r < row_end; r += kInterleavedRows) {
+    const InterleavedQ8Block* group = group_at(*a.w, r);
     std::int64_t t = 0;
-    for (; t + T <= a.n; t += T) Dot::template tile<T>(a, group.data(), r, t);
-    for (; t < a.n; ++t) Dot::template tile<1>(a, group.data(), r, t);
+    for (; t + T <= a.n; t += T) Dot::template tile<T>(a, group, r, t);
+    for (; t < a.n; ++t) Dot::template tile<1>(a, group, r, t);
   }
 }
 
@@ -519,6 +530,17 @@ __attribute__((target("avx2,fma,f16c"))) void sweep(const MatmulArgs& a, std::in
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
+// Cached rows are scattered (each sequence's slots, block by block) and short
+// (a head is a few hundred bytes): the hardware prefetcher cannot follow
+// them, so attend fetches the rows this many positions ahead.
+constexpr std::int64_t kPrefetchPositions = 8;
+
+[[gnu::always_inline]] inline void prefetch_row(const float* row, std::int64_t bytes) {
+  for (std::int64_t offset = 0; offset < bytes; offset += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(row) + offset, _MM_HINT_T0);
+  }
+}
+
 // q·k for 8 keys at once, lane j for k[j]: each is one 8-lane accumulator
 // updated in column order (the last partial step masked) and reduced by the
 // same tree whatever lane it lands in.
@@ -552,12 +574,15 @@ template <int C>
 [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void weighted_sum(
     const float* values, std::int64_t stride, const std::int64_t* slots, const float* w, std::int64_t len,
     std::int64_t tail, float* out) {
+  // Fully unrolled (all C + 1), or the accumulators live on the stack.
   __m256 acc[C + 1];
-#pragma GCC unroll 8
+#pragma GCC unroll 9
   for (int i = 0; i <= C; ++i) acc[i] = _mm256_setzero_ps();
   const __m256i mask = lane_mask(tail);
+  const std::int64_t bytes = (8 * C + (tail > 0 ? kLanes : 0)) * 4;
   for (std::int64_t p = 0; p < len; ++p) {
     const float* v = values + slots[p] * stride;
+    if (p + kPrefetchPositions < len) prefetch_row(values + slots[p + kPrefetchPositions] * stride, bytes);
     const __m256 wv = _mm256_broadcast_ss(w + p);
 #pragma GCC unroll 8
     for (int i = 0; i < C; ++i) acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i * kLanes), acc[i]);
@@ -570,6 +595,50 @@ template <int C>
 
 }  // namespace
 
+__attribute__((target("avx2,fma,f16c"))) void interleave_q8_group(const Tensor& w, std::int64_t r0,
+                                                                  InterleavedQ8Block* out) {
+  const std::int64_t blocks = w.cols / kQuantBlock;
+  const auto stride = static_cast<std::int64_t>(row_bytes(w.type, w.cols));
+  const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int half = 0; half < 2; ++half) {
+    const BlockQ8_0* rows[kHalfRows];
+    group_rows(w, r0 + kHalfRows * half, rows);
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      __m256i v[kHalfRows];
+#pragma GCC unroll 8
+      for (int i = 0; i < kHalfRows; ++i) {
+        // Rows are short, too short for the hardware prefetcher to ramp up
+        // on: fetch the next group's rows.
+        _mm_prefetch(reinterpret_cast<const char*>(&rows[i][b]) + kInterleavedRows * stride, _MM_HINT_T0);
+        v[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i][b].q));
+        out[b].scale[kHalfRows * half + i] = rows[i][b].scale;
+      }
+      // 8x8 transpose of 4-byte chunks.
+      __m256i t[kHalfRows];
+#pragma GCC unroll 4
+      for (int i = 0; i < kHalfRows; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+      }
+      __m256i u[kHalfRows];
+#pragma GCC unroll 2
+      for (int i = 0; i < kHalfRows; i += 4) {
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+      }
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        auto* low = reinterpret_cast<__m256i*>(out[b].q[k] + 4 * kHalfRows * half);
+        auto* high = reinterpret_cast<__m256i*>(out[b].q[k + 4] + 4 * kHalfRows * half);
+        _mm256_storeu_si256(low, _mm256_xor_si256(_mm256_permute2x128_si256(u[k], u[k + 4], 0x20), offset));
+        _mm256_storeu_si256(high, _mm256_xor_si256(_mm256_permute2x128_si256(u[k], u[k + 4], 0x31), offset));
+      }
+    }
+  }
+}
+
 __attribute__((target("avx2,fma,f16c"))) void matmul_rows(const MatmulArgs& a, std::int64_t row_begin,
                                                           std::int64_t row_end) {
   switch (a.w->type) {
@@ -580,7 +649,7 @@ __attribute__((target("avx2,fma,f16c"))) void matmul_rows(const MatmulArgs& a, s
     case DType::bf16:
       return sweep<FloatTile<BF16Load>, 4, 4, 3>(a, row_begin, row_end);
     case DType::q8_0:
-      return q8_sweep<InterleavedDot, 4>(a, row_begin, row_end);
+      return q8_sweep<InterleavedDot, 2>(a, row_begin, row_end);
     case DType::q4_0:
       return sweep<QuantTile<Q4Load>, 4, 2, 4>(a, row_begin, row_end);
   }
@@ -617,6 +686,49 @@ __attribute__((target("avx2,fma,f16c"))) void quantize_row_q8_0(const float* x, 
     }
     const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[b].q), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+}
+
+namespace {
+
+// e^x, 8 lanes: 2^k * e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, e^r
+// from Cephes expf's polynomial (within 2 ulp of std::exp). x is clamped
+// to [-87, 88], so 2^k stays a normal float; NaN goes through.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 e_r = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i two_k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(e_r, _mm256_castsi256_ps(two_k));
+}
+
+// g / (1 + e^-g) * u, cpu::silu_mul's steps.
+[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 silu8(__m256 g, __m256 u) {
+  const __m256 e = exp8(_mm256_xor_ps(g, _mm256_set1_ps(-0.0f)));
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+}  // namespace
+
+__attribute__((target("avx2,fma,f16c"))) void silu_mul(float* gate, const float* up, std::int64_t n) {
+  std::int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    _mm256_storeu_ps(gate + k, silu8(_mm256_loadu_ps(gate + k), _mm256_loadu_ps(up + k)));
+  }
+  if (k < n) {
+    // The same steps on a masked vector: an element's result never depends
+    // on where a call's range starts or ends.
+    const __m256i mask = lane_mask(n - k);
+    _mm256_maskstore_ps(gate + k, mask, silu8(_mm256_maskload_ps(gate + k, mask), _mm256_maskload_ps(up + k, mask)));
   }
 }
 
@@ -661,6 +773,9 @@ __attribute__((target("avx2,fma,f16c"))) void attend(const float* q, const float
     const std::int64_t count = std::min<std::int64_t>(kLanes, len - p);
     const float* k[kLanes];
     for (int j = 0; j < kLanes; ++j) k[j] = keys + slots[p + (j < count ? j : 0)] * stride;
+    for (std::int64_t j = p + kPrefetchPositions; j < std::min(len, p + 2 * kPrefetchPositions); ++j) {
+      prefetch_row(keys + slots[j] * stride, head_dim * 4);
+    }
     const __m256 s = _mm256_mul_ps(dot8(q, k, head_dim), scale_v);
     max_v = _mm256_max_ps(max_v, s);
     if (count == kLanes) {
@@ -720,7 +835,7 @@ namespace tollgate::local_engine::cpu::kernels::avx2_vnni {
 void matmul_rows(const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
   switch (a.w->type) {
     case DType::q8_0:
-      return avx2::q8_sweep<avx2::VnniInterleavedDot, 4>(a, row_begin, row_end);
+      return avx2::q8_sweep<avx2::VnniInterleavedDot, 2>(a, row_begin, row_end);
     case DType::q4_0:
       return avx2::sweep<avx2::VnniQuantTile<avx2::Q4Load>, 4, 2, 4>(a, row_begin, row_end);
     case DType::f32:

@@ -57,6 +57,8 @@ struct Model {
   std::vector<LayerWeights> layers;
   Vocabulary vocab;
   std::shared_ptr<const void> storage;  // keeps the mapping (or owned buffers) alive
+  // Holds the matrices' Tensor::interleaved copies (Q8_0 files on CPUs with AVX2).
+  std::shared_ptr<const void> interleaved_storage;
 };
 
 // By content, not by name: GGUF files start with "GGUF"; anything else is read

@@ -1,4 +1,7 @@
 // load_model and describe_model_file: GGUF llama files and llama2.c checkpoints.
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -6,6 +9,7 @@
 #include <map>
 #include <sstream>
 
+#include "local_engine/cpu_ops.hpp"
 #include "local_engine/gguf.hpp"
 #include "local_engine/model.hpp"
 #include "local_engine/tokenizer.hpp"
@@ -282,6 +286,60 @@ Vocabulary read_gguf_vocabulary(const gguf::File& file, std::int64_t vocab_size)
   return v;
 }
 
+// Anonymous memory for the interleaved Q8_0 matrices: page-aligned, and
+// untouched pages cost nothing until written.
+class AnonymousMemory {
+ public:
+  explicit AnonymousMemory(std::size_t size) : size_(size) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw ModelError("cannot allocate " + std::to_string(size) + " bytes for the Q8_0 weights");
+    data_ = static_cast<std::byte*>(p);
+  }
+  ~AnonymousMemory() { ::munmap(data_, size_); }
+  AnonymousMemory(const AnonymousMemory&) = delete;
+  AnonymousMemory& operator=(const AnonymousMemory&) = delete;
+  std::byte* data() const { return data_; }
+
+ private:
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// Gives every Q8_0 matrix the CPU matmul runs (all but the embedding, unless
+// the output shares it) an interleaved copy, so no call rearranges rows. The
+// kernels then never read the mapped rows, so their pages are dropped from
+// the process (clean file pages: read again from the file if anything does):
+// the model's resident size stays that of one copy. Skipped where the
+// kernels would not read the copy (no AVX2).
+void interleave_q8_0_matrices(Model& m) {
+  if (cpu::active_isa() == cpu::Isa::portable) return;
+  std::vector<Tensor*> matrices;
+  auto consider = [&](Tensor& t) {
+    if (t.type == DType::q8_0) matrices.push_back(&t);
+  };
+  consider(m.output);
+  for (auto& l : m.layers) {
+    for (Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_down, &l.w_up}) consider(*t);
+  }
+  if (matrices.empty()) return;
+  constexpr std::size_t kAlign = 64;
+  std::size_t total = 0;
+  for (const Tensor* t : matrices) total += (cpu::interleaved_bytes(*t) + kAlign - 1) / kAlign * kAlign;
+  auto memory = std::make_shared<AnonymousMemory>(total);
+  const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  std::byte* out = memory->data();
+  for (Tensor* t : matrices) {
+    cpu::interleave_q8_0(*t, out);
+    t->interleaved = out;
+    out += (cpu::interleaved_bytes(*t) + kAlign - 1) / kAlign * kAlign;
+    if (t->data == m.token_embedding.data) continue;  // the embedding still reads these rows
+    const auto begin = (reinterpret_cast<std::uintptr_t>(t->data) + page - 1) / page * page;
+    const auto end = (reinterpret_cast<std::uintptr_t>(t->data) + t->bytes()) / page * page;
+    if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  }
+  m.interleaved_storage = std::move(memory);
+}
+
 Model load_gguf(std::shared_ptr<const MappedFile> mapping, const std::string& tokenizer_path) {
   const std::string path = mapping->path();
   gguf::File file(std::move(mapping));
@@ -315,6 +373,7 @@ Model load_gguf(std::shared_ptr<const MappedFile> mapping, const std::string& to
   m.vocab = tokenizer_path.empty() ? read_gguf_vocabulary(file, p.vocab_size)
                                    : load_tokenizer_for(path, tokenizer_path, p.vocab_size);
   m.storage = file.mapping();
+  interleave_q8_0_matrices(m);
   return m;
 }
 

@@ -40,6 +40,9 @@ struct Tensor {
   const void* data = nullptr;
   std::int64_t rows = 0;
   std::int64_t cols = 0;
+  // Q8_0 only, optional: the same rows rearranged once for the CPU matmul
+  // (cpu::interleave_q8_0), which then reads these instead of the rows.
+  const void* interleaved = nullptr;
 
   const std::byte* row(std::int64_t r) const {
     return static_cast<const std::byte*>(data) + static_cast<std::size_t>(r) * row_bytes(type, cols);

@@ -45,8 +45,7 @@ ThreadPool::~ThreadPool() {
   for (auto& worker : workers_) worker.join();
 }
 
-void ThreadPool::run(std::int64_t n, Trampoline call, const void* fn) {
-  const auto chunks = static_cast<int>(std::min<std::int64_t>(n, size()));
+void ThreadPool::run(std::int64_t n, int chunks, Trampoline call, const void* fn) {
   const std::uint64_t g = ++generation_ & 0xffffffffu;
   call_ = call;
   fn_ = fn;

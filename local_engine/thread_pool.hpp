@@ -2,6 +2,7 @@
 // takes part, the call returns when every chunk is done.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -25,19 +26,22 @@ class ThreadPool {
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // Calls fn(begin, end) over contiguous chunks of [0, n), at most one chunk
-  // per thread (chunk i is [n*i/c, n*(i+1)/c) for c = min(n, size())); fn
-  // must be safe to run concurrently on disjoint ranges and must not throw.
-  // Allocates nothing; n <= 0 returns at once, n == 1 runs on the caller.
+  // Calls fn(begin, end) over contiguous chunks of [0, n): chunk i is
+  // [n*i/c, n*(i+1)/c) for c = min(n, size() * per_thread, 65535), claimed
+  // by whichever thread is free, so more chunks per thread even out threads
+  // that start late or are descheduled. fn must be safe to run concurrently
+  // on disjoint ranges and must not throw. Allocates nothing; n <= 0 returns
+  // at once, n == 1 runs on the caller.
   template <typename Fn>
-  void parallel_for(std::int64_t n, Fn&& fn) {
+  void parallel_for(std::int64_t n, Fn&& fn, int per_thread = 1) {
     if (n <= 0) return;
     if (n == 1 || workers_.empty()) {
       fn(std::int64_t{0}, n);
       return;
     }
     using F = std::remove_reference_t<Fn>;
-    run(n, &invoke<F>, static_cast<const void*>(std::addressof(fn)));
+    const std::int64_t chunks = std::min<std::int64_t>({n, std::int64_t{size()} * std::max(per_thread, 1), 0xffff});
+    run(n, static_cast<int>(chunks), &invoke<F>, static_cast<const void*>(std::addressof(fn)));
   }
 
  private:
@@ -46,7 +50,7 @@ class ThreadPool {
   static void invoke(const void* fn, std::int64_t begin, std::int64_t end) {
     (*static_cast<F*>(const_cast<void*>(fn)))(begin, end);
   }
-  void run(std::int64_t n, Trampoline call, const void* fn);
+  void run(std::int64_t n, int chunks, Trampoline call, const void* fn);
   void work();
   // Spins on state_ for a generation other than seen, then sleeps on wake_.
   std::uint64_t await_generation(std::uint64_t seen);

@@ -30,6 +30,8 @@ std::vector<Isa> testable_isas() {
     WARN("this CPU has no AVX2/FMA/F16C: only the portable kernels are tested");
   }
   if (cpu::isa_supported(Isa::avx2_vnni)) isas.push_back(Isa::avx2_vnni);
+  if (cpu::isa_supported(Isa::avx512_vnni)) isas.push_back(Isa::avx512_vnni);
+  if (cpu::isa_supported(Isa::amx)) isas.push_back(Isa::amx);
   return isas;
 }
 
@@ -41,6 +43,10 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::avx2_vnni:
       return "avx2+vnni";
+    case Isa::avx512_vnni:
+      return "avx512+vnni";
+    case Isa::amx:
+      return "amx";
   }
   return "?";
 }
@@ -48,8 +54,20 @@ const char* isa_name(Isa isa) {
 // A weight matrix in one storage type, built from f32 values.
 struct Weights {
   std::vector<std::byte> storage;
+  std::vector<std::byte> interleaved;
   Tensor tensor;
 };
+
+// Q8_0 weights with the interleaved copy a loaded model gives them.
+void interleave(Weights& w) {
+  w.interleaved.resize(cpu::interleaved_bytes(w.tensor));
+  cpu::interleave_q8_0(w.tensor, w.interleaved.data());
+  w.tensor.interleaved = w.interleaved.data();
+}
+
+// The layouts a weight type reaches the kernels in: Q8_0 with and without its
+// interleaved copy.
+std::vector<bool> layouts(DType type) { return type == DType::q8_0 ? std::vector{false, true} : std::vector{false}; }
 
 Weights make_weights(DType type, const std::vector<float>& values, std::int64_t rows, std::int64_t cols) {
   Weights w;
@@ -156,12 +174,17 @@ struct Shape {
 
 TEST_CASE("features names the active instruction set", "[cpu_ops]") {
   auto f = cpu::features();
-  CHECK((f == "avx2+fma+avxvnni" || f == "avx2+fma" || f == "portable"));
+  CHECK((f == "avx2+fma+avx512vnni+amx" || f == "avx2+fma+avx512vnni" || f == "avx2+fma+avxvnni" || f == "avx2+fma" ||
+         f == "portable"));
+  CHECK((f == "avx2+fma+avx512vnni+amx") == (cpu::active_isa() == Isa::amx));
+  CHECK((f == "avx2+fma+avx512vnni") == (cpu::active_isa() == Isa::avx512_vnni));
   CHECK((f == "avx2+fma+avxvnni") == (cpu::active_isa() == Isa::avx2_vnni));
   CHECK((f == "avx2+fma") == (cpu::active_isa() == Isa::avx2_fma));
   CHECK(cpu::isa_supported(Isa::portable));
   // VNNI kernels are AVX2 kernels with one more extension.
   if (cpu::isa_supported(Isa::avx2_vnni)) CHECK(cpu::isa_supported(Isa::avx2_fma));
+  if (cpu::isa_supported(Isa::avx512_vnni)) CHECK(cpu::isa_supported(Isa::avx2_fma));
+  if (cpu::isa_supported(Isa::amx)) CHECK(cpu::isa_supported(Isa::avx512_vnni));
 }
 
 TEST_CASE("float-weight matmul matches a double-precision reference", "[cpu_ops][matmul]") {
@@ -199,22 +222,26 @@ TEST_CASE("quantised matmul matches references", "[cpu_ops][matmul]") {
     for (DType type : {DType::q8_0, DType::q4_0}) {
       auto w = make_weights(type, w32, shape.rows, shape.cols);
       auto converted = dequantized(w.tensor);
-      for (std::int64_t n : {1, 3, 16, 33}) {
-        auto x = random_vector(static_cast<std::size_t>(n * shape.cols), 4);
-        // The kernels quantise x to Q8_0 and multiply exactly per block, so
-        // against the dequantised operands only f32 accumulation error remains.
-        auto exact = reference_matmul(converted, through_q8_0(x, n, shape.cols), shape.rows, shape.cols, n);
-        auto original = reference_matmul(w32, x, shape.rows, shape.cols, n);
-        for (Isa isa : testable_isas()) {
-          INFO(dtype_name(type) << " " << shape.rows << "x" << shape.cols << " n=" << n << " " << isa_name(isa));
-          auto y = run_matmul(pool, w.tensor, x, n, isa);
-          CHECK(worst_relative_error(y, exact) < 1e-5);
-          // Quantisation error against f32 weights and activations (ggml's
-          // test-backend-ops measure). Measured: Q8_0 2.8e-5, Q4_0 4.0e-3 to 4.3e-3:
-          // 4-bit steps of max/8 on uniform data are ~4e-3 on their own.
-          double error = nmse(y, original.y);
-          CHECK(error < (type == DType::q8_0 ? 1e-4 : 5e-3));
-          CHECK(error > 0);
+      for (bool interleaved : layouts(type)) {
+        if (interleaved) interleave(w);
+        for (std::int64_t n : {1, 3, 16, 33}) {
+          auto x = random_vector(static_cast<std::size_t>(n * shape.cols), 4);
+          // The kernels quantise x to Q8_0 and multiply exactly per block, so
+          // against the dequantised operands only f32 accumulation error remains.
+          auto exact = reference_matmul(converted, through_q8_0(x, n, shape.cols), shape.rows, shape.cols, n);
+          auto original = reference_matmul(w32, x, shape.rows, shape.cols, n);
+          for (Isa isa : testable_isas()) {
+            INFO(dtype_name(type) << " " << shape.rows << "x" << shape.cols << " n=" << n << " " << isa_name(isa)
+                                  << (w.tensor.interleaved != nullptr ? " interleaved" : ""));
+            auto y = run_matmul(pool, w.tensor, x, n, isa);
+            CHECK(worst_relative_error(y, exact) < 1e-5);
+            // Quantisation error against f32 weights and activations (ggml's
+            // test-backend-ops measure). Measured: Q8_0 2.8e-5, Q4_0 4.0e-3 to 4.3e-3:
+            // 4-bit steps of max/8 on uniform data are ~4e-3 on their own.
+            double error = nmse(y, original.y);
+            CHECK(error < (type == DType::q8_0 ? 1e-4 : 5e-3));
+            CHECK(error > 0);
+          }
         }
       }
     }
@@ -228,17 +255,22 @@ TEST_CASE("a batched matmul row is bit-identical to that row alone", "[cpu_ops][
     auto w32 = random_vector(static_cast<std::size_t>(shape.rows * shape.cols), 5);
     for (DType type : {DType::f32, DType::f16, DType::bf16, DType::q8_0, DType::q4_0}) {
       if (shape.cols % kQuantBlock != 0 && (type == DType::q8_0 || type == DType::q4_0)) continue;
-      auto w = make_weights(type, w32, shape.rows, shape.cols);
-      // n = 2 is the fewest tokens the interleaved Q8_0 kernel takes.
-      for (std::int64_t n : {2, 16, 70}) {
-        auto x = random_vector(static_cast<std::size_t>(n * shape.cols), 6);
-        for (Isa isa : testable_isas()) {
-          INFO(dtype_name(type) << " " << shape.rows << "x" << shape.cols << " n=" << n << " " << isa_name(isa));
-          auto batched = run_matmul(pool, w.tensor, x, n, isa);
-          for (std::int64_t t = 0; t < n; ++t) {
-            std::vector<float> row(x.begin() + t * shape.cols, x.begin() + (t + 1) * shape.cols);
-            auto alone = run_matmul(pool, w.tensor, row, 1, isa);
-            REQUIRE(std::memcmp(alone.data(), batched.data() + t * shape.rows, alone.size() * 4) == 0);
+      for (bool interleaved : layouts(type)) {
+        auto w = make_weights(type, w32, shape.rows, shape.cols);
+        if (interleaved) interleave(w);
+        // n = 2 is the fewest tokens the Q8_0 kernels interleave rows on the
+        // call for; 11 takes every AVX-512 tile width (8, 2, 1).
+        for (std::int64_t n : {2, 11, 16, 70}) {
+          auto x = random_vector(static_cast<std::size_t>(n * shape.cols), 6);
+          for (Isa isa : testable_isas()) {
+            INFO(dtype_name(type) << " " << shape.rows << "x" << shape.cols << " n=" << n << " " << isa_name(isa)
+                                  << (interleaved ? " interleaved" : ""));
+            auto batched = run_matmul(pool, w.tensor, x, n, isa);
+            for (std::int64_t t = 0; t < n; ++t) {
+              std::vector<float> row(x.begin() + t * shape.cols, x.begin() + (t + 1) * shape.cols);
+              auto alone = run_matmul(pool, w.tensor, row, 1, isa);
+              REQUIRE(std::memcmp(alone.data(), batched.data() + t * shape.rows, alone.size() * 4) == 0);
+            }
           }
         }
       }
@@ -246,12 +278,22 @@ TEST_CASE("a batched matmul row is bit-identical to that row alone", "[cpu_ops][
   }
 }
 
-TEST_CASE("the AVX-VNNI quantised matmul is bit-identical to the AVX2 one", "[cpu_ops][matmul]") {
-  if (!cpu::isa_supported(Isa::avx2_vnni)) {
-    WARN("this CPU has no AVX-VNNI: the VNNI kernels are not tested");
+TEST_CASE("the VNNI quantised matmuls and interleaved weights are bit-identical to the AVX2 matmul",
+          "[cpu_ops][matmul]") {
+  if (!cpu::isa_supported(Isa::avx2_fma)) {
+    WARN("this CPU has no AVX2/FMA/F16C: there is nothing to compare");
     return;
   }
+  std::vector<Isa> isas{Isa::avx2_fma};
+  for (Isa isa : {Isa::avx2_vnni, Isa::avx512_vnni, Isa::amx}) {
+    if (cpu::isa_supported(isa)) {
+      isas.push_back(isa);
+    } else {
+      WARN("this CPU cannot run " << isa_name(isa) << ": its kernels are not tested");
+    }
+  }
   ThreadPool pool(2);
+  // 1000 rows: the last 16-row group has one half past the matrix.
   for (Shape shape : {Shape{67, 96}, Shape{1000, 256}, Shape{9, 2048}, Shape{5, 32}}) {
     // Extreme weights and activations too: w = -128 (possible in a file, not
     // from our quantiser) and +-127 saturate nothing on either path.
@@ -264,14 +306,22 @@ TEST_CASE("the AVX-VNNI quantised matmul is bit-identical to the AVX2 one", "[cp
         blocks[0].q[1] = 127;
         blocks[0].q[2] = -127;
       }
+      Weights interleaved = w;
+      if (type == DType::q8_0) interleave(interleaved);
+      interleaved.tensor.data = interleaved.storage.data();
       for (std::int64_t n : {1, 3, 16, 33, 70}) {
         auto x = random_vector(static_cast<std::size_t>(n * shape.cols), 17);
         x[0] = 5.0f;  // the largest magnitude of its block: quantised to 127
         x[1] = -5.0f;
-        INFO(dtype_name(type) << " " << shape.rows << "x" << shape.cols << " n=" << n);
         auto avx2 = run_matmul(pool, w.tensor, x, n, Isa::avx2_fma);
-        auto vnni = run_matmul(pool, w.tensor, x, n, Isa::avx2_vnni);
-        REQUIRE(std::memcmp(avx2.data(), vnni.data(), avx2.size() * 4) == 0);
+        for (Isa isa : isas) {
+          for (const Weights* weights : {&w, &interleaved}) {
+            INFO(dtype_name(type) << " " << shape.rows << "x" << shape.cols << " n=" << n << " " << isa_name(isa)
+                                  << (weights->tensor.interleaved != nullptr ? " interleaved" : ""));
+            auto y = run_matmul(pool, weights->tensor, x, n, isa);
+            REQUIRE(std::memcmp(avx2.data(), y.data(), avx2.size() * 4) == 0);
+          }
+        }
       }
     }
   }
@@ -509,11 +559,28 @@ TEST_CASE("rmsnorm, softmax, silu_mul, add and scale match scalar references", "
   cpu::softmax(huge.data(), 2);
   CHECK(huge[0] == 0.5f);
 
-  auto g = x;
-  cpu::silu_mul(g.data(), w.data(), n);
-  for (std::int64_t i = 0; i < n; ++i) {
-    double silu = x[i] / (1.0 + std::exp(-static_cast<double>(x[i])));
-    REQUIRE(g[i] == Approx(silu * w[i]).epsilon(1e-5).margin(1e-6));
+  for (Isa isa : testable_isas()) {
+    INFO(isa_name(isa));
+    // Past the exponent range too: silu(x) is x or 0 there.
+    auto gx = x;
+    gx[0] = 100.0f;
+    gx[1] = -100.0f;
+    gx[2] = 88.5f;
+    gx[3] = -88.5f;
+    gx[4] = 0.0f;
+    auto g = gx;
+    cpu::silu_mul(g.data(), w.data(), n, isa);
+    for (std::int64_t i = 0; i < n; ++i) {
+      double silu = gx[i] / (1.0 + std::exp(-static_cast<double>(gx[i])));
+      REQUIRE(g[i] == Approx(silu * w[i]).epsilon(1e-5).margin(1e-6));
+    }
+    // Each element is computed the same way wherever a call's range falls.
+    auto pieces = gx;
+    const std::int64_t cuts[] = {0, 5, 13, 100, n};
+    for (std::size_t c = 0; c + 1 < std::size(cuts); ++c) {
+      cpu::silu_mul(pieces.data() + cuts[c], w.data() + cuts[c], cuts[c + 1] - cuts[c], isa);
+    }
+    REQUIRE(std::memcmp(pieces.data(), g.data(), g.size() * 4) == 0);
   }
 
   auto y = x;

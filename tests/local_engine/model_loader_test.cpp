@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "local_engine/cpu_ops.hpp"
 #include "local_engine/gguf.hpp"
 #include "local_engine/model.hpp"
 
@@ -464,6 +465,39 @@ TEST_CASE("write_random_llama_gguf writes a model that loads back and validates"
   write_random_llama_gguf(again, p, type, 43, "tiny-bench");
   Model m3 = load_model(again);
   CHECK(std::memcmp(m3.layers[1].wq.data, m.layers[1].wq.data, m.layers[1].wq.bytes()) != 0);
+}
+
+TEST_CASE("Q8_0 matrices get an interleaved copy at load; the embedding keeps its rows", "[model]") {
+  ScratchDir dir;
+  Hyperparams p;
+  p.dim = 64;
+  p.hidden_dim = 96;
+  p.n_layers = 2;
+  p.n_heads = 4;
+  p.n_kv_heads = 2;
+  p.vocab_size = 300;
+  p.context_length = 64;
+  std::string path = dir.file("q8.gguf");
+  write_random_llama_gguf(path, p, DType::q8_0, 7, "interleaved");
+  Model m = load_model(path);
+  CHECK(m.token_embedding.interleaved == nullptr);
+  std::vector<const Tensor*> matrices{&m.output};
+  for (const auto& l : m.layers) {
+    for (const Tensor* t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_down, &l.w_up}) matrices.push_back(t);
+  }
+  for (const Tensor* t : matrices) {
+    if (cpu::active_isa() == cpu::Isa::portable) {
+      // The portable kernels read rows only: no copy to keep.
+      CHECK(t->interleaved == nullptr);
+      continue;
+    }
+    REQUIRE(t->interleaved != nullptr);
+    // The rows (their pages dropped after interleaving) read back from the
+    // file, and the copy is exactly their interleaving.
+    std::vector<std::byte> expected(cpu::interleaved_bytes(*t));
+    cpu::interleave_q8_0(*t, expected.data());
+    CHECK(std::memcmp(expected.data(), t->interleaved, expected.size()) == 0);
+  }
 }
 
 TEST_CASE("write_random_llama_gguf rejects configurations it cannot write", "[model]") {

@@ -1,6 +1,7 @@
 #include "local_engine/sampler.hpp"
 
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <map>
 
 namespace le = tollgate::local_engine;
@@ -25,6 +26,18 @@ TEST_CASE("greedy takes the largest logit, the lowest id on ties") {
   le::Sampler s(p, {});
   std::vector<float> l = {0.1f, 3.0f, -1.0f, 3.0f};
   CHECK(s.sample(l.data(), 4) == 1);
+  // A vocabulary-sized row: ties in different lanes of the scan and in the
+  // tail past the last whole group of eight; a NaN never wins.
+  std::vector<float> big(1003);
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<float>((i * 37) % 101) / 10.0f;
+  big[5] = std::nanf("");
+  big[1001] = 20.0f;
+  CHECK(s.sample(big.data(), 1003) == 1001);
+  big[613] = 20.0f;
+  big[614] = 20.0f;
+  CHECK(s.sample(big.data(), 1003) == 613);
+  big[1001] = 21.0f;
+  CHECK(s.sample(big.data(), 1003) == 1001);
 }
 
 TEST_CASE("top-k, top-p and min-p keep only the likely tokens") {

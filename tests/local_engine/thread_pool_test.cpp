@@ -14,13 +14,16 @@ using tollgate::local_engine::ThreadPool;
 namespace {
 
 // Records the chunks one parallel_for hands out.
-std::vector<std::pair<std::int64_t, std::int64_t>> chunks_of(ThreadPool& pool, std::int64_t n) {
+std::vector<std::pair<std::int64_t, std::int64_t>> chunks_of(ThreadPool& pool, std::int64_t n, int per_thread) {
   std::mutex mutex;
   std::vector<std::pair<std::int64_t, std::int64_t>> chunks;
-  pool.parallel_for(n, [&](std::int64_t begin, std::int64_t end) {
-    std::lock_guard lock(mutex);
-    chunks.emplace_back(begin, end);
-  });
+  pool.parallel_for(
+      n,
+      [&](std::int64_t begin, std::int64_t end) {
+        std::lock_guard lock(mutex);
+        chunks.emplace_back(begin, end);
+      },
+      per_thread);
   std::sort(chunks.begin(), chunks.end());
   return chunks;
 }
@@ -34,25 +37,28 @@ TEST_CASE("ThreadPool size counts the caller", "[thread_pool]") {
   CHECK(ThreadPool(0).size() == std::max(hw, 1));
 }
 
-TEST_CASE("parallel_for covers [0, n) in at most size() contiguous chunks", "[thread_pool]") {
+TEST_CASE("parallel_for covers [0, n) in at most size() * per_thread contiguous chunks", "[thread_pool]") {
   for (int threads : {1, 2, 3, 4}) {
     ThreadPool pool(threads);
-    for (std::int64_t n : {1, 2, 3, 5, 7, 100, 1001}) {
-      INFO("threads " << threads << ", n " << n);
-      auto chunks = chunks_of(pool, n);
-      auto expected = std::min<std::int64_t>(n, threads);
-      REQUIRE(static_cast<std::int64_t>(chunks.size()) == expected);
-      std::int64_t next = 0;
-      for (std::size_t i = 0; i < chunks.size(); ++i) {
-        // The documented split: chunk i is [n*i/c, n*(i+1)/c).
-        auto c = static_cast<std::int64_t>(i);
-        CHECK(chunks[i].first == next);
-        CHECK(chunks[i].first == n * c / expected);
-        CHECK(chunks[i].second == n * (c + 1) / expected);
-        CHECK(chunks[i].second > chunks[i].first);
-        next = chunks[i].second;
+    for (int per_thread : {1, 4}) {
+      for (std::int64_t n : {1, 2, 3, 5, 7, 100, 1001}) {
+        INFO("threads " << threads << ", per thread " << per_thread << ", n " << n);
+        auto chunks = chunks_of(pool, n, per_thread);
+        // One thread runs everything as one chunk on the caller.
+        auto expected = threads == 1 ? 1 : std::min<std::int64_t>(n, threads * per_thread);
+        REQUIRE(static_cast<std::int64_t>(chunks.size()) == expected);
+        std::int64_t next = 0;
+        for (std::size_t i = 0; i < chunks.size(); ++i) {
+          // The documented split: chunk i is [n*i/c, n*(i+1)/c).
+          auto c = static_cast<std::int64_t>(i);
+          CHECK(chunks[i].first == next);
+          CHECK(chunks[i].first == n * c / expected);
+          CHECK(chunks[i].second == n * (c + 1) / expected);
+          CHECK(chunks[i].second > chunks[i].first);
+          next = chunks[i].second;
+        }
+        CHECK(next == n);
       }
-      CHECK(next == n);
     }
   }
 }
