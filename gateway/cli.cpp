@@ -40,7 +40,7 @@ usage:
   tollgate generate --model FILE [--tokenizer FILE] [--prompt TEXT] [--max-tokens N]
                     [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ids]
   tollgate model info FILE         architecture, sizes and tensor types of a model file
-  tollgate model init [--out FILE] [--preset demo|bench-100m] [--type f32|f16|bf16|q8_0|q4_0] [--seed S]
+  tollgate model init [--out FILE] [--preset demo|bench-100m|bench-1b] [--type f32|f16|bf16|q8_0|q4_0] [--seed S]
                                    write a random-weight GGUF (for demos and benchmarks)
   tollgate config default          print the embedded default configuration
   tollgate config check FILE       validate a configuration file
@@ -366,16 +366,26 @@ int model_command(const std::string& sub, Args& args) {
     auto seed = static_cast<std::uint64_t>(args.number("seed").value_or(42));
     args.finish();
     if (preset == "demo") {
-      if (type_name) throw UsageError("--type applies to --preset bench-100m; the demo model is Q8_0");
+      if (type_name) throw UsageError("--type applies to the bench presets; the demo model is Q8_0");
       backends::write_demo_model(out);
-    } else if (preset == "bench-100m") {
-      // Llama-shaped, ~100M parameters: what bench/ measures decode on.
+    } else if (preset == "bench-100m" || preset == "bench-1b") {
       le::Hyperparams p;
-      p.dim = 768;
-      p.hidden_dim = 2048;
-      p.n_layers = 12;
-      p.n_heads = 12;
-      p.n_kv_heads = 12;
+      if (preset == "bench-100m") {
+        // Llama-shaped, ~134M parameters: what bench/ measures decode on.
+        p.dim = 768;
+        p.hidden_dim = 2048;
+        p.n_layers = 12;
+        p.n_heads = 12;
+        p.n_kv_heads = 12;
+      } else {
+        // TinyLlama-1.1B's shape: too large for any CPU cache, so decode is
+        // bound by memory, as with a real model.
+        p.dim = 2048;
+        p.hidden_dim = 5632;
+        p.n_layers = 22;
+        p.n_heads = 32;
+        p.n_kv_heads = 4;
+      }
       p.vocab_size = 32000;
       p.context_length = 2048;
       std::map<std::string, le::DType> types = {{"f32", le::DType::f32},
@@ -385,9 +395,9 @@ int model_command(const std::string& sub, Args& args) {
                                                 {"q4_0", le::DType::q4_0}};
       auto type = types.find(type_name.value_or("f32"));
       if (type == types.end()) throw UsageError("--type must be one of f32, f16, bf16, q8_0, q4_0");
-      le::write_random_llama_gguf(out, p, type->second, seed, "tollgate-bench-100m");
+      le::write_random_llama_gguf(out, p, type->second, seed, "tollgate-" + preset);
     } else {
-      throw UsageError("--preset must be demo or bench-100m");
+      throw UsageError("--preset must be demo, bench-100m or bench-1b");
     }
     std::cout << out << std::endl;
     return 0;
