@@ -484,14 +484,24 @@ TEST_CASE("openai backend config: unknown keys and bad URLs are refused by name"
   CHECK(scheme.err.find("base_url") != std::string::npos);
 }
 
-TEST_CASE("openai backend: a stream that outlasts header_timeout and idle_timeout keeps flowing", "[e2e][openai]") {
+TEST_CASE("openai backend: a stream outlasts header_timeout, even while its client is slow to read",
+          "[e2e][openai]") {
   TempDir dir;
   FakeOpenAI fake;
-  GatewayProcess gw(dir, with_config("limits: {header_timeout: 300ms, idle_timeout: 400ms}\n" +
+  GatewayProcess gw(dir, with_config("limits: {header_timeout: 300ms, idle_timeout: 10s}\n" +
                                      fake_config(fake.port())));
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port());
-  // One piece per 100 ms: t12 arrives well past both timeouts of the request's own reads.
-  start_stream(client, key, "m-slow", "t12 ");
+  start_stream(client, key, "m-flood", "ffff");
+  // Not reading for a while leaves the gateway's write to this client pending
+  // well past header_timeout, which bounds only the reading of the request.
+  std::this_thread::sleep_for(1500ms);
+  // Far more than socket buffers and the gateway's queue hold: the stream is alive.
+  std::size_t got = 0;
+  for (int i = 0; i < 20'000 && got < 32u * 1024 * 1024; ++i) {  // read_some takes up to 16 KiB
+    auto piece = client.read_some(100ms);
+    got += piece.size();
+  }
+  CHECK(got >= 32u * 1024 * 1024);
 }
