@@ -122,16 +122,24 @@ bool is_hop_by_hop(http::field f) {
   }
 }
 
-// Every field as it is, "Name: value\r\n" each.
-void append_fields(std::string& out, const http::fields& fields) {
-  for (const auto& field : fields) {
-    auto name = field.name_string();
-    auto value = field.value();
-    out.append(name.data(), name.size());
-    out += ": ";
-    out.append(value.data(), value.size());
-    out += "\r\n";
-  }
+// A parsed field's line, as it arrived.
+void append_field(std::string& out, const http::fields::value_type& field) {
+  auto name = field.name_string();
+  auto value = field.value();
+  out.append(name.data(), name.size());
+  out += ": ";
+  out.append(value.data(), value.size());
+  out += "\r\n";
+}
+
+// "HTTP/1.x 200 OK\r\n".
+void append_status_line(std::string& out, unsigned version, const http::response_header<>& res) {
+  out += version == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
+  out += std::to_string(res.result_int());
+  out += ' ';
+  auto reason = res.reason();
+  out.append(reason.data(), reason.size());
+  out += "\r\n";
 }
 
 }  // namespace
@@ -148,11 +156,7 @@ void append_end_to_end_fields(std::string& out, const http::fields& fields, cons
     auto name = f.name_string();
     const std::string_view n(name.data(), name.size());
     if (is_hop_by_hop(f.name()) || named.contains(n) || drop.contains(n)) continue;
-    auto value = f.value();
-    out.append(n);
-    out += ": ";
-    out.append(value.data(), value.size());
-    out += "\r\n";
+    append_field(out, f);
   }
 }
 
@@ -197,12 +201,7 @@ std::string client_response_head(const http::response_header<>& res, unsigned cl
                                  const HeaderNames& drop, const AppForward& how, bool chunked, bool keep) {
   std::string out;
   out.reserve(512);
-  out += client_version == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
-  out += std::to_string(res.result_int());
-  out += ' ';
-  auto reason = res.reason();
-  out.append(reason.data(), reason.size());
-  out += "\r\n";
+  append_status_line(out, client_version, res);
   append_end_to_end_fields(out, res, drop);
   out += how.response_headers;
   if (chunked) out += "Transfer-Encoding: chunked\r\n";
@@ -250,13 +249,9 @@ class RelayPiece {
 }  // namespace
 
 std::string response_head(const http::response_header<>& res) {
-  std::string out = res.version() == 10 ? "HTTP/1.0 " : "HTTP/1.1 ";
-  out += std::to_string(res.result_int());
-  out += ' ';
-  auto reason = res.reason();
-  out.append(reason.data(), reason.size());
-  out += "\r\n";
-  append_fields(out, res);
+  std::string out;
+  append_status_line(out, res.version(), res);
+  for (const auto& field : res) append_field(out, field);
   out += "\r\n";
   return out;
 }
