@@ -254,14 +254,15 @@ TEST_CASE("token limits reserve prompt plus max_tokens and settle to the real co
   auto tpm = create_key(db, "alice", {"--tpm", "50"});
   auto tpd = create_key(db, "bob", {"--tpd", "50"});
   GatewayProcess gw(dir, {kConfig, db, {}});
-  HttpClient client(gw.port());
 
   // 3 + 20 reserved, 3 + 3 used: more pass than 50 / 23 would suggest.
   const int expected = admitted_by_budget(50, 23, 6);
   REQUIRE(expected == 5);
 
   SECTION("per minute") {
+    // Connect after any wait for a fresh window: an idle connection would meet the header timeout.
     auto minute = fresh_window(kMinuteMs, 15s);
+    HttpClient client(gw.port());
     // A request that could never fit is refused and reserves nothing.
     auto huge = client.post("/v1/chat/completions", tpm, three_words(60));
     check_rate_limited(huge, 60);
@@ -272,6 +273,7 @@ TEST_CASE("token limits reserve prompt plus max_tokens and settle to the real co
   }
   SECTION("per day") {
     fresh_window(kDayMs, 10s);
+    HttpClient client(gw.port());
     check_rate_limited(client.post("/v1/chat/completions", tpd, three_words(60)), 86'400);
     CHECK(send_until_refused(client, tpd, 20, 20) == expected);
     // With nothing reserved beyond the prompt, what is left still admits.
