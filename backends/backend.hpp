@@ -34,7 +34,23 @@ struct CompletionRequest {
   std::optional<std::uint64_t> seed;
   std::vector<std::string> stop;
   bool stream = false;
+  // Log-probabilities of the generated tokens, with this many most likely
+  // alternatives at each position (0 to 20); unset: none.
+  std::optional<std::int32_t> logprobs;
   std::string user;  // the authenticated Tollgate user
+};
+
+struct LogprobToken {
+  std::string text;   // valid UTF-8: a token that is part of a character shows U+FFFD
+  std::string bytes;  // exactly what the token stands for
+  double logprob = 0;
+};
+
+// A generated token's log-probability and the most likely tokens at its
+// position (most likely first; the chosen one may be among them).
+struct TokenLogprob {
+  LogprobToken chosen;
+  std::vector<LogprobToken> top;
 };
 
 struct Usage {
@@ -57,10 +73,11 @@ struct BackendError {
 struct CompletionEvent {
   enum class Type { delta, done, error };
   Type type = Type::delta;
-  std::string text;           // delta
-  std::string finish_reason;  // done: "stop" or "length"
-  Usage usage;                // done, error
-  BackendError error;         // error
+  std::string text;                    // delta
+  std::vector<TokenLogprob> logprobs;  // delta, when asked for: the tokens behind `text`
+  std::string finish_reason;           // done: "stop" or "length"
+  Usage usage;                         // done, error
+  BackendError error;                  // error
 };
 
 // Receives a request's events, possibly from another thread, in order; nothing

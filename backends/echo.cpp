@@ -18,6 +18,7 @@ struct Reply {
   std::vector<std::string> tokens;
   std::size_t next = 0;
   std::string finish_reason;
+  std::optional<std::int32_t> logprobs;  // as asked for
   Usage usage;
   std::shared_ptr<CompletionSink> sink;
   std::atomic<bool> cancelled{false};
@@ -29,6 +30,12 @@ struct Reply {
       ++usage.completion_tokens;
       CompletionEvent delta;
       delta.text = tokens[next++];
+      if (logprobs) {
+        // An echo is certain of every word: probability 1, and nothing else possible.
+        LogprobToken certain{delta.text, delta.text, 0.0};
+        delta.logprobs.push_back({certain, {}});
+        if (*logprobs > 0) delta.logprobs.back().top.push_back(std::move(certain));
+      }
       sink->on_event(std::move(delta));
       return true;
     }
@@ -137,6 +144,7 @@ class EchoBackend final : public Backend {
     reply->usage.prompt_tokens = estimate_prompt_tokens(request);
     reply->tokens = echo_tokens(reply_source(request));
     reply->finish_reason = "stop";
+    reply->logprobs = request.logprobs;
     truncate_at_stop(*reply, request.stop);
     if (request.max_tokens && static_cast<std::int64_t>(reply->tokens.size()) > *request.max_tokens) {
       reply->tokens.resize(static_cast<std::size_t>(*request.max_tokens));

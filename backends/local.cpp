@@ -90,6 +90,18 @@ class LocalHandle final : public CompletionHandle {
   std::shared_ptr<std::atomic<bool>> cancelled_;
 };
 
+LogprobToken logprob_token(const le::Tokenizer& tokenizer, const le::TokenCandidate& c) {
+  auto bytes = tokenizer.token_bytes(c.id);
+  return {le::valid_utf8(bytes), std::move(bytes), c.logprob};
+}
+
+TokenLogprob token_logprob(const le::Tokenizer& tokenizer, const le::TokenLogprobs& lp) {
+  TokenLogprob out{logprob_token(tokenizer, lp.chosen), {}};
+  out.top.reserve(lp.top.size());
+  for (const auto& c : lp.top) out.top.push_back(logprob_token(tokenizer, c));
+  return out;
+}
+
 CompletionEvent error_event(ErrorKind kind, std::string message, Usage usage = {}) {
   CompletionEvent e;
   e.type = CompletionEvent::Type::error;
@@ -136,15 +148,19 @@ class LocalBackend final : public Backend {
     g.sampling.seed = request.seed ? *request.seed : std::random_device{}();
     g.max_tokens = request.max_tokens.value_or(0);
     g.stop = request.stop;
+    g.logprobs = request.logprobs.value_or(-1);
     const auto prompt_tokens = static_cast<std::int64_t>(g.prompt.size());
 
-    auto submission = engine_->submit(std::move(g), [sink, cancelled](le::GenerationEvent e) {
+    const le::Tokenizer& tokenizer = engine_->tokenizer();
+    auto submission = engine_->submit(std::move(g), [sink, cancelled, &tokenizer](le::GenerationEvent e) {
       if (cancelled->load()) return;
       CompletionEvent out;
       out.usage = {e.prompt_tokens, e.completion_tokens, false};
       switch (e.type) {
         case le::GenerationEvent::Type::text:
           out.text = std::move(e.text);
+          out.logprobs.reserve(e.logprobs.size());
+          for (const auto& lp : e.logprobs) out.logprobs.push_back(token_logprob(tokenizer, lp));
           break;
         case le::GenerationEvent::Type::done:
           out.type = CompletionEvent::Type::done;

@@ -1,5 +1,6 @@
 #include "backends/openai_compatible.hpp"
 
+#include <algorithm>
 #include <boost/json.hpp>
 #include <iostream>
 #include <stdexcept>
@@ -168,6 +169,69 @@ void take_usage(Call& call, const json::object& o) {
   }
 }
 
+double number_or_zero(const json::value* v) { return v && v->is_number() ? v->to_number<double>() : 0.0; }
+
+// A token as OpenAI's chat logprobs give it: {token, logprob, bytes}.
+LogprobToken chat_logprob_token(const json::object& o) {
+  LogprobToken t;
+  if (auto* text = o.if_contains("token"); text && text->is_string()) t.text = text->get_string();
+  t.logprob = number_or_zero(o.if_contains("logprob"));
+  if (auto* bytes = o.if_contains("bytes"); bytes && bytes->is_array()) {
+    for (const auto& b : bytes->get_array()) {
+      if (b.is_int64() && b.get_int64() >= 0 && b.get_int64() < 256) t.bytes += static_cast<char>(b.get_int64());
+    }
+  } else {
+    t.bytes = t.text;
+  }
+  return t;
+}
+
+// A choice's logprobs: chat's {"content": [...]}, or the legacy parallel
+// arrays of /v1/completions (its top maps ordered most likely first).
+std::vector<TokenLogprob> read_logprobs(const json::value* v, bool chat) {
+  std::vector<TokenLogprob> out;
+  const auto* o = v ? v->if_object() : nullptr;
+  if (!o) return out;
+  if (chat) {
+    const auto* content = o->if_contains("content");
+    if (!content || !content->is_array()) return out;
+    for (const auto& entry : content->get_array()) {
+      const auto* e = entry.if_object();
+      if (!e) continue;
+      TokenLogprob lp{chat_logprob_token(*e), {}};
+      if (auto* top = e->if_contains("top_logprobs"); top && top->is_array()) {
+        for (const auto& t : top->get_array()) {
+          if (t.is_object()) lp.top.push_back(chat_logprob_token(t.get_object()));
+        }
+      }
+      out.push_back(std::move(lp));
+    }
+    return out;
+  }
+  const auto* tokens = o->if_contains("tokens");
+  if (!tokens || !tokens->is_array()) return out;
+  const auto* values = o->if_contains("token_logprobs");
+  const auto* tops = o->if_contains("top_logprobs");
+  for (std::size_t i = 0; i < tokens->get_array().size(); ++i) {
+    const auto& token = tokens->get_array()[i];
+    std::string text = token.is_string() ? std::string(token.get_string()) : std::string();
+    const json::value* value =
+        values && values->is_array() && i < values->get_array().size() ? &values->get_array()[i] : nullptr;
+    TokenLogprob lp{{text, text, number_or_zero(value)}, {}};
+    if (tops && tops->is_array() && i < tops->get_array().size()) {
+      if (const auto* top = tops->get_array()[i].if_object()) {
+        for (const auto& [k, lpv] : *top) {
+          lp.top.push_back({std::string(k), std::string(k), number_or_zero(&lpv)});
+        }
+        std::stable_sort(lp.top.begin(), lp.top.end(),
+                         [](const LogprobToken& a, const LogprobToken& b) { return a.logprob > b.logprob; });
+      }
+    }
+    out.push_back(std::move(lp));
+  }
+  return out;
+}
+
 enum class Step { more, done, failed };
 
 // One SSE data payload of a streamed answer.
@@ -197,13 +261,15 @@ Step on_stream_data(Call& call, const std::string& data, bool chat) {
   } else {
     text = choice->if_contains("text");
   }
+  CompletionEvent delta;
+  delta.logprobs = read_logprobs(choice->if_contains("logprobs"), chat);
   if (text && text->is_string() && !text->get_string().empty()) {
     ++call.chunks;
     if (call.tokenizer) call.produced.append(text->get_string());
-    CompletionEvent delta;
     delta.text = std::string(text->get_string());
-    call.emit(std::move(delta));
   }
+  // A chunk can carry a token's logprobs while its text waits for the rest of a character.
+  if (!delta.text.empty() || !delta.logprobs.empty()) call.emit(std::move(delta));
   if (auto* fr = choice->if_contains("finish_reason"); fr && fr->is_string()) {
     call.finish_reason = std::string(fr->get_string());
   }
@@ -221,8 +287,10 @@ void on_full_body(Call& call, const std::string& body, bool chat) {
   auto& o = v.as_object();
   take_usage(call, o);
   std::string text;
+  std::vector<TokenLogprob> logprobs;
   if (auto* choices = o.if_contains("choices"); choices && choices->is_array() && !choices->as_array().empty()) {
     if (auto* choice = choices->as_array()[0].if_object()) {
+      logprobs = read_logprobs(choice->if_contains("logprobs"), chat);
       const json::value* t = nullptr;
       if (chat) {
         if (auto* m = choice->if_contains("message"); m && m->is_object()) t = m->as_object().if_contains("content");
@@ -235,12 +303,14 @@ void on_full_body(Call& call, const std::string& body, bool chat) {
       }
     }
   }
-  if (!text.empty()) {
-    // Without reported usage, ~4 bytes per token is the usual rule of thumb.
-    call.chunks = std::max<std::int64_t>(1, static_cast<std::int64_t>(text.size() / 4));
+  if (!text.empty() || !logprobs.empty()) {
+    // Without reported usage: one logprobs entry per token, else ~4 bytes per token.
+    call.chunks = !logprobs.empty() ? static_cast<std::int64_t>(logprobs.size())
+                                    : std::max<std::int64_t>(1, static_cast<std::int64_t>(text.size() / 4));
     if (call.tokenizer) call.produced = text;
     CompletionEvent delta;
     delta.text = std::move(text);
+    delta.logprobs = std::move(logprobs);
     call.emit(std::move(delta));
   }
   call.done();
@@ -524,6 +594,14 @@ std::string upstream_request_body(const CompletionRequest& request) {
   if (request.presence_penalty != 0.0) o["presence_penalty"] = request.presence_penalty;
   if (request.frequency_penalty != 0.0) o["frequency_penalty"] = request.frequency_penalty;
   if (request.seed) o["seed"] = *request.seed;
+  if (request.logprobs) {
+    if (!request.chat) {
+      o["logprobs"] = *request.logprobs;
+    } else {
+      o["logprobs"] = true;
+      if (*request.logprobs > 0) o["top_logprobs"] = *request.logprobs;
+    }
+  }
   if (!request.stop.empty()) {
     json::array stop;
     for (const auto& s : request.stop) stop.push_back(json::string(s));

@@ -11,6 +11,7 @@ namespace {
 
 constexpr std::int64_t kMaxTokensCap = 1'000'000;
 constexpr std::size_t kMaxStopSequences = 4;
+constexpr std::int64_t kMaxTopLogprobs = 20;
 
 using Result = std::variant<ParsedCompletion, ApiError>;
 
@@ -30,6 +31,23 @@ std::optional<ApiError> read_number(const json::object& o, const char* name, dou
     return bad_request(std::string("'") + name + "' must be between " + text(min) + " and " + text(max), name);
   }
   out = d;
+  return std::nullopt;
+}
+
+// An integer within [min, max]; 2.0 counts as an integer, as JSON means it.
+std::optional<ApiError> read_integer(const json::object& o, const char* name, std::int64_t min, std::int64_t max,
+                                     std::optional<std::int64_t>& out) {
+  auto it = o.find(name);
+  if (it == o.end() || it->value().is_null()) return std::nullopt;
+  const auto& v = it->value();
+  bool integral = v.is_int64() || v.is_uint64() || (v.is_double() && std::floor(v.get_double()) == v.get_double());
+  if (!integral) return bad_request(std::string("'") + name + "' must be an integer", name, "invalid_type");
+  double d = v.to_number<double>();
+  if (d < static_cast<double>(min) || d > static_cast<double>(max)) {
+    return bad_request(
+        std::string("'") + name + "' must be between " + std::to_string(min) + " and " + std::to_string(max), name);
+  }
+  out = static_cast<std::int64_t>(d);
   return std::nullopt;
 }
 
@@ -169,6 +187,23 @@ std::optional<ApiError> read_stop(const json::object& o, backends::CompletionReq
   return add(v);
 }
 
+// Chat asks with "logprobs": true and "top_logprobs": N; the legacy
+// completions API with "logprobs": N.
+std::optional<ApiError> read_logprobs(const json::object& o, bool chat, backends::CompletionRequest& r) {
+  std::optional<std::int64_t> top;
+  if (!chat) {
+    if (auto e = read_integer(o, "logprobs", 0, kMaxTopLogprobs, top)) return e;
+    if (top) r.logprobs = static_cast<std::int32_t>(*top);
+    return std::nullopt;
+  }
+  bool wanted = false;
+  if (auto e = read_bool(o, "logprobs", wanted)) return e;
+  if (auto e = read_integer(o, "top_logprobs", 0, kMaxTopLogprobs, top)) return e;
+  if (top && !wanted) return bad_request("'top_logprobs' needs 'logprobs' set to true", "top_logprobs");
+  if (wanted) r.logprobs = static_cast<std::int32_t>(top.value_or(0));
+  return std::nullopt;
+}
+
 }  // namespace
 
 Result parse_completion_request(std::string_view body, bool chat) {
@@ -210,6 +245,7 @@ Result parse_completion_request(std::string_view body, bool chat) {
     r.top_k = std::max<std::int64_t>(0, k->get_int64());
   }
   if (auto e = read_bool(*o, "stream", r.stream)) return *e;
+  if (auto e = read_logprobs(*o, chat, r)) return *e;
 
   if (const json::value* n = o->if_contains("n"); n && !n->is_null()) {
     if (!n->is_number()) return bad_request("'n' must be an integer", "n", "invalid_type");

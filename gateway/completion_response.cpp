@@ -2,6 +2,7 @@
 
 #include <openssl/rand.h>
 
+#include <algorithm>
 #include <boost/json.hpp>
 #include <chrono>
 
@@ -26,17 +27,67 @@ json::object usage_object(const backends::Usage& usage) {
 
 std::string sse(const json::value& v) { return "data: " + json::serialize(v) + "\n\n"; }
 
+json::array byte_values(std::string_view bytes) {
+  json::array a;
+  a.reserve(bytes.size());
+  for (unsigned char b : bytes) a.push_back(b);
+  return a;
+}
+
+json::object chat_token(const backends::LogprobToken& t) {
+  return {{"token", t.text}, {"logprob", t.logprob}, {"bytes", byte_values(t.bytes)}};
+}
+
+std::int64_t code_points(std::string_view text) {
+  return std::count_if(text.begin(), text.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; });
+}
+
+// Chat: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}.
+// Legacy completions: parallel arrays, each top_logprobs entry a map that
+// always holds the chosen token, and text_offset counting code points.
+json::value logprobs_json(bool chat, const std::vector<backends::TokenLogprob>& logprobs, std::int64_t& text_offset) {
+  if (chat) {
+    json::array content;
+    content.reserve(logprobs.size());
+    for (const auto& lp : logprobs) {
+      auto entry = chat_token(lp.chosen);
+      json::array top;
+      for (const auto& t : lp.top) top.push_back(chat_token(t));
+      entry["top_logprobs"] = std::move(top);
+      content.push_back(std::move(entry));
+    }
+    return json::object{{"content", std::move(content)}, {"refusal", nullptr}};
+  }
+  json::array tokens, token_logprobs, top_logprobs, text_offsets;
+  for (const auto& lp : logprobs) {
+    tokens.push_back(json::string(lp.chosen.text));
+    token_logprobs.push_back(lp.chosen.logprob);
+    json::object top;
+    for (const auto& t : lp.top) top.emplace(t.text, t.logprob);  // the likelier of two equal texts wins
+    top.emplace(lp.chosen.text, lp.chosen.logprob);
+    top_logprobs.push_back(std::move(top));
+    text_offsets.push_back(text_offset);
+    text_offset += code_points(lp.chosen.text);
+  }
+  return json::object{{"tokens", std::move(tokens)},
+                      {"token_logprobs", std::move(token_logprobs)},
+                      {"top_logprobs", std::move(top_logprobs)},
+                      {"text_offset", std::move(text_offsets)}};
+}
+
 }  // namespace
 
-CompletionFormatter::CompletionFormatter(bool chat, std::string model, bool include_usage)
+CompletionFormatter::CompletionFormatter(bool chat, std::string model, bool include_usage, bool logprobs)
     : chat_(chat),
       model_(std::move(model)),
       include_usage_(include_usage),
+      logprobs_(logprobs),
       id_(random_id(chat ? "chatcmpl-" : "cmpl-")),
       created_(std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
                    .count()) {}
 
-std::string CompletionFormatter::chunk(std::string_view text, const char* finish_reason, bool with_role) const {
+std::string CompletionFormatter::chunk(std::string_view text, const char* finish_reason, bool with_role,
+                                       const std::vector<backends::TokenLogprob>* logprobs) {
   json::object choice{{"index", 0}};
   if (chat_) {
     json::object delta;
@@ -46,7 +97,7 @@ std::string CompletionFormatter::chunk(std::string_view text, const char* finish
   } else {
     choice["text"] = text;
   }
-  choice["logprobs"] = nullptr;
+  choice["logprobs"] = logprobs_ && logprobs ? logprobs_json(chat_, *logprobs, text_offset_) : json::value(nullptr);
   choice["finish_reason"] = finish_reason ? json::value(finish_reason) : json::value(nullptr);
   json::object o{{"id", id_},
                  {"object", chat_ ? "chat.completion.chunk" : "text_completion"},
@@ -57,17 +108,18 @@ std::string CompletionFormatter::chunk(std::string_view text, const char* finish
   return sse(o);
 }
 
-std::string CompletionFormatter::delta_event(std::string_view text) {
+std::string CompletionFormatter::delta_event(std::string_view text,
+                                             const std::vector<backends::TokenLogprob>& logprobs) {
   bool with_role = chat_ && !sent_role_;
   sent_role_ = true;
-  return chunk(text, nullptr, with_role);
+  return chunk(text, nullptr, with_role, &logprobs);
 }
 
 std::string CompletionFormatter::finish_event(std::string_view finish_reason) {
   std::string reason(finish_reason);
   bool with_role = chat_ && !sent_role_;
   sent_role_ = true;
-  return chunk("", reason.c_str(), with_role);
+  return chunk("", reason.c_str(), with_role, nullptr);
 }
 
 std::string CompletionFormatter::usage_event(const backends::Usage& usage) const {
@@ -83,14 +135,15 @@ std::string CompletionFormatter::usage_event(const backends::Usage& usage) const
 std::string CompletionFormatter::error_event(const ApiError& error) const { return "data: " + error.body() + "\n\n"; }
 
 std::string CompletionFormatter::full_response(std::string_view text, std::string_view finish_reason,
-                                               const backends::Usage& usage) const {
+                                               const backends::Usage& usage,
+                                               const std::vector<backends::TokenLogprob>& logprobs) {
   json::object choice{{"index", 0}};
   if (chat_) {
     choice["message"] = json::object{{"role", "assistant"}, {"content", text}};
   } else {
     choice["text"] = text;
   }
-  choice["logprobs"] = nullptr;
+  choice["logprobs"] = logprobs_ ? logprobs_json(chat_, logprobs, text_offset_) : json::value(nullptr);
   choice["finish_reason"] = finish_reason;
   json::object o{{"id", id_},
                  {"object", chat_ ? "chat.completion" : "text_completion"},

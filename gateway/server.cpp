@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <deque>
 #include <filesystem>
+#include <iterator>
 #include <iostream>
 #include <list>
 #include <mutex>
@@ -515,9 +516,10 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
     co_return co_await respond_error(req, x, limited);
   }
 
-  CompletionFormatter format(chat, creq.model, completion.include_usage);
+  CompletionFormatter format(chat, creq.model, completion.include_usage, creq.logprobs.has_value());
   bool stream_mode = creq.stream;
-  std::string text;         // non-streaming: the whole reply
+  std::string text;                              // non-streaming: the whole reply
+  std::vector<backends::TokenLogprob> logprobs;  // non-streaming, when asked for
   std::int64_t deltas = 0;  // what reached the client, should the backend never report usage
   bool headers_sent = false;
   std::optional<http::response_serializer<http::empty_body>> serializer;
@@ -591,7 +593,8 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
             }
             if (!stream_mode) {
               text += ev.text;
-            } else if (!co_await send_chunk(format.delta_event(ev.text))) {
+              std::move(ev.logprobs.begin(), ev.logprobs.end(), std::back_inserter(logprobs));
+            } else if (!co_await send_chunk(format.delta_event(ev.text, ev.logprobs))) {
               handle->cancel();
               x.backend_time =
                   std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
@@ -608,7 +611,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
             x.event.completion_tokens = ev.usage.completion_tokens;
             x.event.estimated = ev.usage.estimated;
             if (!stream_mode) {
-              auto res = make_response(req, http::status::ok, format.full_response(text, ev.finish_reason, ev.usage));
+              auto res = make_response(req, http::status::ok, format.full_response(text, ev.finish_reason, ev.usage, logprobs));
               set_rate_limit_headers(res, x.admission->status);
               x.finish(200);
               co_return co_await write(std::move(res));

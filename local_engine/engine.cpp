@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <map>
+#include <utility>
 
 #include "local_engine/forward.hpp"
 #include "local_engine/kv_cache.hpp"
@@ -64,6 +65,7 @@ struct Engine::Live : ScheduledRequest {
         text(tokenizer, r.prompt.size() == 1 && r.prompt[0] == tokenizer.vocabulary().bos),
         stop(std::move(r.stop)),
         max_tokens(r.max_tokens),
+        logprobs(r.logprobs),
         num_prompt(static_cast<std::int64_t>(r.prompt.size())),
         callback(std::move(cb)) {
     tokens = std::move(r.prompt);
@@ -73,6 +75,9 @@ struct Engine::Live : ScheduledRequest {
   TextStream text;
   StopMatcher stop;
   std::int64_t max_tokens;
+  std::int32_t logprobs;              // alternatives wanted per token; -1: none
+  std::vector<float> raw_logits;      // with logprobs: this step's logits, before the sampler's changes
+  std::vector<TokenLogprobs> unsent;  // with logprobs: tokens whose text is still held back
   std::int64_t num_prompt;
   GenerationCallback callback;
   Clock::time_point submitted = Clock::now();
@@ -84,6 +89,7 @@ struct Engine::Live : ScheduledRequest {
     if (text.empty()) return;
     GenerationEvent e;
     e.text = std::move(text);
+    e.logprobs = std::exchange(unsent, {});
     callback(std::move(e));
   }
 };
@@ -263,6 +269,7 @@ void Engine::step() {
     if (!c.samples) continue;
     auto& live = static_cast<Live&>(*c.request);
     float* l = logits.data() + row++ * static_cast<std::size_t>(vocab);
+    if (live.logprobs >= 0) live.raw_logits.assign(l, l + vocab);
     emit_token(live, live.sampler.sample(l, vocab));
   }
 }
@@ -283,6 +290,10 @@ void Engine::emit_token(Live& live, std::int32_t token) {
   if (tokenizer_.ends_generation(token) || token == model_.vocab.bos) {
     finish(live, "stop");
     return;
+  }
+  if (live.logprobs >= 0) {
+    live.unsent.push_back(token_logprobs(live.raw_logits.data(), static_cast<std::int32_t>(live.raw_logits.size()),
+                                         token, live.logprobs));
   }
   auto r = live.stop.push(live.text.push(token));
   live.send_text(std::move(r.text));

@@ -35,14 +35,19 @@ struct GenerationRequest {
   SamplingParams sampling;
   std::int64_t max_tokens = 0;  // 0: until EOS or max_model_len
   std::vector<std::string> stop;
+  // Report each generated token's log-probability with this many most likely
+  // alternatives; -1: none. Taken from the model's raw distribution, before
+  // temperature, penalties and truncation (as vLLM reports them).
+  std::int32_t logprobs = -1;
 };
 
 struct GenerationEvent {
   enum class Type { text, done, error };
   Type type = Type::text;
-  std::string text;           // text: valid UTF-8, never inside a stop sequence
-  std::string finish_reason;  // done: "stop" (EOS or a stop sequence) or "length"
-  std::string error;          // error
+  std::string text;                     // text: valid UTF-8, never inside a stop sequence
+  std::vector<TokenLogprobs> logprobs;  // text, when asked for: the tokens that produced it
+  std::string finish_reason;            // done: "stop" (EOS or a stop sequence) or "length"
+  std::string error;                    // error
   std::int64_t prompt_tokens = 0;
   std::int64_t completion_tokens = 0;
   std::vector<std::int32_t> tokens;  // done: the generated ids

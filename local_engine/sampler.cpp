@@ -112,6 +112,31 @@ std::int32_t Sampler::sample(float* logits, std::int32_t vocab) {
   return candidates_.back().second;
 }
 
+TokenLogprobs token_logprobs(const float* logits, std::int32_t vocab, std::int32_t chosen, std::int32_t top) {
+  const float max = *std::max_element(logits, logits + vocab);
+  double sum = 0;
+  for (std::int32_t i = 0; i < vocab; ++i) sum += std::exp(logits[i] - max);
+  const double log_sum = max + std::log(sum);
+  auto logprob = [&](std::int32_t i) { return static_cast<float>(logits[i] - log_sum); };
+
+  TokenLogprobs out;
+  out.chosen = {chosen, logprob(chosen)};
+  const auto n = static_cast<std::size_t>(std::clamp(top, 0, vocab));
+  if (n == 0) return out;
+  // One pass keeping the best n in order; later ids go after equal values.
+  auto& best = out.top;
+  best.reserve(n + 1);
+  for (std::int32_t i = 0; i < vocab; ++i) {
+    if (best.size() == n && logits[i] <= logits[best.back().id]) continue;
+    auto at = std::upper_bound(best.begin(), best.end(), logits[i],
+                               [&](float value, const TokenCandidate& c) { return value > logits[c.id]; });
+    best.insert(at, {i, 0});
+    if (best.size() > n) best.pop_back();
+  }
+  for (auto& c : best) c.logprob = logprob(c.id);
+  return out;
+}
+
 StopMatcher::StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {
   std::erase_if(stops_, [](const std::string& s) { return s.empty(); });
 }

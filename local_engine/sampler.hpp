@@ -45,6 +45,19 @@ class Sampler {
   std::vector<char> penalised_;                               // scratch
 };
 
+struct TokenCandidate {
+  std::int32_t id = 0;
+  float logprob = 0;
+};
+
+struct TokenLogprobs {
+  TokenCandidate chosen;
+  std::vector<TokenCandidate> top;  // most likely first, ties to the lower id
+};
+
+// The log-softmax of `logits` at `chosen`, and the `top` most likely tokens.
+TokenLogprobs token_logprobs(const float* logits, std::int32_t vocab, std::int32_t chosen, std::int32_t top);
+
 // Finds stop sequences in streamed text, across token boundaries: text that
 // could still be the start of a stop sequence is held back until it cannot.
 class StopMatcher {

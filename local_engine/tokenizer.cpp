@@ -774,6 +774,13 @@ std::string TextStream::finish() {
 
 // ---------------------------------------------------------------------------
 
+std::string valid_utf8(std::string_view bytes) {
+  std::string out;
+  out.reserve(bytes.size());
+  append_valid_utf8(out, bytes, true);
+  return out;
+}
+
 Vocabulary load_llama2c_tokenizer(const std::string& path) {
   std::ifstream file(path, std::ios::binary);
   if (!file) throw std::runtime_error("llama2.c tokenizer " + path + ": cannot open the file");

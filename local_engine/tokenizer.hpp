@@ -72,6 +72,9 @@ class TextStream {
   std::string pending_;
 };
 
+// `bytes` as valid UTF-8, each ill-formed or incomplete sequence as U+FFFD.
+std::string valid_utf8(std::string_view bytes);
+
 // A llama2.c tokenizer file (max_token_length, then per token: float score,
 // int32 length, bytes) as a SentencePiece vocabulary; ids 0/1/2 are unk/BOS/EOS
 // and "<0xAB>" pieces bytes. Throws std::runtime_error for a malformed file.

@@ -266,3 +266,26 @@ TEST_CASE("every error body is OpenAI's shape", "[gateway][request]") {
   auto no_param = parse_error("[]");
   CHECK(no_param.body().find(R"("param":null)") != std::string::npos);
 }
+
+TEST_CASE("logprobs: chat's flag and top_logprobs, the legacy count", "[gateway][request]") {
+  CHECK_FALSE(parse_ok(chat()).request.logprobs);
+  CHECK_FALSE(parse_ok(chat(R"("logprobs":false)")).request.logprobs);
+  CHECK(parse_ok(chat(R"("logprobs":true)")).request.logprobs == 0);
+  CHECK(parse_ok(chat(R"("logprobs":true,"top_logprobs":5)")).request.logprobs == 5);
+  CHECK(parse_ok(chat(R"("logprobs":true,"top_logprobs":20.0)")).request.logprobs == 20);
+  check_bad(chat(R"("top_logprobs":2)"), "top_logprobs");
+  check_bad(chat(R"("logprobs":false,"top_logprobs":2)"), "top_logprobs");
+  check_bad(chat(R"("logprobs":true,"top_logprobs":21)"), "top_logprobs");
+  check_bad(chat(R"("logprobs":true,"top_logprobs":-1)"), "top_logprobs");
+  check_bad(chat(R"("logprobs":true,"top_logprobs":1.5)"), "top_logprobs");
+  check_bad(chat(R"("logprobs":3)"), "logprobs");
+
+  const std::string prompt = R"({"model":"m","prompt":"hi")";
+  CHECK_FALSE(parse_ok(prompt + "}", false).request.logprobs);
+  CHECK(parse_ok(prompt + R"(,"logprobs":0})", false).request.logprobs == 0);
+  CHECK(parse_ok(prompt + R"(,"logprobs":3})", false).request.logprobs == 3);
+  CHECK_FALSE(parse_ok(prompt + R"(,"logprobs":null})", false).request.logprobs);
+  check_bad(prompt + R"(,"logprobs":true})", "logprobs", false);
+  check_bad(prompt + R"(,"logprobs":21})", "logprobs", false);
+  check_bad(prompt + R"(,"logprobs":18446744073709551615})", "logprobs", false);
+}

@@ -159,3 +159,49 @@ TEST_CASE("every formatter has its own id", "[gateway][response]") {
   for (int i = 0; i < 100; ++i) ids.insert(CompletionFormatter(i % 2 == 0, "m", false).id());
   CHECK(ids.size() == 100);
 }
+
+TEST_CASE("logprobs: chat's content list, the legacy parallel arrays, null when not asked", "[gateway][response]") {
+  using tollgate::backends::TokenLogprob;
+  // "é" split over two tokens: their texts show U+FFFD, their bytes are exact.
+  std::vector<TokenLogprob> first = {{{"Hi", "Hi", -0.25}, {{"Hi", "Hi", -0.25}, {"Yo", "Yo", -1.5}}},
+                                     {{"\xEF\xBF\xBD", "\xC3", -0.5}, {}}};
+  std::vector<TokenLogprob> second = {{{"\xEF\xBF\xBD", "\xA9", -0.125}, {}}};
+
+  CompletionFormatter chat(true, "m", false, true);
+  auto c1 = only_choice(event_json(chat.delta_event("Hi", first)));
+  const auto& content = c1.at("logprobs").at("content").as_array();
+  REQUIRE(content.size() == 2);
+  CHECK(content[0].at("token") == "Hi");
+  CHECK(content[0].at("logprob").as_double() == -0.25);
+  CHECK(content[0].at("bytes") == json::array{72, 105});
+  const auto& top = content[0].at("top_logprobs").as_array();
+  REQUIRE(top.size() == 2);
+  CHECK(top[1].at("token") == "Yo");
+  CHECK(top[1].at("logprob").as_double() == -1.5);
+  CHECK(top[1].at("bytes") == json::array{89, 111});
+  CHECK(content[1].at("bytes") == json::array{0xC3});
+  CHECK(content[1].at("top_logprobs").as_array().empty());
+  CHECK(c1.at("logprobs").at("refusal").is_null());
+  auto c2 = only_choice(event_json(chat.delta_event("\xC3\xA9", second)));
+  CHECK(c2.at("logprobs").at("content").as_array().at(0).at("bytes") == json::array{0xA9});
+  CHECK(only_choice(event_json(chat.finish_event("stop"))).at("logprobs").is_null());
+  auto whole = json::parse(chat.full_response("Hi\xC3\xA9", "stop", Usage{1, 3, false}, first)).as_object();
+  CHECK(only_choice(whole).at("logprobs").at("content").as_array().size() == 2);
+
+  CompletionFormatter legacy(false, "m", false, true);
+  auto l1 = only_choice(event_json(legacy.delta_event("Hi", first)));
+  const auto& lp = l1.at("logprobs").as_object();
+  CHECK(lp.at("tokens") == json::array{"Hi", "\xEF\xBF\xBD"});
+  CHECK(lp.at("token_logprobs") == json::array{-0.25, -0.5});
+  CHECK(lp.at("top_logprobs").at(0) == json::object{{"Hi", -0.25}, {"Yo", -1.5}});
+  CHECK(lp.at("top_logprobs").at(1) == json::object{{"\xEF\xBF\xBD", -0.5}});  // the chosen token is always there
+  CHECK(lp.at("text_offset") == json::array{0, 2});
+  auto l2 = only_choice(event_json(legacy.delta_event("\xC3\xA9", second)));
+  CHECK(l2.at("logprobs").at("text_offset") == json::array{3});  // offsets run on across chunks
+
+  CompletionFormatter not_asked(true, "m", false);
+  CHECK(only_choice(event_json(not_asked.delta_event("Hi", first))).at("logprobs").is_null());
+  CHECK(only_choice(json::parse(not_asked.full_response("Hi", "stop", Usage{}, first)).as_object())
+            .at("logprobs")
+            .is_null());
+}

@@ -21,6 +21,7 @@ struct Collector {
   std::condition_variable cv;
   std::string text;
   std::vector<std::string> pieces;
+  std::vector<le::TokenLogprobs> logprobs;
   std::optional<le::GenerationEvent> last;
 
   le::GenerationCallback callback() {
@@ -29,6 +30,7 @@ struct Collector {
       if (e.type == le::GenerationEvent::Type::text) {
         text += e.text;
         pieces.push_back(e.text);
+        logprobs.insert(logprobs.end(), e.logprobs.begin(), e.logprobs.end());
         return;
       }
       REQUIRE_FALSE(last.has_value());  // exactly one final event
@@ -200,4 +202,83 @@ TEST_CASE("a cancelled request leaves at once and frees its blocks; the engine r
   CHECK(engine.submit(std::move(too_long), [](le::GenerationEvent) {}).refusal == le::Engine::Refusal::too_long);
   le::GenerationRequest empty;
   CHECK(engine.submit(std::move(empty), [](le::GenerationEvent) {}).refusal == le::Engine::Refusal::invalid);
+}
+
+TEST_CASE("logprobs ride with the text they produced: the chosen token and the likeliest alternatives") {
+  le::Engine engine(stories(), {}, le::make_cpu_device());
+  const auto& tokenizer = engine.tokenizer();
+  auto run = [&](le::GenerationRequest r, Collector& c) -> const le::GenerationEvent& {
+    REQUIRE(engine.submit(std::move(r), c.callback()).refusal == le::Engine::Refusal::none);
+    const auto& done = c.wait();
+    REQUIRE(done.type == le::GenerationEvent::Type::done);
+    return done;
+  };
+
+  SECTION("greedy: the chosen token is the likeliest, and the tokens spell the text") {
+    auto r = greedy(tokenizer, "The cat", 40);
+    r.logprobs = 3;
+    Collector c;
+    const auto& done = run(r, c);
+    REQUIRE(done.finish_reason == "length");
+    REQUIRE(c.logprobs.size() == done.tokens.size());
+    std::string spelled;
+    for (std::size_t i = 0; i < c.logprobs.size(); ++i) {
+      const auto& lp = c.logprobs[i];
+      INFO("token " << i);
+      CHECK(lp.chosen.id == done.tokens[i]);
+      REQUIRE(lp.top.size() == 3);
+      CHECK(lp.top[0].id == lp.chosen.id);
+      CHECK(lp.top[0].logprob == lp.chosen.logprob);
+      CHECK(lp.chosen.logprob <= 0.0f);
+      CHECK(lp.top[0].logprob >= lp.top[1].logprob);
+      CHECK(lp.top[1].logprob >= lp.top[2].logprob);
+      CHECK(lp.top[1].id != lp.top[0].id);
+      spelled += tokenizer.token_bytes(lp.chosen.id);
+    }
+    CHECK(spelled == c.text);
+    // Asking for logprobs changes nothing in what is generated.
+    Collector plain;
+    auto without = greedy(tokenizer, "The cat", 40);
+    CHECK(run(without, plain).tokens == done.tokens);
+    CHECK(plain.logprobs.empty());
+  }
+
+  SECTION("sampled: logprobs are the model's, so the chosen token may be less likely than the best") {
+    auto r = greedy(tokenizer, "Once upon a time", 60);
+    r.sampling.temperature = 1.5f;
+    r.sampling.seed = 7;
+    r.logprobs = 1;
+    Collector c;
+    const auto& done = run(r, c);
+    REQUIRE(c.logprobs.size() == done.tokens.size());
+    bool less_likely = false;
+    for (const auto& lp : c.logprobs) {
+      REQUIRE(lp.top.size() == 1);
+      CHECK(lp.chosen.logprob <= lp.top[0].logprob);
+      less_likely = less_likely || lp.chosen.id != lp.top[0].id;
+    }
+    CHECK(less_likely);
+  }
+
+  SECTION("a stop sequence: tokens that only made the stop text report nothing") {
+    auto probe = greedy(tokenizer, "The cat", 40);
+    Collector first;
+    auto whole = run(probe, first).tokens;
+    auto text = first.text;
+    // Stop at the second word boundary of the reference text.
+    auto at = text.find(' ', text.find(' ', 1) + 1);
+    REQUIRE(at != std::string::npos);
+    auto r = greedy(tokenizer, "The cat", 40);
+    r.stop = {text.substr(at, 3)};
+    r.logprobs = 0;
+    Collector c;
+    const auto& done = run(r, c);
+    CHECK(done.finish_reason == "stop");
+    CHECK(c.text == text.substr(0, at));
+    std::string spelled;
+    for (const auto& lp : c.logprobs) spelled += tokenizer.token_bytes(lp.chosen.id);
+    CHECK(spelled.substr(0, c.text.size()) == c.text);
+    CHECK(spelled.size() < c.text.size() + 3);
+    CHECK(c.logprobs.size() <= done.tokens.size());
+  }
 }

@@ -109,3 +109,34 @@ TEST_CASE("stop sequences are found across pieces and never leak") {
   CHECK(held.push("ab").text.empty());
   CHECK(held.finish() == "ab");
 }
+
+TEST_CASE("token logprobs are the log-softmax, with the likeliest tokens first") {
+  std::vector<float> logits = {1.0f, 3.0f, -2.0f, 3.0f, 0.5f};
+  double sum = 0;
+  for (float l : logits) sum += std::exp(static_cast<double>(l));
+  auto expected = [&](std::size_t i) { return static_cast<double>(logits[i]) - std::log(sum); };
+
+  auto lp = le::token_logprobs(logits.data(), 5, 4, 3);
+  CHECK(lp.chosen.id == 4);
+  CHECK(lp.chosen.logprob == Approx(expected(4)).margin(1e-6));
+  REQUIRE(lp.top.size() == 3);
+  CHECK(lp.top[0].id == 1);  // a tie goes to the lower id
+  CHECK(lp.top[1].id == 3);
+  CHECK(lp.top[2].id == 0);
+  for (const auto& c : lp.top) CHECK(c.logprob == Approx(expected(static_cast<std::size_t>(c.id))).margin(1e-6));
+
+  // None asked: only the chosen token. More than the vocabulary: all of it.
+  CHECK(le::token_logprobs(logits.data(), 5, 2, 0).top.empty());
+  auto all = le::token_logprobs(logits.data(), 5, 2, 20);
+  REQUIRE(all.top.size() == 5);
+  double total = 0;
+  for (const auto& c : all.top) total += std::exp(static_cast<double>(c.logprob));
+  CHECK(total == Approx(1.0).margin(1e-5));
+  CHECK(all.top.back().id == 2);
+
+  // Large logits do not overflow.
+  std::vector<float> huge = {1000.0f, 999.0f};
+  auto h = le::token_logprobs(huge.data(), 2, 1, 1);
+  CHECK(h.chosen.logprob == Approx(-1.0 - std::log1p(std::exp(-1.0))).margin(1e-4));
+  CHECK(h.top[0].logprob == Approx(-std::log1p(std::exp(-1.0))).margin(1e-4));
+}
