@@ -14,6 +14,8 @@ HTTP or TLS (--cert/--key). The upstream model name picks the behaviour:
            (GET /_stats "flood_sent" counts the pieces written so far)
   429      Retry-After: 7;  500, 400, 404: errors with a message
 
+Asked for logprobs, the answers carry them in OpenAI's format (chat or legacy).
+
 GET /_last returns the last completion request (path, headers, body);
 GET /_stats returns {"requests", "disconnects"} (clients that went away mid-answer).
 """
@@ -29,6 +31,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 REPLY = ["Hello", " from", " fake", " upstream"]
 lock = threading.Lock()
 state = {"last": None, "requests": 0, "disconnects": 0, "flood_sent": 0}
+
+
+def logprobs_for(req, chat, pieces, first=0):
+    """The logprobs OpenAI would send for `pieces` (piece i: -0.1 * (i + 1), one
+    alternative "x" a nat lower), or None when the request did not ask."""
+    if chat and not req.get("logprobs"):
+        return None
+    if not chat and req.get("logprobs") is None:
+        return None
+    n = req.get("top_logprobs", 0) if chat else req["logprobs"]
+    entries = []
+    for i, piece in enumerate(pieces, first):
+        lp = -0.1 * (i + 1)
+        top = [(piece, lp), ("x", lp - 1)][:n]
+        entries.append((piece, lp, top))
+    if chat:
+        tok = lambda t, v: {"token": t, "logprob": v, "bytes": list(t.encode())}
+        return {"content": [dict(tok(p, v), top_logprobs=[tok(t, w) for t, w in top]) for p, v, top in entries],
+                "refusal": None}
+    return {"tokens": [p for p, _, _ in entries], "token_logprobs": [v for _, v, _ in entries],
+            "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": [0] * len(entries)}
 
 
 def count_disconnect():
@@ -95,7 +118,7 @@ class Handler(BaseHTTPRequestHandler):
         groq_usage = {"prompt_tokens": 17, "completion_tokens": 6, "total_tokens": 23}
         if not req.get("stream"):
             text = "".join(REPLY)
-            choice = {"index": 0, "finish_reason": "stop"}
+            choice = {"index": 0, "finish_reason": "stop", "logprobs": logprobs_for(req, chat, REPLY)}
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
@@ -122,6 +145,8 @@ class Handler(BaseHTTPRequestHandler):
             self.chunk(b": keep-alive comment\n\n")
             for i, piece in enumerate(pieces):
                 choice = {"index": 0, "finish_reason": None}
+                if model != "flood":
+                    choice["logprobs"] = logprobs_for(req, chat, [piece], i)
                 if chat:
                     choice["delta"] = {"content": piece}
                 else:

@@ -10,6 +10,7 @@
 
 #include "harness.hpp"
 #include "tests/local_engine/reference.hpp"
+#include "upstream.hpp"
 
 using namespace tollgate::test;
 namespace json = boost::json;
@@ -191,6 +192,63 @@ TEST_CASE("chat completions, stop sequences and sampling parameters reach the en
   auto too_long = client.post("/v1/completions", key, completion_body(std::string(4000, 'x'), 10, false));
   CHECK(too_long.status == 400);
   CHECK(too_long.json().at("error").at("message").as_string().find("context length") != std::string::npos);
+}
+
+TEST_CASE("logprobs from the engine: chat and legacy, whole and streamed, spelling the text",
+          "[e2e][local][logprobs]") {
+  TempDir dir;
+  GatewayProcess gw(dir, gateway_options(stories_config()));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port(), 60s);
+
+  auto chat = client.post("/v1/chat/completions", key,
+                          R"({"model":"stories","messages":[{"role":"user","content":"Tell me a story"}],)"
+                          R"("max_tokens":20,"temperature":0,"logprobs":true,"top_logprobs":3})");
+  REQUIRE(chat.status == 200);
+  auto body = chat.json();
+  const auto& choice = body.at("choices").at(0);
+  auto content = choice.at("logprobs").at("content").as_array();
+  REQUIRE(content.size() == 20);  // one per generated token
+  std::string spelled;
+  for (const auto& t : content) {
+    spelled += t.at("token").as_string();
+    CHECK(t.at("logprob").to_number<double>() <= 0.0);
+    const auto& top = t.at("top_logprobs").as_array();
+    REQUIRE(top.size() == 3);
+    CHECK(top[0].at("token") == t.at("token"));  // greedy took the likeliest
+    CHECK(top[0].at("logprob").to_number<double>() >= top[1].at("logprob").to_number<double>());
+    CHECK(t.at("bytes").as_array().size() == t.at("token").as_string().size());  // stories speaks ASCII
+  }
+  CHECK(spelled == choice.at("message").at("content").as_string());
+
+  // Legacy, streamed: the tokens of each chunk spell its text, offsets run on.
+  auto streamed = client.post(
+      "/v1/completions", key,
+      R"({"model":"stories","prompt":"Once upon","max_tokens":30,"temperature":0,"logprobs":2,"stream":true})");
+  REQUIRE(streamed.status == 200);
+  std::string text, tokens;
+  std::int64_t offset = 0, entries = 0;
+  for (const auto& data : sse_data(streamed.body)) {
+    if (data == "[DONE]") continue;
+    auto event = json::parse(data);
+    const auto& c = event.at("choices").at(0).as_object();
+    if (!c.at("finish_reason").is_null()) continue;
+    text += c.at("text").as_string();
+    const auto& lp = c.at("logprobs").as_object();
+    for (std::size_t i = 0; i < lp.at("tokens").as_array().size(); ++i) {
+      const auto& token = lp.at("tokens").at(i).as_string();
+      CHECK(lp.at("text_offset").at(i) == offset);
+      offset += static_cast<std::int64_t>(token.size());
+      tokens += token;
+      auto top = lp.at("top_logprobs").at(i).as_object();
+      CHECK((top.size() == 2 || top.size() == 3));  // two likeliest, and the chosen one
+      CHECK(top.contains(token));
+      ++entries;
+    }
+  }
+  CHECK(entries == 30);
+  CHECK(tokens == text);
 }
 
 TEST_CASE("a client that disconnects mid-stream frees its sequence; a full queue answers 503", "[e2e][local]") {

@@ -1,10 +1,9 @@
 // The `openai` backend against a fake OpenAI-compatible upstream (plain and
 // TLS) and against a second Tollgate: exact usage, error mapping,
 // cancellation, and the provider key kept secret.
-#include <catch2/catch.hpp>
-
 #include <sys/socket.h>
 
+#include <catch2/catch.hpp>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -25,19 +24,24 @@ const std::string kProviderKey = "sk-provider-secret-0123456789abcdef";
 std::string fake_config(std::uint16_t port, const std::string& extra_backends = "",
                         const std::string& extra_models = "") {
   std::string url = "http://127.0.0.1:" + std::to_string(port) + "/v1";
-  std::string yaml = "backends:\n"
-                     "  - name: up\n"
-                     "    type: openai\n"
-                     "    base_url: " + url + "\n"
-                     "    api_key: ${PROVIDER_KEY}\n"
-                     "    headers: {X-Extra: yes-please}\n"
-                     "    timeouts: {connect: 5s, first_byte: 20s, idle: 20s, total: 60s}\n"
-                     "    max_connections: 4\n"
-                     "  - name: up-impatient\n"
-                     "    type: openai\n"
-                     "    base_url: " + url + "\n"
-                     "    timeouts: {first_byte: 1s}\n" +
-                     extra_backends + "models:\n";
+  std::string yaml =
+      "backends:\n"
+      "  - name: up\n"
+      "    type: openai\n"
+      "    base_url: " +
+      url +
+      "\n"
+      "    api_key: ${PROVIDER_KEY}\n"
+      "    headers: {X-Extra: yes-please}\n"
+      "    timeouts: {connect: 5s, first_byte: 20s, idle: 20s, total: 60s}\n"
+      "    max_connections: 4\n"
+      "  - name: up-impatient\n"
+      "    type: openai\n"
+      "    base_url: " +
+      url +
+      "\n"
+      "    timeouts: {first_byte: 1s}\n" +
+      extra_backends + "models:\n";
   for (std::string m : {"normal", "groq", "nousage", "slow", "die", "flood", "429", "500", "400", "404"}) {
     yaml += "  - {name: m-" + m + ", deployments: [{backend: up, model: '" + m + "'}]}\n";
   }
@@ -152,8 +156,75 @@ TEST_CASE("openai backend: completions with the upstream's exact usage, mapped m
                         3) == 3);
 }
 
-TEST_CASE("openai backend: Groq's x_groq.usage is exact, and an upstream without usage is estimated",
-          "[e2e][openai]") {
+TEST_CASE("openai backend: logprobs are asked for and relayed, chat and legacy, streamed and not",
+          "[e2e][openai][logprobs]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  GatewayProcess gw(dir, with_config(fake_config(fake.port())));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  const std::vector<std::string> pieces = {"Hello", " from", " fake", " upstream"};
+
+  // Chat, whole: the upstream was asked with OpenAI's names; every token arrives.
+  auto r = client.post("/v1/chat/completions", key, chat_body("m-normal", "hi", R"("logprobs":true,"top_logprobs":2)"));
+  REQUIRE(r.status == 200);
+  auto asked = fake.last().at("body").as_object();
+  CHECK(asked.at("logprobs") == true);
+  CHECK(asked.at("top_logprobs") == 2);
+  auto content = r.json().at("choices").at(0).at("logprobs").at("content").as_array();
+  REQUIRE(content.size() == pieces.size());
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    INFO(i);
+    CHECK(content[i].at("token") == json::value(pieces[i]));
+    CHECK(content[i].at("logprob").to_number<double>() == Approx(-0.1 * double(i + 1)));
+    json::array bytes;
+    for (unsigned char c : pieces[i]) bytes.push_back(c);
+    CHECK(content[i].at("bytes") == bytes);
+    auto& top = content[i].at("top_logprobs").as_array();
+    REQUIRE(top.size() == 2);
+    CHECK(top[1].at("token") == "x");
+  }
+
+  // Chat, streamed: each chunk carries its token.
+  r = client.post("/v1/chat/completions", key,
+                  R"({"model":"m-normal","stream":true,"logprobs":true,"messages":[{"role":"user","content":"hi"}]})");
+  REQUIRE(r.status == 200);
+  CHECK(fake.last().at("body").as_object().if_contains("top_logprobs") == nullptr);
+  std::vector<std::string> tokens;
+  for (const auto& data : sse_data(r.body)) {
+    if (data == "[DONE]") continue;
+    auto event = json::parse(data);
+    const auto& choice = event.at("choices").at(0).as_object();
+    if (!choice.at("finish_reason").is_null()) {
+      CHECK(choice.at("logprobs").is_null());
+      continue;
+    }
+    for (const auto& t : choice.at("logprobs").at("content").as_array()) {
+      tokens.emplace_back(t.at("token").as_string());
+      CHECK(t.at("top_logprobs").as_array().empty());
+    }
+  }
+  CHECK(tokens == pieces);
+
+  // Legacy completions, whole: parallel arrays, the top maps keep the chosen token.
+  r = client.post("/v1/completions", key, R"({"model":"m-normal","prompt":"hi","logprobs":1})");
+  REQUIRE(r.status == 200);
+  CHECK(fake.last().at("body").at("logprobs") == 1);
+  auto lp = r.json().at("choices").at(0).at("logprobs").as_object();
+  CHECK(lp.at("tokens") == json::array{"Hello", " from", " fake", " upstream"});
+  CHECK(lp.at("token_logprobs").at(3).to_number<double>() == Approx(-0.4));
+  CHECK(lp.at("top_logprobs").at(0).as_object().size() == 1);
+  CHECK(lp.at("text_offset") == json::array{0, 5, 10, 15});
+
+  // Not asked: not asked of the upstream either, and null.
+  r = client.post("/v1/chat/completions", key, chat_body("m-normal", "hi"));
+  REQUIRE(r.status == 200);
+  CHECK(fake.last().at("body").as_object().if_contains("logprobs") == nullptr);
+  CHECK(r.json().at("choices").at(0).at("logprobs").is_null());
+}
+
+TEST_CASE("openai backend: Groq's x_groq.usage is exact, and an upstream without usage is estimated", "[e2e][openai]") {
   TempDir dir;
   FakeOpenAI fake;
   GatewayProcess gw(dir, with_config(fake_config(fake.port())));
@@ -192,8 +263,8 @@ TEST_CASE("openai backend: with a tokenizer, unreported usage is counted with it
   FakeOpenAI fake;
   std::string url = "http://127.0.0.1:" + std::to_string(fake.port()) + "/v1";
   GatewayProcess gw(dir, with_config("backends:\n"
-                                     "  - {name: counted, type: openai, base_url: '" + url + "', tokenizer: " +
-                                     shared_model("tok512.bin") +
+                                     "  - {name: counted, type: openai, base_url: '" +
+                                     url + "', tokenizer: " + shared_model("tok512.bin") +
                                      "}\n"
                                      "models:\n"
                                      "  - {name: m-counted, deployments: [{backend: counted, model: nousage}]}\n"));
@@ -232,8 +303,8 @@ TEST_CASE("openai backend: upstream failures map to 502, 504, 429, 400, 404 and 
   FakeOpenAI fake;
   auto refused = "  - {name: down, type: openai, base_url: 'http://127.0.0.1:" + std::to_string(closed_port()) +
                  "/v1', api_key: '${PROVIDER_KEY}'}\n";
-  GatewayProcess gw(dir, with_config(fake_config(fake.port(), refused,
-                                                 "  - {name: m-down, deployments: [{backend: down}]}\n")));
+  GatewayProcess gw(
+      dir, with_config(fake_config(fake.port(), refused, "  - {name: m-down, deployments: [{backend: down}]}\n")));
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port());
@@ -364,17 +435,25 @@ TEST_CASE("openai backend over TLS: verified with ca_file, refused without it, i
   auto certs = make_test_certificates(dir);
   FakeOpenAI fake(certs.cert, certs.key);
   std::string url = "https://127.0.0.1:" + std::to_string(fake.port()) + "/v1";
-  std::string yaml = "backends:\n"
-                     "  - {name: verified, type: openai, base_url: '" + url + "', ca_file: '" + certs.ca + "'}\n"
-                     "  - {name: named, type: openai, base_url: 'https://localhost:" + std::to_string(fake.port()) +
-                     "/v1', ca_file: '" + certs.ca + "'}\n"
-                     "  - {name: untrusted, type: openai, base_url: '" + url + "'}\n"
-                     "  - {name: insecure, type: openai, base_url: '" + url + "', insecure_skip_verify: true}\n"
-                     "models:\n"
-                     "  - {name: verified, deployments: [{backend: verified, model: normal}]}\n"
-                     "  - {name: named, deployments: [{backend: named, model: normal}]}\n"
-                     "  - {name: untrusted, deployments: [{backend: untrusted, model: normal}]}\n"
-                     "  - {name: insecure, deployments: [{backend: insecure, model: normal}]}\n";
+  std::string yaml =
+      "backends:\n"
+      "  - {name: verified, type: openai, base_url: '" +
+      url + "', ca_file: '" + certs.ca +
+      "'}\n"
+      "  - {name: named, type: openai, base_url: 'https://localhost:" +
+      std::to_string(fake.port()) + "/v1', ca_file: '" + certs.ca +
+      "'}\n"
+      "  - {name: untrusted, type: openai, base_url: '" +
+      url +
+      "'}\n"
+      "  - {name: insecure, type: openai, base_url: '" +
+      url +
+      "', insecure_skip_verify: true}\n"
+      "models:\n"
+      "  - {name: verified, deployments: [{backend: verified, model: normal}]}\n"
+      "  - {name: named, deployments: [{backend: named, model: normal}]}\n"
+      "  - {name: untrusted, deployments: [{backend: untrusted, model: normal}]}\n"
+      "  - {name: insecure, deployments: [{backend: insecure, model: normal}]}\n";
   GatewayProcess gw(dir, with_config(yaml));
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
@@ -412,13 +491,16 @@ TEST_CASE("openai backend: Tollgate chained to a second Tollgate", "[e2e][openai
   GatewayProcess inner(dir);  // the echo model
   auto inner_key = create_key(inner.db(), "gateway-b");
   wait_for_key(inner.port(), inner_key);
-  std::string yaml = "backends:\n"
-                     "  - name: inner\n"
-                     "    type: openai\n"
-                     "    base_url: http://127.0.0.1:" + std::to_string(inner.port()) + "/v1\n"
-                     "    api_key: ${PROVIDER_KEY}\n"
-                     "models:\n"
-                     "  - {name: relayed-echo, deployments: [{backend: inner, model: echo}]}\n";
+  std::string yaml =
+      "backends:\n"
+      "  - name: inner\n"
+      "    type: openai\n"
+      "    base_url: http://127.0.0.1:" +
+      std::to_string(inner.port()) +
+      "/v1\n"
+      "    api_key: ${PROVIDER_KEY}\n"
+      "models:\n"
+      "  - {name: relayed-echo, deployments: [{backend: inner, model: echo}]}\n";
   GatewayProcess::Options options;
   options.config_yaml = yaml;
   options.env = {{"PROVIDER_KEY", inner_key}};
@@ -467,16 +549,21 @@ TEST_CASE("openai backend config: unknown keys and bad URLs are refused by name"
     return path;
   };
   auto ok = run_tollgate({"config", "check",
-                          write("ok.yaml", "{name: b, type: openai, base_url: 'https://api.groq.com/openai/v1', "
-                                           "api_key: k, headers: {X-A: b}, timeouts: {connect: 1s, total: 5m}, "
-                                           "max_connections: 8, insecure_skip_verify: false}")});
+                          write("ok.yaml",
+                                "{name: b, type: openai, base_url: 'https://api.groq.com/openai/v1', "
+                                "api_key: k, headers: {X-A: b}, timeouts: {connect: 1s, total: 5m}, "
+                                "max_connections: 8, insecure_skip_verify: false}")});
   CHECK(ok.exit_code == 0);
-  auto unknown = run_tollgate({"config", "check", write("unknown.yaml", "{name: b, type: openai, base_url: "
-                                                                        "'http://x/v1', api_keyy: k}")});
+  auto unknown = run_tollgate({"config", "check",
+                               write("unknown.yaml",
+                                     "{name: b, type: openai, base_url: "
+                                     "'http://x/v1', api_keyy: k}")});
   CHECK(unknown.exit_code != 0);
   CHECK(unknown.err.find("api_keyy") != std::string::npos);
-  auto timeout = run_tollgate({"config", "check", write("timeout.yaml", "{name: b, type: openai, base_url: "
-                                                                        "'http://x/v1', timeouts: {firstbyte: 1s}}")});
+  auto timeout = run_tollgate({"config", "check",
+                               write("timeout.yaml",
+                                     "{name: b, type: openai, base_url: "
+                                     "'http://x/v1', timeouts: {firstbyte: 1s}}")});
   CHECK(timeout.exit_code != 0);
   CHECK(timeout.err.find("firstbyte") != std::string::npos);
   auto scheme = run_tollgate({"config", "check", write("scheme.yaml", "{name: b, type: openai, base_url: 'ftp://x'}")});
@@ -484,12 +571,11 @@ TEST_CASE("openai backend config: unknown keys and bad URLs are refused by name"
   CHECK(scheme.err.find("base_url") != std::string::npos);
 }
 
-TEST_CASE("openai backend: a stream outlasts header_timeout, even while its client is slow to read",
-          "[e2e][openai]") {
+TEST_CASE("openai backend: a stream outlasts header_timeout, even while its client is slow to read", "[e2e][openai]") {
   TempDir dir;
   FakeOpenAI fake;
-  GatewayProcess gw(dir, with_config("limits: {header_timeout: 300ms, idle_timeout: 10s}\n" +
-                                     fake_config(fake.port())));
+  GatewayProcess gw(dir,
+                    with_config("limits: {header_timeout: 300ms, idle_timeout: 10s}\n" + fake_config(fake.port())));
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port());

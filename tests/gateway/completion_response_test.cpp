@@ -2,7 +2,6 @@
 
 #include <boost/json.hpp>
 #include <catch2/catch.hpp>
-
 #include <set>
 #include <string>
 

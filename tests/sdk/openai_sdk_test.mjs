@@ -106,6 +106,30 @@ const checks = {
     assert.equal(again.choices[0].text, same.choices[0].text);
   },
 
+  // Log-probabilities from the engine, as the SDK types them.
+  async localEngineLogprobs() {
+    const r = await client.chat.completions.create({
+      model: 'demo',
+      messages: [{ role: 'user', content: 'tell me a story' }],
+      max_tokens: 8,
+      temperature: 0,
+      logprobs: true,
+      top_logprobs: 2,
+    });
+    const content = r.choices[0].logprobs?.content;
+    assert.ok(Array.isArray(content), 'no logprobs.content');
+    assert.equal(content.length, r.usage.completion_tokens);
+    for (const t of content) {
+      assert.ok(t.logprob <= 0);
+      assert.equal(t.top_logprobs.length, 2);
+      assert.equal(t.top_logprobs[0].logprob, t.logprob);  // greedy took the likeliest
+      assert.ok(Array.isArray(t.bytes));
+    }
+    const legacy = await client.completions.create({ model: 'demo', prompt: 'Once', max_tokens: 4, logprobs: 1 });
+    assert.equal(legacy.choices[0].logprobs.tokens.length, legacy.usage.completion_tokens);
+    assert.equal(legacy.choices[0].logprobs.token_logprobs.length, legacy.usage.completion_tokens);
+  },
+
   async localEngineContextError() {
     await expectError(OpenAI.BadRequestError, 400, () =>
       client.completions.create({ model: 'demo', prompt: 'word '.repeat(5000), max_tokens: 4 }));
