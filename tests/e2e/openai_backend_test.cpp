@@ -1,9 +1,10 @@
 // The `openai` backend against a fake OpenAI-compatible upstream (plain and
 // TLS) and against a second Tollgate: exact usage, error mapping,
 // cancellation, and the provider key kept secret.
+#include <catch2/catch.hpp>
+
 #include <sys/socket.h>
 
-#include <catch2/catch.hpp>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -24,24 +25,19 @@ const std::string kProviderKey = "sk-provider-secret-0123456789abcdef";
 std::string fake_config(std::uint16_t port, const std::string& extra_backends = "",
                         const std::string& extra_models = "") {
   std::string url = "http://127.0.0.1:" + std::to_string(port) + "/v1";
-  std::string yaml =
-      "backends:\n"
-      "  - name: up\n"
-      "    type: openai\n"
-      "    base_url: " +
-      url +
-      "\n"
-      "    api_key: ${PROVIDER_KEY}\n"
-      "    headers: {X-Extra: yes-please}\n"
-      "    timeouts: {connect: 5s, first_byte: 20s, idle: 20s, total: 60s}\n"
-      "    max_connections: 4\n"
-      "  - name: up-impatient\n"
-      "    type: openai\n"
-      "    base_url: " +
-      url +
-      "\n"
-      "    timeouts: {first_byte: 1s}\n" +
-      extra_backends + "models:\n";
+  std::string yaml = "backends:\n"
+                     "  - name: up\n"
+                     "    type: openai\n"
+                     "    base_url: " + url + "\n"
+                     "    api_key: ${PROVIDER_KEY}\n"
+                     "    headers: {X-Extra: yes-please}\n"
+                     "    timeouts: {connect: 5s, first_byte: 20s, idle: 20s, total: 60s}\n"
+                     "    max_connections: 4\n"
+                     "  - name: up-impatient\n"
+                     "    type: openai\n"
+                     "    base_url: " + url + "\n"
+                     "    timeouts: {first_byte: 1s}\n" +
+                     extra_backends + "models:\n";
   for (std::string m : {"normal", "groq", "nousage", "slow", "die", "flood", "429", "500", "400", "404"}) {
     yaml += "  - {name: m-" + m + ", deployments: [{backend: up, model: '" + m + "'}]}\n";
   }
@@ -224,7 +220,8 @@ TEST_CASE("openai backend: logprobs are asked for and relayed, chat and legacy, 
   CHECK(r.json().at("choices").at(0).at("logprobs").is_null());
 }
 
-TEST_CASE("openai backend: Groq's x_groq.usage is exact, and an upstream without usage is estimated", "[e2e][openai]") {
+TEST_CASE("openai backend: Groq's x_groq.usage is exact, and an upstream without usage is estimated",
+          "[e2e][openai]") {
   TempDir dir;
   FakeOpenAI fake;
   GatewayProcess gw(dir, with_config(fake_config(fake.port())));
@@ -263,8 +260,8 @@ TEST_CASE("openai backend: with a tokenizer, unreported usage is counted with it
   FakeOpenAI fake;
   std::string url = "http://127.0.0.1:" + std::to_string(fake.port()) + "/v1";
   GatewayProcess gw(dir, with_config("backends:\n"
-                                     "  - {name: counted, type: openai, base_url: '" +
-                                     url + "', tokenizer: " + shared_model("tok512.bin") +
+                                     "  - {name: counted, type: openai, base_url: '" + url + "', tokenizer: " +
+                                     shared_model("tok512.bin") +
                                      "}\n"
                                      "models:\n"
                                      "  - {name: m-counted, deployments: [{backend: counted, model: nousage}]}\n"));
@@ -303,8 +300,8 @@ TEST_CASE("openai backend: upstream failures map to 502, 504, 429, 400, 404 and 
   FakeOpenAI fake;
   auto refused = "  - {name: down, type: openai, base_url: 'http://127.0.0.1:" + std::to_string(closed_port()) +
                  "/v1', api_key: '${PROVIDER_KEY}'}\n";
-  GatewayProcess gw(
-      dir, with_config(fake_config(fake.port(), refused, "  - {name: m-down, deployments: [{backend: down}]}\n")));
+  GatewayProcess gw(dir, with_config(fake_config(fake.port(), refused,
+                                                 "  - {name: m-down, deployments: [{backend: down}]}\n")));
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port());
@@ -435,25 +432,17 @@ TEST_CASE("openai backend over TLS: verified with ca_file, refused without it, i
   auto certs = make_test_certificates(dir);
   FakeOpenAI fake(certs.cert, certs.key);
   std::string url = "https://127.0.0.1:" + std::to_string(fake.port()) + "/v1";
-  std::string yaml =
-      "backends:\n"
-      "  - {name: verified, type: openai, base_url: '" +
-      url + "', ca_file: '" + certs.ca +
-      "'}\n"
-      "  - {name: named, type: openai, base_url: 'https://localhost:" +
-      std::to_string(fake.port()) + "/v1', ca_file: '" + certs.ca +
-      "'}\n"
-      "  - {name: untrusted, type: openai, base_url: '" +
-      url +
-      "'}\n"
-      "  - {name: insecure, type: openai, base_url: '" +
-      url +
-      "', insecure_skip_verify: true}\n"
-      "models:\n"
-      "  - {name: verified, deployments: [{backend: verified, model: normal}]}\n"
-      "  - {name: named, deployments: [{backend: named, model: normal}]}\n"
-      "  - {name: untrusted, deployments: [{backend: untrusted, model: normal}]}\n"
-      "  - {name: insecure, deployments: [{backend: insecure, model: normal}]}\n";
+  std::string yaml = "backends:\n"
+                     "  - {name: verified, type: openai, base_url: '" + url + "', ca_file: '" + certs.ca + "'}\n"
+                     "  - {name: named, type: openai, base_url: 'https://localhost:" + std::to_string(fake.port()) +
+                     "/v1', ca_file: '" + certs.ca + "'}\n"
+                     "  - {name: untrusted, type: openai, base_url: '" + url + "'}\n"
+                     "  - {name: insecure, type: openai, base_url: '" + url + "', insecure_skip_verify: true}\n"
+                     "models:\n"
+                     "  - {name: verified, deployments: [{backend: verified, model: normal}]}\n"
+                     "  - {name: named, deployments: [{backend: named, model: normal}]}\n"
+                     "  - {name: untrusted, deployments: [{backend: untrusted, model: normal}]}\n"
+                     "  - {name: insecure, deployments: [{backend: insecure, model: normal}]}\n";
   GatewayProcess gw(dir, with_config(yaml));
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
@@ -491,16 +480,13 @@ TEST_CASE("openai backend: Tollgate chained to a second Tollgate", "[e2e][openai
   GatewayProcess inner(dir);  // the echo model
   auto inner_key = create_key(inner.db(), "gateway-b");
   wait_for_key(inner.port(), inner_key);
-  std::string yaml =
-      "backends:\n"
-      "  - name: inner\n"
-      "    type: openai\n"
-      "    base_url: http://127.0.0.1:" +
-      std::to_string(inner.port()) +
-      "/v1\n"
-      "    api_key: ${PROVIDER_KEY}\n"
-      "models:\n"
-      "  - {name: relayed-echo, deployments: [{backend: inner, model: echo}]}\n";
+  std::string yaml = "backends:\n"
+                     "  - name: inner\n"
+                     "    type: openai\n"
+                     "    base_url: http://127.0.0.1:" + std::to_string(inner.port()) + "/v1\n"
+                     "    api_key: ${PROVIDER_KEY}\n"
+                     "models:\n"
+                     "  - {name: relayed-echo, deployments: [{backend: inner, model: echo}]}\n";
   GatewayProcess::Options options;
   options.config_yaml = yaml;
   options.env = {{"PROVIDER_KEY", inner_key}};
@@ -549,21 +535,16 @@ TEST_CASE("openai backend config: unknown keys and bad URLs are refused by name"
     return path;
   };
   auto ok = run_tollgate({"config", "check",
-                          write("ok.yaml",
-                                "{name: b, type: openai, base_url: 'https://api.groq.com/openai/v1', "
-                                "api_key: k, headers: {X-A: b}, timeouts: {connect: 1s, total: 5m}, "
-                                "max_connections: 8, insecure_skip_verify: false}")});
+                          write("ok.yaml", "{name: b, type: openai, base_url: 'https://api.groq.com/openai/v1', "
+                                           "api_key: k, headers: {X-A: b}, timeouts: {connect: 1s, total: 5m}, "
+                                           "max_connections: 8, insecure_skip_verify: false}")});
   CHECK(ok.exit_code == 0);
-  auto unknown = run_tollgate({"config", "check",
-                               write("unknown.yaml",
-                                     "{name: b, type: openai, base_url: "
-                                     "'http://x/v1', api_keyy: k}")});
+  auto unknown = run_tollgate({"config", "check", write("unknown.yaml", "{name: b, type: openai, base_url: "
+                                                                        "'http://x/v1', api_keyy: k}")});
   CHECK(unknown.exit_code != 0);
   CHECK(unknown.err.find("api_keyy") != std::string::npos);
-  auto timeout = run_tollgate({"config", "check",
-                               write("timeout.yaml",
-                                     "{name: b, type: openai, base_url: "
-                                     "'http://x/v1', timeouts: {firstbyte: 1s}}")});
+  auto timeout = run_tollgate({"config", "check", write("timeout.yaml", "{name: b, type: openai, base_url: "
+                                                                        "'http://x/v1', timeouts: {firstbyte: 1s}}")});
   CHECK(timeout.exit_code != 0);
   CHECK(timeout.err.find("firstbyte") != std::string::npos);
   auto scheme = run_tollgate({"config", "check", write("scheme.yaml", "{name: b, type: openai, base_url: 'ftp://x'}")});
@@ -571,11 +552,12 @@ TEST_CASE("openai backend config: unknown keys and bad URLs are refused by name"
   CHECK(scheme.err.find("base_url") != std::string::npos);
 }
 
-TEST_CASE("openai backend: a stream outlasts header_timeout, even while its client is slow to read", "[e2e][openai]") {
+TEST_CASE("openai backend: a stream outlasts header_timeout, even while its client is slow to read",
+          "[e2e][openai]") {
   TempDir dir;
   FakeOpenAI fake;
-  GatewayProcess gw(dir,
-                    with_config("limits: {header_timeout: 300ms, idle_timeout: 10s}\n" + fake_config(fake.port())));
+  GatewayProcess gw(dir, with_config("limits: {header_timeout: 300ms, idle_timeout: 10s}\n" +
+                                     fake_config(fake.port())));
   auto key = create_key(gw.db(), "alice");
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port());

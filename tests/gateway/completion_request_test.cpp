@@ -1,6 +1,7 @@
 #include "gateway/completion_request.hpp"
 
 #include <catch2/catch.hpp>
+
 #include <string>
 
 using tollgate::gateway::ApiError;
@@ -129,9 +130,9 @@ TEST_CASE("the body must be one JSON object", "[gateway][request]") {
   check_bad(R"("a string")", std::nullopt);
   check_bad("42", std::nullopt);
   check_bad("null", std::nullopt);
-  check_bad(R"({"model":"m")", std::nullopt);     // truncated
-  check_bad(chat() + " trailing", std::nullopt);  // trailing garbage
-  check_bad(chat() + "{}", std::nullopt);         // a second document
+  check_bad(R"({"model":"m")", std::nullopt);            // truncated
+  check_bad(chat() + " trailing", std::nullopt);         // trailing garbage
+  check_bad(chat() + "{}", std::nullopt);                // a second document
   check_bad(std::string(R"({"model":"m","messages":[{"role":"user","content":"bad )") + "\xff\xfe" + R"("}]})",
             std::nullopt);  // invalid UTF-8
   check_bad(std::string(R"({"model":"m","messages":[{"role":"user","content":"cut )") + "\xe2\x98" + R"("}]})",

@@ -1,6 +1,7 @@
 #include "gateway/config.hpp"
 
 #include <catch2/catch.hpp>
+
 #include <cstdlib>
 #include <limits>
 
@@ -147,11 +148,9 @@ TEST_CASE("a local backend's engine settings are read and checked", "[gateway][c
   CHECK(b.threads == 2);
   CHECK_FALSE(b.create_demo);
   CHECK(contains(config_error("backends: [{name: l, type: local}]"), "missing key 'path'"));
-  CHECK(
-      contains(config_error("backends: [{name: l, type: local, path: x, device: tpu}]"), "expected auto, cpu or cuda"));
+  CHECK(contains(config_error("backends: [{name: l, type: local, path: x, device: tpu}]"), "expected auto, cpu or cuda"));
   CHECK(contains(config_error("backends: [{name: l, type: local, path: x, max_num_seqs: 0}]"), "max_num_seqs"));
-  CHECK(contains(config_error("backends: [{name: l, type: local, path: x, max_num_seq: 2}]"),
-                 "unknown key 'max_num_seq'"));
+  CHECK(contains(config_error("backends: [{name: l, type: local, path: x, max_num_seq: 2}]"), "unknown key 'max_num_seq'"));
 }
 
 TEST_CASE("unknown keys are errors that name the key and where it is", "[gateway][config]") {
@@ -211,10 +210,9 @@ TEST_CASE("invalid values are errors naming the key", "[gateway][config]") {
                  "models[0].deployments[0]: missing key 'backend'"));
   CHECK(contains(config_error("backends: [{name: e, type: echo}]\nmodels: [{name: m, deployments: [{backend: f}]}]"),
                  "model 'm' names unknown backend 'f'"));
-  CHECK(
-      contains(config_error("backends: [{name: e, type: echo}]\n"
-                            "models: [{name: m, deployments: [{backend: e}]}, {name: m, deployments: [{backend: e}]}]"),
-               "model 'm' is defined twice"));
+  CHECK(contains(config_error("backends: [{name: e, type: echo}]\n"
+                              "models: [{name: m, deployments: [{backend: e}]}, {name: m, deployments: [{backend: e}]}]"),
+                 "model 'm' is defined twice"));
   CHECK(contains(config_error("listen: [unclosed"), "test.yaml: invalid YAML"));
   CHECK(contains(config_error("- just\n- a list\n"), "expected a mapping"));
 }
@@ -323,11 +321,10 @@ TEST_CASE("parse_config interpolates values, not comments", "[gateway][config]")
   ::setenv("TG_UNIT_DB", "/data/from-env.db", 1);
   ::setenv("TG_UNIT_FLUSH", "300ms", 1);
   ::unsetenv("TG_UNIT_MISSING");
-  auto c = parse_config(
-      "# see ${TG_UNIT_MISSING}\ndatabase: ${TG_UNIT_DB}\n"
-      "metering: {flush_interval: '${TG_UNIT_FLUSH}'}\n"
-      "listen: ${TG_UNIT_MISSING:-127.0.0.1}:${TG_UNIT_MISSING:-7000}\n",
-      "t");
+  auto c = parse_config("# see ${TG_UNIT_MISSING}\ndatabase: ${TG_UNIT_DB}\n"
+                        "metering: {flush_interval: '${TG_UNIT_FLUSH}'}\n"
+                        "listen: ${TG_UNIT_MISSING:-127.0.0.1}:${TG_UNIT_MISSING:-7000}\n",
+                        "t");
   CHECK(c.database == "/data/from-env.db");
   CHECK(c.metering.flush_interval == 300ms);
   CHECK(c.listen.host == "127.0.0.1");
