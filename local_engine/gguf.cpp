@@ -399,20 +399,27 @@ File::File(std::shared_ptr<const MappedFile> mapping) : mapping_(std::move(mappi
     auto type_id = in.read<std::uint32_t>("type");
     const GgmlType* type = find_ggml_type(type_id);
     if (type == nullptr) in.fail("unknown tensor type id " + std::to_string(type_id));
-    if (!type->dtype) {
+    t.blocks = block_type_of(type_id);
+    if (!type->dtype && !t.blocks) {
       in.fail("type " + std::string(type->name) + " (" + std::to_string(type_id) +
-              ") is not supported (supported: F32, F16, BF16, Q8_0, Q4_0)");
+              ") is not supported (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)");
     }
-    t.type = *type->dtype;
-    if ((t.type == DType::q8_0 || t.type == DType::q4_0) && t.ne[0] % kQuantBlock != 0) {
-      in.fail(std::string(type->name) + " row length " + std::to_string(t.ne[0]) + " is not a multiple of 32");
+    t.type = t.blocks ? DType::q8_0 : *type->dtype;
+    const std::int64_t block = t.blocks                                           ? layout(*t.blocks).values
+                               : (t.type == DType::q8_0 || t.type == DType::q4_0) ? kQuantBlock
+                                                                                  : 1;
+    if (t.ne[0] % block != 0) {
+      in.fail(std::string(type->name) + " row length " + std::to_string(t.ne[0]) + " is not a multiple of " +
+              std::to_string(block));
     }
     t.offset = in.read<std::uint64_t>("data offset");
     if (t.offset % alignment_ != 0) {
       in.fail("data offset " + std::to_string(t.offset) + " is not a multiple of the alignment " +
               std::to_string(alignment_));
     }
-    t.bytes = static_cast<std::size_t>(t.rows()) * row_bytes(t.type, t.cols());
+    t.bytes = static_cast<std::size_t>(t.rows()) *
+              (t.blocks ? static_cast<std::size_t>(t.cols() / layout(*t.blocks).values) * layout(*t.blocks).bytes
+                        : row_bytes(t.type, t.cols()));
     tensors_.push_back(std::move(t));
   }
 
@@ -674,18 +681,36 @@ void Writer::add(std::string key, Value value) {
   metadata_.push_back({std::move(key), std::move(value)});
 }
 
-void Writer::add_tensor(std::string name, std::vector<std::int64_t> ne, DType type) {
+void Writer::check_new_tensor(const std::string& name, const std::vector<std::int64_t>& ne, std::int64_t block) const {
   if (ne.empty() || ne.size() > kMaxDims) throw std::invalid_argument("tensor '" + name + "': 1 to 4 dimensions");
   for (auto n : ne) {
     if (n <= 0) throw std::invalid_argument("tensor '" + name + "': dimensions must be positive");
   }
-  if ((type == DType::q8_0 || type == DType::q4_0) && ne[0] % kQuantBlock != 0) {
-    throw std::invalid_argument("tensor '" + name + "': quantised rows need a multiple of 32 elements");
+  if (ne[0] % block != 0) {
+    throw std::invalid_argument("tensor '" + name + "': quantised rows need a multiple of " + std::to_string(block) +
+                                " elements");
   }
   for (const auto& t : tensors_) {
     if (t.name == name) throw std::invalid_argument("duplicate tensor name '" + name + "'");
   }
-  tensors_.push_back({std::move(name), std::move(ne), type});
+}
+
+void Writer::add_tensor(std::string name, std::vector<std::int64_t> ne, DType type) {
+  check_new_tensor(name, ne, type == DType::q8_0 || type == DType::q4_0 ? kQuantBlock : 1);
+  tensors_.push_back({std::move(name), std::move(ne), type, std::nullopt, {}});
+}
+
+void Writer::add_tensor_blocks(std::string name, std::vector<std::int64_t> ne, BlockType type,
+                               std::vector<std::byte> data) {
+  const BlockLayout& l = layout(type);
+  check_new_tensor(name, ne, l.values);
+  std::int64_t elements = 1;
+  for (auto n : ne) elements *= n;
+  if (data.size() != static_cast<std::size_t>(elements / l.values) * l.bytes) {
+    throw std::invalid_argument("tensor '" + name + "': " + std::to_string(data.size()) + " bytes of " +
+                                std::string(l.name) + " blocks for " + std::to_string(elements) + " values");
+  }
+  tensors_.push_back({std::move(name), std::move(ne), DType::q8_0, type, std::move(data)});
 }
 
 void Writer::write(const std::string& path, const RowSource& rows) const {
@@ -710,9 +735,9 @@ void Writer::write(const std::string& path, const RowSource& rows) const {
     std::int64_t n_rows = 1;
     for (auto n : t.ne) out.scalar(static_cast<std::uint64_t>(n));
     for (std::size_t d = 1; d < t.ne.size(); ++d) n_rows *= t.ne[d];
-    out.scalar(ggml_type_id(t.type));
+    out.scalar(t.blocks ? layout(*t.blocks).ggml_id : ggml_type_id(t.type));
     out.scalar(offset);
-    std::uint64_t bytes = static_cast<std::uint64_t>(n_rows) * row_bytes(t.type, t.ne[0]);
+    std::uint64_t bytes = t.blocks ? t.data.size() : static_cast<std::uint64_t>(n_rows) * row_bytes(t.type, t.ne[0]);
     offset += (bytes + alignment_ - 1) / alignment_ * alignment_;
   }
 
@@ -721,6 +746,10 @@ void Writer::write(const std::string& path, const RowSource& rows) const {
   for (std::size_t i = 0; i < tensors_.size(); ++i) {
     const auto& t = tensors_[i];
     out.pad_to(alignment_);
+    if (t.blocks) {
+      out.bytes(t.data.data(), t.data.size());
+      continue;
+    }
     std::int64_t n_rows = 1;
     for (std::size_t d = 1; d < t.ne.size(); ++d) n_rows *= t.ne[d];
     row.assign(static_cast<std::size_t>(t.ne[0]), 0.0f);

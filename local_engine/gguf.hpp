@@ -12,6 +12,7 @@
 #include <variant>
 #include <vector>
 
+#include "local_engine/gguf_blocks.hpp"
 #include "local_engine/model.hpp"
 #include "local_engine/tensor.hpp"
 
@@ -99,7 +100,10 @@ struct Metadatum {
 struct TensorInfo {
   std::string name;
   std::vector<std::int64_t> ne;
+  // The engine's type; for a block type it converts at load (`blocks`), the
+  // type it converts to (Q8_0).
   DType type = DType::f32;
+  std::optional<BlockType> blocks;
   std::uint64_t offset = 0;  // from the start of the data section
   const std::byte* data = nullptr;
   std::size_t bytes = 0;
@@ -107,6 +111,9 @@ struct TensorInfo {
   std::int64_t cols() const { return ne.empty() ? 1 : ne[0]; }
   std::int64_t rows() const;
   std::int64_t elements() const { return rows() * cols(); }
+  std::string_view type_name() const { return blocks ? layout(*blocks).name : dtype_name(type); }
+  // The data as the engine reads it; not for a tensor in `blocks`, whose
+  // data must be converted first.
   Tensor tensor() const { return Tensor{type, data, rows(), cols()}; }
 };
 
@@ -167,6 +174,9 @@ class Writer {
   // Throws std::invalid_argument for empty or non-positive shapes, duplicate
   // names, or a quantised type whose ne[0] is not a multiple of 32.
   void add_tensor(std::string name, std::vector<std::int64_t> ne, DType type);
+  // A tensor of a block type the writer cannot encode, as its blocks (for
+  // tests of the loader's conversions); the row source is not asked for it.
+  void add_tensor_blocks(std::string name, std::vector<std::int64_t> ne, BlockType type, std::vector<std::byte> data);
 
   // Throws std::runtime_error when the file cannot be written.
   void write(const std::string& path, const RowSource& rows) const;
@@ -176,7 +186,10 @@ class Writer {
     std::string name;
     std::vector<std::int64_t> ne;
     DType type;
+    std::optional<BlockType> blocks;  // then `data` holds them
+    std::vector<std::byte> data;
   };
+  void check_new_tensor(const std::string& name, const std::vector<std::int64_t>& ne, std::int64_t block) const;
   std::size_t alignment_;
   std::vector<Metadatum> metadata_;
   std::vector<PendingTensor> tensors_;

@@ -50,13 +50,16 @@ struct LayerWeights {
 struct Model {
   Hyperparams params;
   std::string name;        // general.name, or the file's stem
-  std::string file_type;   // e.g. "F32", "Q8_0", "mostly F16"
+  std::string file_type;   // e.g. "F32", "Q8_0", "mostly F16", "mostly Q4_K" (as the file stores them)
   Tensor token_embedding;  // vocab x dim
   Tensor output_norm;      // 1 x dim, f32
   Tensor output;           // vocab x dim; the embedding itself when tied
   std::vector<LayerWeights> layers;
   Vocabulary vocab;
   std::shared_ptr<const void> storage;  // keeps the mapping (or owned buffers) alive
+  // Holds the Q8_0 matrices converted at load from block types the engine
+  // does not compute in (Q4_K, Q6_K, ...).
+  std::shared_ptr<const void> converted_storage;
   // Holds the matrices' Tensor::interleaved copies (Q8_0 files on CPUs with AVX2).
   std::shared_ptr<const void> interleaved_storage;
 };

@@ -2,12 +2,14 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <limits>
 #include <map>
 #include <sstream>
+#include <thread>
 
 #include "local_engine/cpu_ops.hpp"
 #include "local_engine/gguf.hpp"
@@ -75,15 +77,15 @@ std::string format_count(std::int64_t n) {
 
 // "F32" when every matrix has one type, else "mostly X" after the type
 // holding the most elements.
-std::string file_type_of(const std::vector<std::pair<DType, std::int64_t>>& matrices) {
-  std::map<DType, std::int64_t> elements;
+std::string file_type_of(const std::vector<std::pair<std::string_view, std::int64_t>>& matrices) {
+  std::map<std::string_view, std::int64_t> elements;
   for (const auto& [type, n] : matrices) elements[type] += n;
   if (elements.empty()) return "none";
   auto most = elements.begin();
   for (auto it = elements.begin(); it != elements.end(); ++it) {
     if (it->second > most->second) most = it;
   }
-  std::string name(dtype_name(most->first));
+  std::string name(most->first);
   return elements.size() == 1 ? name : "mostly " + name;
 }
 
@@ -157,6 +159,54 @@ Hyperparams read_llama_hyperparams(const gguf::File& file) {
   return p;
 }
 
+// Anonymous memory for weights the loader makes (converted and interleaved
+// Q8_0 matrices): page-aligned, and untouched pages cost nothing until written.
+class AnonymousMemory {
+ public:
+  explicit AnonymousMemory(std::size_t size) : size_(size) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw ModelError("cannot allocate " + std::to_string(size) + " bytes for weights");
+    data_ = static_cast<std::byte*>(p);
+  }
+  ~AnonymousMemory() { ::munmap(data_, size_); }
+  AnonymousMemory(const AnonymousMemory&) = delete;
+  AnonymousMemory& operator=(const AnonymousMemory&) = delete;
+  std::byte* data() const { return data_; }
+
+ private:
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// A matrix of a block type the engine does not compute in, as Q8_0: each row
+// decoded and requantised, rows split over the cores (a 1B model is ~1e9 values).
+Tensor convert_to_q8_0(const gguf::TensorInfo& t, std::vector<std::shared_ptr<const AnonymousMemory>>& keep) {
+  const std::int64_t rows = t.rows();
+  const std::int64_t cols = t.cols();
+  const gguf::BlockLayout& l = gguf::layout(*t.blocks);
+  const std::size_t in_row = static_cast<std::size_t>(cols / l.values) * l.bytes;
+  const std::size_t out_row = row_bytes(DType::q8_0, cols);
+  auto memory = std::make_shared<AnonymousMemory>(static_cast<std::size_t>(rows) * out_row);
+  auto convert = [&](std::int64_t begin, std::int64_t end) {
+    std::vector<float> values(static_cast<std::size_t>(cols));
+    for (std::int64_t r = begin; r < end; ++r) {
+      gguf::dequantize_blocks(*t.blocks, t.data + static_cast<std::size_t>(r) * in_row, cols, values.data());
+      cpu::quantize_row_q8_0(
+          values.data(), reinterpret_cast<BlockQ8_0*>(memory->data() + static_cast<std::size_t>(r) * out_row), cols);
+    }
+  };
+  const std::int64_t threads =
+      std::clamp<std::int64_t>(std::thread::hardware_concurrency(), 1, std::max<std::int64_t>(1, rows / 64));
+  std::vector<std::thread> workers;
+  for (std::int64_t i = 1; i < threads; ++i)
+    workers.emplace_back(convert, rows * i / threads, rows * (i + 1) / threads);
+  convert(0, rows / threads);
+  for (auto& w : workers) w.join();
+  Tensor out{DType::q8_0, memory->data(), rows, cols};
+  keep.push_back(std::move(memory));
+  return out;
+}
+
 class GgufTensors {
  public:
   explicit GgufTensors(const gguf::File& file) : file_(file) {}
@@ -167,8 +217,8 @@ class GgufTensors {
     bool ok = t.ne[0] == cols && t.ne.size() >= 2 && t.ne[1] == rows;
     for (std::size_t d = 2; d < t.ne.size(); ++d) ok = ok && t.ne[d] == 1;
     if (!ok) wrong_shape(t, std::to_string(rows) + " x " + std::to_string(cols) + " (" + std::string(shape) + ")");
-    matrices_.emplace_back(t.type, t.elements());
-    return t.tensor();
+    matrices_.emplace_back(t.type_name(), t.elements());
+    return t.blocks ? convert_to_q8_0(t, converted_) : t.tensor();
   }
 
   // A norm weight: n F32 values.
@@ -178,14 +228,19 @@ class GgufTensors {
     for (std::size_t d = 1; d < t.ne.size(); ++d) ok = ok && t.ne[d] == 1;
     if (!ok) wrong_shape(t, std::to_string(n) + " (dim)");
     if (t.type != DType::f32) {
-      throw ModelError(file_.path() + ": tensor " + in_quotes(name) + " is " + std::string(dtype_name(t.type)) +
+      throw ModelError(file_.path() + ": tensor " + in_quotes(name) + " is " + std::string(t.type_name()) +
                        "; norm weights must be F32");
     }
     return t.tensor();
   }
 
   bool has(const std::string& name) const { return file_.find_tensor(name) != nullptr; }
-  const std::vector<std::pair<DType, std::int64_t>>& matrices() const { return matrices_; }
+  const std::vector<std::pair<std::string_view, std::int64_t>>& matrices() const { return matrices_; }
+  // The converted matrices' memory, for the Model to keep.
+  std::shared_ptr<const void> converted() const {
+    return converted_.empty() ? nullptr
+                              : std::make_shared<std::vector<std::shared_ptr<const AnonymousMemory>>>(converted_);
+  }
 
  private:
   const gguf::TensorInfo& get(const std::string& name) const {
@@ -203,7 +258,8 @@ class GgufTensors {
   }
 
   const gguf::File& file_;
-  std::vector<std::pair<DType, std::int64_t>> matrices_;
+  std::vector<std::pair<std::string_view, std::int64_t>> matrices_;
+  std::vector<std::shared_ptr<const AnonymousMemory>> converted_;
 };
 
 std::optional<std::int32_t> token_id(const gguf::File& file, const std::string& key, std::int64_t vocab_size) {
@@ -286,31 +342,13 @@ Vocabulary read_gguf_vocabulary(const gguf::File& file, std::int64_t vocab_size)
   return v;
 }
 
-// Anonymous memory for the interleaved Q8_0 matrices: page-aligned, and
-// untouched pages cost nothing until written.
-class AnonymousMemory {
- public:
-  explicit AnonymousMemory(std::size_t size) : size_(size) {
-    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) throw ModelError("cannot allocate " + std::to_string(size) + " bytes for the Q8_0 weights");
-    data_ = static_cast<std::byte*>(p);
-  }
-  ~AnonymousMemory() { ::munmap(data_, size_); }
-  AnonymousMemory(const AnonymousMemory&) = delete;
-  AnonymousMemory& operator=(const AnonymousMemory&) = delete;
-  std::byte* data() const { return data_; }
-
- private:
-  std::byte* data_ = nullptr;
-  std::size_t size_ = 0;
-};
-
 // Gives every Q8_0 matrix the CPU matmul runs (all but the embedding, unless
 // the output shares it) an interleaved copy, so no call rearranges rows. The
 // kernels then never read the mapped rows, so their pages are dropped from
 // the process (clean file pages: read again from the file if anything does):
-// the model's resident size stays that of one copy. Skipped where the
-// kernels would not read the copy (no AVX2).
+// the model's resident size stays that of one copy. (Matrices converted at
+// load are anonymous memory: theirs are freed, and nothing reads them again.)
+// Skipped where the kernels would not read the copy (no AVX2).
 void interleave_q8_0_matrices(Model& m) {
   if (cpu::active_isa() == cpu::Isa::portable) return;
   std::vector<Tensor*> matrices;
@@ -373,6 +411,7 @@ Model load_gguf(std::shared_ptr<const MappedFile> mapping, const std::string& to
   m.vocab = tokenizer_path.empty() ? read_gguf_vocabulary(file, p.vocab_size)
                                    : load_tokenizer_for(path, tokenizer_path, p.vocab_size);
   m.storage = file.mapping();
+  m.converted_storage = tensors.converted();
   interleave_q8_0_matrices(m);
   return m;
 }
@@ -537,7 +576,7 @@ std::string describe_gguf(std::shared_ptr<const MappedFile> mapping) {
       for (std::size_t d = t.ne.size(); d-- > 1;) out << t.ne[d] << " x ";
       out << t.cols();
     }
-    out << "  " << dtype_name(t.type) << "\n";
+    out << "  " << t.type_name() << "\n";
   }
   return out.str();
 }

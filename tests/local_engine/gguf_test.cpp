@@ -367,3 +367,134 @@ TEST_CASE("GGUF reader: bad tensor infos are ModelErrors naming the tensor", "[g
 
 }  // namespace
 }  // namespace tollgate::local_engine
+
+namespace tollgate::local_engine {
+namespace {
+
+using gguf::BlockType;
+
+std::vector<float> decode(BlockType type, const std::vector<std::uint8_t>& block) {
+  REQUIRE(block.size() == gguf::layout(type).bytes);
+  std::vector<float> out(static_cast<std::size_t>(gguf::layout(type).values));
+  gguf::dequantize_blocks(type, reinterpret_cast<const std::byte*>(block.data()), gguf::layout(type).values,
+                          out.data());
+  return out;
+}
+
+void put_half(std::vector<std::uint8_t>& b, std::size_t at, float value) {
+  auto h = f32_to_fp16(value);
+  std::memcpy(b.data() + at, &h, 2);
+}
+
+// Sub-block scales and mins of Q4_K/Q5_K, packed as ggml packs them: six bits
+// each; 0-3 in bytes 0-3 / 4-7, 4-7 in the nibbles of bytes 8-11 with their
+// top two bits in the top bits of bytes 0-3 / 4-7.
+void put_scales(std::vector<std::uint8_t>& b, const int (&scale)[8], const int (&min)[8]) {
+  std::uint8_t* s = b.data() + 4;
+  for (int j = 0; j < 4; ++j) {
+    s[j] = static_cast<std::uint8_t>(scale[j] | ((scale[j + 4] >> 4) << 6));
+    s[j + 4] = static_cast<std::uint8_t>(min[j] | ((min[j + 4] >> 4) << 6));
+    s[j + 8] = static_cast<std::uint8_t>((scale[j + 4] & 15) | ((min[j + 4] & 15) << 4));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("ggml block types decode with ggml's layouts", "[gguf]") {
+  SECTION("Q4_1: nibbles of byte j are values j and j + 16, times d, plus m") {
+    std::vector<std::uint8_t> b(20);
+    put_half(b, 0, 0.5f);
+    put_half(b, 2, -1.0f);
+    for (int j = 0; j < 16; ++j) b[4 + j] = static_cast<std::uint8_t>(j | ((15 - j) << 4));
+    auto y = decode(BlockType::q4_1, b);
+    for (int j = 0; j < 16; ++j) {
+      CHECK(y[j] == 0.5f * j - 1.0f);
+      CHECK(y[j + 16] == 0.5f * (15 - j) - 1.0f);
+    }
+  }
+  SECTION("Q5_0 and Q5_1: bit i of the 32 high bits is value i's fifth bit") {
+    std::vector<std::uint8_t> b0(22);
+    put_half(b0, 0, 0.25f);
+    const std::uint32_t high = 0x8000'0001u | (1u << 17);  // values 0, 17 and 31
+    std::memcpy(b0.data() + 2, &high, 4);
+    for (int j = 0; j < 16; ++j) b0[6 + j] = 0x21;  // low nibble 1, high nibble 2
+    auto y0 = decode(BlockType::q5_0, b0);
+    CHECK(y0[0] == 0.25f * (17 - 16));
+    CHECK(y0[1] == 0.25f * (1 - 16));
+    CHECK(y0[16] == 0.25f * (2 - 16));
+    CHECK(y0[17] == 0.25f * (18 - 16));
+    CHECK(y0[31] == 0.25f * (18 - 16));
+    CHECK(y0[30] == 0.25f * (2 - 16));
+
+    std::vector<std::uint8_t> b1(24);
+    put_half(b1, 0, 2.0f);
+    put_half(b1, 2, 0.5f);
+    std::memcpy(b1.data() + 4, &high, 4);
+    for (int j = 0; j < 16; ++j) b1[8 + j] = 0x21;
+    auto y1 = decode(BlockType::q5_1, b1);
+    CHECK(y1[0] == 2.0f * 17 + 0.5f);
+    CHECK(y1[5] == 2.0f * 1 + 0.5f);
+    CHECK(y1[17] == 2.0f * 18 + 0.5f);
+    CHECK(y1[20] == 2.0f * 2 + 0.5f);
+  }
+  SECTION("Q4_K and Q5_K: eight sub-blocks of 32, d * scale * q - dmin * min") {
+    const int scale[8] = {1, 5, 9, 13, 17, 33, 47, 63};
+    const int min[8] = {0, 2, 4, 6, 20, 40, 50, 63};
+    for (BlockType type : {BlockType::q4_k, BlockType::q5_k}) {
+      const bool five = type == BlockType::q5_k;
+      INFO(gguf::layout(type).name);
+      std::vector<std::uint8_t> b(gguf::layout(type).bytes);
+      put_half(b, 0, 0.5f);
+      put_half(b, 2, 0.25f);
+      put_scales(b, scale, min);
+      const std::size_t qs = five ? 48 : 16;
+      for (int i = 0; i < 128; ++i) b[qs + i] = static_cast<std::uint8_t>((i % 16) | (((i * 7) % 16) << 4));
+      if (five) {
+        for (int l = 0; l < 32; ++l) b[16 + l] = static_cast<std::uint8_t>(l * 37);
+      }
+      auto y = decode(type, b);
+      // Value v: sub-block v / 32; byte 32 (v / 64) + v % 32 holds it, in its
+      // low nibble for even sub-blocks, high for odd; the fifth bit is bit
+      // (sub-block) of high byte v % 32.
+      for (int v = 0; v < 256; ++v) {
+        const int sub = v / 32;
+        const int byte = 32 * (v / 64) + v % 32;
+        const int stored = b[qs + static_cast<std::size_t>(byte)];
+        int q = sub % 2 == 0 ? stored & 15 : stored >> 4;
+        if (five && ((b[16 + static_cast<std::size_t>(v % 32)] >> sub) & 1)) q += 16;
+        INFO("value " << v);
+        CHECK(y[static_cast<std::size_t>(v)] == 0.5f * static_cast<float>(scale[sub]) * static_cast<float>(q) -
+                                                     0.25f * static_cast<float>(min[sub]));
+      }
+    }
+  }
+  SECTION("Q6_K: low nibbles, high bit pairs, 16 int8 scales, then d") {
+    std::vector<std::uint8_t> b(210);
+    for (int i = 0; i < 128; ++i) b[static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(i * 13 + 5);
+    for (int i = 0; i < 64; ++i) b[128 + static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(i * 29 + 3);
+    for (int i = 0; i < 16; ++i) b[192 + static_cast<std::size_t>(i)] = static_cast<std::uint8_t>(i - 8);
+    put_half(b, 208, 0.125f);
+    auto y = decode(BlockType::q6_k, b);
+    // Value v: half n = v / 128, quarter k = (v % 128) / 32, l = v % 32. Low
+    // nibble (k < 2) or high nibble of byte 64 n + l + 32 (k % 2); bits 2k and
+    // 2k + 1 of byte 32 n + l of the high part; scale 8 n + l / 16 + 2 k.
+    for (int v = 0; v < 256; ++v) {
+      const int n = v / 128, k = (v % 128) / 32, l = v % 32;
+      const int low = b[static_cast<std::size_t>(64 * n + l + 32 * (k % 2))];
+      const int nibble = k < 2 ? low & 15 : low >> 4;
+      const int top = (b[128 + static_cast<std::size_t>(32 * n + l)] >> (2 * k)) & 3;
+      const int q = (nibble | (top << 4)) - 32;
+      const auto s = static_cast<std::int8_t>(b[192 + static_cast<std::size_t>(8 * n + l / 16 + 2 * k)]);
+      INFO("value " << v);
+      CHECK(y[static_cast<std::size_t>(v)] == 0.125f * static_cast<float>(s) * static_cast<float>(q));
+    }
+  }
+  SECTION("type ids and sizes") {
+    CHECK(gguf::block_type_of(12) == BlockType::q4_k);
+    CHECK(gguf::block_type_of(14) == BlockType::q6_k);
+    CHECK(gguf::block_type_of(8) == std::nullopt);  // Q8_0 is computed in, not converted
+    CHECK(gguf::layout(BlockType::q5_k).bytes == 176);
+  }
+}
+
+}  // namespace tollgate::local_engine
