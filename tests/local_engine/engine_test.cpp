@@ -1,12 +1,19 @@
 #include "local_engine/engine.hpp"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
+#include <filesystem>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <thread>
 
+#include "local_engine/gguf.hpp"
 #include "reference.hpp"
 
 namespace le = tollgate::local_engine;
@@ -281,4 +288,152 @@ TEST_CASE("logprobs ride with the text they produced: the chosen token and the l
     CHECK(spelled.size() < c.text.size() + 3);
     CHECK(c.logprobs.size() <= done.tokens.size());
   }
+}
+
+namespace {
+
+// A small llama GGUF whose matrices use every block type the loader converts
+// (`converted`), or the same values as Q8_0, quantised by the writer.
+void write_block_type_llama(const std::string& path, bool converted) {
+  namespace gguf = le::gguf;
+  using gguf::BlockType;
+  using gguf::Value;
+  gguf::Writer w;
+  w.add("general.architecture", Value::string("llama"));
+  w.add("llama.context_length", Value::u32(64));
+  w.add("llama.embedding_length", Value::u32(256));
+  w.add("llama.feed_forward_length", Value::u32(512));
+  w.add("llama.block_count", Value::u32(2));
+  w.add("llama.attention.head_count", Value::u32(4));
+  w.add("llama.attention.head_count_kv", Value::u32(2));
+  w.add("llama.rope.freq_base", Value::f32(10000.0f));
+  w.add("llama.attention.layer_norm_rms_epsilon", Value::f32(1e-5f));
+  w.add("tokenizer.ggml.model", Value::string("llama"));
+  w.add("tokenizer.ggml.tokens", Value::strings({"<unk>", "<s>", "</s>", "a", "b", "c", "d", "e"}));
+  w.add("tokenizer.ggml.scores", Value::floats({0, 0, 0, -1, -2, -3, -4, -5}));
+  w.add("tokenizer.ggml.token_type", Value::int32s({2, 3, 3, 1, 1, 1, 1, 1}));
+  w.add("tokenizer.ggml.bos_token_id", Value::u32(1));
+  w.add("tokenizer.ggml.eos_token_id", Value::u32(2));
+
+  std::mt19937 random(11);
+  // Random blocks with their fp16 scales set so values stay near +-0.1.
+  auto blocks = [&](BlockType type, std::int64_t rows, std::int64_t cols) {
+    const auto& l = gguf::layout(type);
+    const auto count = static_cast<std::size_t>(rows * cols / l.values);
+    std::vector<std::byte> data(count * l.bytes);
+    for (auto& b : data) b = static_cast<std::byte>(random() & 0xFF);
+    auto half = [&](std::size_t at, float value) {
+      auto h = le::f32_to_fp16(value);
+      std::memcpy(data.data() + at, &h, 2);
+    };
+    for (std::size_t i = 0; i < count; ++i) {
+      const std::size_t at = i * l.bytes;
+      const float jitter = 1.0f + static_cast<float>(i % 7) / 7.0f;
+      switch (type) {
+        case BlockType::q4_1:
+          half(at, 0.01f * jitter), half(at + 2, -0.07f);
+          break;
+        case BlockType::q5_0:
+          half(at, 0.008f * jitter);
+          break;
+        case BlockType::q5_1:
+          half(at, 0.005f * jitter), half(at + 2, -0.08f);
+          break;
+        case BlockType::q4_k:
+        case BlockType::q5_k:
+          half(at, 0.0002f * jitter), half(at + 2, 0.0002f);
+          break;
+        case BlockType::q6_k:
+          half(at + 208, 0.00003f * jitter);
+          break;
+      }
+    }
+    return data;
+  };
+  std::vector<std::vector<float>> values;  // per tensor, for the Q8_0 twin
+  std::vector<std::size_t> columns;        // per tensor
+  auto matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols, BlockType type) {
+    auto data = blocks(type, rows, cols);
+    columns.push_back(static_cast<std::size_t>(cols));
+    if (converted) {
+      w.add_tensor_blocks(name, {cols, rows}, type, data);
+      values.emplace_back();
+      return;
+    }
+    std::vector<float> decoded(static_cast<std::size_t>(rows * cols));
+    const std::size_t row_bytes = static_cast<std::size_t>(cols / gguf::layout(type).values) * gguf::layout(type).bytes;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      gguf::dequantize_blocks(type, data.data() + static_cast<std::size_t>(r) * row_bytes, cols,
+                              decoded.data() + static_cast<std::size_t>(r * cols));
+    }
+    w.add_tensor(name, {cols, rows}, le::DType::q8_0);
+    values.push_back(std::move(decoded));
+  };
+  auto norm = [&](const std::string& name) {
+    w.add_tensor(name, {256}, le::DType::f32);
+    values.push_back(std::vector<float>(256, 1.0f));
+    columns.push_back(256);
+  };
+  matrix("token_embd.weight", 8, 256, BlockType::q6_k);
+  norm("output_norm.weight");
+  matrix("output.weight", 8, 256, BlockType::q4_k);
+  for (int l = 0; l < 2; ++l) {
+    std::string b = "blk." + std::to_string(l) + ".";
+    norm(b + "attn_norm.weight");
+    matrix(b + "attn_q.weight", 256, 256, BlockType::q4_k);
+    matrix(b + "attn_k.weight", 128, 256, BlockType::q5_k);
+    matrix(b + "attn_v.weight", 128, 256, BlockType::q6_k);
+    matrix(b + "attn_output.weight", 256, 256, BlockType::q4_1);
+    norm(b + "ffn_norm.weight");
+    matrix(b + "ffn_gate.weight", 512, 256, BlockType::q5_0);
+    matrix(b + "ffn_down.weight", 256, 512, BlockType::q5_1);
+    matrix(b + "ffn_up.weight", 512, 256, BlockType::q4_k);
+  }
+  w.write(path, [&](std::size_t t, std::int64_t row, float* out) {
+    const auto cols = static_cast<std::int64_t>(columns[t]);
+    std::copy_n(values[t].begin() + row * cols, cols, out);
+  });
+}
+
+}  // namespace
+
+TEST_CASE("a model of K-quant and other block types runs as its Q8_0 conversion does") {
+  auto dir = std::filesystem::temp_directory_path() / ("tollgate-blocks-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto blocks_path = (dir / "blocks.gguf").string();
+  const auto q8_path = (dir / "q8.gguf").string();
+  write_block_type_llama(blocks_path, true);
+  write_block_type_llama(q8_path, false);
+
+  auto generate = [](le::Model model) {
+    CHECK(model.token_embedding.type == le::DType::q8_0);
+    CHECK(model.layers[1].w_down.type == le::DType::q8_0);
+    le::Engine engine(std::move(model), {}, le::make_cpu_device());
+    le::GenerationRequest r;
+    r.prompt = {1, 3, 4, 5};
+    r.sampling.temperature = 0;
+    r.max_tokens = 24;
+    r.logprobs = 2;
+    Collector c;
+    REQUIRE(engine.submit(std::move(r), c.callback()).refusal == le::Engine::Refusal::none);
+    const auto& done = c.wait();
+    REQUIRE(done.type == le::GenerationEvent::Type::done);
+    std::vector<float> logprobs;
+    for (const auto& lp : c.logprobs) logprobs.push_back(lp.chosen.logprob);
+    return std::pair{done.tokens, logprobs};
+  };
+  auto blocks = le::load_model(blocks_path);
+  CHECK(blocks.file_type == "mostly Q4_K");
+  auto info = le::describe_model_file(blocks_path);
+  CHECK(info.find("engine: supported") != std::string::npos);
+  for (const char* type : {"Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}) {
+    CHECK(info.find(std::string("  ") + type + "\n") != std::string::npos);
+  }
+  auto [block_tokens, block_logprobs] = generate(std::move(blocks));
+  auto [q8_tokens, q8_logprobs] = generate(le::load_model(q8_path));
+  // The same Q8_0 weights either way, so the same computation, bit for bit.
+  CHECK(block_tokens == q8_tokens);
+  CHECK(block_logprobs == q8_logprobs);
+  CHECK(block_tokens.size() == 24);
+  std::filesystem::remove_all(dir);
 }

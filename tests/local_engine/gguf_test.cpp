@@ -348,8 +348,11 @@ TEST_CASE("GGUF reader: bad tensor infos are ModelErrors naming the tensor", "[g
   };
 
   CHECK(error_of("ok", {8, 2}, 0, 0, 64) == "no error");
-  CHECK_THAT(error_of("blk.0.attn_q.weight", {256, 2}, 12, 0, 4096),
-             Contains("tensor 'blk.0.attn_q.weight'") && Contains("type Q4_K (12) is not supported"));
+  CHECK_THAT(error_of("blk.0.attn_q.weight", {256, 2}, 10, 0, 4096),
+             Contains("tensor 'blk.0.attn_q.weight'") && Contains("type Q2_K (10) is not supported"));
+  CHECK(error_of("k", {256, 2}, 12, 0, 288) == "no error");  // Q4_K: 144 bytes per 256 values
+  CHECK_THAT(error_of("k", {128, 2}, 12, 0, 288), Contains("tensor 'k'") && Contains("not a multiple of 256"));
+  CHECK_THAT(error_of("k", {256, 2}, 14, 0, 400), Contains("past the end of the file"));  // Q6_K needs 420
   CHECK_THAT(error_of("w", {8, 2}, 77, 0, 64), Contains("tensor 'w'") && Contains("unknown tensor type id 77"));
   CHECK_THAT(error_of("w", {8, 2}, 0, 16, 128), Contains("not a multiple of the alignment 32"));
   CHECK_THAT(error_of("w", {8, 2}, 0, 32, 64), Contains("tensor 'w'") && Contains("past the end of the file"));
@@ -463,8 +466,8 @@ TEST_CASE("ggml block types decode with ggml's layouts", "[gguf]") {
         int q = sub % 2 == 0 ? stored & 15 : stored >> 4;
         if (five && ((b[16 + static_cast<std::size_t>(v % 32)] >> sub) & 1)) q += 16;
         INFO("value " << v);
-        CHECK(y[static_cast<std::size_t>(v)] == 0.5f * static_cast<float>(scale[sub]) * static_cast<float>(q) -
-                                                     0.25f * static_cast<float>(min[sub]));
+        CHECK(y[static_cast<std::size_t>(v)] ==
+              0.5f * static_cast<float>(scale[sub]) * static_cast<float>(q) - 0.25f * static_cast<float>(min[sub]));
       }
     }
   }
