@@ -37,6 +37,12 @@ struct CompletionRequest {
   // Log-probabilities of the generated tokens, with this many most likely
   // alternatives at each position (0 to 20); unset: none.
   std::optional<std::int32_t> logprobs;
+  // Content parts other than text (images, audio) were sent: only a remote
+  // backend can take them, from `body`.
+  bool non_text_content = false;
+  // The client's request body as it came: a remote OpenAI-compatible backend
+  // forwards it (tools, response_format, images, ...), the model mapped.
+  std::string body;
   std::string user;  // the authenticated Tollgate user
 };
 
@@ -75,9 +81,12 @@ struct CompletionEvent {
   Type type = Type::delta;
   std::string text;                    // delta
   std::vector<TokenLogprob> logprobs;  // delta, when asked for: the tokens behind `text`
-  std::string finish_reason;           // done: "stop" or "length"
-  Usage usage;                         // done, error
-  BackendError error;                  // error
+  // delta: what else an upstream's delta (or message) held besides role and
+  // content, as a JSON object (tool_calls, refusal, ...), or empty.
+  std::string extra_json;
+  std::string finish_reason;  // done: "stop" or "length"
+  Usage usage;                // done, error
+  BackendError error;         // error
 };
 
 // Receives a request's events, possibly from another thread, in order; nothing

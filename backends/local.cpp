@@ -136,6 +136,12 @@ class LocalBackend final : public Backend {
 
   std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
     auto cancelled = std::make_shared<std::atomic<bool>>(false);
+    if (request.non_text_content) {
+      sink->on_event(
+          error_event(ErrorKind::bad_request,
+                      "the model '" + request.model + "' takes text only; its messages have other content parts"));
+      return std::make_unique<LocalHandle>(*engine_, 0, std::move(cancelled));
+    }
     le::GenerationRequest g;
     g.prompt = prompt_ids(request);
     g.sampling.temperature = static_cast<float>(request.temperature);

@@ -232,6 +232,17 @@ std::vector<TokenLogprob> read_logprobs(const json::value* v, bool chat) {
   return out;
 }
 
+// What a delta or message holds besides its role and content (tool_calls,
+// refusal, reasoning_content, ...), as JSON text; empty when nothing (or only nulls).
+std::string extra_fields(const json::object& message) {
+  json::object extra;
+  for (const auto& [key, value] : message) {
+    if (key == "role" || key == "content" || value.is_null()) continue;
+    extra.emplace(key, value);
+  }
+  return extra.empty() ? std::string() : json::serialize(extra);
+}
+
 enum class Step { more, done, failed };
 
 // One SSE data payload of a streamed answer.
@@ -254,22 +265,27 @@ Step on_stream_data(Call& call, const std::string& data, bool chat) {
   auto* choice = choices->as_array()[0].if_object();
   if (!choice) return Step::more;
   const json::value* text = nullptr;
+  CompletionEvent delta;
   if (chat) {
-    if (auto* delta = choice->if_contains("delta"); delta && delta->is_object()) {
-      text = delta->as_object().if_contains("content");
+    if (auto* d = choice->if_contains("delta"); d && d->is_object()) {
+      text = d->as_object().if_contains("content");
+      delta.extra_json = extra_fields(d->as_object());
     }
   } else {
     text = choice->if_contains("text");
   }
-  CompletionEvent delta;
   delta.logprobs = read_logprobs(choice->if_contains("logprobs"), chat);
   if (text && text->is_string() && !text->get_string().empty()) {
     ++call.chunks;
     if (call.tokenizer) call.produced.append(text->get_string());
     delta.text = std::string(text->get_string());
+  } else if (!delta.extra_json.empty()) {
+    ++call.chunks;  // a piece of a tool call is produced tokens too
+    if (call.tokenizer) call.produced.append(delta.extra_json);
   }
-  // A chunk can carry a token's logprobs while its text waits for the rest of a character.
-  if (!delta.text.empty() || !delta.logprobs.empty()) call.emit(std::move(delta));
+  // A chunk can carry a token's logprobs while its text waits for the rest of
+  // a character, or only a piece of a tool call.
+  if (!delta.text.empty() || !delta.logprobs.empty() || !delta.extra_json.empty()) call.emit(std::move(delta));
   if (auto* fr = choice->if_contains("finish_reason"); fr && fr->is_string()) {
     call.finish_reason = std::string(fr->get_string());
   }
@@ -288,12 +304,16 @@ void on_full_body(Call& call, const std::string& body, bool chat) {
   take_usage(call, o);
   std::string text;
   std::vector<TokenLogprob> logprobs;
+  std::string extra;
   if (auto* choices = o.if_contains("choices"); choices && choices->is_array() && !choices->as_array().empty()) {
     if (auto* choice = choices->as_array()[0].if_object()) {
       logprobs = read_logprobs(choice->if_contains("logprobs"), chat);
       const json::value* t = nullptr;
       if (chat) {
-        if (auto* m = choice->if_contains("message"); m && m->is_object()) t = m->as_object().if_contains("content");
+        if (auto* m = choice->if_contains("message"); m && m->is_object()) {
+          t = m->as_object().if_contains("content");
+          extra = extra_fields(m->as_object());
+        }
       } else {
         t = choice->if_contains("text");
       }
@@ -303,14 +323,16 @@ void on_full_body(Call& call, const std::string& body, bool chat) {
       }
     }
   }
-  if (!text.empty() || !logprobs.empty()) {
+  if (!text.empty() || !logprobs.empty() || !extra.empty()) {
     // Without reported usage: one logprobs entry per token, else ~4 bytes per token.
-    call.chunks = !logprobs.empty() ? static_cast<std::int64_t>(logprobs.size())
-                                    : std::max<std::int64_t>(1, static_cast<std::int64_t>(text.size() / 4));
-    if (call.tokenizer) call.produced = text;
+    call.chunks = !logprobs.empty()
+                      ? static_cast<std::int64_t>(logprobs.size())
+                      : std::max<std::int64_t>(1, static_cast<std::int64_t>((text.size() + extra.size()) / 4));
+    if (call.tokenizer) call.produced = text + extra;
     CompletionEvent delta;
     delta.text = std::move(text);
     delta.logprobs = std::move(logprobs);
+    delta.extra_json = std::move(extra);
     call.emit(std::move(delta));
   }
   call.done();
@@ -578,8 +600,22 @@ class OpenAICompatibleBackend final : public Backend {
 }  // namespace
 
 std::string upstream_request_body(const CompletionRequest& request) {
+  const std::string& model = request.upstream_model.empty() ? request.model : request.upstream_model;
+  if (!request.body.empty()) {
+    // The client's body as it came (tools, response_format, images and all),
+    // with the deployment's model name, and usage asked for when streaming.
+    boost::system::error_code ec;
+    auto v = json::parse(request.body, ec);
+    if (!ec && v.is_object()) {
+      auto& o = v.as_object();
+      o["model"] = model;
+      o.erase("stream_options");
+      if (request.stream) o["stream_options"] = json::object{{"include_usage", true}};
+      return json::serialize(o);
+    }
+  }
   json::object o;
-  o["model"] = request.upstream_model.empty() ? request.model : request.upstream_model;
+  o["model"] = model;
   if (request.chat) {
     json::array messages;
     for (const auto& m : request.messages) messages.push_back(json::object{{"role", m.role}, {"content", m.content}});

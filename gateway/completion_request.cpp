@@ -59,8 +59,9 @@ std::optional<ApiError> read_bool(const json::object& o, const char* name, bool&
   return std::nullopt;
 }
 
-// A message's content: a string, or an array of {"type":"text","text":...} parts.
-std::optional<ApiError> read_content(const json::value& v, const std::string& param, std::string& out) {
+// A message's content: a string, or an array of parts: {"type":"text","text":...}
+// parts make the text; others (images, audio) only flag the request.
+std::optional<ApiError> read_content(const json::value& v, const std::string& param, std::string& out, bool& non_text) {
   if (v.is_string()) {
     out = v.get_string();
     return std::nullopt;
@@ -73,8 +74,8 @@ std::optional<ApiError> read_content(const json::value& v, const std::string& pa
         return bad_request("each content part must be an object with a 'type'", param, "invalid_type");
       }
       if (type->get_string() != "text") {
-        return bad_request("content parts of type '" + std::string(type->get_string()) + "' are not supported", param,
-                           "unsupported_content");
+        non_text = true;
+        continue;
       }
       const json::value* text = p->if_contains("text");
       if (!text || !text->is_string()) return bad_request("a text part needs a string 'text'", param, "invalid_type");
@@ -112,7 +113,7 @@ std::optional<ApiError> read_messages(const json::object& o, backends::Completio
       if (!content_optional) {
         return bad_request(param + " needs 'content'", param + ".content", "missing_required_parameter");
       }
-    } else if (auto e = read_content(*content, param + ".content", message.content)) {
+    } else if (auto e = read_content(*content, param + ".content", message.content, r.non_text_content)) {
       return e;
     }
     r.messages.push_back(std::move(message));
@@ -221,6 +222,7 @@ Result parse_completion_request(std::string_view body, bool chat) {
   ParsedCompletion parsed;
   auto& r = parsed.request;
   r.chat = chat;
+  r.body = body;
 
   const json::value* model = o->if_contains("model");
   if (!model) return bad_request("'model' is required", "model", "missing_required_parameter");

@@ -75,6 +75,18 @@ json::value logprobs_json(bool chat, const std::vector<backends::TokenLogprob>& 
                       {"text_offset", std::move(text_offsets)}};
 }
 
+// Adds a backend's extra message fields (tool_calls, refusal, ...) to a chat
+// delta or message; the gateway's own role and content stay.
+void merge_extra(json::object& message, std::string_view extra_json) {
+  if (extra_json.empty()) return;
+  boost::system::error_code ec;
+  auto extra = json::parse(extra_json, ec);
+  if (ec || !extra.is_object()) return;
+  for (auto& [key, value] : extra.as_object()) {
+    if (key != "role" && key != "content") message[key] = std::move(value);
+  }
+}
+
 }  // namespace
 
 CompletionFormatter::CompletionFormatter(bool chat, std::string model, bool include_usage, bool logprobs)
@@ -87,12 +99,15 @@ CompletionFormatter::CompletionFormatter(bool chat, std::string model, bool incl
                    .count()) {}
 
 std::string CompletionFormatter::chunk(std::string_view text, const char* finish_reason, bool with_role,
-                                       const std::vector<backends::TokenLogprob>* logprobs) {
+                                       const std::vector<backends::TokenLogprob>* logprobs,
+                                       std::string_view extra_json) {
   json::object choice{{"index", 0}};
   if (chat_) {
     json::object delta;
     if (with_role) delta["role"] = "assistant";
-    if (!finish_reason) delta["content"] = text;
+    // A delta of only a tool call's piece has no content, as OpenAI sends it.
+    if (!finish_reason && (!text.empty() || extra_json.empty())) delta["content"] = text;
+    merge_extra(delta, extra_json);
     choice["delta"] = std::move(delta);
   } else {
     choice["text"] = text;
@@ -108,18 +123,18 @@ std::string CompletionFormatter::chunk(std::string_view text, const char* finish
   return sse(o);
 }
 
-std::string CompletionFormatter::delta_event(std::string_view text,
-                                             const std::vector<backends::TokenLogprob>& logprobs) {
+std::string CompletionFormatter::delta_event(std::string_view text, const std::vector<backends::TokenLogprob>& logprobs,
+                                             std::string_view extra_json) {
   bool with_role = chat_ && !sent_role_;
   sent_role_ = true;
-  return chunk(text, nullptr, with_role, &logprobs);
+  return chunk(text, nullptr, with_role, &logprobs, extra_json);
 }
 
 std::string CompletionFormatter::finish_event(std::string_view finish_reason) {
   std::string reason(finish_reason);
   bool with_role = chat_ && !sent_role_;
   sent_role_ = true;
-  return chunk("", reason.c_str(), with_role, nullptr);
+  return chunk("", reason.c_str(), with_role, nullptr, {});
 }
 
 std::string CompletionFormatter::usage_event(const backends::Usage& usage) const {
@@ -136,10 +151,15 @@ std::string CompletionFormatter::error_event(const ApiError& error) const { retu
 
 std::string CompletionFormatter::full_response(std::string_view text, std::string_view finish_reason,
                                                const backends::Usage& usage,
-                                               const std::vector<backends::TokenLogprob>& logprobs) {
+                                               const std::vector<backends::TokenLogprob>& logprobs,
+                                               std::string_view extra_json) {
   json::object choice{{"index", 0}};
   if (chat_) {
-    choice["message"] = json::object{{"role", "assistant"}, {"content", text}};
+    // A message that only calls tools has null content, as OpenAI's does.
+    json::object message{{"role", "assistant"},
+                         {"content", text.empty() && !extra_json.empty() ? json::value(nullptr) : json::value(text)}};
+    merge_extra(message, extra_json);
+    choice["message"] = std::move(message);
   } else {
     choice["text"] = text;
   }

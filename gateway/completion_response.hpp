@@ -23,7 +23,9 @@ class CompletionFormatter {
 
   // One SSE event ("data: {...}\n\n") per call. The first chat delta also
   // carries the assistant role.
-  std::string delta_event(std::string_view text, const std::vector<backends::TokenLogprob>& logprobs = {});
+  // `extra_json`: more fields for the delta (a backend's tool_calls, ...).
+  std::string delta_event(std::string_view text, const std::vector<backends::TokenLogprob>& logprobs = {},
+                          std::string_view extra_json = {});
   std::string finish_event(std::string_view finish_reason);
   std::string usage_event(const backends::Usage& usage) const;  // choices: [], only with include_usage
   std::string error_event(const ApiError& error) const;
@@ -31,11 +33,11 @@ class CompletionFormatter {
 
   // The whole non-streaming response.
   std::string full_response(std::string_view text, std::string_view finish_reason, const backends::Usage& usage,
-                            const std::vector<backends::TokenLogprob>& logprobs = {});
+                            const std::vector<backends::TokenLogprob>& logprobs = {}, std::string_view extra_json = {});
 
  private:
   std::string chunk(std::string_view text, const char* finish_reason, bool with_role,
-                    const std::vector<backends::TokenLogprob>* logprobs);
+                    const std::vector<backends::TokenLogprob>* logprobs, std::string_view extra_json);
 
   bool chat_;
   std::string model_;

@@ -520,6 +520,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
   bool stream_mode = creq.stream;
   std::string text;                              // non-streaming: the whole reply
   std::vector<backends::TokenLogprob> logprobs;  // non-streaming, when asked for
+  std::string extra_json;                        // non-streaming: the backend's tool_calls and such
   std::int64_t deltas = 0;  // what reached the client, should the backend never report usage
   bool headers_sent = false;
   std::optional<http::response_serializer<http::empty_body>> serializer;
@@ -594,7 +595,8 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
             if (!stream_mode) {
               text += ev.text;
               std::move(ev.logprobs.begin(), ev.logprobs.end(), std::back_inserter(logprobs));
-            } else if (!co_await send_chunk(format.delta_event(ev.text, ev.logprobs))) {
+              if (!ev.extra_json.empty()) extra_json = std::move(ev.extra_json);
+            } else if (!co_await send_chunk(format.delta_event(ev.text, ev.logprobs, ev.extra_json))) {
               handle->cancel();
               x.backend_time =
                   std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - backend_started);
@@ -611,7 +613,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
             x.event.completion_tokens = ev.usage.completion_tokens;
             x.event.estimated = ev.usage.estimated;
             if (!stream_mode) {
-              auto res = make_response(req, http::status::ok, format.full_response(text, ev.finish_reason, ev.usage, logprobs));
+              auto res = make_response(req, http::status::ok, format.full_response(text, ev.finish_reason, ev.usage, logprobs, extra_json));
               set_rate_limit_headers(res, x.admission->status);
               x.finish(200);
               co_return co_await write(std::move(res));

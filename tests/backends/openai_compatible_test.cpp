@@ -57,6 +57,39 @@ TEST_CASE("upstream body maps the model, keeps set parameters, asks for streamed
   CHECK_FALSE(body.contains("messages"));
 }
 
+TEST_CASE("a client's body is forwarded whole, with the deployment's model and usage asked for",
+          "[backends][openai]") {
+  CompletionRequest r;
+  r.chat = true;
+  r.model = "public";
+  r.upstream_model = "llama-3.1-8b-instant";
+  r.stream = true;
+  r.body = R"({"model":"public","stream":true,"stream_options":{"include_usage":false},)"
+           R"("messages":[{"role":"user","content":[{"type":"text","text":"what?"},)"
+           R"({"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]},)"
+           R"({"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function",)"
+           R"("function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c1","content":"42"}],)"
+           R"("tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],)"
+           R"("tool_choice":"auto","response_format":{"type":"json_object"},"top_k":5})";
+  auto body = json::parse(upstream_request_body(r)).as_object();
+  CHECK(body.at("model") == "llama-3.1-8b-instant");
+  CHECK(body.at("stream_options").at("include_usage") == true);
+  CHECK(body.at("tools").at(0).at("function").at("name") == "f");
+  CHECK(body.at("tool_choice") == "auto");
+  CHECK(body.at("response_format").at("type") == "json_object");
+  CHECK(body.at("top_k") == 5);
+  const auto& messages = body.at("messages").as_array();
+  CHECK(messages.at(0).at("content").at(1).at("image_url").at("url") == "data:image/png;base64,AAAA");
+  CHECK(messages.at(1).at("tool_calls").at(0).at("id") == "c1");
+  CHECK(messages.at(2).at("tool_call_id") == "c1");
+
+  r.stream = false;
+  r.body = R"({"model":"public","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":9})";
+  body = json::parse(upstream_request_body(r)).as_object();
+  CHECK_FALSE(body.contains("stream_options"));
+  CHECK(body.at("max_completion_tokens") == 9);
+}
+
 TEST_CASE("base URLs: scheme, host, port and path", "[backends][openai]") {
   std::string error;
   auto groq = parse_base_url("https://api.groq.com/openai/v1/", error);

@@ -13,6 +13,8 @@ HTTP or TLS (--cert/--key). The upstream model name picks the behaviour:
   flood    streams 100000 pieces of 1 KiB as fast as the socket takes them
            (GET /_stats "flood_sent" counts the pieces written so far)
   429      Retry-After: 7;  500, 400, 404: errors with a message
+  tools    calls get_weather({"city": "Paris"}) as OpenAI does (streamed: the
+           name first, then the arguments in pieces); finish_reason tool_calls
 
 Asked for logprobs, the answers carry them in OpenAI's format (chat or legacy).
 
@@ -91,6 +93,29 @@ class Handler(BaseHTTPRequestHandler):
     def event(self, obj):
         self.chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
+    def tool_call(self, req, usage):
+        arguments = ['{"city"', ': "Paris"}']
+        call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+        if not req.get("stream"):
+            call["function"]["arguments"] = "".join(arguments)
+            message = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+            return self.send_json(200, {"id": "x", "object": "chat.completion", "model": "tools", "usage": usage,
+                                        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        deltas = [{"role": "assistant", "content": None, "tool_calls": [dict(call, index=0)]}]
+        deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": a}}]} for a in arguments]
+        for delta in deltas:
+            self.event({"id": "x", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+        self.event({"id": "x", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        if (req.get("stream_options") or {}).get("include_usage"):
+            self.event({"id": "x", "choices": [], "usage": usage})
+        self.chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         req = json.loads(body)
@@ -115,6 +140,8 @@ class Handler(BaseHTTPRequestHandler):
             extra = {"Retry-After": "7"} if model == "429" else None
             return self.send_json(int(model), {"error": {"message": messages[model], "type": "x", "code": None}}, extra)
         usage = {"prompt_tokens": 13, "completion_tokens": 5, "total_tokens": 18}
+        if model == "tools":
+            return self.tool_call(req, usage)
         groq_usage = {"prompt_tokens": 17, "completion_tokens": 6, "total_tokens": 23}
         if not req.get("stream"):
             text = "".join(REPLY)

@@ -251,7 +251,25 @@ TEST_CASE("logprobs from the engine: chat and legacy, whole and streamed, spelli
   CHECK(tokens == text);
 }
 
-TEST_CASE("a client that disconnects mid-stream frees its sequence; a full queue answers 503", "[e2e][local]") {
+TEST_CASE("a local model refuses content parts it cannot read", "[e2e][local]") {
+  TempDir dir;
+  GatewayProcess gw(dir, gateway_options(stories_config()));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port(), 60s);
+  auto r = client.post("/v1/chat/completions", key,
+                       R"({"model":"stories","messages":[{"role":"user","content":[{"type":"text","text":"hi"},)"
+                       R"({"type":"image_url","image_url":{"url":"http://x/y.png"}}]}]})");
+  CHECK(r.status == 400);
+  CHECK(r.json().at("error").at("type") == "invalid_request_error");
+  CHECK(r.json().at("error").at("message").as_string().find("text only") != std::string::npos);
+  // Text parts alone are fine.
+  r = client.post("/v1/chat/completions", key,
+                  R"({"model":"stories","max_tokens":3,"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]})");
+  CHECK(r.status == 200);
+}
+
+TEST_CASE("a client that disconnects mid-stream frees its sequence, a full queue answers 503", "[e2e][local]") {
   TempDir dir;
   GatewayProcess gw(dir, gateway_options(stories_config(", max_num_seqs: 1, max_waiting: 1")));
   auto key = create_key(gw.db(), "alice");
@@ -294,7 +312,7 @@ TEST_CASE("a client that disconnects mid-stream frees its sequence; a full queue
   CHECK(metric(gw.port(), "tollgate_engine_generation_tokens_total{backend=\"local\"}").value_or(0) > 300);
 }
 
-TEST_CASE("tollgate generate prints the reference completion; model info describes the file", "[e2e][local]") {
+TEST_CASE("tollgate generate prints the reference completion, model info describes the file", "[e2e][local]") {
   auto ids =
       run_tollgate({"generate", "--model", shared_model("stories260K.bin"), "--tokenizer", shared_model("tok512.bin"),
                     "--prompt", "The cat", "--temperature", "0", "--max-tokens", "300", "--ids"},

@@ -38,7 +38,7 @@ std::string fake_config(std::uint16_t port, const std::string& extra_backends = 
                      "    base_url: " + url + "\n"
                      "    timeouts: {first_byte: 1s}\n" +
                      extra_backends + "models:\n";
-  for (std::string m : {"normal", "groq", "nousage", "slow", "die", "flood", "429", "500", "400", "404"}) {
+  for (std::string m : {"normal", "groq", "nousage", "slow", "die", "flood", "429", "500", "400", "404", "tools"}) {
     yaml += "  - {name: m-" + m + ", deployments: [{backend: up, model: '" + m + "'}]}\n";
   }
   yaml += "  - {name: m-hang, deployments: [{backend: up-impatient, model: hang}]}\n" + extra_models;
@@ -218,6 +218,65 @@ TEST_CASE("openai backend: logprobs are asked for and relayed, chat and legacy, 
   REQUIRE(r.status == 200);
   CHECK(fake.last().at("body").as_object().if_contains("logprobs") == nullptr);
   CHECK(r.json().at("choices").at(0).at("logprobs").is_null());
+}
+
+TEST_CASE("openai backend: tools, images and response_format reach the upstream, and tool calls come back",
+          "[e2e][openai][tools]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  GatewayProcess gw(dir, with_config(fake_config(fake.port())));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  const std::string request =
+      R"({"model":"m-tools","messages":[{"role":"user","content":[{"type":"text","text":"Weather here?"},)"
+      R"({"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}}]},)"
+      R"({"role":"assistant","content":null,"tool_calls":[{"id":"c0","type":"function",)"
+      R"("function":{"name":"get_weather","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c0","content":"?"}],)"
+      R"("tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object",)"
+      R"("properties":{"city":{"type":"string"}}}}}],"tool_choice":"auto","response_format":{"type":"json_object"})";
+
+  auto r = client.post("/v1/chat/completions", key, request + "}");
+  REQUIRE(r.status == 200);
+  auto sent = fake.last().at("body").as_object();
+  CHECK(sent.at("model") == "tools");  // mapped, the rest as the client wrote it
+  CHECK(sent.at("tools").at(0).at("function").at("name") == "get_weather");
+  CHECK(sent.at("tool_choice") == "auto");
+  CHECK(sent.at("response_format").at("type") == "json_object");
+  CHECK(sent.at("messages").at(0).at("content").at(1).at("image_url").at("url") == "data:image/png;base64,iVBORw0KGgo=");
+  CHECK(sent.at("messages").at(2).at("tool_call_id") == "c0");
+  auto choice = r.json().at("choices").at(0).as_object();
+  CHECK(choice.at("finish_reason") == "tool_calls");
+  CHECK(choice.at("message").at("content").is_null());
+  const auto& call = choice.at("message").at("tool_calls").at(0);
+  CHECK(call.at("id") == "call_1");
+  CHECK(call.at("function").at("name") == "get_weather");
+  CHECK(call.at("function").at("arguments") == R"({"city": "Paris"})");
+
+  // Streamed: the name first, then the arguments in pieces, each as it came.
+  r = client.post("/v1/chat/completions", key, request + R"(,"stream":true})");
+  REQUIRE(r.status == 200);
+  std::string name, arguments, finish;
+  int pieces = 0;
+  for (const auto& data : sse_data(r.body)) {
+    if (data == "[DONE]") continue;
+    auto event = json::parse(data);
+    const auto& c = event.at("choices").at(0).as_object();
+    if (!c.at("finish_reason").is_null()) finish = c.at("finish_reason").as_string();
+    const auto& delta = c.at("delta").as_object();
+    if (const auto* calls = delta.if_contains("tool_calls")) {
+      ++pieces;
+      CHECK_FALSE(delta.contains("content"));
+      const auto& f = calls->at(0).at("function").as_object();
+      if (const auto* n = f.if_contains("name")) name += n->as_string();
+      arguments += f.at("arguments").as_string();
+    }
+  }
+  CHECK(pieces == 3);
+  CHECK(name == "get_weather");
+  CHECK(arguments == R"({"city": "Paris"})");
+  CHECK(finish == "tool_calls");
+  CHECK(wait_usage_rows(gw.db(), "model='m-tools' AND status=200 AND completion_tokens=5 AND estimated=0", 2) == 2);
 }
 
 TEST_CASE("openai backend: Groq's x_groq.usage is exact, and an upstream without usage is estimated",

@@ -171,11 +171,16 @@ TEST_CASE("messages are validated one by one", "[gateway][request]") {
   check_bad(R"({"model":"m","messages":[{"role":"user","content":{"text":"hi"}}]})", "messages[0].content");
 }
 
-TEST_CASE("content parts: text only", "[gateway][request]") {
+TEST_CASE("content parts: text makes the content, other parts flag the request", "[gateway][request]") {
   const std::string head = R"({"model":"m","messages":[{"role":"user","content":)";
-  check_bad(head + R"([{"type":"image_url","image_url":{"url":"http://x"}}]}]})", "messages[0].content");
-  CHECK(parse_error(head + R"([{"type":"image_url","image_url":{"url":"http://x"}}]}]})").code ==
-        "unsupported_content");
+  auto image = parse_ok(head + R"([{"type":"text","text":"what is "},{"type":"image_url","image_url":{"url":"http://x"}},)"
+                               R"({"type":"text","text":"this?"}]}]})");
+  CHECK(image.request.messages[0].content == "what is this?");
+  CHECK(image.request.non_text_content);
+  CHECK_FALSE(parse_ok(head + R"([{"type":"text","text":"hi"}]}]})").request.non_text_content);
+  // The body itself is kept for remote backends to forward.
+  const std::string body = chat(R"("tools":[{"type":"function","function":{"name":"f"}}])");
+  CHECK(parse_ok(body).request.body == body);
   check_bad(head + R"([{"text":"no type"}]}]})", "messages[0].content");
   check_bad(head + R"([{"type":5,"text":"x"}]}]})", "messages[0].content");
   check_bad(head + R"(["bare string"]}]})", "messages[0].content");

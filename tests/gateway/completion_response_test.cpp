@@ -204,3 +204,27 @@ TEST_CASE("logprobs: chat's content list, the legacy parallel arrays, null when 
             .at("logprobs")
             .is_null());
 }
+
+TEST_CASE("a backend's tool calls join the chat delta and the message", "[gateway][response]") {
+  const std::string call = R"({"tool_calls":[{"index":0,"id":"c1","type":"function",)"
+                           R"("function":{"name":"get_weather","arguments":""}}]})";
+  CompletionFormatter chat(true, "m", false);
+  auto first = only_choice(event_json(chat.delta_event("", {}, call)));
+  CHECK(first.at("delta").at("role") == "assistant");
+  CHECK_FALSE(first.at("delta").as_object().contains("content"));  // only a tool call's piece
+  CHECK(first.at("delta").at("tool_calls").at(0).at("function").at("name") == "get_weather");
+  auto text = only_choice(event_json(chat.delta_event("hi", {}, {})));
+  CHECK(text.at("delta").at("content") == "hi");
+
+  auto whole = json::parse(chat.full_response("", "tool_calls", Usage{}, {}, call)).as_object();
+  const auto& message = only_choice(whole).at("message").as_object();
+  CHECK(message.at("content").is_null());
+  CHECK(message.at("tool_calls").at(0).at("id") == "c1");
+  CHECK(only_choice(whole).at("finish_reason") == "tool_calls");
+  // Extra fields never replace the gateway's own role and content.
+  auto odd = json::parse(chat.full_response("text", "stop", Usage{}, {}, R"({"role":"x","content":"y","refusal":"no"})"))
+                 .as_object();
+  CHECK(only_choice(odd).at("message").at("role") == "assistant");
+  CHECK(only_choice(odd).at("message").at("content") == "text");
+  CHECK(only_choice(odd).at("message").at("refusal") == "no");
+}

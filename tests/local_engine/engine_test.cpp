@@ -175,7 +175,7 @@ TEST_CASE("max_tokens ends with length, a stop sequence with stop and without it
   }
 }
 
-TEST_CASE("a cancelled request leaves at once and frees its blocks; the engine refuses what it cannot take") {
+TEST_CASE("a cancelled request leaves at once and frees its blocks, the engine refuses what it cannot take") {
   le::EngineConfig config;
   config.max_waiting = 2;
   config.max_num_seqs = 1;

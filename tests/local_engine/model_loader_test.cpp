@@ -127,7 +127,7 @@ TEST_CASE("stories260K.gguf loads with the README's hyperparameters and shapes",
   CHECK(v.chat_template.empty());
 }
 
-TEST_CASE("stories260K.bin loads with tok512.bin; the classifier is the shared embedding", "[model]") {
+TEST_CASE("stories260K.bin loads with tok512.bin, the classifier is the shared embedding", "[model]") {
   Model m = load_model(kStoriesBin, kTok512);
   check_stories_hyperparams(m.params, 512);
   check_stories_shapes(m);
@@ -467,7 +467,7 @@ TEST_CASE("write_random_llama_gguf writes a model that loads back and validates"
   CHECK(std::memcmp(m3.layers[1].wq.data, m.layers[1].wq.data, m.layers[1].wq.bytes()) != 0);
 }
 
-TEST_CASE("Q8_0 matrices get an interleaved copy at load; the embedding keeps its rows", "[model]") {
+TEST_CASE("Q8_0 matrices get an interleaved copy at load, the embedding keeps its rows", "[model]") {
   ScratchDir dir;
   Hyperparams p;
   p.dim = 64;

@@ -88,7 +88,7 @@ TEST_CASE("a step spends the token budget over decodes first, then chunks of new
   CHECK(out.chunks[0].request == &b);
 }
 
-TEST_CASE("max_num_seqs caps the running batch; the rest wait their turn in order") {
+TEST_CASE("max_num_seqs caps the running batch, the rest wait their turn in order") {
   le::KvBlockAllocator blocks(100, 16);
   le::Scheduler s({2, 512}, blocks);
   auto a = request(1, 3), b = request(2, 3), c = request(3, 3);

@@ -37,7 +37,7 @@ TEST_CASE("ThreadPool size counts the caller", "[thread_pool]") {
   CHECK(ThreadPool(0).size() == std::max(hw, 1));
 }
 
-TEST_CASE("parallel_for covers [0, n) in at most size() * per_thread contiguous chunks", "[thread_pool]") {
+TEST_CASE("parallel_for covers 0..n-1 in at most size() * per_thread contiguous chunks", "[thread_pool]") {
   for (int threads : {1, 2, 3, 4}) {
     ThreadPool pool(threads);
     for (int per_thread : {1, 4}) {
