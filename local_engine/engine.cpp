@@ -164,7 +164,11 @@ Engine::Submission Engine::submit(GenerationRequest request, GenerationCallback 
   std::uint64_t id;
   {
     std::lock_guard lock(mutex_);
-    if (stopping_ || static_cast<std::int64_t>(inbox_.size()) + waiting_.load() >= config_.max_waiting) {
+    // Not yet running: what the next step will start (free sequence slots)
+    // does not count against the waiting room.
+    const auto queued = static_cast<std::int64_t>(inbox_.size()) + waiting_.load();
+    const auto free_slots = std::max<std::int64_t>(0, config_.max_num_seqs - running_.load());
+    if (stopping_ || queued >= config_.max_waiting + free_slots) {
       return {0, Refusal::overloaded, "the local engine's queue is full; retry shortly"};
     }
     id = next_id_++;

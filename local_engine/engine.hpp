@@ -26,8 +26,8 @@ struct EngineConfig {
   std::int64_t max_model_len = 0;             // prompt + output; 0: the file's context length, at most 8192
   std::int64_t kv_cache_bytes = 0;            // 0: room for max_num_seqs sequences of max_model_len
   std::int64_t block_size = 16;               // tokens per KV block
-  std::int64_t max_waiting = 256;             // past it, submit() answers overloaded
-  int threads = 0;                            // compute threads; 0: one per core
+  std::int64_t max_waiting = 256;  // waiting beyond free sequence slots; past it, submit() answers overloaded
+  int threads = 0;                 // compute threads; 0: one per core
 };
 
 struct GenerationRequest {
