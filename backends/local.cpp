@@ -41,7 +41,13 @@ class EngineMetrics final : public le::EngineObserver {
                  .labels({backend})),
         queue_(r.histogram("tollgate_engine_request_queue_time_seconds", "Submit to first scheduled step.", {"backend"},
                            metering::latency_buckets())
-                   .labels({backend})) {}
+                   .labels({backend})),
+        prefix_queries_(r.counter("tollgate_engine_prefix_cache_queries_total",
+                                  "Prompt tokens admitted, looked up in the prefix cache.", {"backend"})
+                            .labels({backend})),
+        prefix_hits_(r.counter("tollgate_engine_prefix_cache_hits_total",
+                               "Prompt tokens found in the prefix cache (not computed again).", {"backend"})
+                         .labels({backend})) {}
 
   void on_scheduled(double queue_seconds, std::int64_t prompt_tokens) override {
     queue_.observe(queue_seconds);
@@ -59,8 +65,9 @@ class EngineMetrics final : public le::EngineObserver {
     running_.set(static_cast<double>(s.running));
     waiting_.set(static_cast<double>(s.waiting));
     kv_usage_.set(s.kv_cache_usage);
-    auto seen = static_cast<double>(s.num_preemptions);
-    if (seen > preemptions_.value()) preemptions_.inc(seen - preemptions_.value());
+    catch_up(preemptions_, s.num_preemptions);
+    catch_up(prefix_queries_, s.prefix_cache_queries);
+    catch_up(prefix_hits_, s.prefix_cache_hits);
   }
 
  private:
@@ -73,6 +80,14 @@ class EngineMetrics final : public le::EngineObserver {
   metering::Histogram& ttft_;
   metering::Histogram& itl_;
   metering::Histogram& queue_;
+  metering::Counter& prefix_queries_;
+  metering::Counter& prefix_hits_;
+
+  // The engine keeps totals; the counter follows them.
+  static void catch_up(metering::Counter& c, std::int64_t total) {
+    auto seen = static_cast<double>(total);
+    if (seen > c.value()) c.inc(seen - c.value());
+  }
 };
 
 class LocalHandle final : public CompletionHandle {

@@ -166,13 +166,15 @@ BackendConfig read_backend(const Reader& r, const YAML::Node& node, const std::s
       b.insecure_skip_verify = r.boolean(n, child_path(path, "insecure_skip_verify"));
     }
   } else if (b.type == "local") {
-    r.expect_map(node, path,
-                 {"name", "type", "path", "tokenizer", "create_demo", "device", "max_num_seqs",
-                  "max_num_batched_tokens", "max_model_len", "kv_cache", "block_size", "max_waiting", "threads"});
+    r.expect_map(
+        node, path,
+        {"name", "type", "path", "tokenizer", "create_demo", "device", "max_num_seqs", "max_num_batched_tokens",
+         "max_model_len", "kv_cache", "block_size", "max_waiting", "threads", "prefix_caching"});
     if (!node["path"]) r.fail(path, "missing key 'path' (the model file)");
     b.path = r.string(node["path"], child_path(path, "path"));
     if (auto n = node["tokenizer"]) b.tokenizer = r.string(n, child_path(path, "tokenizer"));
     if (auto n = node["create_demo"]) b.create_demo = r.boolean(n, child_path(path, "create_demo"));
+    if (auto n = node["prefix_caching"]) b.prefix_caching = r.boolean(n, child_path(path, "prefix_caching"));
     if (auto n = node["device"]) {
       b.device = r.string(n, child_path(path, "device"));
       if (b.device != "auto" && b.device != "cpu" && b.device != "cuda") {

@@ -66,7 +66,8 @@ struct BackendConfig {
   std::int64_t kv_cache_bytes = 0;  // 0: room for max_num_seqs full sequences (at most 1 GiB)
   std::int64_t block_size = 16;
   std::int64_t max_waiting = 256;
-  int threads = 0;  // 0: one per core
+  bool prefix_caching = true;  // share KV blocks of prompts' common beginnings (vLLM's automatic prefix caching)
+  int threads = 0;             // 0: one per core
 };
 
 struct DeploymentConfig {

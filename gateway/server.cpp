@@ -1034,6 +1034,7 @@ std::unique_ptr<backends::Backend> make_backend(const BackendConfig& b, metering
     c.engine.kv_cache_bytes = b.kv_cache_bytes;
     c.engine.block_size = b.block_size;
     c.engine.max_waiting = b.max_waiting;
+    c.engine.prefix_caching = b.prefix_caching;
     c.engine.threads = b.threads;
     c.metrics = &registry;
     try {

@@ -97,7 +97,7 @@ struct Engine::Live : ScheduledRequest {
 struct Engine::State {
   State(const Model& model, const EngineConfig& config, Device& device, std::int64_t max_len, std::int64_t blocks)
       : max_model_len(max_len),
-        allocator(blocks, config.block_size),
+        allocator(blocks, config.block_size, config.prefix_caching),
         cache(model.params.n_layers, blocks, config.block_size, model.params.n_kv_heads * model.params.head_dim()),
         scheduler({config.max_num_seqs, config.max_num_batched_tokens}, allocator),
         forward(model, device, cache, std::max(config.max_num_batched_tokens, config.max_num_seqs)) {
@@ -187,7 +187,10 @@ void Engine::cancel(std::uint64_t id) {
   wake_.notify_one();
 }
 
-EngineStats Engine::stats() const { return {running_.load(), waiting_.load(), kv_usage_.load(), preemptions_.load()}; }
+EngineStats Engine::stats() const {
+  return {running_.load(),     waiting_.load(),        kv_usage_.load(),
+          preemptions_.load(), prefix_queries_.load(), prefix_hits_.load()};
+}
 
 void Engine::run() {
   for (;;) {
@@ -213,6 +216,8 @@ void Engine::run() {
     running_ = static_cast<std::int64_t>(state_->scheduler.num_running());
     waiting_ = static_cast<std::int64_t>(state_->scheduler.num_waiting());
     kv_usage_ = state_->allocator.usage();
+    prefix_queries_ = state_->scheduler.prefix_queries();
+    prefix_hits_ = state_->scheduler.prefix_hits();
     if (observer_) observer_->on_step(stats());
   }
   for (auto& [id, live] : state_->live) {

@@ -27,6 +27,7 @@ struct EngineConfig {
   std::int64_t kv_cache_bytes = 0;            // 0: room for max_num_seqs sequences of max_model_len
   std::int64_t block_size = 16;               // tokens per KV block
   std::int64_t max_waiting = 256;  // waiting beyond free sequence slots; past it, submit() answers overloaded
+  bool prefix_caching = true;      // share the KV blocks of prompts' common beginnings
   int threads = 0;                 // compute threads; 0: one per core
 };
 
@@ -61,6 +62,8 @@ struct EngineStats {
   std::int64_t waiting = 0;
   double kv_cache_usage = 0;  // 0..1
   std::int64_t num_preemptions = 0;
+  std::int64_t prefix_cache_queries = 0;  // prompt tokens admitted
+  std::int64_t prefix_cache_hits = 0;     // of them, found in the cache
 };
 
 // Timings the engine reports as it goes, on its own thread (for metrics named
@@ -127,6 +130,8 @@ class Engine {
   std::atomic<std::int64_t> waiting_{0};
   std::atomic<double> kv_usage_{0};
   std::atomic<std::int64_t> preemptions_{0};
+  std::atomic<std::int64_t> prefix_queries_{0};
+  std::atomic<std::int64_t> prefix_hits_{0};
   std::thread thread_;
 };
 

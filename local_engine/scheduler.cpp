@@ -9,9 +9,14 @@ Scheduler::Scheduler(SchedulerConfig config, KvBlockAllocator& blocks) : config_
 
 void Scheduler::add_request(ScheduledRequest* request) { waiting_.push_back(request); }
 
-void Scheduler::preempt(ScheduledRequest* request, SchedulerOutput& output) {
+void Scheduler::release(ScheduledRequest* request) {
   blocks_.free(request->blocks);
+  request->block_hashes.clear();
   request->num_computed = 0;
+}
+
+void Scheduler::preempt(ScheduledRequest* request, SchedulerOutput& output) {
+  release(request);
   ++request->num_preemptions;
   std::erase(running_, request);
   // Back to the waiting queue at its priority's place, ahead of later arrivals.
@@ -57,8 +62,19 @@ const SchedulerOutput& Scheduler::schedule() {
   while (!waiting_.empty() && budget > 0 && static_cast<std::int64_t>(running_.size()) < config_.max_num_seqs) {
     ScheduledRequest* r = waiting_.front();
     if (std::find(output.preempted.begin(), output.preempted.end(), r) != output.preempted.end()) break;
+    // What an earlier sequence already computed of its tokens is shared, not recomputed.
+    const std::int64_t cached =
+        r->blocks.blocks.empty() ? blocks_.match_prefix(r->tokens, r->blocks, r->block_hashes) : 0;
+    r->num_computed += cached;
     std::int64_t count = std::min(r->num_tokens() - r->num_computed, budget);
-    if (!blocks_.allocate_slots(r->blocks, r->num_computed + count)) break;
+    if (!blocks_.allocate_slots(r->blocks, r->num_computed + count)) {
+      if (cached > 0) release(r);  // waits with nothing held, and matches again next time
+      break;
+    }
+    if (blocks_.prefix_caching()) {
+      prefix_queries_ += r->num_tokens();
+      prefix_hits_ += cached;
+    }
     waiting_.pop_front();
     running_.push_back(r);
     output.chunks.push_back({r, r->num_computed, count, r->num_computed + count == r->num_tokens()});
@@ -69,11 +85,15 @@ const SchedulerOutput& Scheduler::schedule() {
 }
 
 void Scheduler::update_from_output(const SchedulerOutput& output) {
-  for (const auto& c : output.chunks) c.request->num_computed = c.start + c.count;
+  for (const auto& c : output.chunks) {
+    ScheduledRequest& r = *c.request;
+    r.num_computed = c.start + c.count;
+    blocks_.cache_full_blocks(r.tokens, r.num_computed, r.blocks, r.block_hashes);
+  }
 }
 
 void Scheduler::finish(ScheduledRequest* request) {
-  blocks_.free(request->blocks);
+  release(request);
   std::erase(running_, request);
   std::erase(waiting_, request);
 }

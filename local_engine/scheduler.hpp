@@ -19,6 +19,7 @@ struct ScheduledRequest {
   std::vector<std::int32_t> tokens;  // prompt, then generated tokens
   std::int64_t num_computed = 0;     // tokens whose keys and values are cached
   KvBlockTable blocks;
+  std::vector<std::uint64_t> block_hashes;  // prefix caching: of the full blocks so far
   std::int64_t num_preemptions = 0;
 
   std::int64_t num_tokens() const { return static_cast<std::int64_t>(tokens.size()); }
@@ -61,15 +62,22 @@ class Scheduler {
   std::size_t num_running() const { return running_.size(); }
   std::size_t num_waiting() const { return waiting_.size(); }
   bool has_work() const { return !running_.empty() || !waiting_.empty(); }
+  // Prefix caching, so far: tokens of the requests admitted, and how many of
+  // them were found cached (vLLM's prefix_cache_queries and _hits).
+  std::int64_t prefix_queries() const { return prefix_queries_; }
+  std::int64_t prefix_hits() const { return prefix_hits_; }
 
  private:
   void preempt(ScheduledRequest* request, SchedulerOutput& output);
+  void release(ScheduledRequest* request);
 
   SchedulerConfig config_;
   KvBlockAllocator& blocks_;
   std::vector<ScheduledRequest*> running_;  // in priority order
   std::deque<ScheduledRequest*> waiting_;   // in priority order
   SchedulerOutput output_;
+  std::int64_t prefix_queries_ = 0;
+  std::int64_t prefix_hits_ = 0;
 };
 
 }  // namespace tollgate::local_engine

@@ -437,3 +437,49 @@ TEST_CASE("a model of K-quant and other block types runs as its Q8_0 conversion 
   CHECK(block_tokens.size() == 24);
   std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("prefix caching: prompts that begin alike share KV blocks and generate exactly what they do without") {
+  const std::string story =
+      "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her "
+      "friends. One day, ";
+  const std::vector<std::string> prompts = {story + "she saw a big dog", story + "it started to rain", story,
+                                            story + "her mom said", "The cat sat", story + "she saw a big dog"};
+  auto run_all = [&](le::EngineConfig config, bool together) {
+    le::Engine engine(stories(), config, le::make_cpu_device());
+    std::vector<std::vector<std::int32_t>> out(prompts.size());
+    std::vector<Collector> collectors(prompts.size());
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      engine.submit(greedy(engine.tokenizer(), prompts[i], 60), collectors[i].callback());
+      if (!together) out[i] = collectors[i].wait().tokens;
+    }
+    for (std::size_t i = 0; i < prompts.size(); ++i) out[i] = collectors[i].wait().tokens;
+    return std::pair{out, engine.stats()};
+  };
+  le::EngineConfig off;
+  off.prefix_caching = false;
+  const auto [expected, off_stats] = run_all(off, false);
+  CHECK(off_stats.prefix_cache_hits == 0);
+
+  le::EngineConfig on;
+  on.block_size = 16;
+  SECTION("one after another: later prompts find the first one's blocks") {
+    auto [got, stats] = run_all(on, false);
+    CHECK(got == expected);
+    CHECK(stats.prefix_cache_hits >= 4 * 16);  // each later story prompt shares at least its first block
+    CHECK(stats.prefix_cache_queries > stats.prefix_cache_hits);
+  }
+  SECTION("all at once") {
+    auto [got, stats] = run_all(on, true);
+    CHECK(got == expected);
+  }
+  SECTION("all at once in a KV cache too small for them: preempted requests find their own blocks again") {
+    auto model = stories();
+    const auto& p = model.params;
+    on.max_model_len = 128;
+    on.kv_cache_bytes = 16 * le::KvCache::block_bytes(p.n_layers, 16, p.n_kv_heads * p.head_dim());
+    on.max_num_batched_tokens = 32;
+    auto [got, stats] = run_all(on, true);
+    CHECK(got == expected);
+    CHECK(stats.num_preemptions > 0);
+  }
+}
