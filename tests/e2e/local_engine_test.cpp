@@ -252,6 +252,25 @@ TEST_CASE("logprobs from the engine: chat and legacy, whole and streamed, spelli
   CHECK(tokens == text);
 }
 
+TEST_CASE("a repeated prompt is served from the prefix cache, with the same answer", "[e2e][local]") {
+  TempDir dir;
+  GatewayProcess gw(dir, gateway_options(stories_config()));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port(), 60s);
+  const std::string prompt =
+      "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends.";
+  auto first = client.post("/v1/completions", key, completion_body(prompt, 30, false));
+  REQUIRE(first.status == 200);
+  CHECK(metric(gw.port(), "tollgate_engine_prefix_cache_hits_total{backend=\"local\"}") == 0.0);
+  auto second = client.post("/v1/completions", key, completion_body(prompt, 30, false));
+  REQUIRE(second.status == 200);
+  CHECK(second.json().at("choices").at(0).at("text") == first.json().at("choices").at(0).at("text"));
+  CHECK(metric(gw.port(), "tollgate_engine_prefix_cache_hits_total{backend=\"local\"}").value_or(0) >= 16);
+  CHECK(metric(gw.port(), "tollgate_engine_prefix_cache_queries_total{backend=\"local\"}").value_or(0) >=
+        2 * second.json().at("usage").at("prompt_tokens").as_int64());
+}
+
 TEST_CASE("a local model refuses content parts it cannot read", "[e2e][local]") {
   TempDir dir;
   GatewayProcess gw(dir, gateway_options(stories_config()));
@@ -265,8 +284,9 @@ TEST_CASE("a local model refuses content parts it cannot read", "[e2e][local]") 
   CHECK(r.json().at("error").at("type") == "invalid_request_error");
   CHECK(r.json().at("error").at("message").as_string().find("text only") != std::string::npos);
   // Text parts alone are fine.
-  r = client.post("/v1/chat/completions", key,
-                  R"({"model":"stories","max_tokens":3,"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]})");
+  r = client.post(
+      "/v1/chat/completions", key,
+      R"({"model":"stories","max_tokens":3,"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]})");
   CHECK(r.status == 200);
 }
 
