@@ -12,8 +12,8 @@
 #include <cerrno>
 #include <deque>
 #include <filesystem>
-#include <iterator>
 #include <iostream>
+#include <iterator>
 #include <list>
 #include <mutex>
 #include <thread>
@@ -521,7 +521,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
   std::string text;                              // non-streaming: the whole reply
   std::vector<backends::TokenLogprob> logprobs;  // non-streaming, when asked for
   std::string extra_json;                        // non-streaming: the backend's tool_calls and such
-  std::int64_t deltas = 0;  // what reached the client, should the backend never report usage
+  std::int64_t deltas = 0;                       // what reached the client, should the backend never report usage
   bool headers_sent = false;
   std::optional<http::response_serializer<http::empty_body>> serializer;
   http::response<http::empty_body> stream_head{http::status::ok, req.version()};
@@ -613,7 +613,8 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
             x.event.completion_tokens = ev.usage.completion_tokens;
             x.event.estimated = ev.usage.estimated;
             if (!stream_mode) {
-              auto res = make_response(req, http::status::ok, format.full_response(text, ev.finish_reason, ev.usage, logprobs, extra_json));
+              auto res = make_response(req, http::status::ok,
+                                       format.full_response(text, ev.finish_reason, ev.usage, logprobs, extra_json));
               set_rate_limit_headers(res, x.admission->status);
               x.finish(200);
               co_return co_await write(std::move(res));
@@ -719,7 +720,8 @@ void Session::set_forwarding_headers(const Request& req, backends::AppForward& h
       forwarded_for += f.value();
     }
   } else {
-    for (std::string_view name : {"X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded"}) {
+    for (std::string_view name :
+         {"X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded"}) {
       how.drop_request.add(name);
     }
   }
@@ -752,10 +754,9 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
     }
     how.set_request_header("X-Tollgate-User", x.caller->key.user_name);
     how.set_request_header("X-Tollgate-Key-Id", x.caller->key.prefix);
-    for_each_rate_limit_header(x.admission->status,
-                               [&how](std::string_view name, std::string_view value) {
-                                 how.set_response_header(name, value);
-                               });
+    for_each_rate_limit_header(x.admission->status, [&how](std::string_view name, std::string_view value) {
+      how.set_response_header(name, value);
+    });
   } else {
     // Only Tollgate vouches for who the caller is.
     how.drop_request.add("X-Tollgate-User");
