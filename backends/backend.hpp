@@ -17,7 +17,10 @@ struct ChatMessage {
 };
 
 struct CompletionRequest {
-  bool chat = false;           // /v1/chat/completions (messages) or /v1/completions (prompt)
+  bool chat = false;  // /v1/chat/completions (messages) or /v1/completions (prompt)
+  // /v1/embeddings: `body` is forwarded, `prompt` holds the input's text (for
+  // estimates); the answer is one delta whose text is the whole response body.
+  bool embeddings = false;
   std::string model;           // the public name the client asked for
   std::string upstream_model;  // the deployment's name for it
   std::vector<ChatMessage> messages;
@@ -113,6 +116,7 @@ struct Capabilities {
   bool chat = true;
   bool completions = true;
   bool streaming = true;
+  bool embeddings = false;
 };
 
 class Backend {

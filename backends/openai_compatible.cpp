@@ -338,6 +338,23 @@ void on_full_body(Call& call, const std::string& body, bool chat) {
   call.done();
 }
 
+// A whole /v1/embeddings answer: relayed as it came, under the public model name.
+void on_embeddings_body(Call& call, const std::string& body, const std::string& model) {
+  boost::system::error_code ec;
+  auto v = json::parse(body, ec);
+  if (ec || !v.is_object() || !v.as_object().contains("data")) {
+    call.fail(ErrorKind::upstream_failed, "the upstream sent a malformed embeddings response");
+    return;
+  }
+  auto& o = v.as_object();
+  take_usage(call, o);
+  if (o.contains("model")) o["model"] = model;
+  CompletionEvent answer;
+  answer.text = json::serialize(o);
+  call.emit(std::move(answer));
+  call.done();
+}
+
 bool is_stale_connection_error(const boost::system::error_code& ec) {
   return ec == http::error::end_of_stream || ec == net::error::eof || ec == net::error::connection_reset ||
          ec == net::error::broken_pipe;
@@ -360,8 +377,8 @@ net::awaitable<boost::system::error_code> read_rest(UpstreamConnection& conn, Up
 
 http::request<http::string_body> make_request(const Upstream& up, const CompletionRequest& request) {
   const auto& origin = up.client->origin();
-  http::request<http::string_body> req{http::verb::post,
-                                       origin.base_path + (request.chat ? "/chat/completions" : "/completions"), 11};
+  const char* path = request.embeddings ? "/embeddings" : request.chat ? "/chat/completions" : "/completions";
+  http::request<http::string_body> req{http::verb::post, origin.base_path + path, 11};
   req.set(http::field::host, origin.host_header());
   req.set(http::field::user_agent, "tollgate");
   req.set(http::field::content_type, "application/json");
@@ -442,7 +459,11 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
     } else if (ec) {
       call->fail(ErrorKind::upstream_failed, "the upstream connection failed: " + ec.message());
     } else {
-      on_full_body(*call, parser->get().body(), request.chat);
+      if (request.embeddings) {
+        on_embeddings_body(*call, parser->get().body(), request.model);
+      } else {
+        on_full_body(*call, parser->get().body(), request.chat);
+      }
       if (parser->keep_alive()) up->client->release(std::move(conn));
     }
     co_return;
@@ -558,7 +579,7 @@ class OpenAICompatibleBackend final : public Backend {
 
   const std::string& name() const override { return up_.config.name; }
   std::string type() const override { return "openai"; }
-  Capabilities capabilities() const override { return {}; }
+  Capabilities capabilities() const override { return {true, true, true, true}; }
 
   std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const override {
     // The chat template is the upstream's: a few tokens per message for it.
@@ -610,6 +631,7 @@ std::string upstream_request_body(const CompletionRequest& request) {
       auto& o = v.as_object();
       o["model"] = model;
       o.erase("stream_options");
+      if (request.embeddings) o.erase("stream");
       if (request.stream) o["stream_options"] = json::object{{"include_usage", true}};
       return json::serialize(o);
     }

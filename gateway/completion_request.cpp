@@ -205,9 +205,8 @@ std::optional<ApiError> read_logprobs(const json::object& o, bool chat, backends
   return std::nullopt;
 }
 
-}  // namespace
-
-Result parse_completion_request(std::string_view body, bool chat) {
+// The body as a JSON object, or the 400 that says why it is not one.
+std::variant<json::value, ApiError> parse_object(std::string_view body) {
   json::error_code ec;
   json::value root = json::parse(body, ec);
   if (ec) {
@@ -216,19 +215,71 @@ Result parse_completion_request(std::string_view body, bool chat) {
     }
     return bad_request("the request body could not be parsed: " + ec.message(), std::nullopt, "invalid_json");
   }
-  const auto* o = root.if_object();
-  if (!o) return bad_request("the request body must be a JSON object", std::nullopt, "invalid_json");
+  if (!root.is_object()) return bad_request("the request body must be a JSON object", std::nullopt, "invalid_json");
+  return root;
+}
+
+std::optional<ApiError> read_model(const json::object& o, backends::CompletionRequest& r) {
+  const json::value* model = o.if_contains("model");
+  if (!model) return bad_request("'model' is required", "model", "missing_required_parameter");
+  if (!model->is_string()) return bad_request("'model' must be a string", "model", "invalid_type");
+  if (model->get_string().empty()) return bad_request("'model' must not be empty", "model");
+  r.model = model->get_string();
+  return std::nullopt;
+}
+
+}  // namespace
+
+Result parse_embeddings_request(std::string_view body) {
+  auto root = parse_object(body);
+  if (auto* e = std::get_if<ApiError>(&root)) return *e;
+  const auto& o = std::get<json::value>(root).get_object();
+  ParsedCompletion parsed;
+  auto& r = parsed.request;
+  r.embeddings = true;
+  r.body = body;
+  if (auto e = read_model(o, r)) return *e;
+  const json::value* input = o.if_contains("input");
+  if (!input || input->is_null()) return bad_request("'input' is required", "input", "missing_required_parameter");
+  auto invalid = [] {
+    return bad_request("'input' must be a string, an array of strings, or an array of token arrays", "input",
+                       "invalid_type");
+  };
+  if (input->is_string()) {
+    r.prompt = input->get_string();
+  } else if (input->is_array()) {
+    const auto& items = input->get_array();
+    if (items.empty()) return bad_request("'input' must not be empty", "input");
+    for (const auto& item : items) {
+      if (item.is_string()) {
+        r.prompt.append(item.get_string()).push_back('\n');
+      } else if (item.is_int64()) {
+        r.prompt.append("    ");  // a token, ~4 bytes for estimates
+      } else if (item.is_array()) {
+        for (const auto& t : item.get_array()) {
+          if (!t.is_int64()) return invalid();
+          r.prompt.append("    ");
+        }
+      } else {
+        return invalid();
+      }
+    }
+  } else {
+    return invalid();
+  }
+  return parsed;
+}
+
+Result parse_completion_request(std::string_view body, bool chat) {
+  auto root_or_error = parse_object(body);
+  if (auto* e = std::get_if<ApiError>(&root_or_error)) return *e;
+  const auto* o = &std::get<json::value>(root_or_error).get_object();
 
   ParsedCompletion parsed;
   auto& r = parsed.request;
   r.chat = chat;
   r.body = body;
-
-  const json::value* model = o->if_contains("model");
-  if (!model) return bad_request("'model' is required", "model", "missing_required_parameter");
-  if (!model->is_string()) return bad_request("'model' must be a string", "model", "invalid_type");
-  if (model->get_string().empty()) return bad_request("'model' must not be empty", "model");
-  r.model = model->get_string();
+  if (auto e = read_model(*o, r)) return *e;
 
   if (auto e = chat ? read_messages(*o, r) : read_prompt(*o, r)) return *e;
   if (auto e = read_max_tokens(*o, r)) return *e;

@@ -18,4 +18,8 @@ struct ParsedCompletion {
 // Errors are 400s naming the offending parameter.
 std::variant<ParsedCompletion, ApiError> parse_completion_request(std::string_view body, bool chat);
 
+// An OpenAI /v1/embeddings body: `model` and `input` (a string, an array of
+// strings, or token arrays) are checked; the body itself is forwarded.
+std::variant<ParsedCompletion, ApiError> parse_embeddings_request(std::string_view body);
+
 }  // namespace tollgate::gateway

@@ -151,8 +151,9 @@ Response error_response(const Request& req, const ApiError& e) {
 
 // Paths the gateway answers itself; with an app upstream, every other path goes there.
 bool gateway_owns(std::string_view path) {
-  return path == "/v1/chat/completions" || path == "/v1/completions" || path == "/v1/models" || path == "/healthz" ||
-         path == "/readyz" || path == "/metrics" || path == "/admin" || path.starts_with("/admin/");
+  return path == "/v1/chat/completions" || path == "/v1/completions" || path == "/v1/embeddings" ||
+         path == "/v1/models" || path == "/healthz" || path == "/readyz" || path == "/metrics" || path == "/admin" ||
+         path.starts_with("/admin/");
 }
 
 // Public paths match literally (or by prefix when the pattern ends in '*').
@@ -357,7 +358,8 @@ class Session {
   awaitable<bool> handle_app(http::request_parser<http::string_body>& parser, Exchange& x, std::string_view path);
   void set_forwarding_headers(const Request& req, backends::AppForward& how);
   awaitable<bool> handle_models(const Request& req, Exchange& x);
-  awaitable<bool> handle_completion(const Request& req, Exchange& x, bool chat);
+  // Chat and text completions, and embeddings (forwarded whole to a remote backend).
+  awaitable<bool> handle_completion(const Request& req, Exchange& x, bool chat, bool embeddings);
   std::optional<ApiError> authenticate(const Request& req, Exchange& x);
 
   Gateway& gw_;
@@ -481,8 +483,8 @@ awaitable<bool> Session::handle_models(const Request& req, Exchange& x) {
   co_return co_await write(std::move(res));
 }
 
-awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool chat) {
-  auto parsed = parse_completion_request(req.body(), chat);
+awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool chat, bool embeddings) {
+  auto parsed = embeddings ? parse_embeddings_request(req.body()) : parse_completion_request(req.body(), chat);
   if (auto* e = std::get_if<ApiError>(&parsed)) co_return co_await respond_error(req, x, *e);
   auto& completion = std::get<ParsedCompletion>(parsed);
   auto& creq = completion.request;
@@ -500,16 +502,21 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
   }
   std::erase_if(plan, [&](const backends::Deployment* d) {
     auto caps = d->backend->capabilities();
+    if (embeddings) return !caps.embeddings;
     return (chat && !caps.chat) || (!chat && !caps.completions) || (creq.stream && !caps.streaming);
   });
   if (plan.empty()) {
-    auto unsupported = bad_request("the model '" + creq.model + "' does not support this kind of request", "model");
+    auto unsupported =
+        bad_request("the model '" + creq.model + "' does not " +
+                        (embeddings ? std::string("serve embeddings") : std::string("support this kind of request")),
+                    "model");
     co_return co_await respond_error(req, x, unsupported);
   }
   creq.user = x.caller->key.user_name;
 
   std::int64_t prompt_estimate = plan.front()->backend->estimate_prompt_tokens(creq);
-  std::int64_t reserve = prompt_estimate + creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
+  std::int64_t reserve =
+      prompt_estimate + (embeddings ? 0 : creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens));
   x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
   if (!x.admission->allowed) {
     auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
@@ -613,8 +620,10 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
             x.event.completion_tokens = ev.usage.completion_tokens;
             x.event.estimated = ev.usage.estimated;
             if (!stream_mode) {
-              auto res = make_response(req, http::status::ok,
-                                       format.full_response(text, ev.finish_reason, ev.usage, logprobs, extra_json));
+              auto res = make_response(
+                  req, http::status::ok,
+                  embeddings ? std::move(text)
+                             : format.full_response(text, ev.finish_reason, ev.usage, logprobs, extra_json));
               set_rate_limit_headers(res, x.admission->status);
               x.finish(200);
               co_return co_await write(std::move(res));
@@ -862,8 +871,9 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
 
   bool is_chat = path == "/v1/chat/completions";
   bool is_completion = path == "/v1/completions";
+  bool is_embeddings = path == "/v1/embeddings";
   bool is_models = path == "/v1/models";
-  if (!is_chat && !is_completion && !is_models) {
+  if (!is_chat && !is_completion && !is_embeddings && !is_models) {
     if (!co_await read_body(parser, x)) co_return false;
     auto no_route = not_found("no route for " + std::string(path), "unknown_route");
     co_return co_await respond_error(req, x, no_route);
@@ -884,7 +894,7 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
     ApiError wrong_method{405, "use POST", "invalid_request_error", std::nullopt, "method_not_allowed", {}};
     co_return co_await respond_error(req, x, wrong_method);
   }
-  co_return co_await handle_completion(req, x, is_chat);
+  co_return co_await handle_completion(req, x, is_chat, is_embeddings);
 }
 
 awaitable<void> Session::run() {

@@ -17,6 +17,7 @@ HTTP or TLS (--cert/--key). The upstream model name picks the behaviour:
            name first, then the arguments in pieces); finish_reason tool_calls
 
 Asked for logprobs, the answers carry them in OpenAI's format (chat or legacy).
+POST .../embeddings answers one 3-float embedding per input, usage 7 tokens per input.
 
 GET /_last returns the last completion request (path, headers, body);
 GET /_stats returns {"requests", "disconnects"} (clients that went away mid-answer).
@@ -139,6 +140,12 @@ class Handler(BaseHTTPRequestHandler):
                         "400": "bad thing: temperature", "404": "The model does not exist"}
             extra = {"Retry-After": "7"} if model == "429" else None
             return self.send_json(int(model), {"error": {"message": messages[model], "type": "x", "code": None}}, extra)
+        if self.path.endswith("/embeddings"):
+            inputs = req["input"] if isinstance(req["input"], list) else [req["input"]]
+            data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.25, float(i)]}
+                    for i in range(len(inputs))]
+            return self.send_json(200, {"object": "list", "data": data, "model": model,
+                                        "usage": {"prompt_tokens": 7 * len(inputs), "total_tokens": 7 * len(inputs)}})
         usage = {"prompt_tokens": 13, "completion_tokens": 5, "total_tokens": 18}
         if model == "tools":
             return self.tool_call(req, usage)

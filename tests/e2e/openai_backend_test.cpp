@@ -279,6 +279,48 @@ TEST_CASE("openai backend: tools, images and response_format reach the upstream,
   CHECK(wait_usage_rows(gw.db(), "model='m-tools' AND status=200 AND completion_tokens=5 AND estimated=0", 2) == 2);
 }
 
+TEST_CASE("openai backend: embeddings are forwarded, metered and counted against quotas", "[e2e][openai][embeddings]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  GatewayProcess gw(dir, with_config(fake_config(fake.port(), "  - {name: e, type: echo}\n",
+                                                 "  - {name: echo-only, deployments: [{backend: e}]}\n")));
+  auto key = create_key(gw.db(), "alice");
+  auto limited = create_key(gw.db(), "bob", {"--rpd", "1"});
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+
+  auto r = client.post("/v1/embeddings", key,
+                       R"({"model":"m-normal","input":["first text","second"],"encoding_format":"float"})");
+  REQUIRE(r.status == 200);
+  auto body = r.json().as_object();
+  CHECK(body.at("model") == "m-normal");  // the public name, not the upstream's
+  REQUIRE(body.at("data").as_array().size() == 2);
+  CHECK(body.at("data").at(1).at("embedding").at(2).to_number<double>() == 1.0);
+  CHECK(body.at("usage").at("prompt_tokens") == 14);
+  auto sent = fake.last().as_object();
+  CHECK(sent.at("path") == "/v1/embeddings");
+  CHECK(sent.at("body").at("model") == "normal");
+  CHECK(sent.at("body").at("encoding_format") == "float");
+  CHECK(sent.at("headers").at("authorization") == json::value("Bearer " + kProviderKey));
+
+  // Bad input, unknown models and models without an embeddings backend.
+  CHECK(client.post("/v1/embeddings", key, R"({"model":"m-normal"})").status == 400);
+  CHECK(client.post("/v1/embeddings", key, R"({"model":"m-normal","input":[{"x":1}]})").status == 400);
+  CHECK(client.post("/v1/embeddings", key, R"({"model":"nope","input":"x"})").status == 404);
+  auto echo = client.post("/v1/embeddings", key, R"({"model":"echo-only","input":"x"})");
+  CHECK(echo.status == 400);
+  CHECK(echo.json().at("error").at("message").as_string().find("embeddings") != std::string::npos);
+  CHECK(client.post("/v1/embeddings", key, R"({"model":"m-500","input":"x"})").status == 502);
+  CHECK(client.post("/v1/embeddings", "tg-wrong", R"({"model":"m-normal","input":"x"})").status == 401);
+
+  // A request quota counts embeddings like any call.
+  CHECK(client.post("/v1/embeddings", limited, R"({"model":"m-normal","input":"x"})").status == 200);
+  CHECK(client.post("/v1/embeddings", limited, R"({"model":"m-normal","input":"x"})").status == 429);
+  CHECK(wait_usage_rows(gw.db(),
+                        "model='m-normal' AND status=200 AND prompt_tokens=14 AND completion_tokens=0 AND estimated=0",
+                        1) == 1);
+}
+
 TEST_CASE("openai backend: Groq's x_groq.usage is exact, and an upstream without usage is estimated",
           "[e2e][openai]") {
   TempDir dir;

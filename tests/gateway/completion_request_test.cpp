@@ -294,3 +294,35 @@ TEST_CASE("logprobs: chat's flag and top_logprobs, the legacy count", "[gateway]
   check_bad(prompt + R"(,"logprobs":21})", "logprobs", false);
   check_bad(prompt + R"(,"logprobs":18446744073709551615})", "logprobs", false);
 }
+
+TEST_CASE("embeddings: model and input are checked, the body is kept whole", "[gateway][request]") {
+  using tollgate::gateway::parse_embeddings_request;
+  auto ok = [](const std::string& body) {
+    auto r = parse_embeddings_request(body);
+    if (auto* e = std::get_if<ApiError>(&r)) FAIL("unexpected error for " << body << ": " << e->body());
+    return std::get<ParsedCompletion>(r).request;
+  };
+  auto bad = [](const std::string& body, const std::optional<std::string>& param) {
+    INFO(body);
+    auto r = parse_embeddings_request(body);
+    REQUIRE(std::holds_alternative<ApiError>(r));
+    CHECK(std::get<ApiError>(r).status == 400);
+    CHECK(std::get<ApiError>(r).param == param);
+  };
+  auto one = ok(R"({"model":"e","input":"hello there","dimensions":256})");
+  CHECK(one.embeddings);
+  CHECK(one.model == "e");
+  CHECK(one.prompt == "hello there");
+  CHECK(one.body == R"({"model":"e","input":"hello there","dimensions":256})");
+  CHECK(ok(R"({"model":"e","input":["a","bc"]})").prompt == "a\nbc\n");
+  CHECK(ok(R"({"model":"e","input":[[1,2,3],[4]]})").prompt.size() == 16);  // ~4 bytes a token
+  CHECK(ok(R"({"model":"e","input":[1,2]})").prompt.size() == 8);
+  bad(R"({"input":"x"})", "model");
+  bad(R"({"model":"e"})", "input");
+  bad(R"({"model":"e","input":null})", "input");
+  bad(R"({"model":"e","input":[]})", "input");
+  bad(R"({"model":"e","input":5})", "input");
+  bad(R"({"model":"e","input":[["x"]]})", "input");
+  bad(R"({"model":"e","input":[{"a":1}]})", "input");
+  bad("not json", std::nullopt);
+}
