@@ -63,9 +63,17 @@ struct TokenLogprob {
 };
 
 struct Usage {
+  Usage() = default;
+  Usage(std::int64_t prompt, std::int64_t completion, bool is_estimated = false)
+      : prompt_tokens(prompt), completion_tokens(completion), estimated(is_estimated) {}
+
   std::int64_t prompt_tokens = 0;
   std::int64_t completion_tokens = 0;
   bool estimated = false;  // counted by us, not reported by the producer
+  // Where the producer says: prompt tokens served from its prefix cache, and
+  // completion tokens spent reasoning (OpenAI's usage details).
+  std::optional<std::int64_t> cached_tokens;
+  std::optional<std::int64_t> reasoning_tokens;
 };
 
 // HTTP-meaningful failure kinds; the gateway maps them to status codes.

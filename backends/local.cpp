@@ -185,6 +185,7 @@ class LocalBackend final : public Backend {
           break;
         case le::GenerationEvent::Type::done:
           out.type = CompletionEvent::Type::done;
+          out.usage.cached_tokens = e.cached_prompt_tokens;
           out.finish_reason = std::move(e.finish_reason);
           break;
         case le::GenerationEvent::Type::error:

@@ -158,7 +158,15 @@ std::int64_t optional_int(const json::object& o, std::string_view name) {
 std::optional<Usage> read_usage(const json::value* v) {
   auto* o = v ? v->if_object() : nullptr;
   if (!o || !o->contains("prompt_tokens")) return std::nullopt;
-  return Usage{optional_int(*o, "prompt_tokens"), optional_int(*o, "completion_tokens"), false};
+  Usage u(optional_int(*o, "prompt_tokens"), optional_int(*o, "completion_tokens"));
+  auto detail = [&](const char* group, const char* name) -> std::optional<std::int64_t> {
+    const auto* g = o->if_contains(group);
+    if (!g || !g->is_object() || !g->as_object().contains(name)) return std::nullopt;
+    return optional_int(g->as_object(), name);
+  };
+  u.cached_tokens = detail("prompt_tokens_details", "cached_tokens");
+  u.reasoning_tokens = detail("completion_tokens_details", "reasoning_tokens");
+  return u;
 }
 
 // Reads usage from a response or chunk: OpenAI's `usage`, or Groq's `x_groq.usage`.

@@ -20,9 +20,14 @@ std::string random_id(std::string_view prefix) {
 }
 
 json::object usage_object(const backends::Usage& usage) {
-  return {{"prompt_tokens", usage.prompt_tokens},
-          {"completion_tokens", usage.completion_tokens},
-          {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
+  json::object o{{"prompt_tokens", usage.prompt_tokens},
+                 {"completion_tokens", usage.completion_tokens},
+                 {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
+  if (usage.cached_tokens) o["prompt_tokens_details"] = json::object{{"cached_tokens", *usage.cached_tokens}};
+  if (usage.reasoning_tokens) {
+    o["completion_tokens_details"] = json::object{{"reasoning_tokens", *usage.reasoning_tokens}};
+  }
+  return o;
 }
 
 std::string sse(const json::value& v) { return "data: " + json::serialize(v) + "\n\n"; }

@@ -329,6 +329,7 @@ void Engine::finish(Live& live, const std::string& reason) {
   done.finish_reason = finish_reason;
   done.prompt_tokens = live.num_prompt;
   done.completion_tokens = live.generated();
+  done.cached_prompt_tokens = live.num_cached_prompt;
   done.tokens.assign(live.tokens.begin() + live.num_prompt, live.tokens.end());
   live.callback(std::move(done));
   state_->scheduler.finish(&live);

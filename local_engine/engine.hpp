@@ -51,7 +51,8 @@ struct GenerationEvent {
   std::string error;                    // error
   std::int64_t prompt_tokens = 0;
   std::int64_t completion_tokens = 0;
-  std::vector<std::int32_t> tokens;  // done: the generated ids
+  std::int64_t cached_prompt_tokens = 0;  // done: of the prompt, found in the prefix cache
+  std::vector<std::int32_t> tokens;       // done: the generated ids
 };
 
 // Called on the engine thread, in order; nothing follows `done` or `error`.

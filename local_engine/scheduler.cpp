@@ -74,6 +74,7 @@ const SchedulerOutput& Scheduler::schedule() {
     if (blocks_.prefix_caching()) {
       prefix_queries_ += r->num_tokens();
       prefix_hits_ += cached;
+      if (r->num_preemptions == 0) r->num_cached_prompt = cached;
     }
     waiting_.pop_front();
     running_.push_back(r);

@@ -20,6 +20,7 @@ struct ScheduledRequest {
   std::int64_t num_computed = 0;     // tokens whose keys and values are cached
   KvBlockTable blocks;
   std::vector<std::uint64_t> block_hashes;  // prefix caching: of the full blocks so far
+  std::int64_t num_cached_prompt = 0;       // prefix caching: prompt tokens found cached when first admitted
   std::int64_t num_preemptions = 0;
 
   std::int64_t num_tokens() const { return static_cast<std::int64_t>(tokens.size()); }

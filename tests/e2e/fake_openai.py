@@ -4,7 +4,8 @@
 Listens on 127.0.0.1 (a free port, printed as the first stdout line), plain
 HTTP or TLS (--cert/--key). The upstream model name picks the behaviour:
 
-  normal   answers "Hello from fake upstream"; usage 13 + 5 (only when asked, as OpenAI does)
+  normal   answers "Hello from fake upstream"; usage 13 + 5, 3 of them cached, 2 reasoning (only
+           when asked, as OpenAI does)
   groq     the same, usage 17 + 6 in x_groq.usage only
   nousage  the same, never any usage
   slow     streams 300 pieces, one per 100 ms
@@ -146,7 +147,8 @@ class Handler(BaseHTTPRequestHandler):
                     for i in range(len(inputs))]
             return self.send_json(200, {"object": "list", "data": data, "model": model,
                                         "usage": {"prompt_tokens": 7 * len(inputs), "total_tokens": 7 * len(inputs)}})
-        usage = {"prompt_tokens": 13, "completion_tokens": 5, "total_tokens": 18}
+        usage = {"prompt_tokens": 13, "completion_tokens": 5, "total_tokens": 18,
+                 "prompt_tokens_details": {"cached_tokens": 3}, "completion_tokens_details": {"reasoning_tokens": 2}}
         if model == "tools":
             return self.tool_call(req, usage)
         groq_usage = {"prompt_tokens": 17, "completion_tokens": 6, "total_tokens": 23}

@@ -263,8 +263,14 @@ TEST_CASE("a repeated prompt is served from the prefix cache, with the same answ
   auto first = client.post("/v1/completions", key, completion_body(prompt, 30, false));
   REQUIRE(first.status == 200);
   CHECK(metric(gw.port(), "tollgate_engine_prefix_cache_hits_total{backend=\"local\"}") == 0.0);
+  CHECK(first.json().at("usage").at("prompt_tokens_details").at("cached_tokens") == 0);
   auto second = client.post("/v1/completions", key, completion_body(prompt, 30, false));
   REQUIRE(second.status == 200);
+  // OpenAI's usage detail says how much of the prompt the cache served: whole blocks of 16.
+  auto cached = second.json().at("usage").at("prompt_tokens_details").at("cached_tokens").as_int64();
+  CHECK(cached >= 16);
+  CHECK(cached % 16 == 0);
+  CHECK(cached < second.json().at("usage").at("prompt_tokens").as_int64());
   CHECK(second.json().at("choices").at(0).at("text") == first.json().at("choices").at(0).at("text"));
   CHECK(metric(gw.port(), "tollgate_engine_prefix_cache_hits_total{backend=\"local\"}").value_or(0) >= 16);
   CHECK(metric(gw.port(), "tollgate_engine_prefix_cache_queries_total{backend=\"local\"}").value_or(0) >=

@@ -116,6 +116,8 @@ TEST_CASE("openai backend: completions with the upstream's exact usage, mapped m
   CHECK(body.at("choices").at(0).at("message").at("content") == "Hello from fake upstream");
   CHECK(body.at("usage").at("prompt_tokens") == 13);
   CHECK(body.at("usage").at("completion_tokens") == 5);
+  CHECK(body.at("usage").at("prompt_tokens_details").at("cached_tokens") == 3);  // the provider's details, relayed
+  CHECK(body.at("usage").at("completion_tokens_details").at("reasoning_tokens") == 2);
   auto last = fake.last().as_object();
   CHECK(last.at("path") == "/v1/chat/completions");
   CHECK(last.at("headers").at("authorization") == json::value("Bearer " + kProviderKey));

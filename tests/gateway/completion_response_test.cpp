@@ -228,3 +228,18 @@ TEST_CASE("a backend's tool calls join the chat delta and the message", "[gatewa
   CHECK(only_choice(odd).at("message").at("content") == "text");
   CHECK(only_choice(odd).at("message").at("refusal") == "no");
 }
+
+TEST_CASE("usage details appear only where the producer gave them", "[gateway][response]") {
+  CompletionFormatter chat(true, "m", true);
+  auto plain = json::parse(chat.full_response("x", "stop", Usage{3, 2})).as_object();
+  CHECK_FALSE(plain.at("usage").as_object().contains("prompt_tokens_details"));
+  CHECK_FALSE(plain.at("usage").as_object().contains("completion_tokens_details"));
+  Usage detailed{30, 20};
+  detailed.cached_tokens = 16;
+  detailed.reasoning_tokens = 12;
+  auto full = json::parse(chat.full_response("x", "stop", detailed)).as_object();
+  CHECK(full.at("usage").at("prompt_tokens_details").at("cached_tokens") == 16);
+  CHECK(full.at("usage").at("completion_tokens_details").at("reasoning_tokens") == 12);
+  auto event = event_json(chat.usage_event(detailed));
+  CHECK(event.at("usage").at("prompt_tokens_details").at("cached_tokens") == 16);
+}
