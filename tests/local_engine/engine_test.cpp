@@ -331,17 +331,20 @@ void write_block_type_llama(const std::string& path, bool converted) {
       const float jitter = 1.0f + static_cast<float>(i % 7) / 7.0f;
       switch (type) {
         case BlockType::q4_1:
-          half(at, 0.01f * jitter), half(at + 2, -0.07f);
+          half(at, 0.01f * jitter);
+          half(at + 2, -0.07f);
           break;
         case BlockType::q5_0:
           half(at, 0.008f * jitter);
           break;
         case BlockType::q5_1:
-          half(at, 0.005f * jitter), half(at + 2, -0.08f);
+          half(at, 0.005f * jitter);
+          half(at + 2, -0.08f);
           break;
         case BlockType::q4_k:
         case BlockType::q5_k:
-          half(at, 0.0002f * jitter), half(at + 2, 0.0002f);
+          half(at, 0.0002f * jitter);
+          half(at + 2, 0.0002f);
           break;
         case BlockType::q6_k:
           half(at + 208, 0.00003f * jitter);
