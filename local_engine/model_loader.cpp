@@ -9,11 +9,11 @@
 #include <limits>
 #include <map>
 #include <sstream>
-#include <thread>
 
 #include "local_engine/cpu_ops.hpp"
 #include "local_engine/gguf.hpp"
 #include "local_engine/model.hpp"
+#include "local_engine/thread_pool.hpp"
 #include "local_engine/tokenizer.hpp"
 
 namespace tollgate::local_engine {
@@ -179,29 +179,23 @@ class AnonymousMemory {
 };
 
 // A matrix of a block type the engine does not compute in, as Q8_0: each row
-// decoded and requantised, rows split over the cores (a 1B model is ~1e9 values).
-Tensor convert_to_q8_0(const gguf::TensorInfo& t, std::vector<std::shared_ptr<const AnonymousMemory>>& keep) {
+// decoded and requantised, rows split over the pool (a 1B model is ~1e9 values).
+Tensor convert_to_q8_0(const gguf::TensorInfo& t, ThreadPool& pool,
+                       std::vector<std::shared_ptr<const AnonymousMemory>>& keep) {
   const std::int64_t rows = t.rows();
   const std::int64_t cols = t.cols();
   const gguf::BlockLayout& l = gguf::layout(*t.blocks);
   const std::size_t in_row = static_cast<std::size_t>(cols / l.values) * l.bytes;
   const std::size_t out_row = row_bytes(DType::q8_0, cols);
   auto memory = std::make_shared<AnonymousMemory>(static_cast<std::size_t>(rows) * out_row);
-  auto convert = [&](std::int64_t begin, std::int64_t end) {
+  pool.parallel_for(rows, [&](std::int64_t begin, std::int64_t end) {
     std::vector<float> values(static_cast<std::size_t>(cols));
     for (std::int64_t r = begin; r < end; ++r) {
       gguf::dequantize_blocks(*t.blocks, t.data + static_cast<std::size_t>(r) * in_row, cols, values.data());
       cpu::quantize_row_q8_0(
           values.data(), reinterpret_cast<BlockQ8_0*>(memory->data() + static_cast<std::size_t>(r) * out_row), cols);
     }
-  };
-  const std::int64_t threads =
-      std::clamp<std::int64_t>(std::thread::hardware_concurrency(), 1, std::max<std::int64_t>(1, rows / 64));
-  std::vector<std::thread> workers;
-  for (std::int64_t i = 1; i < threads; ++i)
-    workers.emplace_back(convert, rows * i / threads, rows * (i + 1) / threads);
-  convert(0, rows / threads);
-  for (auto& w : workers) w.join();
+  });
   Tensor out{DType::q8_0, memory->data(), rows, cols};
   keep.push_back(std::move(memory));
   return out;
@@ -218,7 +212,9 @@ class GgufTensors {
     for (std::size_t d = 2; d < t.ne.size(); ++d) ok = ok && t.ne[d] == 1;
     if (!ok) wrong_shape(t, std::to_string(rows) + " x " + std::to_string(cols) + " (" + std::string(shape) + ")");
     matrices_.emplace_back(t.type_name(), t.elements());
-    return t.blocks ? convert_to_q8_0(t, converted_) : t.tensor();
+    if (!t.blocks) return t.tensor();
+    if (!pool_) pool_ = std::make_unique<ThreadPool>();  // only for files that need converting
+    return convert_to_q8_0(t, *pool_, converted_);
   }
 
   // A norm weight: n F32 values.
@@ -260,6 +256,7 @@ class GgufTensors {
   const gguf::File& file_;
   std::vector<std::pair<std::string_view, std::int64_t>> matrices_;
   std::vector<std::shared_ptr<const AnonymousMemory>> converted_;
+  std::unique_ptr<ThreadPool> pool_;
 };
 
 std::optional<std::int32_t> token_id(const gguf::File& file, const std::string& key, std::int64_t vocab_size) {
