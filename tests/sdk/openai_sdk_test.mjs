@@ -4,6 +4,8 @@
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
 
+import { runChecks } from './run_checks.mjs';
+
 const baseURL = process.env.TOLLGATE_BASE_URL;
 // No retries: a retried 429 or 5xx would hide the error under test.
 const client = new OpenAI({ baseURL, apiKey: process.env.TOLLGATE_KEY, maxRetries: 0, timeout: 20000 });
@@ -161,15 +163,4 @@ const checks = {
   },
 };
 
-let failed = 0;
-for (const [name, check] of Object.entries(checks)) {
-  try {
-    await check();
-    console.log(`ok ${name}`);
-  } catch (e) {
-    failed++;
-    console.log(`FAILED ${name}: ${e?.stack ?? e}`);
-  }
-}
-console.log(failed ? `${failed} failed` : 'all passed');
-process.exit(failed ? 1 : 0);
+await runChecks(checks);

@@ -5,6 +5,8 @@
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
 
+import { runChecks } from './run_checks.mjs';
+
 const client = new OpenAI({
   baseURL: process.env.TOLLGATE_BASE_URL,
   apiKey: process.env.TOLLGATE_KEY,
@@ -84,15 +86,4 @@ const checks = {
   },
 };
 
-let failed = 0;
-for (const [name, check] of Object.entries(checks)) {
-  try {
-    await check();
-    console.log(`ok ${name}`);
-  } catch (e) {
-    failed++;
-    console.log(`FAILED ${name}: ${e?.stack ?? e}`);
-  }
-}
-console.log(failed ? `${failed} failed` : 'all passed');
-process.exit(failed ? 1 : 0);
+await runChecks(checks);
