@@ -587,7 +587,11 @@ class OpenAICompatibleBackend final : public Backend {
 
   const std::string& name() const override { return up_.config.name; }
   std::string type() const override { return "openai"; }
-  Capabilities capabilities() const override { return {true, true, true, true}; }
+  Capabilities capabilities() const override {
+    Capabilities c;
+    c.embeddings = true;  // besides chat, completions and streaming
+    return c;
+  }
 
   std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const override {
     // The chat template is the upstream's: a few tokens per message for it.
