@@ -2,14 +2,15 @@
 
 #include <sys/socket.h>
 
+#include <array>
 #include <boost/asio.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <array>
 #include <cerrno>
 #include <charconv>
-#include <span>
 #include <optional>
+#include <span>
 
 namespace tollgate::backends {
 namespace {
@@ -21,6 +22,7 @@ using tcp = net::ip::tcp;
 using net::awaitable;
 using SteadyClock = std::chrono::steady_clock;
 constexpr auto as_tuple = net::as_tuple(net::use_awaitable);
+using namespace net::experimental::awaitable_operators;
 
 // Each relay step moves at most this much: memory per proxied request stays
 // bounded whatever the body size, and a slow reader slows the writer.
@@ -39,6 +41,23 @@ bool is_stale_connection(const beast::error_code& ec) {
          ec == net::error::broken_pipe;
 }
 
+// True when the client hangs up (end of stream or an error); false once
+// cancelled. Bytes the client sends meanwhile are a pipelined request, left in
+// the socket for later: the watch then only waits to be cancelled.
+awaitable<bool> until_client_leaves(tcp::socket& client) {
+  for (;;) {
+    auto [ec] = co_await client.async_wait(tcp::socket::wait_read, as_tuple);
+    if (ec == net::error::operation_aborted) co_return false;
+    char byte;
+    auto n = ::recv(client.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (ec || n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) co_return true;
+    if (n > 0) break;
+  }
+  net::steady_timer forever(client.get_executor(), SteadyClock::time_point::max());
+  co_await forever.async_wait(as_tuple);
+  co_return false;
+}
+
 }  // namespace
 
 struct AppUpstream::Connection {
@@ -47,7 +66,6 @@ struct AppUpstream::Connection {
   IoDeadline deadline;
   beast::flat_buffer buffer;
   bool reused = false;
-  SteadyClock::time_point released{};
 };
 
 struct AppUpstream::Pool {
@@ -105,8 +123,10 @@ void AppForward::set_response_header(std::string_view name, std::string_view val
 
 namespace {
 
+// Hop-by-hop, or framing the gateway writes itself.
 bool is_hop_by_hop(http::field f) {
   switch (f) {
+    case http::field::content_length:
     case http::field::connection:
     case http::field::keep_alive:
     case http::field::proxy_connection:
@@ -147,10 +167,19 @@ void append_status_line(std::string& out, unsigned version, const http::response
 void append_end_to_end_fields(std::string& out, const http::fields& fields, const HeaderNames& drop) {
   // Headers named by Connection are hop-by-hop too (RFC 9110 §7.6.1); every
   // Connection line counts, wherever it is.
+  // Host and the framing headers are not Connection's to remove: a client
+  // that names them is asking for a desync.
   HeaderNames named;
   for (const auto& f : fields) {
     if (f.name() != http::field::connection) continue;
-    for (auto token : http::token_list(f.value())) named.add(std::string_view(token.data(), token.size()));
+    for (auto token : http::token_list(f.value())) {
+      auto which = http::string_to_field(token);
+      if (which == http::field::host || which == http::field::content_length ||
+          which == http::field::transfer_encoding) {
+        continue;
+      }
+      named.add(std::string_view(token.data(), token.size()));
+    }
   }
   for (const auto& f : fields) {
     auto name = f.name_string();
@@ -162,16 +191,12 @@ void append_end_to_end_fields(std::string& out, const http::fields& fields, cons
 
 namespace {
 
-// A connection back in the pool this recently is trusted without a look:
-// apps keep idle connections for seconds (nginx 75 s, Tomcat 20 s), and a
-// body-less request that meets a closed one is retried anyway.
-constexpr auto kTrustedIdle = std::chrono::seconds(1);
-
 // A kept-alive connection the app has closed is readable (EOF) or reset; a
-// live one has nothing to read. A peek without blocking tells them apart.
-bool looks_alive(tcp::socket& socket, const beast::flat_buffer& leftover, SteadyClock::time_point released) {
-  if (leftover.size() > 0) return false;  // bytes nobody asked for: the framing is off
-  if (SteadyClock::now() - released < kTrustedIdle) return true;
+// live one has nothing to read. Bytes nobody asked for (an answer to a request
+// the gateway never sent) mean the framing is off: never reused, or they would
+// reach the next user as their answer. A peek without blocking tells them apart.
+bool looks_alive(tcp::socket& socket, const beast::flat_buffer& leftover) {
+  if (leftover.size() > 0) return false;
   char byte;
   auto n = ::recv(socket.native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
   return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
@@ -179,32 +204,50 @@ bool looks_alive(tcp::socket& socket, const beast::flat_buffer& leftover, Steady
 
 // The request line and header the app receives: HTTP/1.1 whatever the
 // client spoke, the client's end-to-end fields minus `drop`, the gateway's.
+// The body is framed by what the gateway's parser read, never by the
+// client's lines: chunked, or the one Content-Length the parser settled on.
 std::string request_head(const http::request_header<>& req, const HeaderNames& drop, const AppForward& how,
-                         bool chunked) {
+                         bool chunked, std::optional<std::uint64_t> content_length, std::string_view app_host) {
   std::string out;
   out.reserve(512);
   auto method = req.method_string();
-  auto target = req.target();
+  std::string_view target =
+      how.target.empty() ? std::string_view(req.target().data(), req.target().size()) : how.target;
   out.append(method.data(), method.size());
   out += ' ';
-  out.append(target.data(), target.size());
+  out.append(target);
   out += " HTTP/1.1\r\n";
   append_end_to_end_fields(out, req, drop);
+  // HTTP/1.1 needs a Host; an HTTP/1.0 client may have sent none.
+  if (req.find(http::field::host) == req.end()) append_header_line(out, "Host", app_host);
   out += how.request_headers;
-  if (chunked) out += "Transfer-Encoding: chunked\r\n";
+  if (chunked) {
+    out += "Transfer-Encoding: chunked\r\n";
+  } else if (content_length) {
+    out += "Content-Length: ";
+    out += std::to_string(*content_length);
+    out += "\r\n";
+  }
   out += "\r\n";
   return out;
 }
 
 // The status line and header the client receives, framed for it.
-std::string client_response_head(const http::response_header<>& res, unsigned client_version,
-                                 const HeaderNames& drop, const AppForward& how, bool chunked, bool keep) {
+std::string client_response_head(const http::response_header<>& res, unsigned client_version, const HeaderNames& drop,
+                                 const AppForward& how, bool chunked, std::optional<std::uint64_t> content_length,
+                                 bool keep) {
   std::string out;
   out.reserve(512);
   append_status_line(out, client_version, res);
   append_end_to_end_fields(out, res, drop);
   out += how.response_headers;
-  if (chunked) out += "Transfer-Encoding: chunked\r\n";
+  if (chunked) {
+    out += "Transfer-Encoding: chunked\r\n";
+  } else if (content_length) {
+    out += "Content-Length: ";
+    out += std::to_string(*content_length);
+    out += "\r\n";
+  }
   if (client_version >= 11 && !keep) out += "Connection: close\r\n";
   if (client_version < 11 && keep) out += "Connection: keep-alive\r\n";
   out += "\r\n";
@@ -282,7 +325,11 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client_stream, IoD
   // a chunked body is re-chunked, so a Content-Length beside it goes.
   HeaderNames drop_request = how.drop_request;
   drop_request.add("Expect");
-  if (chunked_in) drop_request.add("Content-Length");
+  std::optional<std::uint64_t> length_in;
+  if (!chunked_in && rp.content_length()) length_in = *rp.content_length();
+  const bool ipv6_literal = options_.host.find(':') != std::string::npos;
+  const std::string app_host =
+      (ipv6_literal ? "[" + options_.host + "]" : options_.host) + ":" + std::to_string(options_.port);
 
   // Only bodies that do not fit one read need the relay buffer.
   std::unique_ptr<char[]> relay;
@@ -299,7 +346,7 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client_stream, IoD
     while (!pool.idle.empty()) {
       auto candidate = std::move(pool.idle.back());
       pool.idle.pop_back();
-      if (looks_alive(candidate->stream.socket(), candidate->buffer, candidate->released)) {
+      if (looks_alive(candidate->stream.socket(), candidate->buffer)) {
         conn = std::move(candidate);
         break;
       }
@@ -349,7 +396,7 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client_stream, IoD
 
     // Request: the header, then a bounded piece of the client's body at a
     // time, each written before the next is read (Beast's relay pattern).
-    std::string head = request_head(req, drop_request, how, chunked_in);
+    std::string head = request_head(req, drop_request, how, chunked_in, length_in, app_host);
     beast::error_code upstream_ec;
     for (;;) {
       std::size_t got = 0;
@@ -362,7 +409,11 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client_stream, IoD
         auto ec = client_deadline.outcome(read_ec);
         if (ec == http::error::need_buffer) ec = {};
         if (ec) {
-          out.failure = AppOutcome::Failure::client_gone;
+          // A broken chunk is the client's fault and gets an answer; the app
+          // connection, holding part of a request, is dropped with `conn`.
+          const bool malformed = ec.category() == http::make_error_code(http::error::bad_chunk).category() &&
+                                 ec != http::error::end_of_stream && ec != http::error::partial_message;
+          out.failure = malformed ? AppOutcome::Failure::bad_request : AppOutcome::Failure::client_gone;
           out.detail = "reading the request body: " + ec.message();
           out.upstream_time = elapsed();
           co_return out;
@@ -391,7 +442,18 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client_stream, IoD
         resp->body_limit(boost::none);
         if (req.method() == http::verb::head) resp->skip(true);
         conn->deadline.arm(options_.first_byte_timeout);
-        auto [ec, n] = co_await http::async_read_header(conn->stream.socket(), conn->buffer, *resp, as_tuple);
+        // A client that hangs up meanwhile is gone (499), not a slow app (504).
+        auto first = co_await (http::async_read_header(conn->stream.socket(), conn->buffer, *resp, as_tuple) ||
+                               until_client_leaves(client));
+        if (first.index() == 1 && std::get<1>(first)) {
+          out.failure = AppOutcome::Failure::client_gone;
+          out.detail = "the client left before the app answered";
+          out.upstream_time = elapsed();
+          co_return out;
+        }
+        auto [ec, n] = first.index() == 0
+                           ? std::get<0>(first)
+                           : std::tuple(beast::error_code(net::error::operation_aborted), std::size_t{0});
         if (ec) {
           upstream_ec = conn->deadline.outcome(ec);
           break;
@@ -428,17 +490,21 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client_stream, IoD
       keep = false;
     }
   }
-  HeaderNames drop_response = how.drop_response;
-  if (chunked_up) drop_response.add("Content-Length");
-  std::string head = client_response_head(res, client_version, drop_response, how, chunked_out, keep);
+  // The client's framing is the gateway's: the length the parser read (for a
+  // HEAD or 304, the length the app declared), else chunked or close.
+  std::optional<std::uint64_t> length_out;
+  if (!chunked_out && !chunked_up && res.result() != http::status::no_content && res.result_int() / 100 != 1) {
+    if (resp->content_length()) length_out = *resp->content_length();
+  }
+  std::string head = client_response_head(res, client_version, how.drop_response, how, chunked_out, length_out, keep);
   out.status = res.result_int();
 
+  // Only a connection whose answer was read exactly to its end goes back.
   auto release = [&] {
-    if (upstream_keep && pool.idle.size() < options_.max_idle_per_thread) {
+    if (upstream_keep && conn->buffer.size() == 0 && pool.idle.size() < options_.max_idle_per_thread) {
       conn->stream.expires_never();
       conn->deadline.disarm();
       conn->reused = true;
-      conn->released = SteadyClock::now();
       pool.idle.push_back(std::move(conn));
     }
   };

@@ -45,6 +45,7 @@ class HeaderNames {
 // What the gateway decided about one proxied request. Headers it sets go out
 // as wire lines after the message's own, whose copies of them are dropped.
 struct AppForward {
+  std::string_view target;       // the request target the app receives; empty: the client's
   std::string request_headers;   // "Name: value\r\n" lines added to the request
   HeaderNames drop_request;      // client headers the app never sees
   std::string response_headers;  // lines added to the response to the client
@@ -65,6 +66,7 @@ struct AppOutcome {
     timeout,          // connect, first byte or idle timeout before answering: 504
     broken_response,  // the app answered, then failed mid-body: the client connection is cut
     client_gone,      // the client vanished or stalled: nothing more can be sent
+    bad_request,      // the client's body is malformed (chunk syntax): 400, and the connection closes
   };
   Failure failure = Failure::none;
   int status = 0;                  // what the client received (when response_started)
@@ -108,7 +110,9 @@ class AppUpstream {
 // Appends `fields` as they go on the wire, "Name: value\r\n" each, leaving
 // out the hop-by-hop ones of RFC 9110 §7.6.1 (Connection and every header it
 // names, Keep-Alive, Proxy-Connection, TE, Transfer-Encoding, Upgrade,
-// Proxy-Authorization, Proxy-Authenticate, Trailer) and those in `drop`.
+// Proxy-Authorization, Proxy-Authenticate, Trailer), Content-Length (the
+// gateway frames every body it forwards itself) and those in `drop`.
+// Connection can never name Host or the framing headers away.
 void append_end_to_end_fields(std::string& out, const boost::beast::http::fields& fields, const HeaderNames& drop);
 
 // "Name: value\r\n", with any CR, LF or NUL in the value made a space: a

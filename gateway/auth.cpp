@@ -15,6 +15,9 @@ std::optional<std::string_view> presented_key(std::string_view authorization, st
     while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
     return s;
   };
+  // x-api-key first: beside it, Authorization is the app's own (a JWT, Basic).
+  x_api_key = trim(x_api_key);
+  if (!x_api_key.empty()) return x_api_key;
   authorization = trim(authorization);
   constexpr std::string_view kBearer = "bearer ";
   if (authorization.size() > kBearer.size()) {
@@ -27,8 +30,6 @@ std::optional<std::string_view> presented_key(std::string_view authorization, st
       if (!key.empty()) return key;
     }
   }
-  x_api_key = trim(x_api_key);
-  if (!x_api_key.empty()) return x_api_key;
   return std::nullopt;
 }
 

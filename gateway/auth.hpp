@@ -29,7 +29,8 @@ struct AuthOutcome {
   std::shared_ptr<const KeyEntry> entry;  // set unless missing or unknown
 };
 
-// The key a request presents: "Authorization: Bearer KEY" or "x-api-key: KEY".
+// The key a request presents: "x-api-key: KEY", else "Authorization: Bearer KEY"
+// (so an app behind the proxy can still receive its own Authorization).
 std::optional<std::string_view> presented_key(std::string_view authorization, std::string_view x_api_key);
 
 class KeyCache {

@@ -29,6 +29,7 @@
 #include "gateway/completion_response.hpp"
 #include "gateway/gateway_metrics.hpp"
 #include "gateway/http_error.hpp"
+#include "gateway/http_rules.hpp"
 #include "metering/quota.hpp"
 #include "metering/usage_writer.hpp"
 
@@ -61,10 +62,14 @@ std::int64_t micros_since(SteadyClock::time_point t) {
 
 // A connection the shutdown can reach: idle ones are closed at once, busy ones
 // finish their request first.
+class SessionSink;
+
 struct Connection {
   explicit Connection(tcp::socket socket) : stream(std::move(socket)) {}
   beast::tcp_stream stream;
   std::atomic<bool> idle{true};
+  // The completion being relayed, if any; touched on the connection's executor only.
+  std::weak_ptr<SessionSink> sink;
 };
 
 // What one process serves: configuration, routing, keys, quotas, metering.
@@ -79,6 +84,7 @@ struct Gateway {
   metering::QuotaLimiter quotas;
   std::unique_ptr<metering::UsageWriter> usage;
   std::atomic<bool> stopping{false};
+  std::atomic<bool> cut_off{false};            // the shutdown grace has run out: no more fallbacks
   std::unique_ptr<backends::AppUpstream> app;  // set when app_upstream is configured
   std::vector<net::ip::address> trusted_proxies;
   std::atomic<std::size_t> open_connections{0};
@@ -154,27 +160,6 @@ bool gateway_owns(std::string_view path) {
   return path == "/v1/chat/completions" || path == "/v1/completions" || path == "/v1/embeddings" ||
          path == "/v1/models" || path == "/healthz" || path == "/readyz" || path == "/metrics" || path == "/admin" ||
          path.starts_with("/admin/");
-}
-
-// Public paths match literally (or by prefix when the pattern ends in '*').
-// A path the app could normalise into another one (dot segments, percent
-// escapes, ';' parameters, backslashes, empty segments) never matches, so
-// "/public/../private" or "/public/..;/private" cannot skip authentication.
-bool is_public_path(const std::vector<std::string>& patterns, std::string_view path) {
-  if (path.find_first_of("%;\\") != std::string_view::npos || path.find("//") != std::string_view::npos) return false;
-  for (auto i = path.find("/."); i != std::string_view::npos; i = path.find("/.", i + 1)) {
-    auto rest = path.substr(i + 2);
-    if (rest.empty() || rest.front() == '/' || (rest.front() == '.' && (rest.size() == 1 || rest[1] == '/'))) {
-      return false;
-    }
-  }
-  for (const auto& p : patterns) {
-    std::string_view pattern = p;
-    if (pattern.ends_with('*') ? path.starts_with(pattern.substr(0, pattern.size() - 1)) : path == pattern) {
-      return true;
-    }
-  }
-  return false;
 }
 
 // The usage row keeps an app call's path; a client cannot make rows arbitrarily big.
@@ -464,7 +449,10 @@ awaitable<bool> Session::read_body(http::request_parser<http::string_body>& pars
 // Refuses a request before its body is needed: a small body is read so the
 // connection stays usable; a large one is left unread and the connection closes.
 awaitable<bool> Session::refuse(http::request_parser<http::string_body>& parser, Exchange& x, ApiError error) {
-  bool small = parser.content_length() && *parser.content_length() <= kDrainableBody;
+  // A client waiting for 100 Continue never gets it: it sends no body, and
+  // the connection closes rather than guess whether one follows.
+  bool waiting_to_send = beast::iequals(parser.get()[http::field::expect], "100-continue");
+  bool small = !waiting_to_send && parser.content_length() && *parser.content_length() <= kDrainableBody;
   if (small && !co_await read_body(parser, x)) co_return false;
   co_return co_await respond_error(parser.get(), x, error, !parser.is_done());
 }
@@ -564,6 +552,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
     backends::CompletionRequest attempt_request = creq;
     attempt_request.upstream_model = deployment.upstream_model;
     auto sink = std::make_shared<SessionSink>(stream().get_executor());
+    conn_->sink = sink;
     auto backend_started = SteadyClock::now();
     std::unique_ptr<backends::CompletionHandle> handle;
     try {
@@ -644,7 +633,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
             gw_.metrics.backend_duration.labels({x.event.backend}).observe(seconds_since(backend_started));
             gw_.metrics.backend_errors.labels({x.event.backend, error_kind_label(ev.error.kind)}).inc();
             if (retryable(ev.error.kind)) gw_.router.record_failure(deployment);
-            if (retryable(ev.error.kind) && deltas == 0 && attempt + 1 < plan.size()) {
+            if (retryable(ev.error.kind) && deltas == 0 && attempt + 1 < plan.size() && !gw_.cut_off) {
               // Nothing reached the client: back off a little, then the next deployment.
               net::steady_timer backoff(stream().get_executor());
               backoff.expires_after(std::chrono::milliseconds(std::min<std::int64_t>(1000, 50LL << attempt)));
@@ -652,9 +641,13 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool
               retry = true;
               break;
             }
-            x.event.prompt_tokens = ev.usage.prompt_tokens;
-            x.event.completion_tokens = ev.usage.completion_tokens;
-            x.event.estimated = ev.usage.estimated;
+            // Without a count from the backend (a shutdown cut, say), what
+            // reached the client stays metered as estimated above.
+            if (ev.usage.prompt_tokens || ev.usage.completion_tokens) {
+              x.event.prompt_tokens = ev.usage.prompt_tokens;
+              x.event.completion_tokens = ev.usage.completion_tokens;
+              x.event.estimated = ev.usage.estimated;
+            }
             auto api_error = from_backend(ev.error);
             if (!headers_sent) co_return co_await respond_error(req, x, api_error);
             // Mid-stream: the status is already 200; an error event tells the client.
@@ -724,7 +717,7 @@ void Session::set_forwarding_headers(const Request& req, backends::AppForward& h
   if (trusted) {
     // Every X-Forwarded-For line, in order: several are one comma-separated list.
     for (const auto& f : req) {
-      if (!beast::iequals(f.name_string(), "X-Forwarded-For")) continue;
+      if (!beast::iequals(f.name_string(), "X-Forwarded-For") || how.drop_request.contains(f.name_string())) continue;
       if (!forwarded_for.empty()) forwarded_for += ", ";
       forwarded_for += f.value();
     }
@@ -772,20 +765,24 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
     how.drop_request.add("X-Tollgate-Key-Id");
   }
 
-  // The app never sees a Tollgate key: the header that carried the key used
-  // here goes, and so does any other holding a Tollgate-shaped key.
+  // The app never sees a Tollgate key: every header holding the key this
+  // request used, or anything shaped like one, goes whole (a cookie too).
   {
-    auto bearer = presented_key(req[http::field::authorization], {});
-    auto api_key = presented_key({}, req["x-api-key"]);
-    auto used = bearer ? bearer : api_key;  // what authenticate() read
-    auto ours = [&](const std::optional<std::string_view>& k) {
-      return k && ((!is_public && *k == *used) || k->starts_with("tg-"));
-    };
-    bool drop_authorization = ours(bearer);
-    bool drop_api_key = ours(api_key);
-    if (drop_authorization) how.drop_request.add("Authorization");
-    if (drop_api_key) how.drop_request.add("x-api-key");
+    std::string_view used =
+        is_public ? std::string_view{} : presented_key(req[http::field::authorization], req["x-api-key"]).value_or("");
+    for (const auto& f : req) {
+      auto value = f.value();
+      if (holds_tollgate_key({value.data(), value.size()}, used)) {
+        if (f.name() == http::field::host) {
+          auto bad = bad_request("a key in the Host header", std::nullopt, "bad_http");
+          co_return co_await refuse(parser, x, bad);
+        }
+        auto name = f.name_string();
+        how.drop_request.add({name.data(), name.size()});
+      }
+    }
   }
+  how.target = origin_form(req.target());
   set_forwarding_headers(req, how);
   how.client_read_timeout = limits().body_timeout;
   how.client_write_timeout = limits().idle_timeout;
@@ -806,6 +803,11 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
   if (out.failure == Failure::client_gone) {
     x.finish(499);
     co_return false;
+  }
+  if (out.failure == Failure::bad_request) {
+    Request head{http::verb::get, "", version};
+    auto bad = bad_request("malformed request body: " + out.detail, std::nullopt, "bad_body");
+    co_return co_await respond_error(head, x, bad, true);
   }
   Request head{http::verb::get, "", version};
   head.keep_alive(keep_alive);
@@ -828,8 +830,7 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
 // connection stays open for another.
 awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser) {
   auto& req = parser.get();
-  auto target = req.target();
-  std::string_view path = target.substr(0, target.find('?'));
+  std::string_view path = target_path(req.target());
   Exchange x(gw_, path);
   auto method = req.method();
 
@@ -970,6 +971,15 @@ awaitable<void> Session::run() {
     // The deadline guards raw reads and writes only: past this point a long
     // answer (a stream on the stream's own expiry) must not be cut by it.
     deadline_.disarm();
+    if (auto violation = check_request_head(parser.get())) {
+      // Framing the gateway cannot be sure of is never acted on: answered, closed.
+      Request req;
+      req.version(11);
+      Exchange x(gw_, "other");
+      ApiError error{violation->status, violation->message, "invalid_request_error", std::nullopt, violation->code, {}};
+      co_await respond_error(req, x, error, true);
+      break;
+    }
     close_after_ = false;
     if (!co_await handle(parser)) break;
     if (close_after_) break;
@@ -1026,6 +1036,29 @@ awaitable<void> drain(Gateway& gw, std::vector<std::unique_ptr<net::io_context>>
   auto deadline = SteadyClock::now() + gw.config.limits.shutdown_grace;
   net::steady_timer timer(co_await net::this_coro::executor);
   while (gw.open_connections.load() > 0 && SteadyClock::now() < deadline) {
+    timer.expires_after(std::chrono::milliseconds(20));
+    co_await timer.async_wait(use_awaitable);
+  }
+  if (gw.open_connections.load() > 0) {
+    // Completions still running are told why they end: a stream gets an SSE
+    // error event, an answer not yet begun a 503. They get a moment to say it.
+    gw.cut_off = true;
+    std::lock_guard lock(gw.connections_mutex);
+    for (auto& weak : gw.connections) {
+      auto conn = weak.lock();
+      if (!conn) continue;
+      net::post(conn->stream.get_executor(), [conn] {
+        auto sink = conn->sink.lock();
+        if (!sink) return;
+        backends::CompletionEvent ev;
+        ev.type = backends::CompletionEvent::Type::error;
+        ev.error = {backends::ErrorKind::overloaded, "the gateway is shutting down", 1};
+        sink->on_event(std::move(ev));
+      });
+    }
+  }
+  auto last_words = SteadyClock::now() + std::chrono::milliseconds(500);
+  while (gw.open_connections.load() > 0 && SteadyClock::now() < last_words) {
     timer.expires_after(std::chrono::milliseconds(20));
     co_await timer.async_wait(use_awaitable);
   }

@@ -157,11 +157,17 @@ TEST_CASE("past shutdown_grace a long stream is cut and the process still exits 
   REQUIRE(read_until(client, "data: {", 10s).find("data: {") != std::string::npos);
 
   // The grace is 1 s; the bound only guards against a hang.
-  CHECK(gw.stop(SIGTERM, 20s) == 0);
+  auto stopped = std::async(std::launch::async, [&gw] { return gw.stop(SIGTERM, 20s); });
+  // The cut stream is told why it ends.
+  auto tail = read_until(client, "shutting down", 10s);
+  CHECK(tail.find("data: {\"error\"") != std::string::npos);
+  CHECK(tail.find("shutting down") != std::string::npos);
+  CHECK(stopped.get() == 0);
   CHECK(client.wait_closed(10s));
   CHECK(count_usage_rows(gw.db(), "route = '/v1/chat/completions' AND status = 200 AND completion_tokens = 2") == 2);
-  // The cut stream never reported all 100 tokens as delivered.
+  // The cut stream never reported all 100 tokens as delivered, but what it got is metered.
   CHECK(count_usage_rows(gw.db(), "completion_tokens = 100") == 0);
+  CHECK(count_usage_rows(gw.db(), "status = 503 AND completion_tokens > 0") == 1);
 }
 
 TEST_CASE("a client gone mid-stream is metered as 499 with the tokens it got", "[e2e][shutdown]") {
