@@ -369,3 +369,34 @@ TEST_CASE("an app answer slower than header_timeout and idle_timeout still arriv
   CHECK(r.status == 200);
   CHECK(client.get("/slow?delay=0", key).status == 200);
 }
+
+TEST_CASE("a client that hangs up while the app thinks is metered 499 at once and never 504", "[e2e][app_proxy]") {
+  FakeServer app("fake_app.py");
+  TempDir dir;
+  GatewayProcess gw(dir, options(app_config(app.port(), "app_timeouts: {first_byte: 20s}\n")));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  {
+    HttpClient client(gw.port());
+    REQUIRE(
+        client.send_raw("GET /slow?delay=4 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key + "\r\n\r\n"));
+    std::this_thread::sleep_for(300ms);
+  }  // the client goes
+  // The row appears long before the app would have answered (4 s) or timed out (20 s).
+  auto gone = std::chrono::steady_clock::now();
+  CHECK(wait_rows(gw.db(), "route = '/slow' AND status = 499 AND user_id IS NOT NULL", 1) == 1);
+  CHECK(std::chrono::steady_clock::now() - gone < 3s);
+  CHECK(count_usage_rows(gw.db(), "status = 504") == 0);
+  // A client that pipelines its next request while waiting is not taken for gone.
+  HttpClient pipelined(gw.port());
+  REQUIRE(pipelined.send_raw("GET /slow?delay=0.5 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key +
+                             "\r\n\r\nGET /echo/next HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key +
+                             "\r\n\r\n"));
+  auto first = pipelined.read_response();
+  REQUIRE(first);
+  CHECK(first->status == 200);
+  auto second = pipelined.read_response();
+  REQUIRE(second);
+  CHECK(second->status == 200);
+  CHECK(second->json().at("path") == "/echo/next");
+}
