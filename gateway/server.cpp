@@ -30,6 +30,7 @@
 #include "gateway/gateway_metrics.hpp"
 #include "gateway/http_error.hpp"
 #include "metering/quota.hpp"
+#include "metering/text_bounds.hpp"
 #include "metering/usage_writer.hpp"
 
 namespace tollgate::gateway {
@@ -484,43 +485,57 @@ awaitable<bool> Session::handle_models(const Request& req, Exchange& x) {
 }
 
 awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool chat, bool embeddings) {
+  // Every request from a known key is admitted before it is judged, so bad
+  // ones (malformed, unknown or forbidden model) count against its limits too.
   auto parsed = embeddings ? parse_embeddings_request(req.body()) : parse_completion_request(req.body(), chat);
-  if (auto* e = std::get_if<ApiError>(&parsed)) co_return co_await respond_error(req, x, *e);
+  if (auto* e = std::get_if<ApiError>(&parsed)) {
+    x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
+    if (!x.admission->allowed) {
+      auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
+      co_return co_await respond_error(req, x, limited);
+    }
+    co_return co_await respond_error(req, x, *e);
+  }
   auto& completion = std::get<ParsedCompletion>(parsed);
   auto& creq = completion.request;
   x.event.model = creq.model;
 
+  // Messages quote a client's model name only in part.
+  const std::string quoted = "'" + metering::excerpt(creq.model) + "'";
+  std::optional<ApiError> refusal;
   auto plan = gw_.router.plan(creq.model);
   if (plan.empty()) {
-    auto unknown = not_found("the model '" + creq.model + "' does not exist", "model_not_found");
-    co_return co_await respond_error(req, x, unknown);
-  }
-  if (!x.caller->key.allows_model(creq.model)) {
-    gw_.metrics.auth_failures.labels({"model_not_allowed"}).inc();
-    auto denied = forbidden("this API key may not use the model '" + creq.model + "'");
-    co_return co_await respond_error(req, x, denied);
-  }
-  std::erase_if(plan, [&](const backends::Deployment* d) {
-    auto caps = d->backend->capabilities();
-    if (embeddings) return !caps.embeddings;
-    return (chat && !caps.chat) || (!chat && !caps.completions) || (creq.stream && !caps.streaming);
-  });
-  if (plan.empty()) {
-    auto unsupported =
-        bad_request("the model '" + creq.model + "' does not " +
-                        (embeddings ? std::string("serve embeddings") : std::string("support this kind of request")),
-                    "model");
-    co_return co_await respond_error(req, x, unsupported);
+    refusal = not_found("the model " + quoted + " does not exist", "model_not_found");
+  } else if (!x.caller->key.allows_model(creq.model)) {
+    refusal = forbidden("this API key may not use the model " + quoted);
+  } else {
+    std::erase_if(plan, [&](const backends::Deployment* d) {
+      auto caps = d->backend->capabilities();
+      if (embeddings) return !caps.embeddings;
+      return (chat && !caps.chat) || (!chat && !caps.completions) || (creq.stream && !caps.streaming);
+    });
+    if (plan.empty()) {
+      refusal =
+          bad_request("the model " + quoted + " does not " +
+                          (embeddings ? std::string("serve embeddings") : std::string("support this kind of request")),
+                      "model");
+    }
   }
   creq.user = x.caller->key.user_name;
 
-  std::int64_t prompt_estimate = plan.front()->backend->estimate_prompt_tokens(creq);
-  std::int64_t reserve =
-      prompt_estimate + (embeddings ? 0 : creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens));
+  // A refused request reserves no tokens; one that will run reserves its prompt and its longest answer.
+  std::int64_t prompt_estimate = refusal ? 0 : plan.front()->backend->estimate_prompt_tokens(creq);
+  std::int64_t reserve = refusal || embeddings
+                             ? prompt_estimate
+                             : prompt_estimate + creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
   x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
   if (!x.admission->allowed) {
     auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
     co_return co_await respond_error(req, x, limited);
+  }
+  if (refusal) {
+    if (refusal->status == 403) gw_.metrics.auth_failures.labels({"model_not_allowed"}).inc();
+    co_return co_await respond_error(req, x, *refusal);
   }
 
   CompletionFormatter format(chat, creq.model, completion.include_usage, creq.logprobs.has_value());
