@@ -54,7 +54,7 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
 
 std::string_view route_label(std::string_view path) {
   for (std::string_view known :
-       {"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics"}) {
+       {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/healthz", "/readyz", "/metrics"}) {
     if (path == known) return known;
   }
   if (path.starts_with("/admin/")) return "/admin";
