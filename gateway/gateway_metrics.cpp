@@ -37,6 +37,11 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
                                   .labels({})),
       metering_rows(
           registry.counter("tollgate_metering_rows_written_total", "Usage events committed to SQLite.").labels({})),
+      metering_rows_dropped(registry
+                                .counter("tollgate_metering_rows_dropped_total",
+                                         "Usage events dropped because the writer's queue was full (the store kept "
+                                         "failing).")
+                                .labels({})),
       user_requests(registry.counter("tollgate_user_requests_total",
                                      "Requests per user (only when metering.per_user_metrics is on).", {"user"})),
       user_tokens(registry.counter("tollgate_user_tokens_total",

@@ -276,7 +276,7 @@ struct Exchange {
     event.status = status;
     event.latency_us = micros_since(started);
     event.counted = admission && admission->allowed;
-    gw.usage->enqueue(std::move(event));
+    if (!gw.usage->enqueue(std::move(event))) gw.metrics.metering_rows_dropped.inc();
   }
 };
 
