@@ -361,7 +361,7 @@ class Session {
   awaitable<bool> handle_models(const Request& req, Exchange& x);
   // Chat and text completions, and embeddings (forwarded whole to a remote backend).
   awaitable<bool> handle_completion(const Request& req, Exchange& x, bool chat, bool embeddings);
-  std::optional<ApiError> authenticate(const Request& req, Exchange& x);
+  awaitable<std::optional<ApiError>> authenticate(const Request& req, Exchange& x);
 
   Gateway& gw_;
   std::shared_ptr<Connection> conn_;
@@ -400,31 +400,46 @@ awaitable<bool> Session::respond_error(const Request& req, Exchange& x, const Ap
   co_return co_await write(std::move(res));
 }
 
-std::optional<ApiError> Session::authenticate(const Request& req, Exchange& x) {
+awaitable<std::optional<ApiError>> Session::authenticate(const Request& req, Exchange& x) {
   auto key = presented_key(req[http::field::authorization], req["x-api-key"]);
   if (!key) {
     gw_.metrics.auth_failures.labels({"missing"}).inc();
-    return unauthorized("missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'", "missing_api_key");
+    co_return unauthorized("missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'", "missing_api_key");
   }
-  auto outcome = gw_.keys->authenticate(*key, metering::now_ms());
+  auto now = metering::now_ms();
+  auto outcome = gw_.keys->authenticate(*key, now);
+  if (outcome.status == AuthOutcome::Status::unknown) {
+    // Perhaps a key created a moment ago: looked up again after a refresh,
+    // off the io thread (the refresh reads SQLite). Refreshes are rate-limited:
+    // the wait for the next one is spent here, on a timer, not on the pool.
+    auto ticket = gw_.keys->miss_ticket();
+    if (auto delay = gw_.keys->miss_delay(); delay > delay.zero()) {
+      net::steady_timer timer(co_await net::this_coro::executor, delay);
+      co_await timer.async_wait(as_tuple);
+    }
+    auto look_again = [keys = gw_.keys.get(), presented = std::string(*key), ticket, now] {
+      return keys->authenticate_after_refresh(presented, ticket, now);
+    };
+    outcome = co_await run_blocking(gw_, std::move(look_again));
+  }
   switch (outcome.status) {
     case AuthOutcome::Status::ok:
       x.identify(outcome.entry);
-      return std::nullopt;
+      co_return std::nullopt;
     case AuthOutcome::Status::revoked:
       x.identify(outcome.entry);
       gw_.metrics.auth_failures.labels({"revoked"}).inc();
-      return unauthorized("this API key has been revoked", "revoked_api_key");
+      co_return unauthorized("this API key has been revoked", "revoked_api_key");
     case AuthOutcome::Status::expired:
       x.identify(outcome.entry);
       gw_.metrics.auth_failures.labels({"expired"}).inc();
-      return unauthorized("this API key has expired", "expired_api_key");
+      co_return unauthorized("this API key has expired", "expired_api_key");
     case AuthOutcome::Status::missing:
     case AuthOutcome::Status::unknown:
       break;
   }
   gw_.metrics.auth_failures.labels({"unknown"}).inc();
-  return unauthorized("invalid API key");
+  co_return unauthorized("invalid API key");
 }
 
 awaitable<bool> Session::read_body(http::request_parser<http::string_body>& parser, Exchange& x) {
@@ -770,7 +785,7 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
   bool is_public = is_public_path(gw_.config.public_paths, path);
   backends::AppForward how;
   if (!is_public) {
-    if (auto e = authenticate(req, x)) co_return co_await refuse(parser, x, *e);
+    if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
     x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
     if (!x.admission->allowed) {
       auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
@@ -895,7 +910,7 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
   }
 
   // Authenticate before reading a body, so strangers cannot make us buffer one.
-  if (auto e = authenticate(req, x)) co_return co_await refuse(parser, x, *e);
+  if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
   if (!co_await read_body(parser, x)) co_return false;
 
   if (is_models) {

@@ -724,3 +724,70 @@ TEST_CASE("every way a user name enters refuses a bad one with a clear message",
   CHECK(list.out.find('\r') == std::string::npos);
   CHECK(std::count(list.out.begin(), list.out.end(), '\n') == 3);  // a header and two users
 }
+
+TEST_CASE("a key created with the CLI works on the very first request to a running gateway", "[e2e][keys][auth]") {
+  TempDir dir;
+  GatewayProcess gw(dir, {.config_yaml = kTwoModels, .db = "", .env = {}});
+  HttpClient client(gw.port());
+  for (int i = 0; i < 6; ++i) {
+    INFO("key " << i);
+    // No wait_for_key: the gateway must look an unknown key up before refusing it.
+    auto key = create_key(gw.db(), "quickstart-" + std::to_string(i));
+    auto r = client.post("/v1/chat/completions", key, chat_body("echo", "first try"));
+    CHECK(r.status == 200);
+    auto other = i % 2 ? client.get("/v1/models", create_key(gw.db(), "models-" + std::to_string(i)))
+                       : client.request("GET", "/v1/models", "", {{"x-api-key", create_key(gw.db(), "x")}});
+    CHECK(other.status == 200);
+  }
+}
+
+TEST_CASE("a burst of random keys is refused quickly while real keys keep being served", "[e2e][keys][auth]") {
+  TempDir dir;
+  GatewayProcess gw(dir, {.config_yaml = kTwoModels, .db = "", .env = {}});
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+
+  constexpr int kThreads = 10, kEach = 50;  // 500 random keys
+  std::vector<int> refused(kThreads, 0);
+  std::vector<std::string> errors(kThreads);
+  auto started = std::chrono::steady_clock::now();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      try {
+        HttpClient attacker(gw.port());
+        for (int i = 0; i < kEach; ++i) {
+          auto random_key = "tg-random" + std::to_string(t) + "x" + std::to_string(i) + "abcdefghijklmnop";
+          if (attacker.post("/v1/chat/completions", random_key, chat_body("echo", "hi")).status == 401) ++refused[t];
+        }
+      } catch (const std::exception& e) {
+        errors[t] = e.what();
+      }
+    });
+  }
+  // Meanwhile a real key is served without waiting on the refusals.
+  int served = 0;
+  std::chrono::steady_clock::duration slowest{};
+  std::thread user([&] {
+    HttpClient client(gw.port());
+    for (int i = 0; i < 20; ++i) {
+      auto before = std::chrono::steady_clock::now();
+      if (client.post("/v1/chat/completions", key, chat_body("echo", "still served")).status == 200) ++served;
+      slowest = std::max(slowest, std::chrono::steady_clock::now() - before);
+    }
+  });
+  for (auto& th : threads) th.join();
+  auto took = std::chrono::steady_clock::now() - started;
+  user.join();
+
+  for (int t = 0; t < kThreads; ++t) {
+    INFO(errors[t]);
+    CHECK(errors[t].empty());
+    CHECK(refused[t] == kEach);
+  }
+  // Each miss waits at most one refresh interval (50 ms) plus the refresh itself.
+  CHECK(took < std::chrono::seconds(kEach / 5));
+  CHECK(served == 20);
+  CHECK(slowest < 1s);
+  CHECK(gw.running());
+}
