@@ -3,11 +3,11 @@
 #include <boost/json.hpp>
 #include <boost/url/parse.hpp>
 #include <boost/url/url_view.hpp>
-#include <cctype>
 
 #include "gateway/http_error.hpp"
 #include "metering/api_key.hpp"
 #include "metering/quota.hpp"
+#include "metering/text_bounds.hpp"
 
 namespace tollgate::gateway {
 namespace json = boost::json;
@@ -73,12 +73,28 @@ std::vector<std::string> split_path(std::string_view path) {
   return parts;
 }
 
+// A key prefix as a path names it: generated prefixes are short ASCII.
+constexpr std::size_t kMaxKeyPrefix = 64;
+// A key restricted to more models than this is better left unrestricted.
+constexpr std::size_t kMaxKeyModels = 256;
+
+std::optional<ApiError> key_prefix_problem(std::string_view prefix) {
+  if (prefix.size() > kMaxKeyPrefix) {
+    return bad_request("a key prefix has at most " + std::to_string(kMaxKeyPrefix) + " bytes", std::nullopt,
+                       "invalid_key_prefix");
+  }
+  return std::nullopt;
+}
+
 AdminResponse create_key_from_json(metering::Store& store, const json::object& o) {
   KeyRequest request;
   const json::value* user = o.if_contains("user");
   if (!user || !user->is_string())
     return error(bad_request("'user' is required", "user", "missing_required_parameter"));
   request.user = user->get_string();
+  if (auto problem = metering::user_name_problem(request.user)) {
+    return error(bad_request(*problem, "user", "invalid_user_name"));
+  }
   if (auto e = read_limits(o, request.limits)) return error(*e);
   if (const json::value* models = o.if_contains("models"); models && !models->is_null()) {
     if (!models->is_array())
@@ -119,7 +135,8 @@ AdminResponse usage_report(metering::Store& store, const boost::urls::url_view& 
       query.by_day = v.find("day") != std::string::npos;
       query.by_model = v.find("model") != std::string::npos;
     } else {
-      return error(bad_request("unknown query parameter '" + std::string(param.key) + "'", std::string(param.key)));
+      auto name = metering::excerpt(param.key);
+      return error(bad_request("unknown query parameter '" + name + "'", name));
     }
   }
   json::array rows;
@@ -129,15 +146,25 @@ AdminResponse usage_report(metering::Store& store, const boost::urls::url_view& 
 
 }  // namespace
 
-CreatedKey create_key(metering::Store& store, const KeyRequest& request) {
-  if (request.user.empty() || request.user.size() > 128) {
-    throw metering::StoreError("a user name must have 1 to 128 characters");
+std::optional<std::string> model_name_problem(std::string_view model) {
+  if (model.empty()) return "model names must not be empty";
+  if (model.size() > metering::kMaxStoredName) {
+    return "a model name has at most " + std::to_string(metering::kMaxStoredName) + " bytes";
   }
-  for (unsigned char c : request.user) {
-    if (std::iscntrl(c)) throw metering::StoreError("a user name must not contain control characters");
+  if (!metering::valid_utf8(model)) return "a model name must be valid UTF-8";
+  for (unsigned char c : model) {
+    if (c < 0x20 || c == 0x7F) return "a model name must not contain control characters";
+  }
+  return std::nullopt;
+}
+
+CreatedKey create_key(metering::Store& store, const KeyRequest& request) {
+  if (auto problem = metering::user_name_problem(request.user)) throw metering::StoreError(*problem);
+  if (request.models.size() > kMaxKeyModels) {
+    throw metering::StoreError("a key may list at most " + std::to_string(kMaxKeyModels) + " models");
   }
   for (const auto& model : request.models) {
-    if (model.empty()) throw metering::StoreError("model names must not be empty");
+    if (auto problem = model_name_problem(model)) throw metering::StoreError(*problem);
   }
   auto generated = metering::generate_api_key();
   metering::NewKey key{request.user,       generated.prefix, generated.sha256_hex,
@@ -203,8 +230,11 @@ AdminResponse handle_admin(metering::Store& store, std::string_view method, std:
         json::object o;
         if (auto e = parse_object(body, o)) return error(*e);
         const json::value* name = o.if_contains("name");
-        if (!name || !name->is_string() || name->get_string().empty()) {
+        if (!name || !name->is_string()) {
           return error(bad_request("'name' is required", "name", "missing_required_parameter"));
+        }
+        if (auto problem = metering::user_name_problem(name->get_string())) {
+          return error(bad_request(*problem, "name", "invalid_user_name"));
         }
         auto user = store.ensure_user(name->get_string());
         Limits limits = user.limits;
@@ -213,6 +243,9 @@ AdminResponse handle_admin(metering::Store& store, std::string_view method, std:
         return ok(user_json(*store.find_user(user.name)), 201, true);
       }
       if (parts.size() >= 3) {
+        if (auto problem = metering::user_name_problem(parts[2])) {
+          return error(bad_request(*problem, std::nullopt, "invalid_user_name"));
+        }
         auto user = store.find_user(parts[2]);
         if (!user) return error(not_found("no user named '" + parts[2] + "'", "user_not_found"));
         if (parts.size() == 3 && method == "GET") return ok(user_json(*user));
@@ -240,6 +273,9 @@ AdminResponse handle_admin(metering::Store& store, std::string_view method, std:
         if (auto e = parse_object(body, o)) return error(*e);
         return create_key_from_json(store, o);
       }
+      if (parts.size() >= 3) {
+        if (auto e = key_prefix_problem(parts[2])) return error(*e);
+      }
       if (parts.size() == 3 && method == "DELETE") {
         return ok(key_json(store.revoke_key(parts[2], now)), 200, true);
       }
@@ -263,7 +299,7 @@ AdminResponse handle_admin(metering::Store& store, std::string_view method, std:
     } else if (resource == "usage" && parts.size() == 2 && method == "GET") {
       return usage_report(store, url);
     }
-    return error(not_found("unknown admin route: " + std::string(method) + " " + std::string(url.path())));
+    return error(not_found("unknown admin route: " + metering::excerpt(method) + " " + metering::excerpt(url.path())));
   } catch (const metering::StoreError& e) {
     return error(bad_request(e.what()));
   }

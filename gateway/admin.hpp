@@ -29,6 +29,10 @@ struct CreatedKey {
 // for invalid requests.
 CreatedKey create_key(metering::Store& store, const KeyRequest& request);
 
+// Why `model` cannot be listed on a key (empty, longer than the store keeps,
+// not UTF-8, control characters), or nullopt when it can.
+std::optional<std::string> model_name_problem(std::string_view model);
+
 boost::json::object key_json(const metering::ApiKey& key);
 boost::json::object user_json(const metering::User& user);
 boost::json::object limits_json(const metering::Limits& limits);

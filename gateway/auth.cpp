@@ -1,9 +1,11 @@
 #include "gateway/auth.hpp"
 
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <thread>
 
 #include "metering/api_key.hpp"
 
@@ -65,11 +67,47 @@ void KeyCache::reload() {
 
 bool KeyCache::refresh_if_changed() {
   std::lock_guard lock(store_mutex_);
-  auto version = store_->keys_version();
+  return refresh_locked();
+}
+
+bool KeyCache::refresh_locked() {
+  refreshes_started_.fetch_add(1);
+  last_refresh_started_.store(std::chrono::steady_clock::now().time_since_epoch().count());
+  auto version = store_->keys_version();  // one single-row read: cheap when nothing changed
   if (version == loaded_version_) return false;
   loaded_version_ = version;
   reload();
   return true;
+}
+
+std::chrono::steady_clock::duration KeyCache::miss_delay() const {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point next(Clock::duration(last_refresh_started_.load()) + min_miss_interval);
+  return std::max(Clock::duration::zero(), next - Clock::now());
+}
+
+AuthOutcome KeyCache::authenticate_after_refresh(std::string_view key, std::uint64_t ticket, metering::EpochMs now) {
+  {
+    std::unique_lock lock(store_mutex_);
+    // Holding the lock, a refresh that began after the miss has finished too.
+    while (refreshes_started_.load() < ticket) {
+      if (auto wait = miss_delay(); wait > wait.zero()) {
+        // Too soon after the last refresh: wait without the lock, so misses
+        // that a refresh already answered are not held up meanwhile.
+        lock.unlock();
+        std::this_thread::sleep_for(wait);
+        lock.lock();
+        continue;
+      }
+      try {
+        refresh_locked();
+      } catch (const std::exception& e) {
+        // A busy database: answer from the snapshot we have.
+        std::cerr << "tollgate: key refresh failed: " << e.what() << "\n";
+      }
+    }
+  }
+  return authenticate(key, now);
 }
 
 void KeyCache::start_refreshing(std::chrono::milliseconds interval) {

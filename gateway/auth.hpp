@@ -1,10 +1,13 @@
 // API key authentication from an in-memory snapshot of the key table, so the
 // request path never touches the disk. The snapshot follows changes made by any
-// process (CLI, admin API) within a refresh interval.
+// process (CLI, admin API) within a refresh interval, and a key it does not know
+// is looked up again (rate-limited, off the io threads) before it is refused.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -41,18 +44,38 @@ class KeyCache {
 
   AuthOutcome authenticate(std::string_view key, metering::EpochMs now) const;
 
+  // A key unknown to the snapshot may have been created a moment ago (by the
+  // CLI, or another replica). On such a miss the caller takes a ticket at once,
+  // then, on a thread that may block, calls authenticate_after_refresh: it
+  // waits for a refresh that began after the miss (running one itself unless
+  // another did) and looks the key up again. Refreshes are at least
+  // `min_miss_interval` apart, so a flood of random keys costs at most one
+  // cheap version read per interval, shared by every miss waiting for it.
+  std::uint64_t miss_ticket() const { return refreshes_started_.load() + 1; }
+  AuthOutcome authenticate_after_refresh(std::string_view key, std::uint64_t ticket, metering::EpochMs now);
+  static constexpr std::chrono::milliseconds min_miss_interval{50};
+  // How long until a refresh may start: a caller that must not block waits
+  // this out (on a timer) before calling authenticate_after_refresh.
+  std::chrono::steady_clock::duration miss_delay() const;
+
   // Reloads when the store changed since the last load; returns whether it did.
   bool refresh_if_changed();
+  // Refreshes so far (each one reads the store's keys_version), for tests and metrics.
+  std::uint64_t refreshes() const { return refreshes_started_.load(); }
   // Re-reads the snapshot every `interval` on a background thread until destroyed.
   void start_refreshing(std::chrono::milliseconds interval);
 
  private:
   using Snapshot = std::unordered_map<std::string, std::shared_ptr<const KeyEntry>>;
   void reload();
+  bool refresh_locked();  // store_mutex_ held
 
   std::unique_ptr<metering::Store> store_;
   std::mutex store_mutex_;  // one refresher at a time
   std::int64_t loaded_version_ = -1;
+  // Both written with store_mutex_ held; read without it by miss_ticket() and miss_delay().
+  std::atomic<std::uint64_t> refreshes_started_{0};
+  std::atomic<std::chrono::steady_clock::rep> last_refresh_started_{0};  // steady_clock ticks
 
   mutable std::mutex snapshot_mutex_;
   std::shared_ptr<const Snapshot> snapshot_;

@@ -22,6 +22,7 @@
 #include "gateway/server.hpp"
 #include "metering/quota.hpp"
 #include "metering/store.hpp"
+#include "metering/text_bounds.hpp"
 
 namespace tollgate::gateway {
 namespace {
@@ -190,6 +191,8 @@ int keys_create(Args& args) {
   }
   auto db = database_path(args);
   args.finish();
+  // Checked before the database is opened (or created) for nothing.
+  if (auto problem = metering::user_name_problem(request.user)) throw metering::StoreError(*problem);
   auto store = metering::open_sqlite_store(db);
   auto created = create_key(*store, request);
   const auto& k = created.key;
@@ -245,8 +248,10 @@ int users_limits(Args& args) {
   auto db = database_path(args);
   args.finish();
   if (args.positionals().size() != 1) throw UsageError("users limits needs exactly one NAME");
+  const auto& name = args.positionals()[0];
+  if (auto problem = metering::user_name_problem(name)) throw metering::StoreError(*problem);
   auto store = metering::open_sqlite_store(db);
-  auto user = store->ensure_user(args.positionals()[0]);
+  auto user = store->ensure_user(name);
   store->set_user_limits(user.name, limits);
   std::cout << "limits of user " << user.name << ": " << limit_text(limits) << std::endl;
   return 0;

@@ -224,6 +224,10 @@ std::optional<ApiError> read_model(const json::object& o, backends::CompletionRe
   if (!model) return bad_request("'model' is required", "model", "missing_required_parameter");
   if (!model->is_string()) return bad_request("'model' must be a string", "model", "invalid_type");
   if (model->get_string().empty()) return bad_request("'model' must not be empty", "model");
+  if (model->get_string().size() > kMaxModelName) {
+    return bad_request("'model' is longer than " + std::to_string(kMaxModelName) + " bytes", "model",
+                       "string_above_max_length");
+  }
   r.model = model->get_string();
   return std::nullopt;
 }

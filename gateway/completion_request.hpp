@@ -1,6 +1,7 @@
 // Parses and validates an OpenAI completion request body (pure, no I/O).
 #pragma once
 
+#include <cstddef>
 #include <string_view>
 #include <variant>
 
@@ -8,6 +9,9 @@
 #include "gateway/http_error.hpp"
 
 namespace tollgate::gateway {
+
+// No served model has a longer name; a longer `model` is refused, not looked up.
+constexpr std::size_t kMaxModelName = 256;
 
 struct ParsedCompletion {
   backends::CompletionRequest request;

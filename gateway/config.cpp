@@ -183,12 +183,13 @@ BackendConfig read_backend(const Reader& r, const YAML::Node& node, const std::s
     }
     std::pair<const char*, std::int64_t*> counts[] = {{"max_num_seqs", &b.max_num_seqs},
                                                       {"max_num_batched_tokens", &b.max_num_batched_tokens},
-                                                      {"max_model_len", &b.max_model_len},
                                                       {"block_size", &b.block_size},
                                                       {"max_waiting", &b.max_waiting}};
     for (auto [key, target] : counts) {
       if (auto n = node[key]) *target = r.integer(n, child_path(path, key), 1, 1'000'000);
     }
+    // 0, the default, means the model file's own context length.
+    if (auto n = node["max_model_len"]) b.max_model_len = r.integer(n, child_path(path, "max_model_len"), 0, 1'000'000);
     if (auto n = node["kv_cache"])
       b.kv_cache_bytes = static_cast<std::int64_t>(r.size(n, child_path(path, "kv_cache")));
     if (auto n = node["threads"]) b.threads = static_cast<int>(r.integer(n, child_path(path, "threads"), 0, 1024));

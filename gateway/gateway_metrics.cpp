@@ -37,6 +37,11 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
                                   .labels({})),
       metering_rows(
           registry.counter("tollgate_metering_rows_written_total", "Usage events committed to SQLite.").labels({})),
+      metering_rows_dropped(registry
+                                .counter("tollgate_metering_rows_dropped_total",
+                                         "Usage events dropped because the writer's queue was full (the store kept "
+                                         "failing).")
+                                .labels({})),
       user_requests(registry.counter("tollgate_user_requests_total",
                                      "Requests per user (only when metering.per_user_metrics is on).", {"user"})),
       user_tokens(registry.counter("tollgate_user_tokens_total",
@@ -54,7 +59,7 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
 
 std::string_view route_label(std::string_view path) {
   for (std::string_view known :
-       {"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics"}) {
+       {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/healthz", "/readyz", "/metrics"}) {
     if (path == known) return known;
   }
   if (path.starts_with("/admin/")) return "/admin";

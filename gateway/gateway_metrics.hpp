@@ -27,6 +27,7 @@ struct GatewayMetrics {
   metering::Gauge& metering_queue_depth;
   metering::Histogram& metering_flush_duration;
   metering::Counter& metering_rows;
+  metering::Counter& metering_rows_dropped;
   metering::Family<metering::Counter>& user_requests;       // user (only when per_user)
   metering::Family<metering::Counter>& user_tokens;         // user, direction (only when per_user)
   metering::Family<metering::Counter>& backend_errors;      // backend, kind

@@ -31,6 +31,7 @@
 #include "gateway/http_error.hpp"
 #include "gateway/http_rules.hpp"
 #include "metering/quota.hpp"
+#include "metering/text_bounds.hpp"
 #include "metering/usage_writer.hpp"
 
 namespace tollgate::gateway {
@@ -260,7 +261,7 @@ struct Exchange {
     event.status = status;
     event.latency_us = micros_since(started);
     event.counted = admission && admission->allowed;
-    gw.usage->enqueue(std::move(event));
+    if (!gw.usage->enqueue(std::move(event))) gw.metrics.metering_rows_dropped.inc();
   }
 };
 
@@ -345,7 +346,7 @@ class Session {
   awaitable<bool> handle_models(const Request& req, Exchange& x);
   // Chat and text completions, and embeddings (forwarded whole to a remote backend).
   awaitable<bool> handle_completion(const Request& req, Exchange& x, bool chat, bool embeddings);
-  std::optional<ApiError> authenticate(const Request& req, Exchange& x);
+  awaitable<std::optional<ApiError>> authenticate(const Request& req, Exchange& x);
 
   Gateway& gw_;
   std::shared_ptr<Connection> conn_;
@@ -384,31 +385,46 @@ awaitable<bool> Session::respond_error(const Request& req, Exchange& x, const Ap
   co_return co_await write(std::move(res));
 }
 
-std::optional<ApiError> Session::authenticate(const Request& req, Exchange& x) {
+awaitable<std::optional<ApiError>> Session::authenticate(const Request& req, Exchange& x) {
   auto key = presented_key(req[http::field::authorization], req["x-api-key"]);
   if (!key) {
     gw_.metrics.auth_failures.labels({"missing"}).inc();
-    return unauthorized("missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'", "missing_api_key");
+    co_return unauthorized("missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'", "missing_api_key");
   }
-  auto outcome = gw_.keys->authenticate(*key, metering::now_ms());
+  auto now = metering::now_ms();
+  auto outcome = gw_.keys->authenticate(*key, now);
+  if (outcome.status == AuthOutcome::Status::unknown) {
+    // Perhaps a key created a moment ago: looked up again after a refresh,
+    // off the io thread (the refresh reads SQLite). Refreshes are rate-limited:
+    // the wait for the next one is spent here, on a timer, not on the pool.
+    auto ticket = gw_.keys->miss_ticket();
+    if (auto delay = gw_.keys->miss_delay(); delay > delay.zero()) {
+      net::steady_timer timer(co_await net::this_coro::executor, delay);
+      co_await timer.async_wait(as_tuple);
+    }
+    auto look_again = [keys = gw_.keys.get(), presented = std::string(*key), ticket, now] {
+      return keys->authenticate_after_refresh(presented, ticket, now);
+    };
+    outcome = co_await run_blocking(gw_, std::move(look_again));
+  }
   switch (outcome.status) {
     case AuthOutcome::Status::ok:
       x.identify(outcome.entry);
-      return std::nullopt;
+      co_return std::nullopt;
     case AuthOutcome::Status::revoked:
       x.identify(outcome.entry);
       gw_.metrics.auth_failures.labels({"revoked"}).inc();
-      return unauthorized("this API key has been revoked", "revoked_api_key");
+      co_return unauthorized("this API key has been revoked", "revoked_api_key");
     case AuthOutcome::Status::expired:
       x.identify(outcome.entry);
       gw_.metrics.auth_failures.labels({"expired"}).inc();
-      return unauthorized("this API key has expired", "expired_api_key");
+      co_return unauthorized("this API key has expired", "expired_api_key");
     case AuthOutcome::Status::missing:
     case AuthOutcome::Status::unknown:
       break;
   }
   gw_.metrics.auth_failures.labels({"unknown"}).inc();
-  return unauthorized("invalid API key");
+  co_return unauthorized("invalid API key");
 }
 
 awaitable<bool> Session::read_body(http::request_parser<http::string_body>& parser, Exchange& x) {
@@ -472,43 +488,57 @@ awaitable<bool> Session::handle_models(const Request& req, Exchange& x) {
 }
 
 awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, bool chat, bool embeddings) {
+  // Every request from a known key is admitted before it is judged, so bad
+  // ones (malformed, unknown or forbidden model) count against its limits too.
   auto parsed = embeddings ? parse_embeddings_request(req.body()) : parse_completion_request(req.body(), chat);
-  if (auto* e = std::get_if<ApiError>(&parsed)) co_return co_await respond_error(req, x, *e);
+  if (auto* e = std::get_if<ApiError>(&parsed)) {
+    x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
+    if (!x.admission->allowed) {
+      auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
+      co_return co_await respond_error(req, x, limited);
+    }
+    co_return co_await respond_error(req, x, *e);
+  }
   auto& completion = std::get<ParsedCompletion>(parsed);
   auto& creq = completion.request;
   x.event.model = creq.model;
 
+  // Messages quote a client's model name only in part.
+  const std::string quoted = "'" + metering::excerpt(creq.model) + "'";
+  std::optional<ApiError> refusal;
   auto plan = gw_.router.plan(creq.model);
   if (plan.empty()) {
-    auto unknown = not_found("the model '" + creq.model + "' does not exist", "model_not_found");
-    co_return co_await respond_error(req, x, unknown);
-  }
-  if (!x.caller->key.allows_model(creq.model)) {
-    gw_.metrics.auth_failures.labels({"model_not_allowed"}).inc();
-    auto denied = forbidden("this API key may not use the model '" + creq.model + "'");
-    co_return co_await respond_error(req, x, denied);
-  }
-  std::erase_if(plan, [&](const backends::Deployment* d) {
-    auto caps = d->backend->capabilities();
-    if (embeddings) return !caps.embeddings;
-    return (chat && !caps.chat) || (!chat && !caps.completions) || (creq.stream && !caps.streaming);
-  });
-  if (plan.empty()) {
-    auto unsupported =
-        bad_request("the model '" + creq.model + "' does not " +
-                        (embeddings ? std::string("serve embeddings") : std::string("support this kind of request")),
-                    "model");
-    co_return co_await respond_error(req, x, unsupported);
+    refusal = not_found("the model " + quoted + " does not exist", "model_not_found");
+  } else if (!x.caller->key.allows_model(creq.model)) {
+    refusal = forbidden("this API key may not use the model " + quoted);
+  } else {
+    std::erase_if(plan, [&](const backends::Deployment* d) {
+      auto caps = d->backend->capabilities();
+      if (embeddings) return !caps.embeddings;
+      return (chat && !caps.chat) || (!chat && !caps.completions) || (creq.stream && !caps.streaming);
+    });
+    if (plan.empty()) {
+      refusal =
+          bad_request("the model " + quoted + " does not " +
+                          (embeddings ? std::string("serve embeddings") : std::string("support this kind of request")),
+                      "model");
+    }
   }
   creq.user = x.caller->key.user_name;
 
-  std::int64_t prompt_estimate = plan.front()->backend->estimate_prompt_tokens(creq);
-  std::int64_t reserve =
-      prompt_estimate + (embeddings ? 0 : creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens));
+  // A refused request reserves no tokens; one that will run reserves its prompt and its longest answer.
+  std::int64_t prompt_estimate = refusal ? 0 : plan.front()->backend->estimate_prompt_tokens(creq);
+  std::int64_t reserve = refusal || embeddings
+                             ? prompt_estimate
+                             : prompt_estimate + creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
   x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
   if (!x.admission->allowed) {
     auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
     co_return co_await respond_error(req, x, limited);
+  }
+  if (refusal) {
+    if (refusal->status == 403) gw_.metrics.auth_failures.labels({"model_not_allowed"}).inc();
+    co_return co_await respond_error(req, x, *refusal);
   }
 
   CompletionFormatter format(chat, creq.model, completion.include_usage, creq.logprobs.has_value());
@@ -748,7 +778,7 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
   bool is_public = is_public_path(gw_.config.public_paths, path);
   backends::AppForward how;
   if (!is_public) {
-    if (auto e = authenticate(req, x)) co_return co_await refuse(parser, x, *e);
+    if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
     x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
     if (!x.admission->allowed) {
       auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
@@ -881,7 +911,7 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
   }
 
   // Authenticate before reading a body, so strangers cannot make us buffer one.
-  if (auto e = authenticate(req, x)) co_return co_await refuse(parser, x, *e);
+  if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
   if (!co_await read_body(parser, x)) co_return false;
 
   if (is_models) {

@@ -13,6 +13,7 @@
 
 #include "metering/quota.hpp"
 #include "metering/store.hpp"
+#include "metering/text_bounds.hpp"
 
 namespace tollgate::metering {
 namespace {
@@ -320,6 +321,9 @@ class SqliteStore final : public Store {
   ApiKey insert_key(const NewKey& key) override {
     if (key.prefix.empty()) throw StoreError("a key needs a prefix");
     if (key.sha256_hex.empty()) throw StoreError("a key needs a hash");
+    for (const auto& model : key.models) {
+      if (model.size() > kMaxStoredName) throw StoreError("a model name is longer than the store keeps");
+    }
     const std::string models = join_models(key.models);
     std::lock_guard lock(mutex_);
     Transaction tx(*this);
@@ -432,7 +436,8 @@ class SqliteStore final : public Store {
     for (const UsageEvent& e : events) {
       // The rollup is summed per batch first: one upsert per (day, user, key,
       // model) instead of one per event keeps the writer well ahead of the load.
-      DailyTotals& t = daily[{utc_day(e.ts), e.user_id.value_or(0), e.key_id.value_or(0), e.model}];
+      DailyTotals& t = daily[{utc_day(e.ts), e.user_id.value_or(0), e.key_id.value_or(0),
+                              std::string(truncate_utf8(e.model, kMaxStoredName))}];
       const std::int64_t tokens = e.prompt_tokens + e.completion_tokens;
       t.requests += 1;
       t.counted_requests += e.counted ? 1 : 0;
@@ -629,8 +634,9 @@ class SqliteStore final : public Store {
     return read_user(q);
   }
 
+  // Every caller validates names first; this is the last line of defence.
   User ensure_user_locked(std::string_view name) {
-    if (name.empty()) throw StoreError("a user name must not be empty");
+    if (auto problem = user_name_problem(name)) throw StoreError(*problem);
     query("INSERT INTO users (name, created_at) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING")
         .bind(1, name)
         .bind(2, now_ms())
@@ -694,12 +700,14 @@ class SqliteStore final : public Store {
     int b = 0;  // the row's first parameter is b + 1
     for (const UsageEvent& e : rows) {
       // The events outlive the statement's execution: no copies of the text.
+      // Each text is cut to its bound whatever the caller did, so no client
+      // string can grow the file faster than its row count.
       q.bind(b + 1, e.ts)
           .bind(b + 2, e.user_id)
           .bind(b + 3, e.key_id)
-          .bind_static(b + 4, e.route)
-          .bind_static(b + 5, e.model)
-          .bind_static(b + 6, e.backend)
+          .bind_static(b + 4, truncate_utf8(e.route, kMaxStoredRoute))
+          .bind_static(b + 5, truncate_utf8(e.model, kMaxStoredName))
+          .bind_static(b + 6, truncate_utf8(e.backend, kMaxStoredName))
           .bind(b + 7, std::int64_t{e.status})
           .bind(b + 8, e.prompt_tokens)
           .bind(b + 9, e.completion_tokens)

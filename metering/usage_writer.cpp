@@ -9,21 +9,25 @@
 namespace tollgate::metering {
 
 UsageWriter::UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds flush_interval, std::size_t max_batch,
-                         FlushObserver observer)
+                         FlushObserver observer, std::size_t max_queued)
     : store_(std::move(store)),
       flush_interval_(std::max(flush_interval, std::chrono::milliseconds(1))),
       max_batch_(std::max<std::size_t>(max_batch, 1)),
-      observer_(std::move(observer)) {
+      observer_(std::move(observer)),
+      max_queued_(std::max<std::size_t>(max_queued, 1)) {
   thread_ = std::thread([this] { run(); });
 }
 
 UsageWriter::~UsageWriter() { stop(); }
 
-void UsageWriter::enqueue(UsageEvent event) {
+bool UsageWriter::enqueue(UsageEvent event) {
   std::unique_lock lock(mutex_);
-  if (writer_done_) {
-    write_after_stop(std::move(event));
-    return;
+  if (writer_done_) return write_after_stop(std::move(event));
+  if (queue_.size() + writing_ >= max_queued_) {
+    // The writer logs the drops once per interval: a line per row would flood the log.
+    ++stats_.dropped;
+    ++dropped_unlogged_;
+    return false;
   }
   queue_.push_back(std::move(event));
   ++enqueued_;
@@ -32,20 +36,23 @@ void UsageWriter::enqueue(UsageEvent event) {
   const bool full = queue_.size() == max_batch_;
   lock.unlock();
   if (full) wake_.notify_one();
+  return true;
 }
 
 // A request that finishes after stop() still gets its row; the write is
 // synchronous because no writer thread is left. mutex_ is held.
-void UsageWriter::write_after_stop(UsageEvent event) {
+bool UsageWriter::write_after_stop(UsageEvent event) {
   ++enqueued_;
   try {
     store_->append_usage(std::span<const UsageEvent>(&event, 1));
     ++committed_;
     ++stats_.written;
     ++stats_.batches;
+    return true;
   } catch (const std::exception& e) {
     ++stats_.failures;
     std::fprintf(stderr, "usage writer: 1 usage row lost after stop: %s\n", e.what());
+    return false;
   }
 }
 
@@ -88,12 +95,18 @@ void UsageWriter::run() {
     }
     flush_requested_ = false;
     const bool last = stopping_;
+    if (dropped_unlogged_ > 0) {
+      std::fprintf(stderr, "usage writer: %llu usage rows dropped: %zu rows already waiting (the store is failing)\n",
+                   static_cast<unsigned long long>(dropped_unlogged_), max_queued_);
+      dropped_unlogged_ = 0;
+    }
     if (queue_.empty()) {
       if (last) break;
       continue;
     }
 
     batch.swap(queue_);
+    writing_ = batch.size();
     depth_.store(0, std::memory_order_relaxed);
     lock.unlock();
     const auto started = std::chrono::steady_clock::now();
@@ -112,6 +125,7 @@ void UsageWriter::run() {
       }
     }
     lock.lock();
+    writing_ = 0;
 
     if (error.empty()) {
       committed_ += batch.size();

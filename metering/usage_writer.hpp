@@ -22,21 +22,27 @@ class UsageWriter {
     std::uint64_t written = 0;  // rows committed
     std::uint64_t batches = 0;
     std::uint64_t failures = 0;  // batches that failed and were retried
+    std::uint64_t dropped = 0;   // rows refused because max_queued were waiting
   };
   // Called after each committed batch with its size and duration (for metrics).
   using FlushObserver = std::function<void(std::size_t rows, std::chrono::microseconds took)>;
 
+  // Rows held in memory at most (waiting, or being written): while the store
+  // keeps failing, the rows past it are dropped rather than memory exhausted.
+  static constexpr std::size_t kDefaultMaxQueued = 1'000'000;
+
   // The writer owns `store` (its own connection) and flushes at least every
   // `flush_interval`, or sooner when `max_batch` rows are waiting.
   UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds flush_interval, std::size_t max_batch = 4096,
-              FlushObserver observer = {});
+              FlushObserver observer = {}, std::size_t max_queued = kDefaultMaxQueued);
   ~UsageWriter();  // stop()s
 
   UsageWriter(const UsageWriter&) = delete;
   UsageWriter& operator=(const UsageWriter&) = delete;
 
-  // Never blocks on the disk: appends to an in-memory queue.
-  void enqueue(UsageEvent event);
+  // Never blocks on the disk: appends to an in-memory queue. Returns false when
+  // the row was dropped because max_queued rows are held already.
+  bool enqueue(UsageEvent event);
   // Writes everything enqueued so far and returns when it is committed.
   void flush();
   // Flushes and joins the writer thread. Idempotent.
@@ -47,17 +53,20 @@ class UsageWriter {
 
  private:
   void run();
-  void write_after_stop(UsageEvent event);
+  bool write_after_stop(UsageEvent event);
 
   std::unique_ptr<Store> store_;
   std::chrono::milliseconds flush_interval_;
   std::size_t max_batch_;
   FlushObserver observer_;
+  std::size_t max_queued_;
 
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable flushed_;
   std::vector<UsageEvent> queue_;
+  std::size_t writing_ = 0;             // rows of the batch being written (guarded by mutex_)
+  std::uint64_t dropped_unlogged_ = 0;  // drops since the last log line (guarded by mutex_)
   std::uint64_t enqueued_ = 0;   // total ever enqueued (guarded by mutex_)
   std::uint64_t committed_ = 0;  // total ever committed (guarded by mutex_)
   bool flush_requested_ = false;

@@ -410,3 +410,51 @@ TEST_CASE("wrong method gets 405 and an unknown path 404, as JSON", "[e2e][bad_i
   check_error(client.get("/no/such/path"), 404);
   check_still_serving(gw.port(), key);
 }
+
+TEST_CASE("a huge model name is a short 400, and no client string grows the database", "[e2e][bad_input]") {
+  TempDir dir;
+  GatewayProcess gw(dir, with_config("metering: {flush_interval: 50ms}\n" + config_with_limits("max_body: 4MiB")));
+  auto key = create_key(gw.db(), "mallory");
+  wait_for_key(gw.port(), key);
+  const std::string huge(1'000'000, 'm');
+  auto db_bytes = [&] {
+    std::uintmax_t total = 0;
+    for (const char* suffix : {"", "-wal"}) {
+      std::error_code ec;
+      auto size = std::filesystem::file_size(gw.db() + suffix, ec);
+      if (!ec) total += size;
+    }
+    return total;
+  };
+  const auto before = db_bytes();
+
+  HttpClient client(gw.port());
+  const std::vector<std::pair<std::string, std::string>> requests = {
+      {"/v1/chat/completions", chat_body(huge, "hi")},
+      {"/v1/completions", R"({"model":")" + huge + R"(","prompt":"hi"})"},
+      {"/v1/embeddings", R"({"model":")" + huge + R"(","input":"hi"})"},
+  };
+  for (const auto& [route, body] : requests) {
+    INFO(route);
+    auto r = client.post(route, key, body);
+    check_error(r, 400, "string_above_max_length");
+    CHECK(r.json().at("error").at("param") == "model");
+    CHECK(r.body.size() < 1000);
+  }
+  // A name under the bound that no model has: 404, quoting only its first 64 bytes.
+  const std::string long_unknown = std::string(64, 'u') + std::string(190, 'v');
+  auto unknown = client.post("/v1/chat/completions", key, chat_body(long_unknown, "hi"));
+  check_error(unknown, 404, "model_not_found");
+  const std::string message(unknown.json().at("error").at("message").as_string());
+  CHECK(message.find(std::string(64, 'u') + "…") != std::string::npos);
+  CHECK(message.find('v') == std::string::npos);
+
+  // Every request is metered, none with more than the bound.
+  const std::string completions = "route != '/v1/models'";  // wait_for_key's request has a row too
+  for (int i = 0; i < 100 && count_usage_rows(gw.db(), completions) < 4; ++i) std::this_thread::sleep_for(50ms);
+  CHECK(count_usage_rows(gw.db(), completions) == 4);
+  CHECK(count_usage_rows(gw.db(), "length(model) > 256 OR length(route) > 512 OR length(backend) > 256") == 0);
+  CHECK(count_usage_rows(gw.db(), "model = '" + long_unknown + "' AND status = 404") == 1);
+  CHECK(db_bytes() < before + 256 * 1024);
+  check_still_serving(gw.port(), key);
+}

@@ -3,6 +3,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
 #include "harness.hpp"
 
@@ -125,4 +126,33 @@ TEST_CASE("config default prints YAML that config check accepts and serve runs",
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port());
   CHECK(client.post("/v1/chat/completions", key, chat_body("echo", "default works")).status == 200);
+}
+
+TEST_CASE("the README's sample configuration passes config check", "[e2e][config]") {
+  std::ifstream in(std::string(TOLLGATE_SOURCE_DIR) + "/README.md");
+  REQUIRE(in);
+  std::string readme((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto section = readme.find("\n## Configuration\n");
+  REQUIRE(section != std::string::npos);
+  auto open = readme.find("```yaml\n", section);
+  REQUIRE(open != std::string::npos);
+  REQUIRE(open < readme.find("\n## ", section + 1));  // the block is in this section
+  open += 8;
+  auto close = readme.find("\n```", open);
+  REQUIRE(close != std::string::npos);
+  const std::string yaml = readme.substr(open, close - open + 1);
+  CHECK(yaml.find("backends:") != std::string::npos);
+  CHECK(yaml.find("models:") != std::string::npos);
+
+  TempDir dir;
+  auto path = write_file(dir, "readme.yaml", yaml);
+  // The check reads the file's ${...} references but not the model files.
+  auto check = run_tollgate({"config", "check", path}, 30s, {{"GROQ_API_KEY", "gsk-test-not-a-key"}});
+  INFO(check.err);
+  CHECK(check.exit_code == 0);
+  CHECK(check.out.find(": ok") != std::string::npos);
+  // And the sample means what it says: without the secret it names the variable.
+  auto unset = run_tollgate({"config", "check", path}, 30s, {{"GROQ_API_KEY", ""}});
+  CHECK(unset.exit_code == 1);
+  CHECK(unset.err.find("GROQ_API_KEY") != std::string::npos);
 }

@@ -49,8 +49,8 @@ CliResult run_tollgate(const std::vector<std::string>& args, std::chrono::second
 // `tollgate keys create --user USER EXTRA... --db DB`, returning the key (the last line).
 std::string create_key(const std::string& db, const std::string& user, const std::vector<std::string>& extra = {});
 
-// Waits (bounded) until the gateway accepts `key`: keys made by the CLI reach
-// a running gateway within its one-second refresh.
+// Waits (bounded) until the gateway accepts `key`. A running gateway looks an
+// unknown key up before refusing it, so this is a probe more than a wait.
 void wait_for_key(std::uint16_t port, const std::string& key);
 
 // The gateway, started with `serve --listen 127.0.0.1:0` and a config file.

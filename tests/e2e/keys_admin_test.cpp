@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <fstream>
 #include <iterator>
 #include <regex>
@@ -656,4 +657,137 @@ TEST_CASE("CLI: errors exit non-zero with a message", "[e2e][cli]") {
   auto list = run_tollgate({"users", "list", "--db", db});
   REQUIRE(list.exit_code == 0);
   CHECK(list.out.find("\nx ") == std::string::npos);
+}
+
+TEST_CASE("every way a user name enters refuses a bad one with a clear message", "[e2e][admin][cli]") {
+  TempDir dir;
+  GatewayProcess gw(dir, {.config_yaml = kTwoModels, .db = "", .env = {}});
+  const auto& admin = gw.admin_key();
+  HttpClient client(gw.port());
+
+  const std::vector<std::pair<std::string, std::string>> bad_names = {
+      {"cr\rlf\ninjected", "control characters"},
+      {std::string("nul\0byte", 8), "control characters"},
+      {"del\x7f", "control characters"},
+      {std::string(100'000, 'n'), "at most 128 bytes"},
+      {std::string(129, 'n'), "at most 128 bytes"},
+      {"", "empty"},
+      {" padded ", "whitespace"},
+      {"bad\xff utf8", "UTF-8"},
+  };
+  for (const auto& [name, says] : bad_names) {
+    INFO("name of " << name.size() << " bytes, expecting '" << says << "'");
+    // JSON cannot carry invalid UTF-8 (the body is refused as a whole); an argument can.
+    if (says != "UTF-8") {
+      const std::string name_json = json::serialize(json::string(name.data(), name.size()));
+      auto user = client.post("/admin/users", admin, R"({"name":)" + name_json + "}");
+      CHECK(user.status == 400);
+      CHECK(user.body.find(says) != std::string::npos);
+      CHECK(user.body.size() < 1000);  // the name is not echoed
+      check_openai_error(user, "invalid_request_error");
+      auto key = client.post("/admin/keys", admin, R"({"user":)" + name_json + "}");
+      CHECK(key.status == 400);
+      CHECK(key.body.find(says) != std::string::npos);
+    }
+    if (name.find('\0') == std::string::npos && !name.empty()) {
+      auto cli_key = run_tollgate({"keys", "create", "--user", name, "--db", gw.db()});
+      CHECK(cli_key.exit_code == 1);
+      CHECK(cli_key.err.find(says) != std::string::npos);
+      auto cli_limits = run_tollgate({"users", "limits", name, "--rpm", "1", "--db", gw.db()});
+      CHECK(cli_limits.exit_code == 1);
+      CHECK(cli_limits.err.find(says) != std::string::npos);
+    }
+  }
+  // A name in a path is the same name: percent-encoded control characters are refused too.
+  auto quota = client.request("PUT", "/admin/users/a%0Db/quota", R"({"requests_per_minute":1})",
+                              {{"Authorization", "Bearer " + admin}, {"Content-Type", "application/json"}});
+  CHECK(quota.status == 400);
+  CHECK(quota.body.find("control characters") != std::string::npos);
+  auto long_prefix =
+      client.request("PATCH", "/admin/keys/tg-" + std::string(5000, 'p') + "/quota", R"({"requests_per_minute":1})",
+                     {{"Authorization", "Bearer " + admin}, {"Content-Type", "application/json"}});
+  CHECK(long_prefix.status == 400);
+  CHECK(long_prefix.body.size() < 1000);
+  auto long_model = client.post("/admin/keys", admin, R"({"user":"ok","models":[")" + std::string(300, 'm') + R"("]})");
+  CHECK(long_model.status == 400);
+  CHECK(long_model.body.find("at most 256 bytes") != std::string::npos);
+
+  // Good names still work everywhere, and nothing bad reached the table.
+  CHECK(client.post("/admin/users", admin, R"({"name":"Jürgen Müller"})").status == 201);
+  CHECK(run_tollgate({"users", "limits", "svc:billing@prod", "--rpm", "3", "--db", gw.db()}).exit_code == 0);
+  auto list = run_tollgate({"users", "list", "--db", gw.db()});
+  REQUIRE(list.exit_code == 0);
+  auto rows = query_rows(gw.db(), "SELECT name FROM users ORDER BY name");
+  REQUIRE(rows.size() == 2);
+  CHECK(*rows[0][0] == "Jürgen Müller");
+  CHECK(*rows[1][0] == "svc:billing@prod");
+  CHECK(list.out.find('\r') == std::string::npos);
+  CHECK(std::count(list.out.begin(), list.out.end(), '\n') == 3);  // a header and two users
+}
+
+TEST_CASE("a key created with the CLI works on the very first request to a running gateway", "[e2e][keys][auth]") {
+  TempDir dir;
+  GatewayProcess gw(dir, {.config_yaml = kTwoModels, .db = "", .env = {}});
+  HttpClient client(gw.port());
+  for (int i = 0; i < 6; ++i) {
+    INFO("key " << i);
+    // No wait_for_key: the gateway must look an unknown key up before refusing it.
+    auto key = create_key(gw.db(), "quickstart-" + std::to_string(i));
+    auto r = client.post("/v1/chat/completions", key, chat_body("echo", "first try"));
+    CHECK(r.status == 200);
+    auto other = i % 2 ? client.get("/v1/models", create_key(gw.db(), "models-" + std::to_string(i)))
+                       : client.request("GET", "/v1/models", "", {{"x-api-key", create_key(gw.db(), "x")}});
+    CHECK(other.status == 200);
+  }
+}
+
+TEST_CASE("a burst of random keys is refused quickly while real keys keep being served", "[e2e][keys][auth]") {
+  TempDir dir;
+  GatewayProcess gw(dir, {.config_yaml = kTwoModels, .db = "", .env = {}});
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+
+  constexpr int kThreads = 10, kEach = 50;  // 500 random keys
+  std::vector<int> refused(kThreads, 0);
+  std::vector<std::string> errors(kThreads);
+  auto started = std::chrono::steady_clock::now();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      try {
+        HttpClient attacker(gw.port());
+        for (int i = 0; i < kEach; ++i) {
+          auto random_key = "tg-random" + std::to_string(t) + "x" + std::to_string(i) + "abcdefghijklmnop";
+          if (attacker.post("/v1/chat/completions", random_key, chat_body("echo", "hi")).status == 401) ++refused[t];
+        }
+      } catch (const std::exception& e) {
+        errors[t] = e.what();
+      }
+    });
+  }
+  // Meanwhile a real key is served without waiting on the refusals.
+  int served = 0;
+  std::chrono::steady_clock::duration slowest{};
+  std::thread user([&] {
+    HttpClient client(gw.port());
+    for (int i = 0; i < 20; ++i) {
+      auto before = std::chrono::steady_clock::now();
+      if (client.post("/v1/chat/completions", key, chat_body("echo", "still served")).status == 200) ++served;
+      slowest = std::max(slowest, std::chrono::steady_clock::now() - before);
+    }
+  });
+  for (auto& th : threads) th.join();
+  auto took = std::chrono::steady_clock::now() - started;
+  user.join();
+
+  for (int t = 0; t < kThreads; ++t) {
+    INFO(errors[t]);
+    CHECK(errors[t].empty());
+    CHECK(refused[t] == kEach);
+  }
+  // Each miss waits at most one refresh interval (50 ms) plus the refresh itself.
+  CHECK(took < std::chrono::seconds(kEach / 5));
+  CHECK(served == 20);
+  CHECK(slowest < 1s);
+  CHECK(gw.running());
 }

@@ -122,12 +122,12 @@ void send_mixed(HttpClient& client, const std::string& key, int i, bool may_be_l
     case 1:
       route = "/v1/chat/completions";
       r = client.post(route, key, chat_body("no-such-model", "hi"));
-      expect_status(r, 404, false);
+      expect_status(r, 404, may_be_limited);  // admitted before it is judged
       break;
     case 2:
       route = "/v1/chat/completions";
       r = client.post(route, key, "{not json");
-      expect_status(r, 400, false);
+      expect_status(r, 400, may_be_limited);
       break;
     case 3:
       route = "/v1/chat/completions";
@@ -223,8 +223,12 @@ TEST_CASE("SIGTERM loses no usage row: one row per answered request, as the clie
   CHECK(sql_int(db, "SELECT SUM(prompt_tokens) FROM usage_events WHERE status = 200") == seen.prompt_tokens);
   CHECK(sql_int(db, "SELECT SUM(completion_tokens) FROM usage_events WHERE status = 200") == seen.completion_tokens);
   CHECK(seen.prompt_tokens > 0);
-  // Refused requests are metered but cost nothing and do not count against quotas.
-  CHECK(count_usage_rows(db, "status >= 400 AND (prompt_tokens != 0 OR completion_tokens != 0 OR counted != 0)") == 0);
+  // Refused requests are metered and cost no tokens; those judged after admission (bad
+  // body, unknown model) count as requests, the rest (401, 429) do not.
+  CHECK(count_usage_rows(db, "status >= 400 AND (prompt_tokens != 0 OR completion_tokens != 0)") == 0);
+  CHECK(count_usage_rows(db, "status IN (401, 429) AND counted != 0") == 0);
+  CHECK(count_usage_rows(db, "status = 404") > 0);
+  CHECK(count_usage_rows(db, "status = 404 AND counted = 1") == count_usage_rows(db, "status = 404"));
   CHECK(count_usage_rows(db, "status = 200 AND counted = 1") == count_usage_rows(db, "status = 200"));
 }
 

@@ -235,3 +235,22 @@ TEST_CASE("per-user request series appear only when per_user_metrics is on", "[e
   CHECK(value_of(samples, "tollgate_user_tokens_total", {{"user", "alice"}, {"direction", "completion"}}) == 6);
   REQUIRE(gw.stop(SIGTERM) == 0);
 }
+
+TEST_CASE("/v1/embeddings has its own route label in metrics and usage", "[e2e][metrics]") {
+  TempDir dir;
+  GatewayProcess gw(dir, {config(false), "", {}});
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  // The echo backend serves no embeddings: a 400, labelled with its route all the same.
+  CHECK(client.post("/v1/embeddings", key, R"({"model":"echo","input":"hi"})").status == 400);
+  CHECK(client.post("/v1/embeddings", key, R"({"model":"echo"})").status == 400);
+  auto samples = parse_samples(scrape(gw.port()));
+  CHECK(value_of(samples, "tollgate_http_requests_total", {{"route", "/v1/embeddings"}, {"status", "400"}}) == 2);
+  CHECK_FALSE(value_of(samples, "tollgate_http_requests_total", {{"route", "other"}}));
+  // With a healthy store the writer's queue never fills: the counter is there, at 0.
+  CHECK(value_of(samples, "tollgate_metering_rows_dropped_total") == 0);
+  for (int i = 0; i < 100 && count_usage_rows(gw.db()) < 2; ++i) std::this_thread::sleep_for(50ms);
+  CHECK(count_usage_rows(gw.db(), "route = '/v1/embeddings'") == 2);
+  CHECK(count_usage_rows(gw.db(), "route = 'other'") == 0);
+}

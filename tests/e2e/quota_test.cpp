@@ -166,24 +166,24 @@ TEST_CASE("concurrent requests against an rpm limit admit exactly the limit", "[
 TEST_CASE("every authenticated answer carries the x-ratelimit headers of the limits that apply", "[e2e][quota]") {
   TempDir dir;
   auto db = dir.file("quota.db");
-  auto limited = create_key(db, "alice", {"--rpd", "6", "--tpd", "1000", "--models", "echo"});
+  auto limited = create_key(db, "alice", {"--rpd", "9", "--tpd", "1000", "--models", "echo"});
   auto requests_only = create_key(db, "bob", {"--rpd", "100"});
   auto unlimited = create_key(db, "carol");
   GatewayProcess gw(dir, {kConfig, db, {}});
   fresh_window(kDayMs, 10s);
   HttpClient client(gw.port());
 
-  // Refusals before admission cost nothing: remaining moves only on admitted requests.
-  check_limit_headers(client.get("/v1/models", limited), 6, 5, 1000, 1000);
+  // Bad requests are admitted before they are judged: each costs a request, no tokens.
+  check_limit_headers(client.get("/v1/models", limited), 9, 8, 1000, 1000);
   auto bad = client.post("/v1/chat/completions", limited, "{not json");
   REQUIRE(bad.status == 400);
-  check_limit_headers(bad, 6, 5, 1000, 1000);
+  check_limit_headers(bad, 9, 7, 1000, 1000);
   auto unknown = client.post("/v1/chat/completions", limited, chat_body("no-such-model", "hi"));
   REQUIRE(unknown.status == 404);
-  check_limit_headers(unknown, 6, 5, 1000, 1000);
+  check_limit_headers(unknown, 9, 6, 1000, 1000);
   auto forbidden = client.post("/v1/chat/completions", limited, chat_body("echo2", "hi"));
   REQUIRE(forbidden.status == 403);
-  check_limit_headers(forbidden, 6, 5, 1000, 1000);
+  check_limit_headers(forbidden, 9, 5, 1000, 1000);
 
   // Each completion reserves 3 + 10 and settles to 6.
   std::int64_t used = 0;
@@ -193,15 +193,15 @@ TEST_CASE("every authenticated answer carries the x-ratelimit headers of the lim
                          chat_body("echo", "one two three", stream ? R"("max_tokens":10,"stream":true)" : R"("max_tokens":10)"));
     REQUIRE(r.status == 200);
     CHECK(r.header("content-type") == (stream ? "text/event-stream" : "application/json"));
-    check_limit_headers(r, 6, remaining, 1000, 1000 - used - 13);
+    check_limit_headers(r, 9, remaining, 1000, 1000 - used - 13);
     used += 6;
   }
   auto refused = client.post("/v1/chat/completions", limited, three_words(10));
   check_rate_limited(refused, 86'400);
-  check_limit_headers(refused, 6, 0, 1000, 1000 - used);
+  check_limit_headers(refused, 9, 0, 1000, 1000 - used);
   auto refused_models = client.get("/v1/models", limited);
   check_rate_limited(refused_models, 86'400);
-  check_limit_headers(refused_models, 6, 0, 1000, 1000 - used);
+  check_limit_headers(refused_models, 9, 0, 1000, 1000 - used);
 
   // Only the kinds of limit that are set are described.
   auto r = client.post("/v1/chat/completions", requests_only, three_words(10));
@@ -334,4 +334,62 @@ TEST_CASE("quota counters survive a restart", "[e2e][quota]") {
   REQUIRE(r.status == 200);
   CHECK(r.header("x-ratelimit-remaining-tokens") == "0");
   check_rate_limited(client.post("/v1/chat/completions", tokens, three_words(5)), 86'400);
+}
+
+TEST_CASE("bad requests are admitted first: they count against the limits and are metered", "[e2e][quota]") {
+  TempDir dir;
+  auto db = dir.file("quota.db");
+  auto unknown_key = create_key(db, "alice", {"--rpm", "3"});
+  auto json_key = create_key(db, "bob", {"--rpm", "2"});
+  auto restricted_key = create_key(db, "carol", {"--rpm", "2", "--models", "echo"});
+  GatewayProcess gw(dir, {kConfig, db, {}});
+
+  auto minute = fresh_window(kMinuteMs, 10s);
+  HttpClient client(gw.port());
+  std::vector<int> statuses;
+  for (int i = 0; i < 5; ++i) {
+    auto r = client.post("/v1/chat/completions", unknown_key, chat_body("no-such-model", "hi"));
+    statuses.push_back(r.status);
+    CHECK(r.header("x-ratelimit-limit-requests") == "3");
+    if (r.status == 429) check_rate_limited(r, 60);
+  }
+  CHECK(statuses == std::vector<int>{404, 404, 404, 429, 429});
+
+  statuses.clear();
+  for (int i = 0; i < 3; ++i) statuses.push_back(client.post("/v1/chat/completions", json_key, "{not json").status);
+  CHECK(statuses == std::vector<int>{400, 400, 429});
+
+  statuses.clear();
+  for (int i = 0; i < 3; ++i) {
+    statuses.push_back(client.post("/v1/chat/completions", restricted_key, chat_body("echo2", "hi")).status);
+  }
+  CHECK(statuses == std::vector<int>{403, 403, 429});
+  // The refusals used the window up: the allowed model is refused too.
+  CHECK(client.post("/v1/chat/completions", restricted_key, chat_body("echo", "hi")).status == 429);
+  REQUIRE(epoch_ms() / kMinuteMs == minute);
+
+  // One usage row per request, the admitted ones counted.
+  for (int i = 0; i < 100 && count_usage_rows(db) < 12; ++i) std::this_thread::sleep_for(50ms);
+  CHECK(count_usage_rows(db) == 12);
+  CHECK(count_usage_rows(db, "model = 'no-such-model' AND status = 404 AND counted = 1") == 3);
+  CHECK(count_usage_rows(db, "model = 'no-such-model' AND status = 429 AND counted = 0") == 2);
+  CHECK(count_usage_rows(db, "status = 400 AND counted = 1") == 2);
+  CHECK(count_usage_rows(db, "model = 'echo2' AND status = 403 AND counted = 1") == 2);
+}
+
+TEST_CASE("a real completion still reserves its prompt and max_tokens before it runs", "[e2e][quota]") {
+  TempDir dir;
+  auto db = dir.file("quota.db");
+  auto key = create_key(db, "alice", {"--tpm", "100"});
+  GatewayProcess gw(dir, {kConfig, db, {}});
+  auto minute = fresh_window(kMinuteMs, 10s);
+  HttpClient client(gw.port());
+  // More than the whole budget as max_tokens: refused before it runs.
+  auto big = client.post("/v1/chat/completions", key, chat_body("echo", "hi", R"("max_tokens":200)"));
+  check_rate_limited(big, 60);
+  // An unknown model reserves nothing, so it is not refused for tokens.
+  CHECK(client.post("/v1/chat/completions", key, chat_body("no-such-model", "hi", R"("max_tokens":200)")).status ==
+        404);
+  CHECK(client.post("/v1/chat/completions", key, chat_body("echo", "hi", R"("max_tokens":20)")).status == 200);
+  REQUIRE(epoch_ms() / kMinuteMs == minute);
 }

@@ -152,6 +152,23 @@ TEST_CASE("model is a required non-empty string", "[gateway][request]") {
   check_bad(R"({"model":"","prompt":"x"})", "model", false);
 }
 
+TEST_CASE("a model name longer than 256 bytes is refused without being echoed", "[gateway][request]") {
+  const std::string longest(256, 'm');
+  CHECK(parse_ok(R"({"model":")" + longest + R"(","prompt":"x"})", false).request.model == longest);
+  for (std::size_t size : {257, 1'000'000}) {
+    const std::string body =
+        R"({"model":")" + std::string(size, 'm') + R"(","messages":[{"role":"user","content":"hi"}]})";
+    check_bad(body, "model");
+    auto e = parse_error(body);
+    CHECK(e.code == "string_above_max_length");
+    CHECK(e.body().size() < 300);
+    auto embeddings =
+        tollgate::gateway::parse_embeddings_request(R"({"model":")" + std::string(size, 'm') + R"(","input":"x"})");
+    REQUIRE(std::holds_alternative<ApiError>(embeddings));
+    CHECK(std::get<ApiError>(embeddings).code == "string_above_max_length");
+  }
+}
+
 TEST_CASE("messages are validated one by one", "[gateway][request]") {
   check_bad(R"({"model":"m"})", "messages");
   check_bad(R"({"model":"m","prompt":"x"})", "messages");  // the chat route wants messages

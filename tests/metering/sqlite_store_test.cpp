@@ -173,6 +173,42 @@ TEST_CASE("a batch of usage rows spanning several multi-row inserts is stored ro
         std::to_string(n));
 }
 
+TEST_CASE("every text column of a usage row is cut to its bound, UTF-8 intact", "[metering][store]") {
+  TempDatabase db;
+  auto store = open_sqlite_store(db.path());
+  const ApiKey a = store->insert_key(new_key("alice", "tg-alice000", "ha"));
+  // 1 MB strings of 3-byte characters after one ASCII byte.
+  const std::string euro = "\xE2\x82\xAC";
+  std::string huge = "x";
+  while (huge.size() < 1'000'000) huge += euro;
+  auto e = event(k2024_03_15_102000, a.user_id, a.id, huge, 404, 0, 0);
+  e.backend = huge;
+  e.route = huge;
+  store->append_usage(std::span<const UsageEvent>(&e, 1));
+  store->append_usage(std::span<const UsageEvent>(&e, 1));
+
+  // 256 = 1 + 85 * 3 falls between two characters; 512 falls inside one, so 511 bytes stay.
+  CHECK(read_text(db.path(), "SELECT MAX(length(CAST(model AS BLOB))) FROM usage_events") == "256");
+  CHECK(read_text(db.path(), "SELECT MAX(length(CAST(backend AS BLOB))) FROM usage_events") == "256");
+  CHECK(read_text(db.path(), "SELECT MAX(length(CAST(route AS BLOB))) FROM usage_events") == "511");
+  CHECK(read_text(db.path(), "SELECT MAX(length(CAST(model AS BLOB))) FROM usage_daily") == "256");
+  // The two rows roll up into one daily row under the cut name.
+  CHECK(read_text(db.path(), "SELECT COUNT(*) FROM usage_daily") == "1");
+  CHECK(read_text(db.path(), "SELECT requests FROM usage_daily") == "2");
+  const std::string stored_route = read_text(db.path(), "SELECT route FROM usage_events LIMIT 1");
+  CHECK(stored_route == huge.substr(0, 511));
+}
+
+TEST_CASE("the store refuses a user name no caller should have passed", "[metering][store]") {
+  TempDatabase db;
+  auto store = open_sqlite_store(db.path());
+  CHECK_THROWS_AS(store->ensure_user("line\nbreak"), StoreError);
+  CHECK_THROWS_AS(store->ensure_user(std::string(100'000, 'n')), StoreError);
+  CHECK_THROWS_AS(store->insert_key(new_key("cr\rlf", "tg-x0000000", "hx")), StoreError);
+  CHECK(store->list_users().empty());
+  CHECK(store->list_keys().empty());
+}
+
 TEST_CASE("a database from a newer schema is refused", "[metering][store]") {
   TempDatabase db;
   open_sqlite_store(db.path());

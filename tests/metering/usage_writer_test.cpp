@@ -1,5 +1,7 @@
 #include "metering/usage_writer.hpp"
 
+#include <sqlite3.h>
+
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -190,4 +192,42 @@ TEST_CASE("events enqueued after stop() are still written", "[metering][usage_wr
   writer.flush();
   CHECK(writer.stats().written == 2);
   CHECK(open_sqlite_store(db.path())->count_usage_events() == 2);
+}
+
+TEST_CASE("while the database is locked the queue stays bounded and the drops are counted",
+          "[metering][usage_writer]") {
+  TempDatabase db;
+  auto reader = open_sqlite_store(db.path());
+  constexpr std::size_t kMaxQueued = 100;
+  UsageWriter writer(open_sqlite_store(db.path()), 10ms, 4096, {}, kMaxQueued);
+
+  // Another connection holds the write lock: every batch fails once the busy timeout runs out.
+  sqlite3* locker = nullptr;
+  REQUIRE(sqlite3_open(db.path().c_str(), &locker) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(locker, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+
+  std::size_t accepted = 0;
+  for (int i = 0; i < 1000; ++i) accepted += writer.enqueue(make_event(i)) ? 1 : 0;
+  CHECK(accepted == kMaxQueued);
+  CHECK(writer.stats().dropped == 1000 - kMaxQueued);
+
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (writer.stats().failures == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(20ms);
+  }
+  REQUIRE(writer.stats().failures >= 1);  // a real SQLITE_BUSY, not a simulated one
+  // The failed rows are kept (waiting, or being retried), and still no more than the bound.
+  CHECK(writer.queue_depth() <= kMaxQueued);
+  CHECK_FALSE(writer.enqueue(make_event(1000)));
+  CHECK(writer.stats().dropped == 1001 - kMaxQueued);
+
+  REQUIRE(sqlite3_exec(locker, "ROLLBACK", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(locker);
+  writer.flush();
+  CHECK(reader->count_usage_events() == static_cast<std::int64_t>(kMaxQueued));
+  // Room again once the store recovered.
+  CHECK(writer.enqueue(make_event(1001)));
+  writer.flush();
+  CHECK(reader->count_usage_events() == static_cast<std::int64_t>(kMaxQueued) + 1);
+  CHECK(writer.stats().written == kMaxQueued + 1);
 }
