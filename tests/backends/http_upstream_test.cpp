@@ -26,7 +26,19 @@ TEST_CASE("end-to-end fields leave out the fixed hop-by-hop set, what Connection
 
   std::string wire;
   tollgate::backends::append_end_to_end_fields(wire, f, drop);
-  CHECK(wire == "Host: app\r\nX-Between: stays\r\nAuthorization: Basic abc\r\nContent-Length: 5\r\n");
+  // Content-Length goes too: the gateway writes the framing it read itself.
+  CHECK(wire == "Host: app\r\nX-Between: stays\r\nAuthorization: Basic abc\r\n");
+}
+
+TEST_CASE("Connection cannot name Host or the framing headers away", "[backends][app_proxy]") {
+  http::fields f;
+  f.set("Host", "app");
+  f.insert("Connection", "Host, content-length, Transfer-Encoding, X-Gone");
+  f.set("X-Gone", "1");
+  f.set("X-Kept", "2");
+  std::string wire;
+  tollgate::backends::append_end_to_end_fields(wire, f, {});
+  CHECK(wire == "Host: app\r\nX-Kept: 2\r\n");
 }
 
 TEST_CASE("a header line set by the gateway cannot be split by its value", "[backends][app_proxy]") {
