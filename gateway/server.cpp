@@ -906,7 +906,7 @@ awaitable<bool> Session::handle(http::request_parser<http::string_body>& parser)
   bool is_models = path == "/v1/models";
   if (!is_chat && !is_completion && !is_embeddings && !is_models) {
     if (!co_await read_body(parser, x)) co_return false;
-    auto no_route = not_found("no route for " + std::string(path), "unknown_route");
+    auto no_route = not_found("no route for " + metering::excerpt(path), "unknown_route");
     co_return co_await respond_error(req, x, no_route);
   }
 

@@ -408,6 +408,10 @@ TEST_CASE("wrong method gets 405 and an unknown path 404, as JSON", "[e2e][bad_i
   check_error(client.get("/no/such/path", key), 404);
   check_error(client.post("/v1/nothing", key, "{}"), 404);
   check_error(client.get("/no/such/path"), 404);
+  // A long unknown path is quoted in part, not echoed whole.
+  auto long_path = client.get("/no/" + std::string(12000, 'p'), key);
+  check_error(long_path, 404);
+  CHECK(long_path.body.size() < 600);
   check_still_serving(gw.port(), key);
 }
 
