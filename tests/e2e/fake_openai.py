@@ -31,6 +31,7 @@ up to 200 MB; they stop when the client goes away):
 
   longline        streams one piece, then one data line that never ends
   longline-first  the same without the piece
+  longchunk       streams one piece, then a chunk header that never ends
   huge            a non-streamed answer that never ends
 
 Asked for logprobs, the answers carry them in OpenAI's format (chat or legacy).
@@ -177,13 +178,18 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if model == "huge":
                 self.chunk(b'{"id": "x", "choices": [{"index": 0, "message": {"content": "')
-            elif model == "longline":
+            elif model in ("longline", "longchunk"):
                 self.event({"id": "x", "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}]})
-            if model != "huge":
+            if model in ("longline", "longline-first"):
                 self.chunk(b"data: ")
+            elif model == "longchunk":
+                self.wfile.write(b"5;ext=")
             block = b"a" * 65536
             while state["big_sent"] < BIG_LIMIT:
-                self.chunk(block)
+                if model == "longchunk":
+                    self.wfile.write(block)
+                else:
+                    self.chunk(block)
                 with lock:
                     state["big_sent"] += len(block)
             self.close_connection = True
@@ -211,7 +217,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         if model.startswith("leak"):
             return self.leak(model, req)
-        if model in ("longline", "longline-first", "huge"):
+        if model in ("longline", "longline-first", "longchunk", "huge"):
             return self.never_ending(model)
         if model in ("429", "500", "400", "404"):
             messages = {"429": "Rate limit reached for model", "500": "internal failure upstream",

@@ -39,7 +39,7 @@ std::string fake_config(std::uint16_t port, const std::string& extra_backends = 
                      "    timeouts: {first_byte: 1s}\n" +
                      extra_backends + "models:\n";
   for (std::string m : {"normal", "groq", "nousage", "slow", "die", "flood", "429", "500", "400", "404", "tools",
-                        "longline", "longline-first", "huge"}) {
+                        "longline", "longline-first", "longchunk", "huge"}) {
     yaml += "  - {name: m-" + m + ", deployments: [{backend: up, model: '" + m + "'}]}\n";
   }
   yaml += "  - {name: m-hang, deployments: [{backend: up-impatient, model: hang}]}\n" + extra_models;
@@ -585,6 +585,14 @@ TEST_CASE("openai backend: an upstream that never ends a line or an answer is cu
   r = second.post("/v1/chat/completions", key, chat_body("m-huge", "hi"));
   CHECK(r.status == 502);
   CHECK(std::string(r.json().at("error").at("message").as_string()).find("larger than 16 MiB") != std::string::npos);
+
+  // Chunked framing that never ends (a chunk header without its line end).
+  HttpClient third(gw.port(), 20s);
+  r = third.post("/v1/chat/completions", key, stream_body("m-longchunk", true));
+  CHECK(r.status == 200);
+  INFO(r.body.substr(0, 2000));
+  CHECK(parse_stream(r.body).error);
+  CHECK(r.body.find("chunk framing is larger than 1 MiB") != std::string::npos);
 
   double peak_after = peak_rss(gw.pid());
   INFO("peak RSS before " << peak_before / 1e6 << " MB, after " << peak_after / 1e6 << " MB");
