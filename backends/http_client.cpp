@@ -50,7 +50,8 @@ std::optional<UpstreamOrigin> parse_base_url(const std::string& url, std::string
     return std::nullopt;
   }
   if (parsed->has_userinfo() || parsed->has_query() || parsed->has_fragment()) {
-    error = "'" + url + "' must be scheme://host[:port][/path] only";
+    // Not quoted: user info or a query may hold a credential, and this error is logged.
+    error = "must be scheme://host[:port][/path] only (no user info, query or fragment)";
     return std::nullopt;
   }
   o.port = parsed->has_port() ? std::string(parsed->port()) : (o.tls ? "443" : "80");

@@ -43,6 +43,11 @@ struct HttpClientOptions {
 
 class HttpClient;
 
+// What a connection buffers of an answer that the parser cannot take yet
+// (headers are capped at 8 KiB by the parser; a chunk header or trailer that
+// never ends stops here): past it a read fails with http::error::buffer_overflow.
+inline constexpr std::size_t kMaxUpstreamReadBuffer = 1024 * 1024;
+
 // One connection to the upstream, plain or TLS. Destroying it closes it.
 class UpstreamConnection {
  public:
@@ -71,7 +76,7 @@ class UpstreamConnection {
   HttpClient& owner_;
   std::optional<boost::beast::tcp_stream> plain_;
   std::optional<boost::beast::ssl_stream<boost::beast::tcp_stream>> tls_;
-  boost::beast::flat_buffer buffer_;
+  boost::beast::flat_buffer buffer_{kMaxUpstreamReadBuffer};
   std::chrono::steady_clock::time_point idle_since_;
   bool open_ = true;
 };

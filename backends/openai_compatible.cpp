@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <boost/json.hpp>
+#include <cctype>
 #include <iostream>
 #include <stdexcept>
 #include <thread>
@@ -22,12 +23,28 @@ constexpr auto as_tuple = net::as_tuple(net::use_awaitable);
 
 // An upstream error body is read for its message up to this size.
 constexpr std::size_t kMaxErrorBody = 64 * 1024;
-// A whole non-streamed answer; past it the call fails rather than grow without bound.
-constexpr std::size_t kMaxResponseBody = 16 * 1024 * 1024;
+// A body that is not JSON is quoted up to this size (it is often an HTML page).
+constexpr std::size_t kMaxQuotedBody = 200;
+// A truncated echo of a secret is scrubbed from this many of its first bytes on.
+constexpr std::size_t kSecretPrefix = 12;
+// Header values shorter than this are not credentials (flags, versions, names).
+constexpr std::size_t kMinHeaderSecret = 8;
+
+std::string size_text(std::size_t bytes) { return std::to_string(bytes / (1024 * 1024)) + " MiB"; }
+
+// `text` cut to `limit` bytes on a UTF-8 character boundary, marked when cut.
+std::string bounded(std::string text, std::size_t limit) {
+  if (text.size() <= limit) return text;
+  std::size_t cut = limit;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  text.resize(cut);
+  return text + "...";
+}
 
 // One call's state, shared by its coroutine (on the backend's thread) and its handle.
 struct Call {
   std::shared_ptr<CompletionSink> sink;
+  const SecretScrubber* scrub = nullptr;  // the backend's, which outlives its calls
   std::atomic<bool> cancelled{false};
   UpstreamConnection* active = nullptr;  // backend thread only
   std::int64_t prompt_estimate = 0;
@@ -63,7 +80,9 @@ struct Call {
   void fail(ErrorKind kind, std::string message, std::optional<std::int64_t> retry_after = std::nullopt) {
     CompletionEvent event;
     event.type = CompletionEvent::Type::error;
-    event.error = {kind, std::move(message), retry_after};
+    // Every error message passes here: whatever upstream text it quotes, no
+    // credential of ours reaches the client (or a log line made from it).
+    event.error = {kind, scrub ? (*scrub)(std::move(message)) : std::move(message), retry_after};
     event.usage = usage();
     emit(std::move(event));
     sink.reset();
@@ -95,33 +114,32 @@ class CallHandle final : public CompletionHandle {
 // What a call needs from its backend.
 struct Upstream {
   OpenAICompatibleConfig config;
+  SecretScrubber scrub;
   HttpClient* client = nullptr;
 };
 
-std::string scrub(std::string text, const std::string& secret) {
-  if (secret.empty()) return text;
-  for (auto at = text.find(secret); at != std::string::npos; at = text.find(secret, at)) {
-    text.replace(at, secret.size(), "***");
-  }
-  return text;
+// The message for an answer that outgrew `cap`.
+std::string too_large(const char* what, std::size_t cap) {
+  return std::string("the upstream's ") + what + " is larger than " + size_text(cap) + "; the call was abandoned";
 }
 
-// The upstream's own words from an OpenAI-style error body, else the body itself.
-std::string error_message(const std::string& body) {
+// The upstream's own words from an OpenAI-style error body, else the body
+// itself; scrubbed before they are cut, so no piece of a secret survives the cut.
+std::string error_message(const std::string& body, const SecretScrubber& scrub) {
   boost::system::error_code ec;
   auto v = json::parse(body, ec);
   if (!ec) {
     const json::value* msg = nullptr;
     if (auto* o = v.if_object()) {
       if (auto* e = o->if_contains("error")) {
-        if (e->is_string()) return std::string(e->get_string());
+        if (e->is_string()) return bounded(scrub(std::string(e->get_string())), kMaxUpstreamMessage);
         if (auto* eo = e->if_object()) msg = eo->if_contains("message");
       }
       if (!msg) msg = o->if_contains("message");
     }
-    if (msg && msg->is_string()) return std::string(msg->get_string());
+    if (msg && msg->is_string()) return bounded(scrub(std::string(msg->get_string())), kMaxUpstreamMessage);
   }
-  return body.size() > 200 ? body.substr(0, 200) + "..." : body;
+  return bounded(scrub(body), kMaxQuotedBody);
 }
 
 std::optional<std::int64_t> parse_retry_after(std::string_view value) {
@@ -135,8 +153,9 @@ std::optional<std::int64_t> parse_retry_after(std::string_view value) {
 }
 
 // Maps a non-2xx upstream answer to the error the client sees.
-BackendError status_error(int status, const std::string& body, std::string_view retry_after, const std::string& key) {
-  std::string message = scrub(error_message(body), key);
+BackendError status_error(int status, const std::string& body, std::string_view retry_after,
+                          const SecretScrubber& scrub) {
+  std::string message = error_message(body, scrub);
   std::string prefix = "upstream answered " + std::to_string(status) + ": ";
   if (status == 429) return {ErrorKind::rate_limited, prefix + message, parse_retry_after(retry_after)};
   if (status == 401 || status == 403) {
@@ -264,7 +283,7 @@ Step on_stream_data(Call& call, const std::string& data, bool chat) {
   }
   auto& o = v.as_object();
   if (o.contains("error")) {
-    call.fail(ErrorKind::upstream_failed, "the upstream failed mid-stream: " + error_message(data));
+    call.fail(ErrorKind::upstream_failed, "the upstream failed mid-stream: " + error_message(data, *call.scrub));
     return Step::failed;
   }
   take_usage(call, o);
@@ -309,6 +328,11 @@ void on_full_body(Call& call, const std::string& body, bool chat) {
     return;
   }
   auto& o = v.as_object();
+  if (o.contains("error") && !o.contains("choices")) {
+    // Some servers report a failure with a 200.
+    call.fail(ErrorKind::upstream_failed, "the upstream failed: " + error_message(body, *call.scrub));
+    return;
+  }
   take_usage(call, o);
   std::string text;
   std::vector<TokenLogprob> logprobs;
@@ -451,7 +475,7 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
     call->active = nullptr;
     if (call->cancelled) co_return;
     std::string retry_after(parser->get()[http::field::retry_after]);
-    auto error = status_error(status, parser->get().body(), retry_after, cfg.api_key);
+    auto error = status_error(status, parser->get().body(), retry_after, up->scrub);
     call->fail(error.kind, std::move(error.message), error.retry_after_s);
     if (!ec && parser->keep_alive()) up->client->release(std::move(conn));
     co_return;
@@ -459,11 +483,14 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
   call->answered = true;
 
   if (!request.stream) {
-    auto ec = co_await read_rest(*conn, *parser, kMaxResponseBody, cfg.idle_timeout, total_deadline);
+    std::size_t cap = request.embeddings ? kMaxEmbeddingsBody : kMaxCompletionBody;
+    auto ec = co_await read_rest(*conn, *parser, cap, cfg.idle_timeout, total_deadline);
     call->active = nullptr;
     if (call->cancelled) co_return;
     if (ec == beast::error::timeout) {
       call->fail(ErrorKind::timeout, timeout_message("the response body"));
+    } else if (ec == http::error::body_limit) {
+      call->fail(ErrorKind::upstream_failed, too_large("response", cap));  // the connection closes with `conn`
     } else if (ec) {
       call->fail(ErrorKind::upstream_failed, "the upstream connection failed: " + ec.message());
     } else {
@@ -488,11 +515,19 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
       if (step != Step::more) break;
     }
     if (step != Step::more) break;
+    if (sse.overflowed()) {
+      // The rest of the stream is not read: the connection closes with `conn`.
+      call->fail(ErrorKind::upstream_failed, too_large("stream event", std::max(kMaxSseLine, kMaxSseEvent)));
+      step = Step::failed;
+      break;
+    }
     if (read_error) {
       call->active = nullptr;
       if (call->cancelled) co_return;
       if (read_error == beast::error::timeout) {
         call->fail(ErrorKind::timeout, timeout_message("the next chunk"));
+      } else if (read_error == http::error::buffer_overflow) {
+        call->fail(ErrorKind::upstream_failed, too_large("chunk framing", kMaxUpstreamReadBuffer));
       } else {
         call->fail(ErrorKind::upstream_failed, "the upstream connection failed mid-stream: " + read_error.message());
       }
@@ -549,6 +584,7 @@ class OpenAICompatibleBackend final : public Backend {
   OpenAICompatibleBackend(const OpenAICompatibleConfig& config, UpstreamOrigin origin)
       : ioc_(std::make_shared<net::io_context>(1)), work_(net::make_work_guard(*ioc_)) {
     up_.config = config;
+    up_.scrub = SecretScrubber(config.api_key, config.headers);
     if (!config.tokenizer_path.empty()) {
       try {
         tokenizer_ = std::make_unique<local_engine::Tokenizer>(local_engine::load_vocabulary(config.tokenizer_path));
@@ -615,6 +651,7 @@ class OpenAICompatibleBackend final : public Backend {
   std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
     auto call = std::make_shared<Call>();
     call->sink = std::move(sink);
+    call->scrub = &up_.scrub;
     call->prompt_estimate = estimate_prompt_tokens(request);
     call->tokenizer = tokenizer_.get();
     net::co_spawn(*ioc_, run_call(&up_, call, std::move(request)), net::detached);
@@ -686,11 +723,16 @@ std::string upstream_request_body(const CompletionRequest& request) {
 
 std::vector<std::string> SseDecoder::feed(std::string_view bytes) {
   std::vector<std::string> events;
-  for (char c : bytes) {
-    if (c != '\n') {
-      line_ += c;
-      continue;
+  if (overflowed_) return events;
+  while (!bytes.empty()) {
+    auto eol = bytes.find('\n');
+    line_.append(bytes.substr(0, eol));
+    if (line_.size() > max_line_) {
+      overflowed_ = true;
+      break;
     }
+    if (eol == std::string_view::npos) break;
+    bytes.remove_prefix(eol + 1);
     if (!line_.empty() && line_.back() == '\r') line_.pop_back();
     if (line_.empty()) {
       if (has_data_) events.push_back(std::exchange(data_, {}));
@@ -707,11 +749,99 @@ std::vector<std::string> SseDecoder::feed(std::string_view bytes) {
         if (has_data_) data_ += '\n';
         data_ += value;
         has_data_ = true;
+        if (data_.size() > max_event_) {
+          overflowed_ = true;
+          break;
+        }
       }
     }
     line_.clear();
   }
+  if (overflowed_) {
+    line_ = {};
+    data_ = {};
+  }
   return events;
+}
+
+SecretScrubber::SecretScrubber(const std::string& api_key,
+                               const std::vector<std::pair<std::string, std::string>>& headers) {
+  add(api_key);
+  for (const auto& header : headers) {
+    if (header.second.size() >= kMinHeaderSecret) add(header.second);
+  }
+  // Longest first, so a secret that contains another is masked whole.
+  std::sort(forms_.begin(), forms_.end(), [](const std::string& a, const std::string& b) {
+    return a.size() != b.size() ? a.size() > b.size() : a < b;
+  });
+  forms_.erase(std::unique(forms_.begin(), forms_.end()), forms_.end());
+}
+
+void SecretScrubber::add(const std::string& secret) {
+  if (secret.empty()) return;
+  secrets_.push_back(secret);
+  forms_.push_back(secret);
+  // Inside a JSON string, as Boost.JSON and most encoders write it, and with
+  // the optional escape of '/' some encoders (PHP's) add.
+  std::string quoted = json::serialize(json::string(secret));
+  std::string in_json = quoted.substr(1, quoted.size() - 2);
+  forms_.push_back(in_json);
+  std::string slash_escaped;
+  for (char c : in_json) slash_escaped += c == '/' ? std::string("\\/") : std::string(1, c);
+  forms_.push_back(std::move(slash_escaped));
+  // In a URL (an echoed query string).
+  std::string in_url;
+  for (unsigned char c : secret) {
+    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~') {
+      in_url += static_cast<char>(c);
+    } else {
+      static constexpr char kHex[] = "0123456789ABCDEF";
+      in_url += {'%', kHex[c >> 4], kHex[c & 15]};
+    }
+  }
+  forms_.push_back(std::move(in_url));
+}
+
+std::string SecretScrubber::operator()(std::string text) const {
+  static constexpr std::string_view kMask = "***";
+  for (const auto& form : forms_) {
+    for (auto at = text.find(form); at != std::string::npos; at = text.find(form, at + kMask.size())) {
+      text.replace(at, form.size(), kMask);
+    }
+  }
+  // An upstream that cut the quote short still showed the secret's start.
+  for (const auto& secret : secrets_) {
+    if (secret.size() <= kSecretPrefix) continue;
+    std::string_view start(secret.data(), kSecretPrefix);
+    for (auto at = text.find(start); at != std::string::npos; at = text.find(start, at + kMask.size())) {
+      std::size_t n = kSecretPrefix;
+      while (n < secret.size() && at + n < text.size() && text[at + n] == secret[n]) ++n;
+      text.replace(at, n, kMask);
+    }
+  }
+  // Any bearer token: an echo of an Authorization header, ours or one we do not know.
+  std::string lower = text;
+  std::transform(lower.begin(), lower.end(), lower.begin(), [](unsigned char c) { return std::tolower(c); });
+  static constexpr std::string_view kBearer = "bearer ";
+  std::string out;
+  std::size_t copied = 0;
+  for (auto at = lower.find(kBearer); at != std::string::npos; at = lower.find(kBearer, at + 1)) {
+    std::size_t begin = at + kBearer.size();
+    while (begin < text.size() && text[begin] == ' ') ++begin;
+    std::size_t end = begin;
+    auto token_char = [](unsigned char c) {
+      return std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/' || c == '=';
+    };
+    while (end < text.size() && token_char(static_cast<unsigned char>(text[end]))) ++end;
+    if (end == begin) continue;
+    out.append(text, copied, begin - copied);
+    out += kMask;
+    copied = end;
+    at = end - 1;
+  }
+  if (copied == 0) return text;
+  out.append(text, copied, std::string::npos);
+  return out;
 }
 
 std::unique_ptr<Backend> make_openai_compatible_backend(const OpenAICompatibleConfig& config) {

@@ -107,3 +107,55 @@ TEST_CASE("base URLs: scheme, host, port and path", "[backends][openai]") {
   CHECK_FALSE(parse_base_url("not a url", error));
   CHECK_FALSE(parse_base_url("https://user:pw@example.com/v1", error));
 }
+
+TEST_CASE("SSE decoder stops at a line or an event past its cap", "[backends][openai]") {
+  SseDecoder sse(64, 100);
+  auto events = sse.feed("data: small\n\ndata: " + std::string(40, 'a'));
+  REQUIRE(events.size() == 1);
+  CHECK(events[0] == "small");
+  CHECK_FALSE(sse.overflowed());
+  // The line never ends: past 64 bytes the decoder gives up, whatever follows.
+  CHECK(sse.feed(std::string(30, 'a')).empty());
+  CHECK(sse.overflowed());
+  CHECK(sse.feed("\n\ndata: later\n\n").empty());
+
+  // Short lines, but one event that never ends.
+  SseDecoder event(64, 100);
+  for (int i = 0; i < 10; ++i) CHECK(event.feed("data: " + std::string(20, 'b') + "\n").empty());
+  CHECK(event.overflowed());
+
+  // At the caps exactly, all is well.
+  SseDecoder exact(64, 100);
+  events = exact.feed("data: " + std::string(58, 'c') + "\ndata: " + std::string(41, 'd') + "\n\n");
+  CHECK_FALSE(exact.overflowed());
+  REQUIRE(events.size() == 1);
+  CHECK(events[0].size() == 100);
+}
+
+TEST_CASE("secret scrubber: the key and header values, raw, JSON-escaped, in URLs, cut short and as bearer tokens",
+          "[backends][openai]") {
+  const std::string key = "sk-canary/0123456789+abcdef\"xyz";
+  SecretScrubber scrub(key, {{"X-Org-Token", "org-canary-token-42"}, {"X-Flag", "1"}});
+  CHECK(scrub("quota exceeded for " + key + ".") == "quota exceeded for ***.");
+  CHECK(scrub("org org-canary-token-42 and org-canary-token-42") == "org *** and ***");
+  // Values too short to be credentials stay.
+  CHECK(scrub("version 1") == "version 1");
+  // As the key reads inside a JSON string, with and without '/' escaped.
+  CHECK(scrub(R"({"message":"sk-canary/0123456789+abcdef\"xyz"})") == R"({"message":"***"})");
+  CHECK(scrub(R"({"message":"sk-canary\/0123456789+abcdef\"xyz"})") == R"({"message":"***"})");
+  // In a URL's query.
+  CHECK(scrub("GET /v1?key=sk-canary%2F0123456789%2Babcdef%22xyz") == "GET /v1?key=***");
+  // A truncated echo: the first 12 bytes or more of the key.
+  CHECK(scrub("key sk-canary/0123... is invalid") == "key ***... is invalid");
+  CHECK(scrub("key sk-canary/01 is invalid") == "key *** is invalid");
+  CHECK(scrub("key sk-canary/0 is fine") == "key sk-canary/0 is fine");
+  // Any bearer token, even one we do not know, in any case.
+  CHECK(scrub("Authorization: Bearer tok_ABC.def-123= was refused") == "Authorization: Bearer *** was refused");
+  CHECK(scrub("bearer  x1 and BEARER y2") == "bearer  *** and BEARER ***");
+  CHECK(scrub("nothing to see") == "nothing to see");
+  // A secret that is part of the mask cannot make it loop.
+  SecretScrubber star("*", {});
+  CHECK(star("a*b") == "a***b");
+  // No secrets configured: only bearer tokens go.
+  CHECK(SecretScrubber()("Bearer abc") == "Bearer ***");
+}

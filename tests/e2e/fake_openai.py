@@ -17,6 +17,23 @@ HTTP or TLS (--cert/--key). The upstream model name picks the behaviour:
   tools    calls get_weather({"city": "Paris"}) as OpenAI does (streamed: the
            name first, then the arguments in pieces); finish_reason tool_calls
 
+Upstreams that quote the request's headers (the provider key among them) in
+their errors, as a careless or hostile provider might:
+
+  leak-NNN      status NNN, an OpenAI-style JSON error
+  leakraw-NNN   status NNN, a text/plain body, the key near byte 200
+  leak-200      status 200, a JSON error instead of an answer
+  leak-badjson  status 200, a body that is not JSON
+  leak-stream   streams two pieces, then an error event
+
+Upstreams that never stop (GET /_stats "big_sent" counts the bytes written,
+up to 200 MB; they stop when the client goes away):
+
+  longline        streams one piece, then one data line that never ends
+  longline-first  the same without the piece
+  longchunk       streams one piece, then a chunk header that never ends
+  huge            a non-streamed answer that never ends
+
 Asked for logprobs, the answers carry them in OpenAI's format (chat or legacy).
 POST .../embeddings answers one 3-float embedding per input, usage 7 tokens per input.
 
@@ -34,7 +51,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REPLY = ["Hello", " from", " fake", " upstream"]
 lock = threading.Lock()
-state = {"last": None, "requests": 0, "disconnects": 0, "flood_sent": 0}
+state = {"last": None, "requests": 0, "disconnects": 0, "flood_sent": 0, "big_sent": 0}
+BIG_LIMIT = 200 * 1024 * 1024
 
 
 def logprobs_for(req, chat, pieces, first=0):
@@ -85,7 +103,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200, state["last"] or {})
             if self.path == "/_stats":
                 return self.send_json(200, {"requests": state["requests"], "disconnects": state["disconnects"],
-                                            "flood_sent": state["flood_sent"]})
+                                            "flood_sent": state["flood_sent"], "big_sent": state["big_sent"]})
         self.send_json(404, {"error": {"message": "no such route"}})
 
     def chunk(self, data):
@@ -118,6 +136,67 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
+    def quoted_headers(self):
+        return "the request headers were " + json.dumps({k.lower(): v for k, v in self.headers.items()})
+
+    def leak(self, model, req):
+        kind, _, status = model.partition("-")
+        if kind == "leakraw":
+            # The key lands across the 200th byte, where a naive cut would halve it.
+            auth = self.headers.get("Authorization", "")
+            data = ("x" * (190 - len("Bearer ")) + auth + " " + self.quoted_headers()).encode()
+            self.send_response(int(status))
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return self.wfile.write(data)
+        error = {"error": {"message": "denied: " + self.quoted_headers(), "type": "x", "code": None}}
+        if status == "badjson":
+            data = ("<html>oops " + self.quoted_headers()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return self.wfile.write(data)
+        if status != "stream":
+            return self.send_json(int(status), error)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for piece in REPLY[:2]:
+            self.event({"id": "x", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+        self.event(error)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def never_ending(self, model):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json" if model == "huge" else "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            if model == "huge":
+                self.chunk(b'{"id": "x", "choices": [{"index": 0, "message": {"content": "')
+            elif model in ("longline", "longchunk"):
+                self.event({"id": "x", "choices": [{"index": 0, "delta": {"content": "Hello"}, "finish_reason": None}]})
+            if model in ("longline", "longline-first"):
+                self.chunk(b"data: ")
+            elif model == "longchunk":
+                self.wfile.write(b"5;ext=")
+            block = b"a" * 65536
+            while state["big_sent"] < BIG_LIMIT:
+                if model == "longchunk":
+                    self.wfile.write(block)
+                else:
+                    self.chunk(block)
+                with lock:
+                    state["big_sent"] += len(block)
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError):
+            count_disconnect()
+            self.close_connection = True
+
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         req = json.loads(body)
@@ -136,6 +215,10 @@ class Handler(BaseHTTPRequestHandler):
                     break
             self.close_connection = True
             return
+        if model.startswith("leak"):
+            return self.leak(model, req)
+        if model in ("longline", "longline-first", "longchunk", "huge"):
+            return self.never_ending(model)
         if model in ("429", "500", "400", "404"):
             messages = {"429": "Rate limit reached for model", "500": "internal failure upstream",
                         "400": "bad thing: temperature", "404": "The model does not exist"}

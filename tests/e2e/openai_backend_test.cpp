@@ -38,7 +38,8 @@ std::string fake_config(std::uint16_t port, const std::string& extra_backends = 
                      "    base_url: " + url + "\n"
                      "    timeouts: {first_byte: 1s}\n" +
                      extra_backends + "models:\n";
-  for (std::string m : {"normal", "groq", "nousage", "slow", "die", "flood", "429", "500", "400", "404", "tools"}) {
+  for (std::string m : {"normal", "groq", "nousage", "slow", "die", "flood", "429", "500", "400", "404", "tools",
+                        "longline", "longline-first", "longchunk", "huge"}) {
     yaml += "  - {name: m-" + m + ", deployments: [{backend: up, model: '" + m + "'}]}\n";
   }
   yaml += "  - {name: m-hang, deployments: [{backend: up-impatient, model: hang}]}\n" + extra_models;
@@ -527,6 +528,82 @@ TEST_CASE("openai backend: a client that stops reading slows the upstream down i
   while (more < (8u << 20) && std::chrono::steady_clock::now() < deadline) more += client.read_some(100ms).size();
   CHECK(more >= (8u << 20));
   CHECK(flood_sent() > stalled_at);
+}
+
+// The gateway's peak resident memory (VmHWM) in bytes, from /proc.
+double peak_rss(int pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.starts_with("VmHWM:")) return std::stod(line.substr(6)) * 1024;
+  }
+  return -1;
+}
+
+TEST_CASE("openai backend: an upstream that never ends a line or an answer is cut off in bounded memory",
+          "[e2e][openai][caps]") {
+  TempDir dir;
+  FakeOpenAI fake;
+  GatewayProcess gw(dir, with_config(fake_config(fake.port())));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  auto started = std::chrono::steady_clock::now();
+  double peak_before = peak_rss(gw.pid());
+  REQUIRE(peak_before > 0);
+
+  // After a delta the status is 200 already: an error event, no [DONE], and the end of the stream.
+  HttpClient client(gw.port(), 20s);
+  auto r = client.post("/v1/chat/completions", key, stream_body("m-longline", true));
+  CHECK(r.status == 200);
+  auto s = parse_stream(r.body);
+  CHECK(s.text == "Hello");
+  CHECK(s.error);
+  CHECK_FALSE(s.done);
+  CHECK(r.body.find("larger than 4 MiB") != std::string::npos);
+  CHECK(client.wait_closed(5s));
+  // The gateway let go of the upstream connection: the fake's writes failed,
+  // long before the 200 MB it would have sent.
+  std::int64_t disconnects = 0;
+  for (int i = 0; i < 100 && disconnects == 0; ++i) {
+    disconnects = fake.stats().at("disconnects").as_int64();
+    if (disconnects == 0) std::this_thread::sleep_for(50ms);
+  }
+  CHECK(disconnects == 1);
+  auto sent = fake.stats().at("big_sent").as_int64();
+  INFO("bytes sent: " << sent);
+  CHECK(sent >= 4 * 1024 * 1024);
+  CHECK(sent < 64 * 1024 * 1024);
+
+  // Before any delta: a 502 JSON error.
+  HttpClient second(gw.port(), 20s);
+  r = second.post("/v1/chat/completions", key, stream_body("m-longline-first", true));
+  CHECK(r.status == 502);
+  CHECK(r.json().at("error").at("code") == "upstream_error");
+  CHECK(std::string(r.json().at("error").at("message").as_string()).find("larger than 4 MiB") != std::string::npos);
+
+  // A non-streamed answer that never ends: cut at its cap.
+  r = second.post("/v1/chat/completions", key, chat_body("m-huge", "hi"));
+  CHECK(r.status == 502);
+  CHECK(std::string(r.json().at("error").at("message").as_string()).find("larger than 16 MiB") != std::string::npos);
+
+  // Chunked framing that never ends (a chunk header without its line end).
+  HttpClient third(gw.port(), 20s);
+  r = third.post("/v1/chat/completions", key, stream_body("m-longchunk", true));
+  CHECK(r.status == 200);
+  INFO(r.body.substr(0, 2000));
+  CHECK(parse_stream(r.body).error);
+  CHECK(r.body.find("chunk framing is larger than 1 MiB") != std::string::npos);
+
+  double peak_after = peak_rss(gw.pid());
+  INFO("peak RSS before " << peak_before / 1e6 << " MB, after " << peak_after / 1e6 << " MB");
+  CHECK(peak_after - peak_before < 64e6);
+  CHECK(std::chrono::steady_clock::now() - started < 20s);
+
+  // And the gateway still serves.
+  r = second.post("/v1/chat/completions", key, chat_body("m-normal", "hi"));
+  CHECK(r.status == 200);
+  CHECK(r.json().at("choices").at(0).at("message").at("content") == "Hello from fake upstream");
+  CHECK(wait_usage_rows(gw.db(), "model='m-longline' AND status=502 AND completion_tokens=1", 1) == 1);
 }
 
 TEST_CASE("openai backend over TLS: verified with ca_file, refused without it, insecure_skip_verify warns",
