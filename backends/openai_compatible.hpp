@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "backends/backend.hpp"
+#include "backends/sse_parser.hpp"
 
 namespace tollgate::backends {
 
@@ -42,17 +43,5 @@ std::unique_ptr<Backend> make_openai_compatible_backend(const OpenAICompatibleCo
 // The upstream request body: the model is the deployment's, and a streamed
 // call always asks for usage so metering is exact.
 std::string upstream_request_body(const CompletionRequest& request);
-
-// Splits a server-sent event stream fed in arbitrary pieces into the data of
-// each event (multi-line data joined by '\n'; comments and other fields skipped).
-class SseDecoder {
- public:
-  std::vector<std::string> feed(std::string_view bytes);
-
- private:
-  std::string line_;
-  std::string data_;
-  bool has_data_ = false;
-};
 
 }  // namespace tollgate::backends
