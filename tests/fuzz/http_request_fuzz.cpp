@@ -1,7 +1,8 @@
 // The gateway's request path on untrusted bytes: Beast's parser fed in pieces
-// with the gateway's limits (gateway/server.cpp Session::run), the switch to
-// a buffer_body relay for the app proxy (backends/http_upstream.cpp forward),
-// and the forwarded head (append_end_to_end_fields). With the first byte's top
+// with the gateway's limits (gateway/server.cpp Session::run), the request-head
+// rules (gateway/http_rules.hpp), the switch to a buffer_body relay for the
+// app proxy (backends/http_upstream.cpp forward), and the forwarded head
+// (append_end_to_end_fields). With the first byte's top
 // bit set, the input is the app's response instead, written back by
 // response_head. Input: one byte choosing modes and piece sizes, then the message.
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include <string_view>
 
 #include "backends/http_upstream.hpp"
+#include "gateway/http_rules.hpp"
 
 namespace {
 
@@ -22,6 +24,7 @@ namespace net = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
 namespace backends = tollgate::backends;
+namespace gateway = tollgate::gateway;
 
 // gateway/config.hpp ServerLimits defaults.
 constexpr std::size_t kMaxHeader = 16 * 1024;
@@ -65,10 +68,22 @@ void check_wire_lines(std::string_view head, const backends::HeaderNames& forbid
   }
 }
 
+// Whether wire lines checked by check_wire_lines hold a field named `name`.
+bool has_field(std::string_view head, std::string_view name) {
+  for (std::size_t at = 0; at < head.size(); at = head.find("\r\n", at) + 2) {
+    auto line = head.substr(at);
+    if (line.size() > name.size() && line[name.size()] == ':' && beast::iequals(line.substr(0, name.size()), name)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// Hop-by-hop, and the framing the gateway writes itself.
 backends::HeaderNames hop_by_hop() {
   backends::HeaderNames names;
   for (auto name : {"Connection", "Keep-Alive", "Proxy-Connection", "TE", "Transfer-Encoding", "Upgrade",
-                    "Proxy-Authorization", "Proxy-Authenticate", "Trailer"}) {
+                    "Proxy-Authorization", "Proxy-Authenticate", "Trailer", "Content-Length"}) {
     names.add(name);
   }
   return names;
@@ -159,20 +174,36 @@ bool fuzz_request(std::uint8_t control, Pieces& input, std::string& pending) {
   parser.body_limit(boost::none);  // as Session::run: handle() caps its own routes
   if (!parse_header(parser, input, pending)) return false;
 
-  // TODO(http_rules): call the request-head validation of gateway/http_rules.hpp
-  // here (a refused head goes no further, as in the gateway) once it is on main.
+  // A head the rules refuse is answered and the connection closed (Session::run).
+  if (gateway::check_request_head(parser.get())) return false;
 
   const auto& req = parser.get();
   const bool keep_alive = req.keep_alive();
+  if (req.version() != 10 && req.version() != 11) std::abort();
+  const auto target = gateway::origin_form({req.target().data(), req.target().size()});
+  if (target != "*" && !target.starts_with('/')) std::abort();
+  gateway::is_public_path({"/public/*", "/health"}, gateway::target_path(target));
+
+  // As handle_app: identity headers and every header holding a key go.
   backends::HeaderNames drop;
   drop.add("Expect");
   drop.add("X-Tollgate-User");
   drop.add("X-Tollgate-Key-Id");
-  if (parser.chunked()) drop.add("Content-Length");
+  bool has_host = false;
+  for (const auto& f : req) {
+    auto value = f.value();
+    has_host = has_host || f.name() == http::field::host;
+    if (gateway::holds_tollgate_key({value.data(), value.size()})) {
+      auto name = f.name_string();
+      drop.add({name.data(), name.size()});
+    }
+  }
   std::string head;
   backends::append_end_to_end_fields(head, req, drop);
   check_wire_lines(head, hop_by_hop());
   check_wire_lines(head, drop);
+  // Connection may never name Host away.
+  if (has_host && !drop.contains("Host") && !has_field(head, "Host")) std::abort();
 
   if (control & 0x40) return read_string_body(parser, input, pending) && keep_alive;
   http::request_parser<http::buffer_body> rp{std::move(parser)};
