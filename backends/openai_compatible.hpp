@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "backends/backend.hpp"
+#include "backends/sse_parser.hpp"
 
 namespace tollgate::backends {
 
@@ -47,8 +48,6 @@ std::string upstream_request_body(const CompletionRequest& request);
 // Caps on what is read from an upstream, so that a broken or hostile one costs
 // bounded memory. A streamed chunk is small, but one holding a whole image, a
 // long tool call or many logprobs can reach megabytes.
-inline constexpr std::size_t kMaxSseLine = 4 * 1024 * 1024;          // one line of the event stream
-inline constexpr std::size_t kMaxSseEvent = 4 * 1024 * 1024;         // one event's data, its lines joined
 inline constexpr std::size_t kMaxCompletionBody = 16 * 1024 * 1024;  // a whole non-streamed completion
 inline constexpr std::size_t kMaxEmbeddingsBody = 64 * 1024 * 1024;  // 2048 inputs of 1536 floats as JSON fit
 inline constexpr std::size_t kMaxUpstreamMessage = 1024;             // upstream words quoted in an error
@@ -69,26 +68,6 @@ class SecretScrubber {
   void add(const std::string& secret);
   std::vector<std::string> forms_;    // every spelling of every secret, longest first
   std::vector<std::string> secrets_;  // as configured, for truncated echoes
-};
-
-// Splits a server-sent event stream fed in arbitrary pieces into the data of
-// each event (multi-line data joined by '\n'; comments and other fields
-// skipped). A line or an event past its cap stops the decoder: it returns the
-// events before it, and nothing after.
-class SseDecoder {
- public:
-  explicit SseDecoder(std::size_t max_line = kMaxSseLine, std::size_t max_event = kMaxSseEvent)
-      : max_line_(max_line), max_event_(max_event) {}
-  std::vector<std::string> feed(std::string_view bytes);
-  bool overflowed() const { return overflowed_; }
-
- private:
-  std::size_t max_line_;
-  std::size_t max_event_;
-  std::string line_;
-  std::string data_;
-  bool has_data_ = false;
-  bool overflowed_ = false;
 };
 
 }  // namespace tollgate::backends

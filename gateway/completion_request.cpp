@@ -12,6 +12,9 @@ namespace {
 constexpr std::int64_t kMaxTokensCap = 1'000'000;
 constexpr std::size_t kMaxStopSequences = 4;
 constexpr std::int64_t kMaxTopLogprobs = 20;
+// A client's string is echoed in an error only up to this size (DESIGN.md:
+// every string a client sends is bounded before it is echoed).
+constexpr std::size_t kMaxEchoedValue = 32;
 
 using Result = std::variant<ParsedCompletion, ApiError>;
 
@@ -103,7 +106,8 @@ std::optional<ApiError> read_messages(const json::object& o, backends::Completio
     std::string_view role_name = role->get_string();
     if (role_name != "system" && role_name != "user" && role_name != "assistant" && role_name != "tool" &&
         role_name != "developer") {
-      return bad_request("unknown role '" + std::string(role_name) + "'", param + ".role");
+      std::string shown = role_name.size() <= kMaxEchoedValue ? " '" + std::string(role_name) + "'" : "";
+      return bad_request("unknown role" + shown, param + ".role");
     }
     backends::ChatMessage message{std::string(role_name), {}};
     const json::value* content = m->if_contains("content");

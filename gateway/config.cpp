@@ -31,6 +31,8 @@ class Reader {
   void expect_map(const YAML::Node& node, const std::string& path, const std::set<std::string>& allowed) const {
     if (!node.IsMap()) fail(path, "expected a mapping");
     for (const auto& entry : node) {
+      // A complex key ("? {a: b}") would throw yaml-cpp's own error, naming no file.
+      if (!entry.first.IsScalar()) fail(path, "expected plain keys");
       auto key = entry.first.as<std::string>();
       if (!allowed.contains(key)) {
         std::string known;

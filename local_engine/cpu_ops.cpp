@@ -43,6 +43,13 @@ constexpr unsigned kYmmState = 0x6u;
 constexpr unsigned kZmmState = 0xe6u;
 constexpr unsigned kTileState = 0x60000u;  // XTILECFG, XTILEDATA
 
+// CPUID.1:ECX bit 29. Read directly: Clang 14 has no "f16c" for
+// __builtin_cpu_supports.
+bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
+
 // CPUID.(EAX=7,ECX=1):EAX bit 4, and the OS saving YMM state. Read directly:
 // compilers before GCC 11 and Clang 12 have no "avxvnni" for
 // __builtin_cpu_supports.
@@ -92,8 +99,7 @@ bool isa_supported(Isa isa) {
     case Isa::portable:
       return true;
     case Isa::avx2_fma: {
-      static const bool supported =
-          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+      static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
       return supported;
     }
     case Isa::avx2_vnni: {

@@ -188,6 +188,15 @@ TEST_CASE("messages are validated one by one", "[gateway][request]") {
   check_bad(R"({"model":"m","messages":[{"role":"user","content":{"text":"hi"}}]})", "messages[0].content");
 }
 
+TEST_CASE("an unknown role is echoed only when short", "[gateway][request]") {
+  CHECK(parse_error(R"({"model":"m","messages":[{"role":"wizard","content":"hi"}]})").message ==
+        "unknown role 'wizard'");
+  // Found by tests/fuzz/completion_request_fuzz: a 4 MiB role came back whole in the 400.
+  auto e = parse_error(R"({"model":"m","messages":[{"role":")" + std::string(100'000, 'x') + R"(","content":"hi"}]})");
+  CHECK(e.message == "unknown role");
+  CHECK(e.body().size() < 256);
+}
+
 TEST_CASE("content parts: text makes the content, other parts flag the request", "[gateway][request]") {
   const std::string head = R"({"model":"m","messages":[{"role":"user","content":)";
   auto image = parse_ok(head + R"([{"type":"text","text":"what is "},{"type":"image_url","image_url":{"url":"http://x"}},)"

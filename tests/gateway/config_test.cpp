@@ -174,6 +174,12 @@ TEST_CASE("unknown keys are errors that name the key and where it is", "[gateway
                  "models[0].deployments[1]: unknown key 'modle'"));
 }
 
+TEST_CASE("a complex key is a ConfigError, not yaml-cpp's", "[gateway][config]") {
+  // Found by tests/fuzz/yaml_config_fuzz: "? routing:" made yaml-cpp throw a bad conversion.
+  CHECK(contains(config_error("? routing:\n"), "test.yaml: expected plain keys"));
+  CHECK(contains(config_error("limits: {? [a]: 1}"), "test.yaml: limits: expected plain keys"));
+}
+
 TEST_CASE("invalid values are errors naming the key", "[gateway][config]") {
   CHECK(contains(config_error("listen: nowhere"), "listen: expected HOST:PORT"));
   CHECK(contains(config_error("listen: [a, b]"), "listen: expected a single value"));
