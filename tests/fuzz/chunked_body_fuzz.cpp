@@ -8,6 +8,7 @@
 #include <boost/beast/http.hpp>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -31,9 +32,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
 
   http::request_parser<http::buffer_body> parser;
   parser.body_limit(boost::none);  // relayed, never buffered whole
-  std::size_t chunk_total = 0;
+  constexpr std::uint64_t kMaxTotal = std::numeric_limits<std::uint64_t>::max();
+  std::uint64_t chunk_total = 0;
   auto on_header = [&chunk_total](std::uint64_t chunk_size, beast::string_view extensions, beast::error_code& ec) {
-    chunk_total += chunk_size;
+    // Saturating: two chunks may declare more than 2^64 bytes between them.
+    chunk_total = chunk_size > kMaxTotal - chunk_total ? kMaxTotal : chunk_total + chunk_size;
     http::chunk_extensions ext;
     ext.parse(extensions, ec);
     if (!ec) {
