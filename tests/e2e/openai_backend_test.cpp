@@ -596,7 +596,12 @@ TEST_CASE("openai backend: an upstream that never ends a line or an answer is cu
 
   double peak_after = peak_rss(gw.pid());
   INFO("peak RSS before " << peak_before / 1e6 << " MB, after " << peak_after / 1e6 << " MB");
-  CHECK(peak_after - peak_before < 64e6);
+#ifdef __SANITIZE_ADDRESS__
+  const double growth_cap = 192e6;  // ASan's quarantine keeps freed blocks resident (256 MB by default)
+#else
+  const double growth_cap = 64e6;
+#endif
+  CHECK(peak_after - peak_before < growth_cap);
   CHECK(std::chrono::steady_clock::now() - started < 20s);
 
   // And the gateway still serves.
