@@ -110,7 +110,7 @@ std::optional<HeadViolation> check_request_head(const http::request_header<>& re
     for (char c : value) {
       auto u = static_cast<unsigned char>(c);
       if ((u < 0x20 && c != '\t') || u == 0x7f)
-        return violation("a control character in the header '" + std::string(name) + "'");
+        return violation("a control character in the header '" + std::string(name.substr(0, 64)) + "'");
     }
     switch (f.name()) {
       case http::field::host:
