@@ -57,13 +57,4 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
   metering::add_process_collector(registry);
 }
 
-std::string_view route_label(std::string_view path) {
-  for (std::string_view known :
-       {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/healthz", "/readyz", "/metrics"}) {
-    if (path == known) return known;
-  }
-  if (path.starts_with("/admin/")) return "/admin";
-  return "other";
-}
-
 }  // namespace tollgate::gateway

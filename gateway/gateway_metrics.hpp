@@ -34,8 +34,4 @@ struct GatewayMetrics {
   metering::Family<metering::Histogram>& backend_duration;  // backend
 };
 
-// The route label: known routes by name, everything else folded so a client
-// cannot create unbounded series.
-std::string_view route_label(std::string_view path);
-
 }  // namespace tollgate::gateway

@@ -1,0 +1,142 @@
+// Everything the gateway does not own, proxied to the app: authenticated and
+// counted against request quotas unless the path is public, metered per user.
+#include "gateway/http_rules.hpp"
+#include "gateway/session.hpp"
+
+namespace tollgate::gateway {
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using net::awaitable;
+
+// The usage row keeps an app call's path; a client cannot make rows arbitrarily big.
+constexpr std::size_t kMaxMeteredPath = 512;
+
+}  // namespace
+
+// X-Forwarded-For gets the client's address appended when the peer is a
+// trusted proxy, and replaced otherwise, as do the other forwarding headers.
+void Session::set_forwarding_headers(const Request& req, backends::AppForward& how) {
+  if (!peer_) {
+    beast::error_code ec;
+    auto address = stream().socket().remote_endpoint(ec).address();
+    if (address.is_v6() && address.to_v6().is_v4_mapped()) {
+      address = net::ip::make_address_v4(net::ip::v4_mapped, address.to_v6());
+    }
+    peer_ = address;
+    peer_text_ = address.to_string();
+  }
+  bool trusted = std::find(gw_.trusted_proxies.begin(), gw_.trusted_proxies.end(), *peer_) != gw_.trusted_proxies.end();
+  std::string forwarded_for;
+  if (trusted) {
+    // Every X-Forwarded-For line, in order: several are one comma-separated list.
+    for (const auto& f : req) {
+      if (!beast::iequals(f.name_string(), "X-Forwarded-For") || how.drop_request.contains(f.name_string())) continue;
+      if (!forwarded_for.empty()) forwarded_for += ", ";
+      forwarded_for += f.value();
+    }
+  } else {
+    for (std::string_view name :
+         {"X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded"}) {
+      how.drop_request.add(name);
+    }
+  }
+  if (!forwarded_for.empty()) forwarded_for += ", ";
+  forwarded_for += peer_text_;
+  how.set_request_header("X-Forwarded-For", forwarded_for);
+  // Tollgate itself speaks plain HTTP; TLS ends at a proxy in front, which says so.
+  if (!trusted || req["X-Forwarded-Proto"].empty()) how.set_request_header("X-Forwarded-Proto", "http");
+  if ((!trusted || req["X-Forwarded-Host"].empty()) && !req[http::field::host].empty()) {
+    how.set_request_header("X-Forwarded-Host", req[http::field::host]);
+  }
+}
+
+awaitable<bool> Session::handle_app(RequestParser& parser, Exchange& x, std::string_view path) {
+  auto& req = parser.get();
+  x.route = "app";  // the metrics label stays bounded; the usage row has the path
+  x.event.route = std::string(path.substr(0, kMaxMeteredPath));
+  x.event.backend = "app";
+  bool is_public = is_public_path(gw_.config.public_paths, path);
+  backends::AppForward how;
+  if (!is_public) {
+    if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
+    x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
+    if (!x.admission->allowed) {
+      auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
+      co_return co_await refuse(parser, x, limited);
+    }
+    how.set_request_header("X-Tollgate-User", x.caller->key.user_name);
+    how.set_request_header("X-Tollgate-Key-Id", x.caller->key.prefix);
+    for_each_rate_limit_header(x.admission->status, [&how](std::string_view name, std::string_view value) {
+      how.set_response_header(name, value);
+    });
+  } else {
+    // Only Tollgate vouches for who the caller is.
+    how.drop_request.add("X-Tollgate-User");
+    how.drop_request.add("X-Tollgate-Key-Id");
+  }
+
+  // The app never sees a Tollgate key: every header holding the key this
+  // request used, or anything shaped like one, goes whole (a cookie too).
+  {
+    std::string_view used =
+        is_public ? std::string_view{} : presented_key(req[http::field::authorization], req["x-api-key"]).value_or("");
+    for (const auto& f : req) {
+      auto value = f.value();
+      if (holds_tollgate_key({value.data(), value.size()}, used)) {
+        if (f.name() == http::field::host) {
+          auto bad = bad_request("a key in the Host header", std::nullopt, "bad_http");
+          co_return co_await refuse(parser, x, bad);
+        }
+        auto name = f.name_string();
+        how.drop_request.add({name.data(), name.size()});
+      }
+    }
+  }
+  how.target = origin_form(req.target());
+  set_forwarding_headers(req, how);
+  how.client_read_timeout = limits().body_timeout;
+  how.client_write_timeout = limits().idle_timeout;
+  const unsigned version = req.version();
+  const bool keep_alive = req.keep_alive();
+  how.client_keep_alive = keep_alive && !gw_.stopping;
+
+  auto out = co_await gw_.app->forward(stream(), deadline_, buffer_, parser, how);
+  deadline_.disarm();
+  x.backend_time = out.upstream_time;
+  using Failure = backends::AppOutcome::Failure;
+  if (out.response_started) {
+    // Once the app's status went out, a failure can only cut the connection.
+    int status = out.failure == Failure::client_gone ? 499 : out.failure == Failure::broken_response ? 502 : out.status;
+    x.finish(status);
+    co_return out.failure == Failure::none&& out.keep_client;
+  }
+  if (out.failure == Failure::client_gone) {
+    x.finish(499);
+    co_return false;
+  }
+  if (out.failure == Failure::bad_request) {
+    Request head{http::verb::get, "", version};
+    auto bad = bad_request("malformed request body: " + out.detail, std::nullopt, "bad_body");
+    co_return co_await respond_error(head, x, bad, true);
+  }
+  Request head{http::verb::get, "", version};
+  head.keep_alive(keep_alive);
+  ApiError failed =
+      out.failure == Failure::timeout
+          ? ApiError{504,
+                     "the app did not answer in time (" + out.detail + ")",
+                     "server_error",
+                     std::nullopt,
+                     "app_timeout",
+                     {}}
+          : ApiError{
+                502, "the app is unreachable (" + out.detail + ")", "server_error", std::nullopt, "app_unreachable",
+                {}};
+  // An unread request body leaves the connection without framing: it closes.
+  co_return co_await respond_error(head, x, failed, !out.request_body_read);
+}
+
+}  // namespace tollgate::gateway

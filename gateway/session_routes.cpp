@@ -1,0 +1,85 @@
+// The gateway's small routes: health, readiness, metrics, the model list and the admin API.
+#include "gateway/admin.hpp"
+#include "gateway/session.hpp"
+
+namespace tollgate::gateway {
+namespace {
+
+namespace http = boost::beast::http;
+using boost::asio::awaitable;
+
+}  // namespace
+
+std::string model_list_body(const backends::Router& router, const std::vector<std::string>& allowed) {
+  boost::json::array data;
+  for (const auto& route : router.routes()) {
+    if (!allowed.empty() && std::find(allowed.begin(), allowed.end(), route.model) == allowed.end()) continue;
+    data.push_back(
+        boost::json::object{{"id", route.model}, {"object", "model"}, {"created", 0}, {"owned_by", "tollgate"}});
+  }
+  return boost::json::serialize(boost::json::object{{"object", "list"}, {"data", std::move(data)}});
+}
+
+awaitable<bool> Session::handle_status(const Request& req, Exchange& x, RouteHandler which) {
+  Response res;
+  if (which == RouteHandler::metrics) {
+    gw_.metrics.metering_queue_depth.set(static_cast<double>(gw_.usage->queue_depth()));
+    res = make_response(req, http::status::ok, gw_.metrics.registry.render(), "text/plain; version=0.0.4; charset=utf-8");
+  } else if (which == RouteHandler::readiness && gw_.stopping) {
+    res = make_response(req, http::status::service_unavailable, R"({"status":"stopping"})");
+  } else {
+    res = make_response(req, http::status::ok, R"({"status":"ok"})");
+  }
+  x.finish(res.result_int());
+  co_return co_await write(std::move(res));
+}
+
+awaitable<bool> Session::handle_models(const Request& req, Exchange& x) {
+  x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
+  if (!x.admission->allowed) {
+    auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
+    co_return co_await respond_error(req, x, limited);
+  }
+  const auto& allowed = x.caller->key.models;
+  auto res = make_response(req, http::status::ok,
+                           allowed.empty() ? gw_.all_models_body : model_list_body(gw_.router, allowed));
+  set_rate_limit_headers(res, x.admission->status);
+  x.finish(200);
+  co_return co_await write(std::move(res));
+}
+
+// Why a request may not use the admin API, if it may not.
+std::optional<ApiError> Session::check_admin_key(const Request& req, Exchange& x) {
+  auto key = presented_key(req[http::field::authorization], req["x-api-key"]);
+  if (!key) return unauthorized("missing admin key", "missing_api_key");
+  if (gw_.admin_key.matches(*key)) return std::nullopt;
+  auto outcome = gw_.keys->authenticate(*key, metering::now_ms());
+  if (outcome.status != AuthOutcome::Status::ok) return unauthorized("invalid admin key");
+  x.identify(outcome.entry);
+  gw_.metrics.auth_failures.labels({"not_admin"}).inc();
+  return forbidden("this key is not the admin key", "admin_key_required");
+}
+
+awaitable<bool> Session::handle_admin_route(RequestParser& parser, Exchange& x) {
+  auto& req = parser.get();
+  if (auto refusal = check_admin_key(req, x)) co_return co_await refuse(parser, x, std::move(*refusal));
+  if (!co_await read_body(parser, x)) co_return false;
+  std::string method(req.method_string()), target(req.target()), body = req.body();
+  // One hop to the pool: the call, then the key cache's refresh when it changed keys.
+  auto admin_call = [this, method, target, body] {
+    AdminResponse response;
+    try {
+      response = gateway::handle_admin(*gw_.admin_store, method, target, body, metering::now_ms());
+    } catch (const std::exception& e) {
+      response = {500, ApiError{500, e.what(), "server_error", std::nullopt, "internal_error", {}}.body()};
+    }
+    if (response.keys_changed) gw_.keys->refresh_if_changed();
+    return response;
+  };
+  auto result = co_await run_blocking(gw_, std::move(admin_call));
+  auto res = make_response(req, static_cast<http::status>(result.status), std::move(result.body));
+  x.finish(result.status);
+  co_return co_await write(std::move(res));
+}
+
+}  // namespace tollgate::gateway
