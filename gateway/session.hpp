@@ -75,7 +75,7 @@ class Session {
   boost::asio::awaitable<bool> handle_models(const Request& req, Exchange& x);
   boost::asio::awaitable<bool> handle_completion(const Request& req, Exchange& x, RouteHandler which);
   boost::asio::awaitable<bool> handle_app(RequestParser& parser, Exchange& x, std::string_view path);
-  void set_forwarding_headers(const Request& req, backends::AppForward& how);
+  bool peer_is_trusted();
 
   // The backend's next events. For an answer that is not streamed, the client
   // is watched meanwhile, so one that hangs up cancels the work at once

@@ -1,6 +1,6 @@
 // Everything the gateway does not own, proxied to the app: authenticated and
 // counted against request quotas unless the path is public, metered per user.
-#include "gateway/http_rules.hpp"
+#include "gateway/app_forwarding.hpp"
 #include "gateway/session.hpp"
 
 namespace tollgate::gateway {
@@ -16,9 +16,8 @@ constexpr std::size_t kMaxMeteredPath = 512;
 
 }  // namespace
 
-// X-Forwarded-For gets the client's address appended when the peer is a
-// trusted proxy, and replaced otherwise, as do the other forwarding headers.
-void Session::set_forwarding_headers(const Request& req, backends::AppForward& how) {
+// The client's address, looked up once per connection, and whether it is a trusted proxy.
+bool Session::peer_is_trusted() {
   if (!peer_) {
     beast::error_code ec;
     auto address = stream().socket().remote_endpoint(ec).address();
@@ -28,29 +27,7 @@ void Session::set_forwarding_headers(const Request& req, backends::AppForward& h
     peer_ = address;
     peer_text_ = address.to_string();
   }
-  bool trusted = std::find(gw_.trusted_proxies.begin(), gw_.trusted_proxies.end(), *peer_) != gw_.trusted_proxies.end();
-  std::string forwarded_for;
-  if (trusted) {
-    // Every X-Forwarded-For line, in order: several are one comma-separated list.
-    for (const auto& f : req) {
-      if (!beast::iequals(f.name_string(), "X-Forwarded-For") || how.drop_request.contains(f.name_string())) continue;
-      if (!forwarded_for.empty()) forwarded_for += ", ";
-      forwarded_for += f.value();
-    }
-  } else {
-    for (std::string_view name :
-         {"X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded"}) {
-      how.drop_request.add(name);
-    }
-  }
-  if (!forwarded_for.empty()) forwarded_for += ", ";
-  forwarded_for += peer_text_;
-  how.set_request_header("X-Forwarded-For", forwarded_for);
-  // Tollgate itself speaks plain HTTP; TLS ends at a proxy in front, which says so.
-  if (!trusted || req["X-Forwarded-Proto"].empty()) how.set_request_header("X-Forwarded-Proto", "http");
-  if ((!trusted || req["X-Forwarded-Host"].empty()) && !req[http::field::host].empty()) {
-    how.set_request_header("X-Forwarded-Host", req[http::field::host]);
-  }
+  return std::find(gw_.trusted_proxies.begin(), gw_.trusted_proxies.end(), *peer_) != gw_.trusted_proxies.end();
 }
 
 awaitable<bool> Session::handle_app(RequestParser& parser, Exchange& x, std::string_view path) {
@@ -60,6 +37,7 @@ awaitable<bool> Session::handle_app(RequestParser& parser, Exchange& x, std::str
   x.event.backend = "app";
   bool is_public = is_public_path(gw_.config.public_paths, path);
   backends::AppForward how;
+  std::optional<AppCaller> caller;
   if (!is_public) {
     if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
     x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
@@ -67,36 +45,17 @@ awaitable<bool> Session::handle_app(RequestParser& parser, Exchange& x, std::str
       auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
       co_return co_await refuse(parser, x, limited);
     }
-    how.set_request_header("X-Tollgate-User", x.caller->key.user_name);
-    how.set_request_header("X-Tollgate-Key-Id", x.caller->key.prefix);
+    caller = AppCaller{x.caller->key.user_name, x.caller->key.prefix,
+                       presented_key(req[http::field::authorization], req["x-api-key"]).value_or("")};
     for_each_rate_limit_header(x.admission->status, [&how](std::string_view name, std::string_view value) {
       how.set_response_header(name, value);
     });
-  } else {
-    // Only Tollgate vouches for who the caller is.
-    how.drop_request.add("X-Tollgate-User");
-    how.drop_request.add("X-Tollgate-Key-Id");
   }
-
-  // The app never sees a Tollgate key: every header holding the key this
-  // request used, or anything shaped like one, goes whole (a cookie too).
-  {
-    std::string_view used =
-        is_public ? std::string_view{} : presented_key(req[http::field::authorization], req["x-api-key"]).value_or("");
-    for (const auto& f : req) {
-      auto value = f.value();
-      if (holds_tollgate_key({value.data(), value.size()}, used)) {
-        if (f.name() == http::field::host) {
-          auto bad = bad_request("a key in the Host header", std::nullopt, "bad_http");
-          co_return co_await refuse(parser, x, bad);
-        }
-        auto name = f.name_string();
-        how.drop_request.add({name.data(), name.size()});
-      }
-    }
+  bool trusted = peer_is_trusted();
+  if (auto violation = plan_app_request(req, caller, peer_text_, trusted, how)) {
+    auto bad = bad_request(violation->message, std::nullopt, violation->code);
+    co_return co_await refuse(parser, x, bad);
   }
-  how.target = origin_form(req.target());
-  set_forwarding_headers(req, how);
   how.client_read_timeout = limits().body_timeout;
   how.client_write_timeout = limits().idle_timeout;
   const unsigned version = req.version();
