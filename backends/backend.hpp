@@ -11,6 +11,15 @@
 
 namespace tollgate::backends {
 
+class Backend;
+
+// A prompt as one backend renders and tokenises it: done once per request.
+struct PreparedPrompt {
+  const Backend* backend = nullptr;  // whose rendering this is
+  std::vector<std::int32_t> tokens;  // the ids, where the backend runs them itself
+  std::int64_t count = 0;            // the prompt's tokens (an estimate for a remote producer)
+};
+
 struct ChatMessage {
   std::string role;  // system | user | assistant | tool | developer
   std::string content;
@@ -47,6 +56,8 @@ struct CompletionRequest {
   // forwards it (tools, response_format, images, ...), the model mapped.
   std::string body;
   std::string user;  // the authenticated Tollgate user
+  // Set by Backend::prepare; a backend other than `prepared->backend` ignores it.
+  std::shared_ptr<const PreparedPrompt> prepared;
 };
 
 struct LogprobToken {
@@ -135,8 +146,12 @@ class Backend {
   virtual std::string type() const = 0;  // config type: "echo", "openai", "local"
   virtual Capabilities capabilities() const = 0;
 
-  // A fast estimate of the prompt's tokens, for quota reservations before the call.
-  virtual std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const = 0;
+  // Renders and tokenises the request's prompt as this backend will run it,
+  // sets request.prepared so start() need not do it again, and returns the
+  // prompt's tokens (for the quota's reservation before the call). Where
+  // costly_prepare() says so, the gateway calls it off its io threads.
+  virtual std::int64_t prepare(CompletionRequest& request) const = 0;
+  virtual bool costly_prepare() const { return false; }
 
   // Starts the request; the sink may be called before start() returns.
   virtual std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) = 0;

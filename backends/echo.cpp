@@ -131,17 +131,26 @@ class EchoBackend final : public Backend {
   std::string type() const override { return "echo"; }
   Capabilities capabilities() const override { return {}; }
 
-  std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const override {
+  static std::int64_t count_prompt(const CompletionRequest& request) {
     if (!request.chat) return static_cast<std::int64_t>(echo_tokens(request.prompt).size());
     std::int64_t n = 0;
     for (const auto& m : request.messages) n += static_cast<std::int64_t>(echo_tokens(m.content).size());
     return n;
   }
 
+  std::int64_t prepare(CompletionRequest& request) const override {
+    auto prepared = std::make_shared<PreparedPrompt>();
+    prepared->backend = this;
+    prepared->count = count_prompt(request);
+    request.prepared = prepared;
+    return prepared->count;
+  }
+
   std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
     auto reply = std::make_shared<Reply>();
     reply->sink = std::move(sink);
-    reply->usage.prompt_tokens = estimate_prompt_tokens(request);
+    reply->usage.prompt_tokens =
+        request.prepared && request.prepared->backend == this ? request.prepared->count : count_prompt(request);
     reply->tokens = echo_tokens(reply_source(request));
     reply->finish_reason = "stop";
     reply->logprobs = request.logprobs;

@@ -145,9 +145,15 @@ class LocalBackend final : public Backend {
   std::string type() const override { return "local"; }
   Capabilities capabilities() const override { return {}; }
 
-  std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const override {
-    return static_cast<std::int64_t>(prompt_ids(request).size());
+  std::int64_t prepare(CompletionRequest& request) const override {
+    auto prepared = std::make_shared<PreparedPrompt>();
+    prepared->backend = this;
+    prepared->tokens = prompt_ids(request);
+    prepared->count = static_cast<std::int64_t>(prepared->tokens.size());
+    request.prepared = prepared;
+    return prepared->count;
   }
+  bool costly_prepare() const override { return true; }
 
   std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
     auto cancelled = std::make_shared<std::atomic<bool>>(false);
@@ -158,7 +164,12 @@ class LocalBackend final : public Backend {
       return std::make_unique<LocalHandle>(*engine_, 0, std::move(cancelled));
     }
     le::GenerationRequest g;
-    g.prompt = prompt_ids(request);
+    // Tokenised once: by prepare(), unless another backend prepared this request.
+    if (request.prepared && request.prepared->backend == this) {
+      g.prompt = request.prepared->tokens;
+    } else {
+      g.prompt = prompt_ids(request);
+    }
     g.sampling.temperature = static_cast<float>(request.temperature);
     g.sampling.top_p = static_cast<float>(request.top_p);
     g.sampling.top_k = static_cast<std::int32_t>(request.top_k);

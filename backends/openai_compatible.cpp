@@ -629,7 +629,17 @@ class OpenAICompatibleBackend final : public Backend {
     return c;
   }
 
-  std::int64_t estimate_prompt_tokens(const CompletionRequest& request) const override {
+  std::int64_t prepare(CompletionRequest& request) const override {
+    auto prepared = std::make_shared<PreparedPrompt>();
+    prepared->backend = this;
+    prepared->count = count_prompt(request);
+    request.prepared = prepared;
+    return prepared->count;
+  }
+  // Counting with a tokenizer encodes the whole prompt.
+  bool costly_prepare() const override { return tokenizer_ != nullptr; }
+
+  std::int64_t count_prompt(const CompletionRequest& request) const {
     // The chat template is the upstream's: a few tokens per message for it.
     if (tokenizer_) {
       if (!request.chat) return static_cast<std::int64_t>(tokenizer_->encode(request.prompt, true).size());
@@ -652,7 +662,8 @@ class OpenAICompatibleBackend final : public Backend {
     auto call = std::make_shared<Call>();
     call->sink = std::move(sink);
     call->scrub = &up_.scrub;
-    call->prompt_estimate = estimate_prompt_tokens(request);
+    call->prompt_estimate =
+        request.prepared && request.prepared->backend == this ? request.prepared->count : count_prompt(request);
     call->tokenizer = tokenizer_.get();
     net::co_spawn(*ioc_, run_call(&up_, call, std::move(request)), net::detached);
     return std::make_unique<CallHandle>(std::move(call), ioc_);

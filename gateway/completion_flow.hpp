@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -60,11 +61,19 @@ struct CompletionContext {
   std::chrono::steady_clock::time_point started;
   metering::UsageEvent& usage;  // tokens, backend and time to first token, kept current
   std::chrono::microseconds& backend_time;
+  boost::asio::thread_pool* prepare_pool = nullptr;  // where costly prompt preparation runs; null: in place
 };
 
 // Failures another deployment might not have: worth a fallback, and counted
 // against the deployment's health (5xx, connection failures, 429, timeouts).
 bool retryable(backends::ErrorKind kind);
+
+// Renders and tokenises `request`'s prompt for `backend` (Backend::prepare),
+// on `pool` when the backend says that is costly, so a long prompt never
+// stalls an io thread; returns the prompt's tokens.
+boost::asio::awaitable<std::int64_t> prepare_prompt(const backends::Backend& backend,
+                                                    backends::CompletionRequest& request,
+                                                    boost::asio::thread_pool* pool);
 
 // Runs `job` to its end; returns whether the client's connection stays open.
 boost::asio::awaitable<bool> run_completion(CompletionContext ctx, CompletionJob job, CompletionClient& client);

@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -46,6 +47,8 @@ struct Gateway {
   AdminKey admin_key;
   std::unique_ptr<metering::Store> admin_store;  // blocking: used on admin_pool only
   boost::asio::thread_pool admin_pool{1};
+  // Rendering and tokenising long prompts: never on an io thread.
+  boost::asio::thread_pool prepare_pool{std::max(1u, std::thread::hardware_concurrency())};
   metering::QuotaLimiter quotas;
   std::unique_ptr<metering::UsageWriter> usage;
   std::atomic<bool> stopping{false};

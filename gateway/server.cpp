@@ -263,6 +263,8 @@ int run_server(const Config& config) {
   // while the contexts still exist; then the contexts destroy the sessions cut
   // off by the grace period, whose requests are metered as they unwind; then
   // metering flushes.
+  gw.prepare_pool.stop();  // a prompt being tokenised finishes before its backend goes
+  gw.prepare_pool.join();
   gw.router = backends::Router();
   gw.app.reset();  // pooled app connections live on the contexts: closed first
   signals.reset();

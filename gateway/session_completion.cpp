@@ -128,7 +128,8 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, Rout
   creq.user = x.caller->key.user_name;
 
   // A refused request reserves no tokens; one that will run reserves its prompt and its longest answer.
-  job.prompt_estimate = refusal ? 0 : job.plan.front()->backend->estimate_prompt_tokens(creq);
+  // Rendered and tokenised once, off the io thread where that is costly.
+  if (!refusal) job.prompt_estimate = co_await prepare_prompt(*job.plan.front()->backend, creq, &gw_.prepare_pool);
   std::int64_t reserve = refusal || embeddings ? job.prompt_estimate
                                                : job.prompt_estimate + creq.max_tokens.value_or(
                                                                            gw_.config.metering.default_reserve_tokens);
@@ -144,7 +145,7 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, Rout
 
   client_pipelined_ = false;
   HttpCompletionClient client(*this, req, x);
-  CompletionContext ctx{gw_.router, gw_.metrics, gw_.cut_off, x.started, x.event, x.backend_time};
+  CompletionContext ctx{gw_.router, gw_.metrics, gw_.cut_off, x.started, x.event, x.backend_time, &gw_.prepare_pool};
   co_return co_await run_completion(ctx, std::move(job), client);
 }
 

@@ -6,7 +6,9 @@
 #include <boost/asio/io_context.hpp>
 #include <catch2/catch.hpp>
 #include <optional>
+#include <boost/asio/thread_pool.hpp>
 #include <stdexcept>
+#include <thread>
 
 using namespace tollgate;
 using namespace tollgate::gateway;
@@ -52,12 +54,22 @@ class ScriptedBackend final : public backends::Backend {
   const std::string& name() const override { return name_; }
   std::string type() const override { return "scripted"; }
   backends::Capabilities capabilities() const override { return {}; }
-  std::int64_t estimate_prompt_tokens(const backends::CompletionRequest&) const override { return 7; }
+  std::int64_t prepare(backends::CompletionRequest& request) const override {
+    ++prepares;
+    prepare_thread = std::this_thread::get_id();
+    auto prepared = std::make_shared<backends::PreparedPrompt>();
+    prepared->backend = this;
+    prepared->count = 7;
+    request.prepared = prepared;
+    return 7;
+  }
+  bool costly_prepare() const override { return costly; }
 
   std::unique_ptr<backends::CompletionHandle> start(backends::CompletionRequest request,
                                                     std::shared_ptr<backends::CompletionSink> sink) override {
     ++starts;
     upstream_models.push_back(request.upstream_model);
+    started_prepared.push_back(request.prepared && request.prepared->backend == this);
     if (throws) throw std::runtime_error("a backend bug");
     for (const auto& ev : script_) sink->on_event(ev);
     return std::make_unique<Handle>(cancels);
@@ -66,6 +78,10 @@ class ScriptedBackend final : public backends::Backend {
   int starts = 0;
   int cancels = 0;
   bool throws = false;
+  bool costly = false;
+  mutable int prepares = 0;
+  mutable std::thread::id prepare_thread;
+  std::vector<bool> started_prepared;  // whether start() got a request this backend prepared
   std::vector<std::string> upstream_models;
 
  private:
@@ -134,25 +150,31 @@ struct Fixture {
   }
 
   // Runs one request; returns whether the connection would stay open.
+  // As the session does: the first deployment prepares the prompt, then the flow runs.
   bool run(bool stream, RecordingClient& client) {
     CompletionJob job;
     job.request.chat = true;
     job.request.model = "m";
     job.request.stream = stream;
     job.plan = router.plan("m");
-    job.prompt_estimate = 7;
     usage = {};
     usage.model = "m";
-    CompletionContext ctx{router, metrics, cut_off, std::chrono::steady_clock::now(), usage, backend_time};
+    CompletionContext ctx{router, metrics, cut_off, std::chrono::steady_clock::now(), usage, backend_time, &pool};
     net::io_context io;
     std::optional<bool> keep;
-    net::co_spawn(io, run_completion(ctx, std::move(job), client), [&keep](std::exception_ptr e, bool k) {
+    net::co_spawn(io, prepare_and_run(ctx, std::move(job), client), [&keep](std::exception_ptr e, bool k) {
       if (e) std::rethrow_exception(e);
       keep = k;
     });
+    io_thread = std::this_thread::get_id();
     io.run();
     REQUIRE(keep.has_value());
     return *keep;
+  }
+
+  static net::awaitable<bool> prepare_and_run(CompletionContext ctx, CompletionJob job, RecordingClient& client) {
+    job.prompt_estimate = co_await prepare_prompt(*job.plan.front()->backend, job.request, ctx.prepare_pool);
+    co_return co_await run_completion(ctx, std::move(job), client);
   }
 
   int failures(std::size_t i) const { return router.routes()[0].deployments[i].health->consecutive_failures.load(); }
@@ -163,6 +185,8 @@ struct Fixture {
   metering::UsageEvent usage;
   std::chrono::microseconds backend_time{0};
   std::vector<ScriptedBackend*> backends;
+  net::thread_pool pool{1};
+  std::thread::id io_thread;
 };
 
 }  // namespace
@@ -341,4 +365,34 @@ TEST_CASE("a backend that throws on start is a 500, metered, without a fallback"
   CHECK(client.error->status == 500);
   CHECK(client.status == 500);
   CHECK(f.backends[1]->starts == 0);
+}
+
+TEST_CASE("a prompt is prepared once, off the io thread when that is costly", "[gateway][flow]") {
+  SECTION("a costly backend prepares on the pool, and start() gets its work") {
+    Fixture f({{done(7, 1)}});
+    f.backends[0]->costly = true;
+    RecordingClient client;
+    f.run(false, client);
+    CHECK(f.backends[0]->prepares == 1);
+    CHECK(f.backends[0]->prepare_thread != f.io_thread);
+    CHECK(f.backends[0]->started_prepared == std::vector<bool>{true});
+  }
+  SECTION("a cheap one prepares in place") {
+    Fixture f({{done(7, 1)}});
+    RecordingClient client;
+    f.run(false, client);
+    CHECK(f.backends[0]->prepares == 1);
+    CHECK(f.backends[0]->prepare_thread == f.io_thread);
+  }
+  SECTION("a fallback to a costly backend prepares for it, once") {
+    Fixture f({{failure(ErrorKind::upstream_failed)}, {done(7, 1)}});
+    f.backends[1]->costly = true;
+    RecordingClient client;
+    f.run(false, client);
+    CHECK(client.status == 200);
+    CHECK(f.backends[0]->prepares == 1);
+    CHECK(f.backends[1]->prepares == 1);
+    CHECK(f.backends[1]->prepare_thread != f.io_thread);
+    CHECK(f.backends[1]->started_prepared == std::vector<bool>{true});
+  }
 }
