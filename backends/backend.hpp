@@ -25,11 +25,19 @@ struct ChatMessage {
   std::string content;
 };
 
-struct CompletionRequest {
-  bool chat = false;  // /v1/chat/completions (messages) or /v1/completions (prompt)
+// The OpenAI endpoint a request came to.
+enum class Endpoint {
+  completions,       // /v1/completions: `prompt`
+  chat_completions,  // /v1/chat/completions: `messages`
   // /v1/embeddings: `body` is forwarded, `prompt` holds the input's text (for
-  // estimates); the answer is one delta whose text is the whole response body.
-  bool embeddings = false;
+  // estimates); served by Backend::embed.
+  embeddings,
+};
+
+struct CompletionRequest {
+  Endpoint endpoint = Endpoint::completions;
+  bool chat() const { return endpoint == Endpoint::chat_completions; }
+  bool embeddings() const { return endpoint == Endpoint::embeddings; }
   std::string model;           // the public name the client asked for
   std::string upstream_model;  // the deployment's name for it
   std::vector<ChatMessage> messages;
@@ -107,6 +115,7 @@ struct CompletionEvent {
   // content, as a JSON object (tool_calls, refusal, ...), or empty.
   std::string extra_json;
   std::string finish_reason;  // done: "stop" or "length"
+  std::string body;           // done, from Backend::embed: the whole answer, OpenAI's JSON
   Usage usage;                // done, error
   BackendError error;         // error
 };
@@ -153,8 +162,24 @@ class Backend {
   virtual std::int64_t prepare(CompletionRequest& request) const = 0;
   virtual bool costly_prepare() const { return false; }
 
-  // Starts the request; the sink may be called before start() returns.
+  // Starts a completion; the sink may be called before start() returns.
   virtual std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) = 0;
+
+  // Starts an embeddings request (where capabilities().embeddings): one `done`
+  // event whose `body` is the answer, or an `error`.
+  virtual std::unique_ptr<CompletionHandle> embed(CompletionRequest request, std::shared_ptr<CompletionSink> sink);
 };
+
+inline std::unique_ptr<CompletionHandle> Backend::embed(CompletionRequest request,
+                                                       std::shared_ptr<CompletionSink> sink) {
+  struct Finished final : CompletionHandle {
+    void cancel() override {}
+  };
+  CompletionEvent refused;
+  refused.type = CompletionEvent::Type::error;
+  refused.error = {ErrorKind::bad_request, "the model '" + request.model + "' does not serve embeddings", {}};
+  sink->on_event(std::move(refused));
+  return std::make_unique<Finished>();
+}
 
 }  // namespace tollgate::backends

@@ -114,7 +114,7 @@ class Pacer {
 };
 
 std::string reply_source(const CompletionRequest& request) {
-  if (!request.chat) return request.prompt;
+  if (!request.chat()) return request.prompt;
   for (auto it = request.messages.rbegin(); it != request.messages.rend(); ++it) {
     if (it->role == "user") return it->content;
   }
@@ -132,7 +132,7 @@ class EchoBackend final : public Backend {
   Capabilities capabilities() const override { return {}; }
 
   static std::int64_t count_prompt(const CompletionRequest& request) {
-    if (!request.chat) return static_cast<std::int64_t>(echo_tokens(request.prompt).size());
+    if (!request.chat()) return static_cast<std::int64_t>(echo_tokens(request.prompt).size());
     std::int64_t n = 0;
     for (const auto& m : request.messages) n += static_cast<std::int64_t>(echo_tokens(m.content).size());
     return n;

@@ -223,7 +223,7 @@ class LocalBackend final : public Backend {
   std::vector<std::int32_t> prompt_ids(const CompletionRequest& request) const {
     const auto& tokenizer = engine_->tokenizer();
     const auto& vocab = tokenizer.vocabulary();
-    if (!request.chat) return tokenizer.encode(request.prompt, vocab.add_bos);
+    if (!request.chat()) return tokenizer.encode(request.prompt, vocab.add_bos);
     std::vector<le::ChatTurn> turns;
     turns.reserve(request.messages.size());
     for (const auto& m : request.messages) turns.push_back({m.role, m.content});

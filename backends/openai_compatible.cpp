@@ -68,9 +68,11 @@ struct Call {
     return {prompt_estimate, chunks, true};
   }
 
-  void done() {
+  // `body`: an embeddings answer.
+  void done(std::string body = {}) {
     CompletionEvent event;
     event.type = CompletionEvent::Type::done;
+    event.body = std::move(body);
     event.finish_reason = finish_reason.empty() ? "stop" : finish_reason;
     event.usage = usage();
     emit(std::move(event));
@@ -381,10 +383,7 @@ void on_embeddings_body(Call& call, const std::string& body, const std::string& 
   auto& o = v.as_object();
   take_usage(call, o);
   if (o.contains("model")) o["model"] = model;
-  CompletionEvent answer;
-  answer.text = json::serialize(o);
-  call.emit(std::move(answer));
-  call.done();
+  call.done(json::serialize(o));
 }
 
 bool is_stale_connection_error(const boost::system::error_code& ec) {
@@ -409,7 +408,7 @@ net::awaitable<boost::system::error_code> read_rest(UpstreamConnection& conn, Up
 
 http::request<http::string_body> make_request(const Upstream& up, const CompletionRequest& request) {
   const auto& origin = up.client->origin();
-  const char* path = request.embeddings ? "/embeddings" : request.chat ? "/chat/completions" : "/completions";
+  const char* path = request.embeddings() ? "/embeddings" : request.chat() ? "/chat/completions" : "/completions";
   http::request<http::string_body> req{http::verb::post, origin.base_path + path, 11};
   req.set(http::field::host, origin.host_header());
   req.set(http::field::user_agent, "tollgate");
@@ -483,7 +482,7 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
   call->answered = true;
 
   if (!request.stream) {
-    std::size_t cap = request.embeddings ? kMaxEmbeddingsBody : kMaxCompletionBody;
+    std::size_t cap = request.embeddings() ? kMaxEmbeddingsBody : kMaxCompletionBody;
     auto ec = co_await read_rest(*conn, *parser, cap, cfg.idle_timeout, total_deadline);
     call->active = nullptr;
     if (call->cancelled) co_return;
@@ -494,10 +493,10 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
     } else if (ec) {
       call->fail(ErrorKind::upstream_failed, "the upstream connection failed: " + ec.message());
     } else {
-      if (request.embeddings) {
+      if (request.embeddings()) {
         on_embeddings_body(*call, parser->get().body(), request.model);
       } else {
-        on_full_body(*call, parser->get().body(), request.chat);
+        on_full_body(*call, parser->get().body(), request.chat());
       }
       if (parser->keep_alive()) up->client->release(std::move(conn));
     }
@@ -511,7 +510,7 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
   while (step == Step::more) {
     auto bytes = std::exchange(parser->get().body(), {});
     for (const auto& data : sse.feed(bytes)) {
-      step = on_stream_data(*call, data, request.chat);
+      step = on_stream_data(*call, data, request.chat());
       if (step != Step::more) break;
     }
     if (step != Step::more) break;
@@ -642,7 +641,7 @@ class OpenAICompatibleBackend final : public Backend {
   std::int64_t count_prompt(const CompletionRequest& request) const {
     // The chat template is the upstream's: a few tokens per message for it.
     if (tokenizer_) {
-      if (!request.chat) return static_cast<std::int64_t>(tokenizer_->encode(request.prompt, true).size());
+      if (!request.chat()) return static_cast<std::int64_t>(tokenizer_->encode(request.prompt, true).size());
       std::int64_t n = 0;
       for (const auto& m : request.messages)
         n += static_cast<std::int64_t>(tokenizer_->encode(m.content, false).size()) + 4;
@@ -669,6 +668,11 @@ class OpenAICompatibleBackend final : public Backend {
     return std::make_unique<CallHandle>(std::move(call), ioc_);
   }
 
+  // The same call to the upstream's /embeddings; its answer comes as the done event's body.
+  std::unique_ptr<CompletionHandle> embed(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
+    return start(std::move(request), std::move(sink));
+  }
+
  private:
   Upstream up_;
   std::unique_ptr<local_engine::Tokenizer> tokenizer_;
@@ -691,14 +695,14 @@ std::string upstream_request_body(const CompletionRequest& request) {
       auto& o = v.as_object();
       o["model"] = model;
       o.erase("stream_options");
-      if (request.embeddings) o.erase("stream");
+      if (request.embeddings()) o.erase("stream");
       if (request.stream) o["stream_options"] = json::object{{"include_usage", true}};
       return json::serialize(o);
     }
   }
   json::object o;
   o["model"] = model;
-  if (request.chat) {
+  if (request.chat()) {
     json::array messages;
     for (const auto& m : request.messages) messages.push_back(json::object{{"role", m.role}, {"content", m.content}});
     o["messages"] = std::move(messages);
@@ -713,7 +717,7 @@ std::string upstream_request_body(const CompletionRequest& request) {
   if (request.frequency_penalty != 0.0) o["frequency_penalty"] = request.frequency_penalty;
   if (request.seed) o["seed"] = *request.seed;
   if (request.logprobs) {
-    if (!request.chat) {
+    if (!request.chat()) {
       o["logprobs"] = *request.logprobs;
     } else {
       o["logprobs"] = true;

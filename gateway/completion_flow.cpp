@@ -82,7 +82,7 @@ bool retryable(backends::ErrorKind kind) {
 awaitable<bool> run_completion(CompletionContext ctx, CompletionJob job, CompletionClient& client) {
   auto& creq = job.request;
   const bool stream = creq.stream;
-  CompletionFormatter format(creq.chat, creq.model, job.include_usage, creq.logprobs.has_value());
+  CompletionFormatter format(creq.chat(), creq.model, job.include_usage, creq.logprobs.has_value());
   Answer answer;
   auto& usage = ctx.usage;
   auto backend_time_since = [&ctx](SteadyClock::time_point t) {
@@ -107,7 +107,8 @@ awaitable<bool> run_completion(CompletionContext ctx, CompletionJob job, Complet
     auto backend_started = SteadyClock::now();
     std::unique_ptr<backends::CompletionHandle> handle;
     try {
-      handle = backend->start(std::move(attempt_request), queue);
+      handle = creq.embeddings() ? backend->embed(std::move(attempt_request), queue)
+                                 : backend->start(std::move(attempt_request), queue);
     } catch (const std::exception& e) {
       // A backend bug must not take the connection down with an unmetered request.
       std::cerr << "tollgate: backend " << usage.backend << " failed to start: " << e.what() << "\n";
@@ -159,7 +160,7 @@ awaitable<bool> run_completion(CompletionContext ctx, CompletionJob job, Complet
             usage.completion_tokens = ev.usage.completion_tokens;
             usage.estimated = ev.usage.estimated;
             if (!stream) {
-              std::string body = creq.embeddings ? std::move(answer.text)
+              std::string body = creq.embeddings() ? std::move(ev.body)
                                                  : format.full_response(answer.text, ev.finish_reason, ev.usage,
                                                                         answer.logprobs, answer.extra_json);
               client.finish(200);

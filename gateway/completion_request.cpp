@@ -244,7 +244,7 @@ Result parse_embeddings_request(std::string_view body) {
   const auto& o = std::get<json::value>(root).get_object();
   ParsedCompletion parsed;
   auto& r = parsed.request;
-  r.embeddings = true;
+  r.endpoint = backends::Endpoint::embeddings;
   r.body = body;
   if (auto e = read_model(o, r)) return *e;
   const json::value* input = o.if_contains("input");
@@ -285,7 +285,7 @@ Result parse_completion_request(std::string_view body, bool chat) {
 
   ParsedCompletion parsed;
   auto& r = parsed.request;
-  r.chat = chat;
+  r.endpoint = chat ? backends::Endpoint::chat_completions : backends::Endpoint::completions;
   r.body = body;
   if (auto e = read_model(*o, r)) return *e;
 

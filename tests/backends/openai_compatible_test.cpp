@@ -26,7 +26,7 @@ TEST_CASE("SSE decoder joins events split across reads and skips comments", "[ba
 
 TEST_CASE("upstream body maps the model, keeps set parameters, asks for streamed usage", "[backends][openai]") {
   CompletionRequest r;
-  r.chat = true;
+  r.endpoint = Endpoint::chat_completions;
   r.model = "llama";
   r.upstream_model = "llama-3.1-8b-instant";
   r.messages = {{"system", "be brief"}, {"user", "hi"}};
@@ -49,7 +49,7 @@ TEST_CASE("upstream body maps the model, keeps set parameters, asks for streamed
   CHECK_FALSE(body.contains("user"));   // the Tollgate user stays here
 
   r.stream = false;
-  r.chat = false;
+  r.endpoint = Endpoint::completions;
   r.prompt = "once upon";
   body = json::parse(upstream_request_body(r)).as_object();
   CHECK(body.at("prompt") == "once upon");
@@ -60,7 +60,7 @@ TEST_CASE("upstream body maps the model, keeps set parameters, asks for streamed
 TEST_CASE("a client's body is forwarded whole, with the deployment's model and usage asked for",
           "[backends][openai]") {
   CompletionRequest r;
-  r.chat = true;
+  r.endpoint = Endpoint::chat_completions;
   r.model = "public";
   r.upstream_model = "llama-3.1-8b-instant";
   r.stream = true;

@@ -75,6 +75,19 @@ class ScriptedBackend final : public backends::Backend {
     return std::make_unique<Handle>(cancels);
   }
 
+  // Embeddings, where `embeds`: the answer as the done event's body.
+  std::unique_ptr<backends::CompletionHandle> embed(backends::CompletionRequest request,
+                                                    std::shared_ptr<backends::CompletionSink> sink) override {
+    if (!embeds) return Backend::embed(std::move(request), std::move(sink));
+    ++embeddings;
+    auto answer = done(3, 0);
+    answer.body = R"({"object":"list","data":[{"embedding":[0.5]}]})";
+    sink->on_event(answer);
+    return std::make_unique<Handle>(cancels);
+  }
+
+  bool embeds = false;
+  int embeddings = 0;
   int starts = 0;
   int cancels = 0;
   bool throws = false;
@@ -151,9 +164,10 @@ struct Fixture {
 
   // Runs one request; returns whether the connection would stay open.
   // As the session does: the first deployment prepares the prompt, then the flow runs.
-  bool run(bool stream, RecordingClient& client) {
+  bool run(bool stream, RecordingClient& client,
+           backends::Endpoint endpoint = backends::Endpoint::chat_completions) {
     CompletionJob job;
-    job.request.chat = true;
+    job.request.endpoint = endpoint;
     job.request.model = "m";
     job.request.stream = stream;
     job.plan = router.plan("m");
@@ -395,4 +409,26 @@ TEST_CASE("a prompt is prepared once, off the io thread when that is costly", "[
     CHECK(f.backends[1]->prepare_thread != f.io_thread);
     CHECK(f.backends[1]->started_prepared == std::vector<bool>{true});
   }
+}
+
+TEST_CASE("embeddings are the backend's own call, answered with its body as it is", "[gateway][flow]") {
+  Fixture f({{done(1, 1)}, {done(1, 1)}});
+  f.backends[1]->embeds = true;
+  RecordingClient client;
+  CHECK(f.run(false, client, backends::Endpoint::embeddings));
+  // The first cannot embed: refused as a client error, so no fallback.
+  REQUIRE(client.error);
+  CHECK(client.error->status == 400);
+  CHECK(f.backends[0]->starts == 0);
+
+  Fixture g({{done(1, 1)}});
+  g.backends[0]->embeds = true;
+  RecordingClient other;
+  CHECK(g.run(false, other, backends::Endpoint::embeddings));
+  CHECK(g.backends[0]->embeddings == 1);
+  CHECK(g.backends[0]->starts == 0);
+  REQUIRE(other.answer);
+  CHECK(*other.answer == R"({"object":"list","data":[{"embedding":[0.5]}]})");
+  CHECK(other.status == 200);
+  CHECK(g.usage.prompt_tokens == 3);
 }

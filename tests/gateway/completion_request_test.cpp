@@ -43,7 +43,7 @@ void check_bad(const std::string& body, const std::optional<std::string>& param,
 TEST_CASE("a minimal chat request", "[gateway][request]") {
   auto p = parse_ok(chat());
   const auto& r = p.request;
-  CHECK(r.chat);
+  CHECK(r.chat());
   CHECK(r.model == "m");
   REQUIRE(r.messages.size() == 1);
   CHECK(r.messages[0].role == "user");
@@ -91,7 +91,7 @@ TEST_CASE("a chat request with every supported field", "[gateway][request]") {
 
 TEST_CASE("a completions request", "[gateway][request]") {
   auto p = parse_ok(R"({"model":"m","prompt":"once upon","max_tokens":3,"stop":"."})", false);
-  CHECK_FALSE(p.request.chat);
+  CHECK_FALSE(p.request.chat());
   CHECK(p.request.prompt == "once upon");
   CHECK(p.request.messages.empty());
   CHECK(p.request.max_tokens == 3);
@@ -336,7 +336,7 @@ TEST_CASE("embeddings: model and input are checked, the body is kept whole", "[g
     CHECK(std::get<ApiError>(r).param == param);
   };
   auto one = ok(R"({"model":"e","input":"hello there","dimensions":256})");
-  CHECK(one.embeddings);
+  CHECK(one.embeddings());
   CHECK(one.model == "e");
   CHECK(one.prompt == "hello there");
   CHECK(one.body == R"({"model":"e","input":"hello there","dimensions":256})");
