@@ -265,7 +265,8 @@ struct Exchange {
   }
 };
 
-// Receives backend events on any thread and wakes the session coroutine.
+// Receives backend events on any thread and wakes the session coroutine; a
+// producer paused for the client is woken when the session takes the events.
 class SessionSink final : public backends::CompletionSink {
  public:
   explicit SessionSink(net::any_io_executor ex) : signal_(ex, 1) {}
@@ -279,24 +280,33 @@ class SessionSink final : public backends::CompletionSink {
     signal_.try_send(boost::system::error_code{});
   }
 
-  std::size_t pending() const override {
+  bool when_drained(std::size_t limit, std::function<void()> wake) override {
     std::lock_guard lock(mutex_);
-    return events_.size();
+    if (events_.size() <= limit) return false;
+    // next() takes every event, so any limit is met at the next take.
+    drained_ = std::move(wake);
+    return true;
   }
 
   awaitable<std::deque<backends::CompletionEvent>> next() {
     for (;;) {
+      std::deque<backends::CompletionEvent> events;
+      std::function<void()> drained;
       {
         std::lock_guard lock(mutex_);
-        if (!events_.empty()) co_return std::exchange(events_, {});
+        events = std::exchange(events_, {});
+        drained = std::exchange(drained_, {});
       }
+      if (drained) drained();  // outside the lock: it posts to the producer
+      if (!events.empty()) co_return events;
       co_await signal_.async_receive(use_awaitable);
     }
   }
 
  private:
-  mutable std::mutex mutex_;
+  std::mutex mutex_;
   std::deque<backends::CompletionEvent> events_;
+  std::function<void()> drained_;  // set while the producer waits for room
   net::experimental::concurrent_channel<void(boost::system::error_code)> signal_;
 };
 
