@@ -48,7 +48,9 @@ struct Call {
   std::atomic<bool> cancelled{false};
   std::weak_ptr<net::io_context> ioc;    // the backend's: other threads reach the call through it
   UpstreamConnection* active = nullptr;  // backend thread only
-  net::steady_timer* paused = nullptr;   // backend thread only: set while the read waits for the client
+  // Backend thread only: set while the call waits for a pool connection or
+  // for the client; cancelling it makes the call look again.
+  net::steady_timer* waiting = nullptr;
   std::int64_t prompt_estimate = 0;
   std::int64_t chunks = 0;                             // content pieces received
   const local_engine::Tokenizer* tokenizer = nullptr;  // counts `produced` when usage is not reported
@@ -97,7 +99,7 @@ void resume_read(const std::weak_ptr<Call>& weak_call, const std::weak_ptr<net::
   if (!ioc) return;
   auto resume = [weak_call] {
     auto call = weak_call.lock();
-    if (call && call->paused) call->paused->cancel();
+    if (call && call->waiting) call->waiting->cancel();
   };
   net::post(*ioc, std::move(resume));
 }
@@ -111,11 +113,11 @@ class CallHandle final : public CompletionHandle {
     auto ioc = call_->ioc.lock();
     if (!ioc) return;
     // Closing the upstream connection ends the call there too (a provider
-    // stops generating, and billing, when its client goes away); a read
-    // paused for the client wakes to see the cancel.
+    // stops generating, and billing, when its client goes away); a call
+    // waiting for a connection or for the client wakes to see the cancel.
     auto close = [call = call_] {
       if (call->active) call->active->close();
-      if (call->paused) call->paused->cancel();
+      if (call->waiting) call->waiting->cancel();
     };
     net::post(*ioc, std::move(close));
   }
@@ -445,12 +447,15 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
                                                 : "the upstream timed out waiting for " + std::string(phase);
   };
 
+  net::steady_timer wait(co_await net::this_coro::executor);
   std::unique_ptr<UpstreamConnection> conn;
   std::optional<UpstreamConnection::Parser> parser;
   for (int attempt = 0;; ++attempt) {
     ConnectFailure failure;
     auto connect_deadline = earliest(total_deadline, SteadyClock::now() + cfg.connect_timeout);
-    conn = co_await up->client->acquire(connect_deadline, call->cancelled, failure);
+    call->waiting = &wait;
+    conn = co_await up->client->acquire(connect_deadline, call->cancelled, wait, failure);
+    call->waiting = nullptr;
     if (!conn) {
       if (failure.cancelled) co_return;
       call->fail(failure.timeout ? ErrorKind::timeout : ErrorKind::upstream_failed, failure.message);
@@ -518,7 +523,6 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
   }
 
   SseDecoder sse;
-  net::steady_timer pause(co_await net::this_coro::executor);
   auto resume = [weak_call = std::weak_ptr<Call>(call), weak_ioc = call->ioc] { resume_read(weak_call, weak_ioc); };
   boost::system::error_code read_error;
   Step step = Step::more;
@@ -561,10 +565,10 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
     // resumes the read when the client catches up; a cancel resumes it too.
     // Both post to this thread, so neither lands before the wait has begun.
     while (!call->cancelled && call->sink && call->sink->when_drained(cfg.max_pending_events, resume)) {
-      pause.expires_at(total_deadline);
-      call->paused = &pause;
-      auto [ec] = co_await pause.async_wait(as_tuple);
-      call->paused = nullptr;
+      wait.expires_at(total_deadline);
+      call->waiting = &wait;
+      auto [ec] = co_await wait.async_wait(as_tuple);
+      call->waiting = nullptr;
       // A wake-up cancels the wait: only the total deadline lets it expire.
       if (!ec) {
         call->fail(ErrorKind::timeout, timeout_message("the client"));
@@ -594,6 +598,7 @@ net::awaitable<void> run_call(Upstream* up, std::shared_ptr<Call> call, Completi
     co_await call_upstream(up, call, std::move(request));
   } catch (const std::exception& e) {
     call->active = nullptr;
+    call->waiting = nullptr;
     call->fail(ErrorKind::internal, std::string("the upstream call failed: ") + e.what());
   }
 }
