@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -126,10 +127,15 @@ class CompletionSink {
  public:
   virtual ~CompletionSink() = default;
   virtual void on_event(CompletionEvent event) = 0;
-  // Events delivered but not yet taken by the consumer: a producer that can
-  // wait (a remote upstream) pauses while this is high, so a slow client
-  // cannot make the gateway buffer without bound.
-  virtual std::size_t pending() const { return 0; }
+  // Backpressure for a producer that can wait (a remote upstream), so a slow
+  // client cannot make the gateway buffer without bound. When more than
+  // `limit` delivered events wait for the consumer, keeps `wake` and returns
+  // true: the producer pauses, and `wake` is called once, on the consumer's
+  // thread, when at most `limit` wait again; it must only hand off to the
+  // producer's own executor. Otherwise returns false and keeps nothing. The
+  // check and the keeping are one step, so no wake-up falls between them; a
+  // later call replaces the kept `wake`.
+  virtual bool when_drained(std::size_t /*limit*/, std::function<void()> /*wake*/) { return false; }
 };
 
 // Stops a running request; the backend then sends no further events. Safe to

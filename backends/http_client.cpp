@@ -23,6 +23,22 @@ bool is_ip_literal(const std::string& host) {
 
 }  // namespace
 
+// Lists an acquire's timer among the waiters for as long as it waits, however
+// the wait ends (at shutdown the coroutine is destroyed mid-wait).
+class HttpClient::PoolWaiter {
+ public:
+  PoolWaiter(HttpClient& client, net::steady_timer& wait) : client_(client), wait_(&wait) {
+    client_.waiters_.push_back(wait_);
+  }
+  ~PoolWaiter() { std::erase(client_.waiters_, wait_); }
+  PoolWaiter(const PoolWaiter&) = delete;
+  PoolWaiter& operator=(const PoolWaiter&) = delete;
+
+ private:
+  HttpClient& client_;
+  net::steady_timer* wait_;
+};
+
 std::string UpstreamOrigin::host_header() const {
   bool default_port = (tls && port == "443") || (!tls && port == "80");
   std::string h = host.find(':') != std::string::npos ? "[" + host + "]" : host;
@@ -72,6 +88,7 @@ UpstreamConnection::UpstreamConnection(HttpClient& owner, net::io_context& ioc, 
 UpstreamConnection::~UpstreamConnection() {
   close();
   --owner_.open_;
+  owner_.wake_waiters();
 }
 
 beast::tcp_stream& UpstreamConnection::tcp() { return tls_ ? beast::get_lowest_layer(*tls_) : *plain_; }
@@ -115,10 +132,14 @@ void HttpClient::shutdown() {
   idle_.clear();
 }
 
+void HttpClient::wake_waiters() {
+  for (auto* wait : waiters_) wait->cancel();
+}
+
 net::awaitable<std::unique_ptr<UpstreamConnection>> HttpClient::acquire(SteadyClock::time_point deadline,
                                                                         const std::atomic<bool>& cancelled,
+                                                                        net::steady_timer& wait,
                                                                         ConnectFailure& failure) {
-  net::steady_timer wait(ioc_);
   for (;;) {
     if (cancelled) {
       failure = {false, true, "cancelled"};
@@ -137,9 +158,10 @@ net::awaitable<std::unique_ptr<UpstreamConnection>> HttpClient::acquire(SteadyCl
       failure = {true, false, "no upstream connection became free within the connect timeout"};
       co_return nullptr;
     }
-    // The pool is full: re-check shortly rather than keep a waiter list, since
-    // a full pool is rare and the delay small next to an LLM call.
-    wait.expires_after(std::chrono::milliseconds(5));
+    // The pool is full: a connection that closes or comes back wakes this
+    // wait (single-threaded, so none can be missed between check and wait).
+    wait.expires_at(deadline);
+    PoolWaiter waiting(*this, wait);
     co_await wait.async_wait(as_tuple);
   }
 }
@@ -189,6 +211,7 @@ void HttpClient::release(std::unique_ptr<UpstreamConnection> connection) {
   connection->reused = false;
   connection->tcp().expires_never();
   idle_.push_back(std::move(connection));
+  wake_waiters();
 }
 
 }  // namespace tollgate::backends

@@ -98,9 +98,12 @@ class HttpClient {
   const UpstreamOrigin& origin() const { return origin_; }
 
   // A pooled connection, or a new one when fewer than max_connections are
-  // open; otherwise waits for one to come back, until `deadline`.
+  // open; otherwise waits on `wait` for one to close or come back, until
+  // `deadline`. Cancelling `wait` (on this client's thread) makes it look
+  // again, so a caller that sets `cancelled` wakes it that way.
   boost::asio::awaitable<std::unique_ptr<UpstreamConnection>> acquire(std::chrono::steady_clock::time_point deadline,
                                                                       const std::atomic<bool>& cancelled,
+                                                                      boost::asio::steady_timer& wait,
                                                                       ConnectFailure& failure);
   // Returns a connection whose last response was read to its end and allows keep-alive.
   void release(std::unique_ptr<UpstreamConnection> connection);
@@ -109,6 +112,9 @@ class HttpClient {
 
  private:
   friend class UpstreamConnection;
+  class PoolWaiter;
+  // A connection closed or came back: every waiting acquire looks again.
+  void wake_waiters();
   boost::asio::awaitable<std::unique_ptr<UpstreamConnection>> connect(std::chrono::steady_clock::time_point deadline,
                                                                       ConnectFailure& failure);
 
@@ -126,6 +132,7 @@ class HttpClient {
   std::size_t open_ = 0;  // idle plus leased
   bool shut_down_ = false;
   std::vector<std::unique_ptr<UpstreamConnection>> idle_;
+  std::vector<boost::asio::steady_timer*> waiters_;  // the timers of acquires waiting for a connection
 };
 
 }  // namespace tollgate::backends

@@ -46,7 +46,11 @@ struct Call {
   std::shared_ptr<CompletionSink> sink;
   const SecretScrubber* scrub = nullptr;  // the backend's, which outlives its calls
   std::atomic<bool> cancelled{false};
+  std::weak_ptr<net::io_context> ioc;    // the backend's: other threads reach the call through it
   UpstreamConnection* active = nullptr;  // backend thread only
+  // Backend thread only: set while the call waits for a pool connection or
+  // for the client; cancelling it makes the call look again.
+  net::steady_timer* waiting = nullptr;
   std::int64_t prompt_estimate = 0;
   std::int64_t chunks = 0;                             // content pieces received
   const local_engine::Tokenizer* tokenizer = nullptr;  // counts `produced` when usage is not reported
@@ -54,8 +58,6 @@ struct Call {
   std::optional<Usage> reported;
   bool answered = false;  // the upstream accepted the call: the prompt was consumed
   std::string finish_reason;
-
-  std::size_t pending() const { return sink ? sink->pending() : 0; }
 
   void emit(CompletionEvent event) {
     if (!cancelled && sink) sink->on_event(std::move(event));
@@ -91,26 +93,39 @@ struct Call {
   }
 };
 
+// Resumes a read paused for the client, from any thread: the timer it waits
+// on is touched on the backend's thread only. Weak, so a sink keeping this
+// makes no cycle with the call that holds the sink.
+void resume_read(const std::weak_ptr<Call>& weak_call, const std::weak_ptr<net::io_context>& weak_ioc) {
+  auto ioc = weak_ioc.lock();
+  if (!ioc) return;
+  auto resume = [weak_call] {
+    auto call = weak_call.lock();
+    if (call && call->waiting) call->waiting->cancel();
+  };
+  net::post(*ioc, std::move(resume));
+}
+
 class CallHandle final : public CompletionHandle {
  public:
-  CallHandle(std::shared_ptr<Call> call, std::weak_ptr<net::io_context> ioc)
-      : call_(std::move(call)), ioc_(std::move(ioc)) {}
+  explicit CallHandle(std::shared_ptr<Call> call) : call_(std::move(call)) {}
 
   void cancel() override {
     call_->cancelled = true;
-    auto ioc = ioc_.lock();
+    auto ioc = call_->ioc.lock();
     if (!ioc) return;
     // Closing the upstream connection ends the call there too (a provider
-    // stops generating, and billing, when its client goes away).
+    // stops generating, and billing, when its client goes away); a call
+    // waiting for a connection or for the client wakes to see the cancel.
     auto close = [call = call_] {
       if (call->active) call->active->close();
+      if (call->waiting) call->waiting->cancel();
     };
     net::post(*ioc, std::move(close));
   }
 
  private:
   std::shared_ptr<Call> call_;
-  std::weak_ptr<net::io_context> ioc_;
 };
 
 // What a call needs from its backend.
@@ -431,12 +446,15 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
                                                 : "the upstream timed out waiting for " + std::string(phase);
   };
 
+  net::steady_timer wait(co_await net::this_coro::executor);
   std::unique_ptr<UpstreamConnection> conn;
   std::optional<UpstreamConnection::Parser> parser;
   for (int attempt = 0;; ++attempt) {
     ConnectFailure failure;
     auto connect_deadline = earliest(total_deadline, SteadyClock::now() + cfg.connect_timeout);
-    conn = co_await up->client->acquire(connect_deadline, call->cancelled, failure);
+    call->waiting = &wait;
+    conn = co_await up->client->acquire(connect_deadline, call->cancelled, wait, failure);
+    call->waiting = nullptr;
     if (!conn) {
       if (failure.cancelled) co_return;
       call->fail(failure.timeout ? ErrorKind::timeout : ErrorKind::upstream_failed, failure.message);
@@ -504,7 +522,7 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
   }
 
   SseDecoder sse;
-  net::steady_timer pause(co_await net::this_coro::executor);
+  auto resume = [weak_call = std::weak_ptr<Call>(call), weak_ioc = call->ioc] { resume_read(weak_call, weak_ioc); };
   boost::system::error_code read_error;
   Step step = Step::more;
   while (step == Step::more) {
@@ -542,14 +560,19 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
       break;
     }
     // Backpressure: while the client has not taken what was sent, leave the
-    // rest in the socket, so a slow client slows the upstream down.
-    while (call->pending() > cfg.max_pending_events && !call->cancelled) {
-      if (SteadyClock::now() >= total_deadline) {
+    // rest in the socket, so a slow client slows the upstream down. The sink
+    // resumes the read when the client catches up; a cancel resumes it too.
+    // Both post to this thread, so neither lands before the wait has begun.
+    while (!call->cancelled && call->sink && call->sink->when_drained(cfg.max_pending_events, resume)) {
+      wait.expires_at(total_deadline);
+      call->waiting = &wait;
+      auto [ec] = co_await wait.async_wait(as_tuple);
+      call->waiting = nullptr;
+      // A wake-up cancels the wait: only the total deadline lets it expire.
+      if (!ec) {
         call->fail(ErrorKind::timeout, timeout_message("the client"));
         co_return;
       }
-      pause.expires_after(std::chrono::milliseconds(5));
-      co_await pause.async_wait(as_tuple);
     }
     if (call->cancelled) co_return;
     conn->expires_at(earliest(total_deadline, SteadyClock::now() + cfg.idle_timeout));
@@ -574,6 +597,7 @@ net::awaitable<void> run_call(Upstream* up, std::shared_ptr<Call> call, Completi
     co_await call_upstream(up, call, std::move(request));
   } catch (const std::exception& e) {
     call->active = nullptr;
+    call->waiting = nullptr;
     call->fail(ErrorKind::internal, std::string("the upstream call failed: ") + e.what());
   }
 }
@@ -664,8 +688,9 @@ class OpenAICompatibleBackend final : public Backend {
     call->prompt_estimate =
         request.prepared && request.prepared->backend == this ? request.prepared->count : count_prompt(request);
     call->tokenizer = tokenizer_.get();
+    call->ioc = ioc_;
     net::co_spawn(*ioc_, run_call(&up_, call, std::move(request)), net::detached);
-    return std::make_unique<CallHandle>(std::move(call), ioc_);
+    return std::make_unique<CallHandle>(std::move(call));
   }
 
   // The same call to the upstream's /embeddings; its answer comes as the done event's body.

@@ -14,17 +14,25 @@ void EventQueue::on_event(backends::CompletionEvent event) {
   signal_.try_send(boost::system::error_code{});
 }
 
-std::size_t EventQueue::pending() const {
+bool EventQueue::when_drained(std::size_t limit, std::function<void()> wake) {
   std::lock_guard lock(mutex_);
-  return events_.size();
+  if (events_.size() <= limit) return false;
+  // next() takes every event, so any limit is met at the next take.
+  drained_ = std::move(wake);
+  return true;
 }
 
 boost::asio::awaitable<std::deque<backends::CompletionEvent>> EventQueue::next() {
   for (;;) {
+    std::deque<backends::CompletionEvent> events;
+    std::function<void()> drained;
     {
       std::lock_guard lock(mutex_);
-      if (!events_.empty()) co_return std::exchange(events_, {});
+      events = std::exchange(events_, {});
+      drained = std::exchange(drained_, {});
     }
+    if (drained) drained();  // outside the lock: it posts to the producer
+    if (!events.empty()) co_return events;
     co_await signal_.async_receive(boost::asio::use_awaitable);
   }
 }
