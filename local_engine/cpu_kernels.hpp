@@ -1,7 +1,8 @@
 // Internal to the CPU device: the per-instruction-set kernels behind cpu_ops.hpp.
 // cpu_ops.cpp owns dispatch; cpu_ops_portable.cpp and cpu_ops_avx2.cpp each
 // implement the same table (cpu_ops_avx2.cpp also the avx2_vnni matmul,
-// cpu_ops_avx512.cpp the avx512_vnni one, cpu_ops_amx.cpp the amx one).
+// cpu_ops_avx512.cpp the avx512_vnni one, cpu_ops_amx.cpp the amx one). The
+// x86 files are built only for x86-64, which defines TOLLGATE_X86_KERNELS.
 #pragma once
 
 #include <bit>
@@ -77,6 +78,7 @@ void attend(const float* q, const float* keys, const float* values, std::int64_t
             std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out);
 }  // namespace portable
 
+#if defined(TOLLGATE_X86_KERNELS)
 namespace avx2 {
 // Same contracts as portable::; call only where the CPU has AVX2, FMA and F16C.
 // matmul_rows takes row ranges in whole groups of kInterleavedRows.
@@ -119,5 +121,6 @@ namespace amx {
 // everything avx512_vnni needs.
 void matmul_rows_q8_0(const MatmulArgs& args, std::int64_t row_begin, std::int64_t row_end);
 }  // namespace amx
+#endif
 
 }  // namespace tollgate::local_engine::cpu::kernels

@@ -1,8 +1,10 @@
 #include "local_engine/cpu_ops.hpp"
 
+#if defined(TOLLGATE_X86_KERNELS)
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <cassert>
@@ -29,6 +31,7 @@ Isa choose_isa() {
   return isa_supported(Isa::avx2_fma) ? Isa::avx2_fma : Isa::portable;
 }
 
+#if defined(TOLLGATE_X86_KERNELS)
 // XCR0: whether the OS saves the register state of YMM (bits 1, 2) or also
 // of ZMM (bits 5-7: opmask, upper halves of zmm0-15, zmm16-31). Readable once
 // CPUID reports OSXSAVE.
@@ -82,6 +85,7 @@ bool cpu_has_amx_int8() {
   constexpr long kXfeatureXtiledata = 18;
   return ::syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
+#endif
 
 // x quantised to Q8_0 for one matmul call. Per calling thread, and it only
 // grows, so a warm engine quantises without allocating.
@@ -92,9 +96,48 @@ struct QuantizedActivations {
   std::vector<kernels::TokenTile> tiles;
 };
 
+// One row of x as Q8_0 (the AVX2 quantiser gives the portable one's bytes).
+void quantize_activations(const float* x, BlockQ8_0* out, std::int64_t n, [[maybe_unused]] Isa isa) {
+#if defined(TOLLGATE_X86_KERNELS)
+  if (isa != Isa::portable) return kernels::avx2::quantize_row_q8_0(x, out, n);
+#endif
+  quantize_row_q8_0(x, out, n);
+}
+
+using RowsKernel = void (*)(const kernels::MatmulArgs&, std::int64_t, std::int64_t);
+
+// The matmul kernel for w's type on isa.
+RowsKernel rows_kernel([[maybe_unused]] Isa isa, [[maybe_unused]] DType type) {
+#if defined(TOLLGATE_X86_KERNELS)
+  switch (isa) {
+    case Isa::portable:
+      break;
+    case Isa::avx2_fma:
+      return &kernels::avx2::matmul_rows;
+    case Isa::avx2_vnni:
+      return &kernels::avx2_vnni::matmul_rows;
+    case Isa::avx512_vnni:
+    case Isa::amx:
+      // Only Q8_0 has 512-bit and AMX kernels; the rest take the best 256-bit
+      // one (Zen 4 has AVX-512 VNNI without AVX-VNNI).
+      if (type != DType::q8_0) {
+        return isa_supported(Isa::avx2_vnni) ? &kernels::avx2_vnni::matmul_rows : &kernels::avx2::matmul_rows;
+      }
+      // isa_supported(amx) also asks Linux for the tile state, which must
+      // precede the first tile instruction even where asserts are off.
+      return isa == Isa::amx && isa_supported(Isa::amx) ? &kernels::amx::matmul_rows_q8_0
+                                                        : &kernels::avx512_vnni::matmul_rows_q8_0;
+  }
+#endif
+  return &kernels::portable::matmul_rows;
+}
+
 }  // namespace
 
 bool isa_supported(Isa isa) {
+#if !defined(TOLLGATE_X86_KERNELS)
+  return isa == Isa::portable;  // the only kernels built for this architecture
+#else
   switch (isa) {
     case Isa::portable:
       return true;
@@ -116,6 +159,7 @@ bool isa_supported(Isa isa) {
     }
   }
   return false;
+#endif
 }
 
 Isa active_isa() {
@@ -168,11 +212,7 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
     kernels::TokenTile* xt = scratch.tiles.data();
     pool.parallel_for(n, [&](std::int64_t begin, std::int64_t end) {
       for (std::int64_t t = begin; t < end; ++t) {
-        if (isa == Isa::portable) {
-          quantize_row_q8_0(x + t * w.cols, xq + t * blocks, w.cols);
-        } else {
-          kernels::avx2::quantize_row_q8_0(x + t * w.cols, xq + t * blocks, w.cols);
-        }
+        quantize_activations(x + t * w.cols, xq + t * blocks, w.cols, isa);
         for (std::int64_t b = t * blocks; b < (t + 1) * blocks; ++b) {
           xd[b] = fp16_to_f32(xq[b].scale);
           std::int32_t sum = 0;
@@ -192,21 +232,7 @@ void matmul(ThreadPool& pool, const Tensor& w, const float* x, std::int64_t n, f
     args.xoffset = xo;
     if (tiled > 0) args.xtiles = xt;
   }
-  auto* rows = isa == Isa::avx2_vnni  ? &kernels::avx2_vnni::matmul_rows
-               : isa == Isa::avx2_fma ? &kernels::avx2::matmul_rows
-                                      : &kernels::portable::matmul_rows;
-  if (isa == Isa::avx512_vnni || isa == Isa::amx) {
-    // Only Q8_0 has 512-bit and AMX kernels; the rest take the best 256-bit
-    // one (Zen 4 has AVX-512 VNNI without AVX-VNNI).
-    if (w.type == DType::q8_0) {
-      // isa_supported(amx) also asks Linux for the tile state, which must
-      // precede the first tile instruction even where asserts are off.
-      rows = isa == Isa::amx && isa_supported(Isa::amx) ? &kernels::amx::matmul_rows_q8_0
-                                                        : &kernels::avx512_vnni::matmul_rows_q8_0;
-    } else {
-      rows = isa_supported(Isa::avx2_vnni) ? &kernels::avx2_vnni::matmul_rows : &kernels::avx2::matmul_rows;
-    }
-  }
+  auto* rows = rows_kernel(isa, w.type);
   // Threads split the rows in interleaved groups so every thread's tiles are whole.
   constexpr std::int64_t kGroup = kernels::kInterleavedRows;
   constexpr int kChunksPerThread = 4;
@@ -317,18 +343,20 @@ void rope(float* v, std::int64_t n_heads, std::int64_t head_dim, std::int64_t po
 
 float dot(const float* a, const float* b, std::int64_t n) { return dot(a, b, n, active_isa()); }
 
-float dot(const float* a, const float* b, std::int64_t n, Isa isa) {
-  return isa == Isa::portable ? kernels::portable::dot(a, b, n) : kernels::avx2::dot(a, b, n);
+float dot(const float* a, const float* b, std::int64_t n, [[maybe_unused]] Isa isa) {
+#if defined(TOLLGATE_X86_KERNELS)
+  if (isa != Isa::portable) return kernels::avx2::dot(a, b, n);
+#endif
+  return kernels::portable::dot(a, b, n);
 }
 
 void axpy(float a, const float* x, float* y, std::int64_t n) { axpy(a, x, y, n, active_isa()); }
 
-void axpy(float a, const float* x, float* y, std::int64_t n, Isa isa) {
-  if (isa == Isa::portable) {
-    kernels::portable::axpy(a, x, y, n);
-  } else {
-    kernels::avx2::axpy(a, x, y, n);
-  }
+void axpy(float a, const float* x, float* y, std::int64_t n, [[maybe_unused]] Isa isa) {
+#if defined(TOLLGATE_X86_KERNELS)
+  if (isa != Isa::portable) return kernels::avx2::axpy(a, x, y, n);
+#endif
+  kernels::portable::axpy(a, x, y, n);
 }
 
 void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
@@ -337,12 +365,13 @@ void attend(const float* q, const float* keys, const float* values, std::int64_t
 }
 
 void attend(const float* q, const float* keys, const float* values, std::int64_t stride, const std::int64_t* slots,
-            std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out, Isa isa) {
-  if (isa == Isa::portable) {
-    kernels::portable::attend(q, keys, values, stride, slots, len, head_dim, scale, scores, out);
-  } else {
-    kernels::avx2::attend(q, keys, values, stride, slots, len, head_dim, scale, scores, out);
+            std::int64_t len, std::int64_t head_dim, float scale, float* scores, float* out, [[maybe_unused]] Isa isa) {
+#if defined(TOLLGATE_X86_KERNELS)
+  if (isa != Isa::portable) {
+    return kernels::avx2::attend(q, keys, values, stride, slots, len, head_dim, scale, scores, out);
   }
+#endif
+  kernels::portable::attend(q, keys, values, stride, slots, len, head_dim, scale, scores, out);
 }
 
 void scale(float* x, float a, std::int64_t n) {
@@ -362,8 +391,10 @@ void softmax(float* x, std::int64_t n) {
 
 void silu_mul(float* gate, const float* up, std::int64_t n) { silu_mul(gate, up, n, active_isa()); }
 
-void silu_mul(float* gate, const float* up, std::int64_t n, Isa isa) {
+void silu_mul(float* gate, const float* up, std::int64_t n, [[maybe_unused]] Isa isa) {
+#if defined(TOLLGATE_X86_KERNELS)
   if (isa != Isa::portable) return kernels::avx2::silu_mul(gate, up, n);
+#endif
   for (std::int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 

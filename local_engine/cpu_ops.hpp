@@ -1,6 +1,6 @@
 // The CPU device's numeric kernels: vectorised (AVX2/FMA/AVX-VNNI chosen at run time
-// where the CPU has them, a portable fallback otherwise) and multi-threaded
-// over a ThreadPool. The reference every other device is tested against.
+// where the CPU has them, a portable fallback otherwise; only the fallback is
+// built off x86-64) and multi-threaded over a ThreadPool. The reference every other device is tested against.
 #pragma once
 
 #include <cstdint>
@@ -21,7 +21,8 @@ enum class Isa { portable, avx2_fma, avx2_vnni, avx512_vnni, amx };
 // Whether this CPU (and OS) can run kernels built for isa (AVX2, FMA and F16C;
 // for avx2_vnni also AVX-VNNI; for avx512_vnni also AVX-512 F/BW/VL/VNNI with
 // zmm state enabled by the OS; for amx also AMX-TILE/INT8, with the tile state
-// granted to the process, which the first call asks Linux for).
+// granted to the process, which the first call asks Linux for). Off x86-64
+// only portable.
 bool isa_supported(Isa isa);
 // What the dispatched kernels use: the best supported, unless the environment
 // variable TOLLGATE_CPU caps it (for comparisons and benchmarks): "portable"

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "local_engine/cpu_kernels.hpp"
+#include "local_engine/cpu_targets.hpp"
 
 namespace tollgate::local_engine::cpu::kernels::amx {
 
@@ -50,9 +51,9 @@ TileConfig tile_config() {
 // Block b's sums into `sums` (16 x 16 int32, row t = token t0 + t), on
 // register set 0 or 1. GCC's tile intrinsics paste their tile numbers into
 // the assembly, so they must be literals.
-[[gnu::always_inline]] __attribute__((target("amx-tile,amx-int8,avx512f"))) inline void block_sums(
-    const MatmulArgs& a, const InterleavedQ8Block& block, std::int64_t b, std::int64_t t0, int set,
-    std::int32_t* sums) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AMX inline void block_sums(const MatmulArgs& a, const InterleavedQ8Block& block,
+                                                                  std::int64_t b, std::int64_t t0, int set,
+                                                                  std::int32_t* sums) {
   const std::int64_t blocks = a.w->cols / kQuantBlock;
   const std::int8_t* x = a.xtiles[t0 / kTokens * blocks + b].q[0];
   constexpr std::int64_t x_stride = kQuantBlock;
@@ -73,9 +74,9 @@ TileConfig tile_config() {
 
 // One block's f32 step for 16 tokens: as avx512_vnni's tile, the sums start at
 // -128 * sum(x block) to take the weights' + 128 back out.
-[[gnu::always_inline]] __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) inline void scale_block(
-    const MatmulArgs& a, const InterleavedQ8Block& block, std::int64_t b, std::int64_t t0, const std::int32_t* sums,
-    __m512* acc) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AMX inline void scale_block(const MatmulArgs& a, const InterleavedQ8Block& block,
+                                                                   std::int64_t b, std::int64_t t0,
+                                                                   const std::int32_t* sums, __m512* acc) {
   const std::int64_t blocks = a.w->cols / kQuantBlock;
   const float* xd = a.xd + t0 * blocks + b;
   const std::int32_t* xo = a.xoffset + t0 * blocks + b;
@@ -94,8 +95,7 @@ TileConfig tile_config() {
 }
 
 // 16 tokens from t0 against one group.
-__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void tile(
-    const MatmulArgs& a, const InterleavedQ8Block* group, std::int64_t r0, std::int64_t t0) {
+TOLLGATE_TARGET_AMX void tile(const MatmulArgs& a, const InterleavedQ8Block* group, std::int64_t r0, std::int64_t t0) {
   const std::int64_t blocks = a.w->cols / kQuantBlock;
   // Double-buffered: block b + 1's tile product is issued before block b's
   // sums are scaled, on the other register set. (Starting products further
@@ -125,8 +125,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx2,fma,f16c
 
 }  // namespace
 
-__attribute__((target("amx-tile,amx-int8,avx512f"))) void matmul_rows_q8_0(const MatmulArgs& a, std::int64_t row_begin,
-                                                                           std::int64_t row_end) {
+TOLLGATE_TARGET_AMX void matmul_rows_q8_0(const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
   if (a.xtiles == nullptr) return avx512_vnni::matmul_rows_q8_0(a, row_begin, row_end);
   // The tile configuration is per thread; loading it is cheap next to a call.
   static const TileConfig config = tile_config();

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "local_engine/cpu_kernels.hpp"
+#include "local_engine/cpu_targets.hpp"
 
 namespace tollgate::local_engine::cpu::kernels::avx2 {
 
@@ -20,7 +21,7 @@ namespace {
 
 constexpr int kLanes = 8;
 
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline float hsum(__m256 v) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -30,24 +31,21 @@ constexpr int kLanes = 8;
 // Loaders turn 8 weights of a row starting at column k into f32.
 struct F32Load {
   static constexpr int kBytes = 4;
-  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static __m256 load(const std::byte* row,
-                                                                                     std::int64_t k) {
+  [[gnu::always_inline]] TOLLGATE_TARGET_AVX2 static __m256 load(const std::byte* row, std::int64_t k) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
   }
 };
 
 struct F16Load {
   static constexpr int kBytes = 2;
-  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static __m256 load(const std::byte* row,
-                                                                                     std::int64_t k) {
+  [[gnu::always_inline]] TOLLGATE_TARGET_AVX2 static __m256 load(const std::byte* row, std::int64_t k) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k * 2)));
   }
 };
 
 struct BF16Load {
   static constexpr int kBytes = 2;
-  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static __m256 load(const std::byte* row,
-                                                                                     std::int64_t k) {
+  [[gnu::always_inline]] TOLLGATE_TARGET_AVX2 static __m256 load(const std::byte* row, std::int64_t k) {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k * 2)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
@@ -58,7 +56,7 @@ struct BF16Load {
 template <typename Load>
 struct FloatTile {
   template <int R, int T>
-  __attribute__((target("avx2,fma,f16c"))) static void run(const MatmulArgs& a, std::int64_t r0, std::int64_t t0) {
+  TOLLGATE_TARGET_AVX2 static void run(const MatmulArgs& a, std::int64_t r0, std::int64_t t0) {
     const Tensor& w = *a.w;
     const std::int64_t cols = w.cols;
     const std::byte* rows[R];
@@ -110,8 +108,7 @@ struct FloatTile {
 // Loaders for quantised rows: block b as 32 signed bytes and its scale.
 struct Q4Load {
   static constexpr int kBlockBytes = sizeof(BlockQ4_0);
-  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static __m256i values(const std::byte* row,
-                                                                                        std::int64_t b) {
+  [[gnu::always_inline]] TOLLGATE_TARGET_AVX2 static __m256i values(const std::byte* row, std::int64_t b) {
     // Low nibbles are values 0..15, high nibbles 16..31, each stored + 8.
     __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const BlockQ4_0*>(row)[b].q));
     const __m128i nibble = _mm_set1_epi8(0x0f);
@@ -119,8 +116,7 @@ struct Q4Load {
     __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
     return _mm256_sub_epi8(_mm256_set_m128i(high, low), _mm256_set1_epi8(8));
   }
-  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static float scale(const std::byte* row,
-                                                                                     std::int64_t b) {
+  [[gnu::always_inline]] TOLLGATE_TARGET_AVX2 static float scale(const std::byte* row, std::int64_t b) {
     return _cvtsh_ss(reinterpret_cast<const BlockQ4_0*>(row)[b].scale);
   }
 };
@@ -133,7 +129,7 @@ struct Q4Load {
 template <typename Load>
 struct QuantTile {
   template <int R, int T>
-  __attribute__((target("avx2,fma,f16c"))) static void run(const MatmulArgs& a, std::int64_t r0, std::int64_t t0) {
+  TOLLGATE_TARGET_AVX2 static void run(const MatmulArgs& a, std::int64_t r0, std::int64_t t0) {
     const Tensor& w = *a.w;
     const std::int64_t blocks = w.cols / kQuantBlock;
     const auto stride = static_cast<std::int64_t>(row_bytes(w.type, w.cols));
@@ -189,8 +185,7 @@ struct QuantTile {
 template <typename Load>
 struct VnniQuantTile {
   template <int R, int T>
-  __attribute__((target("avx2,fma,f16c,avxvnni"))) static void run(const MatmulArgs& a, std::int64_t r0,
-                                                                   std::int64_t t0) {
+  TOLLGATE_TARGET_AVX2_VNNI static void run(const MatmulArgs& a, std::int64_t r0, std::int64_t t0) {
     const Tensor& w = *a.w;
     const std::int64_t blocks = w.cols / kQuantBlock;
     const auto stride = static_cast<std::int64_t>(row_bytes(w.type, w.cols));
@@ -255,8 +250,8 @@ constexpr std::int64_t kInterleaveMinTokens = 2;
 }
 
 // Block b's 8 row scales as f32.
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 group_scales(
-    const BlockQ8_0* const rows[kHalfRows], std::int64_t b) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline __m256 group_scales(const BlockQ8_0* const rows[kHalfRows],
+                                                                       std::int64_t b) {
   return _mm256_cvtph_ps(_mm_setr_epi16(static_cast<short>(rows[0][b].scale), static_cast<short>(rows[1][b].scale),
                                         static_cast<short>(rows[2][b].scale), static_cast<short>(rows[3][b].scale),
                                         static_cast<short>(rows[4][b].scale), static_cast<short>(rows[5][b].scale),
@@ -264,28 +259,26 @@ constexpr std::int64_t kInterleaveMinTokens = 2;
 }
 
 // Rows 0-7 (half 0) or 8-15 (half 1) of an interleaved block's scales as f32.
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 half_scales(
-    const InterleavedQ8Block& block, int half) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline __m256 half_scales(const InterleavedQ8Block& block, int half) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block.scale + kHalfRows * half)));
 }
 
 // Chunk k of an interleaved block for rows 0-7 or 8-15 (as stored, + 128).
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256i half_chunk(
-    const InterleavedQ8Block& block, int k, int half) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline __m256i half_chunk(const InterleavedQ8Block& block, int k,
+                                                                      int half) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block.q[k] + 4 * kHalfRows * half));
 }
 
 // Token t's bytes 4k..4k+3 of block b, in every int32 lane.
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256i token_chunk(const BlockQ8_0& x, int k) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline __m256i token_chunk(const BlockQ8_0& x, int k) {
   std::int32_t chunk;
   std::memcpy(&chunk, x.q + 4 * k, 4);
   return _mm256_set1_epi32(chunk);
 }
 
 // The 8 rows' lanes from r0 for token t into y, dropping rows past the matrix.
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void store_group(const MatmulArgs& a,
-                                                                                        std::int64_t r0, std::int64_t t,
-                                                                                        __m256 acc) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline void store_group(const MatmulArgs& a, std::int64_t r0,
+                                                                    std::int64_t t, __m256 acc) {
   float* out = a.y + t * a.w->rows + r0;
   if (r0 + kHalfRows <= a.w->rows) {
     _mm256_storeu_ps(out, acc);
@@ -312,11 +305,10 @@ constexpr std::int64_t kInterleaveMinTokens = 2;
 // repeated in each: a function built for AVX-VNNI cannot be inlined into one
 // built without it.
 template <int T>
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void scale_block(const MatmulArgs& a,
-                                                                                        const InterleavedQ8Block& block,
-                                                                                        std::int64_t b, std::int64_t t0,
-                                                                                        const __m256i (*isum)[T],
-                                                                                        __m256 (*acc)[T]) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline void scale_block(const MatmulArgs& a,
+                                                                    const InterleavedQ8Block& block, std::int64_t b,
+                                                                    std::int64_t t0, const __m256i (*isum)[T],
+                                                                    __m256 (*acc)[T]) {
   const std::int64_t blocks = a.w->cols / kQuantBlock;
   const float* xd = a.xd + t0 * blocks + b;
 #pragma GCC unroll 2
@@ -333,10 +325,8 @@ template <int T>
 // This one makes the weights signed again and multiplies with maddubs as in QuantTile.
 struct InterleavedDot {
   template <int T>
-  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) static void sums(const MatmulArgs& a,
-                                                                                   const InterleavedQ8Block& block,
-                                                                                   std::int64_t b, std::int64_t t0,
-                                                                                   __m256i (*isum)[T]) {
+  [[gnu::always_inline]] TOLLGATE_TARGET_AVX2 static void sums(const MatmulArgs& a, const InterleavedQ8Block& block,
+                                                               std::int64_t b, std::int64_t t0, __m256i (*isum)[T]) {
     const std::int64_t blocks = a.w->cols / kQuantBlock;
     const BlockQ8_0* xq = a.xq + t0 * blocks + b;
     const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -360,8 +350,8 @@ struct InterleavedDot {
     }
   }
   template <int T>
-  __attribute__((target("avx2,fma,f16c"))) static void tile(const MatmulArgs& a, const InterleavedQ8Block* group,
-                                                            std::int64_t r0, std::int64_t t0) {
+  TOLLGATE_TARGET_AVX2 static void tile(const MatmulArgs& a, const InterleavedQ8Block* group, std::int64_t r0,
+                                        std::int64_t t0) {
     __m256 acc[2][T];
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h)
@@ -384,8 +374,9 @@ struct InterleavedDot {
 // block) to take the offset back out.
 struct VnniInterleavedDot {
   template <int T>
-  [[gnu::always_inline]] __attribute__((target("avx2,fma,f16c,avxvnni"))) static void sums(
-      const MatmulArgs& a, const InterleavedQ8Block& block, std::int64_t b, std::int64_t t0, __m256i (*isum)[T]) {
+  [[gnu::always_inline]] TOLLGATE_TARGET_AVX2_VNNI static void sums(const MatmulArgs& a,
+                                                                    const InterleavedQ8Block& block, std::int64_t b,
+                                                                    std::int64_t t0, __m256i (*isum)[T]) {
     const std::int64_t blocks = a.w->cols / kQuantBlock;
     const BlockQ8_0* xq = a.xq + t0 * blocks + b;
     const std::int32_t* xo = a.xoffset + t0 * blocks + b;
@@ -406,9 +397,8 @@ struct VnniInterleavedDot {
     }
   }
   template <int T>
-  __attribute__((target("avx2,fma,f16c,avxvnni"))) static void tile(const MatmulArgs& a,
-                                                                    const InterleavedQ8Block* group, std::int64_t r0,
-                                                                    std::int64_t t0) {
+  TOLLGATE_TARGET_AVX2_VNNI static void tile(const MatmulArgs& a, const InterleavedQ8Block* group, std::int64_t r0,
+                                             std::int64_t t0) {
     __m256 acc[2][T];
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h)
@@ -430,7 +420,7 @@ struct VnniInterleavedDot {
 // One token against 8 rows read in place: each row's 8 lane sums (maddubs as
 // in QuantTile) are added across lanes in integers, giving the same exact
 // isum per row as the interleaved kernels.
-__attribute__((target("avx2,fma,f16c"))) void in_place_group(const MatmulArgs& a, std::int64_t r0, std::int64_t t) {
+TOLLGATE_TARGET_AVX2 void in_place_group(const MatmulArgs& a, std::int64_t r0, std::int64_t t) {
   const std::int64_t blocks = a.w->cols / kQuantBlock;
   const auto stride = static_cast<std::int64_t>(row_bytes(a.w->type, a.w->cols));
   const BlockQ8_0* rows[kHalfRows];
@@ -468,7 +458,7 @@ __attribute__((target("avx2,fma,f16c"))) void in_place_group(const MatmulArgs& a
 
 // The group's blocks: w's interleaved copy when it has one, else interleaved
 // now into `scratch` (per thread, and it only grows: no allocation once warm).
-__attribute__((target("avx2,fma,f16c"))) const InterleavedQ8Block* group_at(const Tensor& w, std::int64_t r0) {
+TOLLGATE_TARGET_AVX2 const InterleavedQ8Block* group_at(const Tensor& w, std::int64_t r0) {
   const std::int64_t blocks = w.cols / kQuantBlock;
   if (w.interleaved != nullptr) {
     return static_cast<const InterleavedQ8Block*>(w.interleaved) + r0 / kInterleavedRows * blocks;
@@ -480,8 +470,7 @@ __attribute__((target("avx2,fma,f16c"))) const InterleavedQ8Block* group_at(cons
 }
 
 template <typename Dot, int T>
-__attribute__((target("avx2,fma,f16c"))) void q8_sweep(const MatmulArgs& a, std::int64_t row_begin,
-                                                       std::int64_t row_end) {
+TOLLGATE_TARGET_AVX2 void q8_sweep(const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
   if (a.w->interleaved == nullptr && a.n < kInterleaveMinTokens) {
     for (std::int64_t r = row_begin; r < row_end; r += kHalfRows) {
       for (std::int64_t t = 0; t < a.n; ++t) in_place_group(a, r, t);
@@ -500,7 +489,7 @@ __attribute__((target("avx2,fma,f16c"))) void q8_sweep(const MatmulArgs& a, std:
 // tokens at a time. A single token uses taller tiles (R1 rows) so enough
 // independent accumulators are in flight to keep up with memory.
 template <typename Tile, int R1, int R, int T>
-__attribute__((target("avx2,fma,f16c"))) void sweep(const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
+TOLLGATE_TARGET_AVX2 void sweep(const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
   if (a.n == 1) {
     std::int64_t r = row_begin;
     for (; r + R1 <= row_end; r += R1) Tile::template run<R1, 1>(a, r, 0);
@@ -526,7 +515,7 @@ __attribute__((target("avx2,fma,f16c"))) void sweep(const MatmulArgs& a, std::in
 
 // The first `count` (< 8) lanes: maskload through it reads only those (the
 // rest are zero) and never touches memory past them.
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256i lane_mask(std::int64_t count) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline __m256i lane_mask(std::int64_t count) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
@@ -544,9 +533,7 @@ constexpr std::int64_t kPrefetchPositions = 8;
 // q·k for 8 keys at once, lane j for k[j]: each is one 8-lane accumulator
 // updated in column order (the last partial step masked) and reduced by the
 // same tree whatever lane it lands in.
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 dot8(const float* q,
-                                                                                   const float* const* k,
-                                                                                   std::int64_t n) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline __m256 dot8(const float* q, const float* const* k, std::int64_t n) {
   __m256 acc[kLanes];
 #pragma GCC unroll 8
   for (int j = 0; j < kLanes; ++j) acc[j] = _mm256_setzero_ps();
@@ -571,9 +558,9 @@ constexpr std::int64_t kPrefetchPositions = 8;
 // out[0, 8C) (+ a masked partial vector of `tail` floats) = Σ_p w[p] · v_p,
 // each output lane one FMA chain in position order.
 template <int C>
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline void weighted_sum(
-    const float* values, std::int64_t stride, const std::int64_t* slots, const float* w, std::int64_t len,
-    std::int64_t tail, float* out) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline void weighted_sum(const float* values, std::int64_t stride,
+                                                                     const std::int64_t* slots, const float* w,
+                                                                     std::int64_t len, std::int64_t tail, float* out) {
   // Fully unrolled (all C + 1), or the accumulators live on the stack.
   __m256 acc[C + 1];
 #pragma GCC unroll 9
@@ -595,8 +582,7 @@ template <int C>
 
 }  // namespace
 
-__attribute__((target("avx2,fma,f16c"))) void interleave_q8_group(const Tensor& w, std::int64_t r0,
-                                                                  InterleavedQ8Block* out) {
+TOLLGATE_TARGET_AVX2 void interleave_q8_group(const Tensor& w, std::int64_t r0, InterleavedQ8Block* out) {
   const std::int64_t blocks = w.cols / kQuantBlock;
   const auto stride = static_cast<std::int64_t>(row_bytes(w.type, w.cols));
   const __m256i offset = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -639,8 +625,7 @@ __attribute__((target("avx2,fma,f16c"))) void interleave_q8_group(const Tensor& 
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void matmul_rows(const MatmulArgs& a, std::int64_t row_begin,
-                                                          std::int64_t row_end) {
+TOLLGATE_TARGET_AVX2 void matmul_rows(const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
   switch (a.w->type) {
     case DType::f32:
       return sweep<FloatTile<F32Load>, 4, 4, 3>(a, row_begin, row_end);
@@ -655,7 +640,7 @@ __attribute__((target("avx2,fma,f16c"))) void matmul_rows(const MatmulArgs& a, s
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) void quantize_row_q8_0(const float* x, BlockQ8_0* out, std::int64_t n) {
+TOLLGATE_TARGET_AVX2 void quantize_row_q8_0(const float* x, BlockQ8_0* out, std::int64_t n) {
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 minus_half = _mm256_set1_ps(-0.5f);
@@ -694,7 +679,7 @@ namespace {
 // e^x, 8 lanes: 2^k * e^r with k = round(x / ln 2) and |r| <= ln 2 / 2, e^r
 // from Cephes expf's polynomial (within 2 ulp of std::exp). x is clamped
 // to [-87, 88], so 2^k stays a normal float; NaN goes through.
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 exp8(__m256 x) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline __m256 exp8(__m256 x) {
   x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
   const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -712,14 +697,14 @@ namespace {
 }
 
 // g / (1 + e^-g) * u, cpu::silu_mul's steps.
-[[gnu::always_inline]] __attribute__((target("avx2,fma,f16c"))) inline __m256 silu8(__m256 g, __m256 u) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX2 inline __m256 silu8(__m256 g, __m256 u) {
   const __m256 e = exp8(_mm256_xor_ps(g, _mm256_set1_ps(-0.0f)));
   return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
 }
 
 }  // namespace
 
-__attribute__((target("avx2,fma,f16c"))) void silu_mul(float* gate, const float* up, std::int64_t n) {
+TOLLGATE_TARGET_AVX2 void silu_mul(float* gate, const float* up, std::int64_t n) {
   std::int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
     _mm256_storeu_ps(gate + k, silu8(_mm256_loadu_ps(gate + k), _mm256_loadu_ps(up + k)));
@@ -732,7 +717,7 @@ __attribute__((target("avx2,fma,f16c"))) void silu_mul(float* gate, const float*
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) float dot(const float* a, const float* b, std::int64_t n) {
+TOLLGATE_TARGET_AVX2 float dot(const float* a, const float* b, std::int64_t n) {
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();
   std::int64_t k = 0;
@@ -749,7 +734,7 @@ __attribute__((target("avx2,fma,f16c"))) float dot(const float* a, const float* 
   return sum;
 }
 
-__attribute__((target("avx2,fma,f16c"))) void axpy(float a, const float* x, float* y, std::int64_t n) {
+TOLLGATE_TARGET_AVX2 void axpy(float a, const float* x, float* y, std::int64_t n) {
   const __m256 av = _mm256_set1_ps(a);
   std::int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
@@ -758,9 +743,9 @@ __attribute__((target("avx2,fma,f16c"))) void axpy(float a, const float* x, floa
   for (; k < n; ++k) y[k] = std::fma(a, x[k], y[k]);
 }
 
-__attribute__((target("avx2,fma,f16c"))) void attend(const float* q, const float* keys, const float* values,
-                                                     std::int64_t stride, const std::int64_t* slots, std::int64_t len,
-                                                     std::int64_t head_dim, float scale, float* scores, float* out) {
+TOLLGATE_TARGET_AVX2 void attend(const float* q, const float* keys, const float* values, std::int64_t stride,
+                                 const std::int64_t* slots, std::int64_t len, std::int64_t head_dim, float scale,
+                                 float* scores, float* out) {
   if (len <= 0) {
     std::fill(out, out + head_dim, 0.0f);
     return;

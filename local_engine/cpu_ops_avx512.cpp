@@ -11,22 +11,22 @@
 #include <vector>
 
 #include "local_engine/cpu_kernels.hpp"
+#include "local_engine/cpu_targets.hpp"
 
 namespace tollgate::local_engine::cpu::kernels::avx512_vnni {
 
 namespace {
 
 // Token t's bytes 4k..4k+3 of its block, in every int32 lane.
-[[gnu::always_inline]] __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) inline __m512i
-token_chunk(const BlockQ8_0& x, int k) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX512_VNNI inline __m512i token_chunk(const BlockQ8_0& x, int k) {
   std::int32_t chunk;
   std::memcpy(&chunk, x.q + 4 * k, 4);
   return _mm512_set1_epi32(chunk);
 }
 
 // The 16 rows' lanes from r0 for token t into y, dropping rows past the matrix.
-[[gnu::always_inline]] __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) inline void
-store_group(const MatmulArgs& a, std::int64_t r0, std::int64_t t, __m512 acc) {
+[[gnu::always_inline]] TOLLGATE_TARGET_AVX512_VNNI inline void store_group(const MatmulArgs& a, std::int64_t r0,
+                                                                           std::int64_t t, __m512 acc) {
   float* out = a.y + t * a.w->rows + r0;
   const std::int64_t count = a.w->rows - r0;
   if (count >= kInterleavedRows) {
@@ -44,10 +44,8 @@ constexpr std::int64_t kPrefetchBytes = 4096;
 // two partial sums (exact integers, so the split changes nothing) to halve
 // the dependency chain.
 template <int T>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void tile(const MatmulArgs& a,
-                                                                                        const InterleavedQ8Block* group,
-                                                                                        std::int64_t r0,
-                                                                                        std::int64_t t0) {
+TOLLGATE_TARGET_AVX512_VNNI void tile(const MatmulArgs& a, const InterleavedQ8Block* group, std::int64_t r0,
+                                      std::int64_t t0) {
   constexpr int kChains = T < 4 ? 2 : 1;
   const std::int64_t blocks = a.w->cols / kQuantBlock;
   const BlockQ8_0* xq = a.xq + t0 * blocks;
@@ -109,8 +107,8 @@ const InterleavedQ8Block* group_at(const Tensor& w, std::int64_t r0) {
   return scratch.data();
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void group_tokens(
-    const MatmulArgs& a, const InterleavedQ8Block* group, std::int64_t r0, std::int64_t t_begin) {
+TOLLGATE_TARGET_AVX512_VNNI void group_tokens(const MatmulArgs& a, const InterleavedQ8Block* group, std::int64_t r0,
+                                              std::int64_t t_begin) {
   constexpr int kTokens = 8;
   std::int64_t t = t_begin;
   for (; t + kTokens <= a.n; t += kTokens) tile<kTokens>(a, group, r0, t);
@@ -125,8 +123,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) vo
   if (t < a.n) tile<1>(a, group, r0, t);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void matmul_rows_q8_0(
-    const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
+TOLLGATE_TARGET_AVX512_VNNI void matmul_rows_q8_0(const MatmulArgs& a, std::int64_t row_begin, std::int64_t row_end) {
   // A single token against rows read in place (no interleaved copy) is the
   // AVX2 kernel's: interleaving on the call would cost more than it saves.
   if (a.w->interleaved == nullptr && a.n == 1) return avx2::matmul_rows(a, row_begin, row_end);

@@ -342,6 +342,7 @@ TEST_CASE("matmul does not depend on the thread count", "[cpu_ops][matmul]") {
   }
 }
 
+#if defined(TOLLGATE_X86_KERNELS)
 TEST_CASE("the AVX2 activation quantiser gives quantize_row_q8_0's bytes", "[cpu_ops][quant]") {
   if (!cpu::isa_supported(Isa::avx2_fma)) {
     WARN("this CPU has no AVX2: the AVX2 quantiser is not tested");
@@ -358,6 +359,7 @@ TEST_CASE("the AVX2 activation quantiser gives quantize_row_q8_0's bytes", "[cpu
   cpu::kernels::avx2::quantize_row_q8_0(x.data(), avx2.data(), n);
   REQUIRE(std::memcmp(scalar.data(), avx2.data(), scalar.size() * sizeof(BlockQ8_0)) == 0);
 }
+#endif
 
 TEST_CASE("quantize_row_q8_0 follows ggml's scheme", "[cpu_ops][quant]") {
   std::vector<float> x(32);
