@@ -19,7 +19,6 @@
 #include <thread>
 
 #include "backends/echo.hpp"
-#include "backends/http_upstream.hpp"
 #include "backends/local.hpp"
 #include "backends/openai_compatible.hpp"
 #include "backends/router.hpp"
@@ -30,6 +29,7 @@
 #include "gateway/gateway_metrics.hpp"
 #include "gateway/http_error.hpp"
 #include "gateway/http_rules.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 #include "metering/quota.hpp"
 #include "metering/text_bounds.hpp"
 #include "metering/usage_writer.hpp"
@@ -86,7 +86,7 @@ struct Gateway {
   std::unique_ptr<metering::UsageWriter> usage;
   std::atomic<bool> stopping{false};
   std::atomic<bool> cut_off{false};            // the shutdown grace has run out: no more fallbacks
-  std::unique_ptr<backends::AppUpstream> app;  // set when app_upstream is configured
+  std::unique_ptr<proxy::AppUpstream> app;  // set when app_upstream is configured
   std::vector<net::ip::address> trusted_proxies;
   std::atomic<std::size_t> open_connections{0};
 
@@ -342,7 +342,7 @@ class Session {
   awaitable<bool> refuse(http::request_parser<http::string_body>& parser, Exchange& x, ApiError error);
   awaitable<bool> handle_admin_route(http::request_parser<http::string_body>& parser, Exchange& x);
   awaitable<bool> handle_app(http::request_parser<http::string_body>& parser, Exchange& x, std::string_view path);
-  void set_forwarding_headers(const Request& req, backends::AppForward& how);
+  void set_forwarding_headers(const Request& req, proxy::AppForward& how);
   awaitable<bool> handle_models(const Request& req, Exchange& x);
   // Chat and text completions, and embeddings (forwarded whole to a remote backend).
   awaitable<bool> handle_completion(const Request& req, Exchange& x, bool chat, bool embeddings);
@@ -352,16 +352,16 @@ class Session {
   std::shared_ptr<Connection> conn_;
   // For reading requests, writing whole answers and the app proxy, which use
   // the socket directly; streamed answers use the stream's own expiry.
-  backends::IoDeadline deadline_;
+  proxy::IoDeadline deadline_;
   beast::flat_buffer buffer_;
   bool close_after_ = false;              // the request's body was not read: framing is lost
   std::optional<net::ip::address> peer_;  // the client's address, looked up once
   std::string peer_text_;                 // and as text
 };
 
-// A string body is framed by hand in one buffer (see backends::response_head).
+// A string body is framed by hand in one buffer (see proxy::response_head).
 std::string wire_format(const Response& res) {
-  std::string out = backends::response_head(res);
+  std::string out = proxy::response_head(res);
   out += res.body();
   return out;
 }
@@ -732,7 +732,7 @@ awaitable<bool> Session::handle_admin_route(http::request_parser<http::string_bo
 
 // X-Forwarded-For gets the client's address appended when the peer is a
 // trusted proxy, and replaced otherwise, as do the other forwarding headers.
-void Session::set_forwarding_headers(const Request& req, backends::AppForward& how) {
+void Session::set_forwarding_headers(const Request& req, proxy::AppForward& how) {
   if (!peer_) {
     beast::error_code ec;
     auto address = stream().socket().remote_endpoint(ec).address();
@@ -776,7 +776,7 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
   x.event.route = std::string(path.substr(0, kMaxMeteredPath));
   x.event.backend = "app";
   bool is_public = is_public_path(gw_.config.public_paths, path);
-  backends::AppForward how;
+  proxy::AppForward how;
   if (!is_public) {
     if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
     x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
@@ -823,7 +823,7 @@ awaitable<bool> Session::handle_app(http::request_parser<http::string_body>& par
   auto out = co_await gw_.app->forward(stream(), deadline_, buffer_, parser, how);
   deadline_.disarm();
   x.backend_time = out.upstream_time;
-  using Failure = backends::AppOutcome::Failure;
+  using Failure = proxy::AppOutcome::Failure;
   if (out.response_started) {
     // Once the app's status went out, a failure can only cut the connection.
     int status = out.failure == Failure::client_gone ? 499 : out.failure == Failure::broken_response ? 502 : out.status;
@@ -1205,8 +1205,8 @@ int run_server(const Config& config) {
   }
   if (config.app_upstream) {
     const auto& a = *config.app_upstream;
-    backends::AppUpstreamOptions options{a.host, a.port, a.connect_timeout, a.first_byte_timeout, a.idle_timeout};
-    gw.app = std::make_unique<backends::AppUpstream>(std::move(options));
+    proxy::AppUpstreamOptions options{a.host, a.port, a.connect_timeout, a.first_byte_timeout, a.idle_timeout};
+    gw.app = std::make_unique<proxy::AppUpstream>(std::move(options));
     for (auto& c : contexts) gw.app->add_context(*c);
   }
   for (const auto& t : config.trusted_proxies) gw.trusted_proxies.push_back(net::ip::make_address(t));
