@@ -30,6 +30,7 @@
 #include "gateway/http_error.hpp"
 #include "gateway/http_rules.hpp"
 #include "gateway/proxy/app_upstream.hpp"
+#include "local_engine/model.hpp"
 #include "metering/quota.hpp"
 #include "metering/text_bounds.hpp"
 #include "metering/usage_writer.hpp"
@@ -1113,7 +1114,7 @@ std::unique_ptr<backends::Backend> make_backend(const BackendConfig& b, metering
     c.metrics = &registry;
     try {
       if (b.create_demo && !std::filesystem::exists(b.path)) {
-        backends::write_demo_model(b.path);
+        local_engine::write_demo_model(b.path);
         std::cout << "tollgate: wrote the random-weight demo model to " << b.path
                   << " (it babbles; configure a real GGUF to serve a real model)" << std::endl;
       }
