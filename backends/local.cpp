@@ -1,9 +1,6 @@
 #include "backends/local.hpp"
 
-#include <unistd.h>
-
 #include <atomic>
-#include <filesystem>
 #include <random>
 #include <stdexcept>
 
@@ -244,24 +241,6 @@ class LocalBackend final : public Backend {
 
 std::unique_ptr<Backend> make_local_backend(const LocalBackendConfig& config) {
   return std::make_unique<LocalBackend>(config);
-}
-
-void write_demo_model(const std::string& path) {
-  // Small enough to write and load in a blink, big enough to look like a model.
-  le::Hyperparams p;
-  p.dim = 256;
-  p.hidden_dim = 768;
-  p.n_layers = 4;
-  p.n_heads = 8;
-  p.n_kv_heads = 4;
-  p.vocab_size = 1024;
-  p.context_length = 2048;
-  // Written aside and renamed, so a gateway starting beside another never reads half a file.
-  auto parent = std::filesystem::path(path).parent_path();
-  if (!parent.empty()) std::filesystem::create_directories(parent);
-  auto partial = path + ".partial-" + std::to_string(::getpid());
-  le::write_random_llama_gguf(partial, p, le::DType::q8_0, 42, "tollgate-demo");
-  std::filesystem::rename(partial, path);
 }
 
 }  // namespace tollgate::backends

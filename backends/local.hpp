@@ -29,8 +29,4 @@ struct LocalBackendConfig {
 // model it cannot serve, std::invalid_argument for a device it does not have.
 std::unique_ptr<Backend> make_local_backend(const LocalBackendConfig& config);
 
-// Writes the random-weight demo model (a small llama GGUF, labelled as a demo
-// in its name) that the embedded default serves and `tollgate model init` makes.
-void write_demo_model(const std::string& path);
-
 }  // namespace tollgate::backends

@@ -10,7 +10,7 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 
 void set_forwarded_headers(const http::request_header<>& req, std::string_view peer, bool trusted,
-                           backends::AppForward& how) {
+                           proxy::AppForward& how) {
   std::string forwarded_for;
   if (trusted) {
     // Every X-Forwarded-For line, in order: several are one comma-separated list.
@@ -37,7 +37,7 @@ void set_forwarded_headers(const http::request_header<>& req, std::string_view p
 }  // namespace
 
 std::optional<HeadViolation> plan_app_request(const http::request_header<>& req, const std::optional<AppCaller>& caller,
-                                              std::string_view peer, bool trusted_peer, backends::AppForward& how) {
+                                              std::string_view peer, bool trusted_peer, proxy::AppForward& how) {
   if (caller) {
     how.set_request_header("X-Tollgate-User", caller->user);
     how.set_request_header("X-Tollgate-Key-Id", caller->key_prefix);

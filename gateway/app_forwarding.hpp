@@ -6,7 +6,7 @@
 #include <optional>
 #include <string_view>
 
-#include "backends/http_upstream.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 #include "gateway/http_rules.hpp"
 
 namespace tollgate::gateway {
@@ -29,6 +29,6 @@ struct AppCaller {
 // `how` keeps views into `req`: it must not outlive it.
 std::optional<HeadViolation> plan_app_request(const boost::beast::http::request_header<>& req,
                                               const std::optional<AppCaller>& caller, std::string_view peer,
-                                              bool trusted_peer, backends::AppForward& how);
+                                              bool trusted_peer, proxy::AppForward& how);
 
 }  // namespace tollgate::gateway

@@ -16,10 +16,11 @@
 #include <string>
 #include <vector>
 
-#include "backends/local.hpp"
 #include "gateway/admin.hpp"
 #include "gateway/config.hpp"
 #include "gateway/server.hpp"
+#include "local_engine/engine.hpp"
+#include "local_engine/model.hpp"
 #include "metering/quota.hpp"
 #include "metering/store.hpp"
 #include "metering/text_bounds.hpp"
@@ -372,7 +373,7 @@ int model_command(const std::string& sub, Args& args) {
     args.finish();
     if (preset == "demo") {
       if (type_name) throw UsageError("--type applies to the bench presets; the demo model is Q8_0");
-      backends::write_demo_model(out);
+      le::write_demo_model(out);
     } else if (preset == "bench-100m" || preset == "bench-1b") {
       le::Hyperparams p;
       if (preset == "bench-100m") {

@@ -16,7 +16,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "backends/http_upstream.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 #include "backends/router.hpp"
 #include "gateway/auth.hpp"
 #include "gateway/config.hpp"
@@ -53,7 +53,7 @@ struct Gateway {
   std::unique_ptr<metering::UsageWriter> usage;
   std::atomic<bool> stopping{false};
   std::atomic<bool> cut_off{false};            // the shutdown grace has run out: no more fallbacks
-  std::unique_ptr<backends::AppUpstream> app;  // set when app_upstream is configured
+  std::unique_ptr<proxy::AppUpstream> app;  // set when app_upstream is configured
   std::vector<boost::asio::ip::address> trusted_proxies;
   std::atomic<std::size_t> open_connections{0};
 

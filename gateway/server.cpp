@@ -19,6 +19,7 @@
 #include "backends/local.hpp"
 #include "backends/openai_compatible.hpp"
 #include "gateway/session.hpp"
+#include "local_engine/model.hpp"
 
 namespace tollgate::gateway {
 namespace {
@@ -125,7 +126,7 @@ std::unique_ptr<backends::Backend> make_backend(const BackendConfig& b, metering
     c.metrics = &registry;
     try {
       if (b.create_demo && !std::filesystem::exists(b.path)) {
-        backends::write_demo_model(b.path);
+        local_engine::write_demo_model(b.path);
         std::cout << "tollgate: wrote the random-weight demo model to " << b.path
                   << " (it babbles; configure a real GGUF to serve a real model)" << std::endl;
       }
@@ -217,8 +218,8 @@ int run_server(const Config& config) {
   }
   if (config.app_upstream) {
     const auto& a = *config.app_upstream;
-    backends::AppUpstreamOptions options{a.host, a.port, a.connect_timeout, a.first_byte_timeout, a.idle_timeout};
-    gw.app = std::make_unique<backends::AppUpstream>(std::move(options));
+    proxy::AppUpstreamOptions options{a.host, a.port, a.connect_timeout, a.first_byte_timeout, a.idle_timeout};
+    gw.app = std::make_unique<proxy::AppUpstream>(std::move(options));
     for (auto& c : contexts) gw.app->add_context(*c);
   }
   for (const auto& t : config.trusted_proxies) gw.trusted_proxies.push_back(net::ip::make_address(t));

@@ -13,7 +13,7 @@
 #include <boost/beast/http/write.hpp>
 #include <cerrno>
 
-#include "backends/http_upstream.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 #include "gateway/http_rules.hpp"
 #include "metering/text_bounds.hpp"
 
@@ -75,8 +75,8 @@ Session::Session(Gateway& gw, std::shared_ptr<Connection> conn)
 awaitable<bool> Session::write(Response res) {
   if (close_after_ || gw_.stopping) res.keep_alive(false);
   bool keep = res.keep_alive();
-  // A string body is framed by hand in one buffer (see backends::response_head).
-  std::string wire = backends::response_head(res);
+  // A string body is framed by hand in one buffer (see proxy::response_head).
+  std::string wire = proxy::response_head(res);
   wire += res.body();
   deadline_.arm(limits().idle_timeout);
   auto [ec, n] = co_await net::async_write(stream().socket(), net::buffer(wire), as_tuple);

@@ -14,7 +14,7 @@
 #include <string>
 #include <string_view>
 
-#include "backends/io_deadline.hpp"
+#include "gateway/proxy/io_deadline.hpp"
 #include "gateway/event_queue.hpp"
 #include "gateway/exchange.hpp"
 #include "gateway/gateway_state.hpp"
@@ -88,7 +88,7 @@ class Session {
   std::shared_ptr<Connection> conn_;
   // For reading requests, writing whole answers and the app proxy, which use
   // the socket directly; streamed answers use the stream's own expiry.
-  backends::IoDeadline deadline_;
+  proxy::IoDeadline deadline_;
   boost::beast::flat_buffer buffer_;
   bool close_after_ = false;              // the request's body was not read: framing is lost
   bool client_pipelined_ = false;         // the client sent more: it is there, and its bytes wait their turn

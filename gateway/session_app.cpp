@@ -36,7 +36,7 @@ awaitable<bool> Session::handle_app(RequestParser& parser, Exchange& x, std::str
   x.event.route = std::string(path.substr(0, kMaxMeteredPath));
   x.event.backend = "app";
   bool is_public = is_public_path(gw_.config.public_paths, path);
-  backends::AppForward how;
+  proxy::AppForward how;
   std::optional<AppCaller> caller;
   if (!is_public) {
     if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
@@ -65,7 +65,7 @@ awaitable<bool> Session::handle_app(RequestParser& parser, Exchange& x, std::str
   auto out = co_await gw_.app->forward(stream(), deadline_, buffer_, parser, how);
   deadline_.disarm();
   x.backend_time = out.upstream_time;
-  using Failure = backends::AppOutcome::Failure;
+  using Failure = proxy::AppOutcome::Failure;
   if (out.response_started) {
     // Once the app's status went out, a failure can only cut the connection.
     int status = out.failure == Failure::client_gone ? 499 : out.failure == Failure::broken_response ? 502 : out.status;

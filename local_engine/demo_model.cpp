@@ -1,6 +1,10 @@
 // write_random_llama_gguf: a random-weight llama GGUF with a built-in
-// byte-fallback SentencePiece vocabulary, for demos and benchmarks.
+// byte-fallback SentencePiece vocabulary, for demos and benchmarks; and the
+// demo model, one such file.
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
 #include <stdexcept>
 #include <string>
 #include <unordered_set>
@@ -199,6 +203,24 @@ void write_random_llama_gguf(const std::string& path, const Hyperparams& params,
     float a = amplitude[t];
     for (std::int64_t i = 0; i < row_length[t]; ++i) out[i] = a == 0.0f ? 1.0f : a * random.uniform();
   });
+}
+
+void write_demo_model(const std::string& path) {
+  // Small enough to write and load in a blink, big enough to look like a model.
+  Hyperparams p;
+  p.dim = 256;
+  p.hidden_dim = 768;
+  p.n_layers = 4;
+  p.n_heads = 8;
+  p.n_kv_heads = 4;
+  p.vocab_size = 1024;
+  p.context_length = 2048;
+  // Written aside and renamed, so a gateway starting beside another never reads half a file.
+  auto parent = std::filesystem::path(path).parent_path();
+  if (!parent.empty()) std::filesystem::create_directories(parent);
+  auto partial = path + ".partial-" + std::to_string(::getpid());
+  write_random_llama_gguf(partial, p, DType::q8_0, 42, "tollgate-demo");
+  std::filesystem::rename(partial, path);
 }
 
 }  // namespace tollgate::local_engine

@@ -89,4 +89,8 @@ std::string describe_model_file(const std::string& path);
 void write_random_llama_gguf(const std::string& path, const Hyperparams& params, DType weight_type, std::uint64_t seed,
                              const std::string& name);
 
+// Writes the random-weight demo model (a small llama GGUF, labelled as a demo
+// in its name) that the embedded default serves and `tollgate model init` makes.
+void write_demo_model(const std::string& path);
+
 }  // namespace tollgate::local_engine

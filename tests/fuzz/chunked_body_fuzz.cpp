@@ -1,7 +1,7 @@
 // A chunked request body as the app proxy relays it: a fixed, valid head with
 // Transfer-Encoding: chunked, then the input as the body, fed to Beast's
 // parser in small reads while a small buffer_body takes the decoded bytes
-// (AppUpstream::forward in backends/http_upstream.cpp). Input: one byte
+// (AppUpstream::forward in gateway/proxy/app_upstream.cpp). Input: one byte
 // choosing the read and relay sizes, then the body.
 #include <algorithm>
 #include <boost/asio/buffer.hpp>

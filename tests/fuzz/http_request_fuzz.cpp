@@ -1,7 +1,7 @@
 // The gateway's request path on untrusted bytes: Beast's parser fed in pieces
 // with the gateway's limits (gateway/server.cpp Session::run), the request-head
 // rules (gateway/http_rules.hpp), the switch to a buffer_body relay for the
-// app proxy (backends/http_upstream.cpp forward), and the forwarded head
+// app proxy (gateway/proxy/app_upstream.cpp forward), and the forwarded head
 // (append_end_to_end_fields). With the first byte's top
 // bit set, the input is the app's response instead, written back by
 // response_head. Input: one byte choosing modes and piece sizes, then the message.
@@ -15,7 +15,7 @@
 #include <string>
 #include <string_view>
 
-#include "backends/http_upstream.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 #include "gateway/http_rules.hpp"
 
 namespace {
@@ -23,7 +23,7 @@ namespace {
 namespace net = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
-namespace backends = tollgate::backends;
+namespace proxy = tollgate::proxy;
 namespace gateway = tollgate::gateway;
 
 // gateway/config.hpp ServerLimits defaults.
@@ -55,7 +55,7 @@ class Pieces {
 // A forwarded head must be "Name: value\r\n" lines only: a CR or LF anywhere
 // else would let a client write its own headers (or a second request) to the
 // app. None may be hop-by-hop or one the gateway drops.
-void check_wire_lines(std::string_view head, const backends::HeaderNames& forbidden) {
+void check_wire_lines(std::string_view head, const proxy::HeaderNames& forbidden) {
   while (!head.empty()) {
     auto end = head.find("\r\n");
     if (end == std::string_view::npos) std::abort();
@@ -80,8 +80,8 @@ bool has_field(std::string_view head, std::string_view name) {
 }
 
 // Hop-by-hop, and the framing the gateway writes itself.
-backends::HeaderNames hop_by_hop() {
-  backends::HeaderNames names;
+proxy::HeaderNames hop_by_hop() {
+  proxy::HeaderNames names;
   for (auto name : {"Connection", "Keep-Alive", "Proxy-Connection", "TE", "Transfer-Encoding", "Upgrade",
                     "Proxy-Authorization", "Proxy-Authenticate", "Trailer", "Content-Length"}) {
     names.add(name);
@@ -185,7 +185,7 @@ bool fuzz_request(std::uint8_t control, Pieces& input, std::string& pending) {
   gateway::is_public_path({"/public/*", "/health"}, gateway::target_path(target));
 
   // As handle_app: identity headers and every header holding a key go.
-  backends::HeaderNames drop;
+  proxy::HeaderNames drop;
   drop.add("Expect");
   drop.add("X-Tollgate-User");
   drop.add("X-Tollgate-Key-Id");
@@ -199,7 +199,7 @@ bool fuzz_request(std::uint8_t control, Pieces& input, std::string& pending) {
     }
   }
   std::string head;
-  backends::append_end_to_end_fields(head, req, drop);
+  proxy::append_end_to_end_fields(head, req, drop);
   check_wire_lines(head, hop_by_hop());
   check_wire_lines(head, drop);
   // Connection may never name Host away.
@@ -216,12 +216,12 @@ void fuzz_response(Pieces& input, std::string& pending) {
   parser.body_limit(boost::none);
   if (!parse_header(parser, input, pending)) return;
   const auto& res = parser.get();
-  std::string head = backends::response_head(res);
+  std::string head = proxy::response_head(res);
   auto status_end = head.find("\r\n");
   if (status_end == std::string::npos || !head.ends_with("\r\n\r\n")) std::abort();
   check_wire_lines(std::string_view(head).substr(status_end + 2, head.size() - status_end - 4), {});
   std::string forwarded;
-  backends::append_end_to_end_fields(forwarded, res, {});
+  proxy::append_end_to_end_fields(forwarded, res, {});
   check_wire_lines(forwarded, hop_by_hop());
 }
 

@@ -30,14 +30,14 @@ TEST_CASE("app forwarding: the identity comes only from the gateway", "[gateway]
   req.set("X-Tollgate-User", "admin");
   req.set("X-Tollgate-Key-Id", "forged");
   SECTION("a keyed path sets both from the caller, replacing the client's") {
-    backends::AppForward how;
+    proxy::AppForward how;
     REQUIRE_FALSE(plan_app_request(req, alice(), "127.0.0.1", false, how));
     CHECK(has_line(how.request_headers, "X-Tollgate-User: alice"));
     CHECK(has_line(how.request_headers, "X-Tollgate-Key-Id: tg-AbCd"));
     CHECK(how.drop_request.contains("X-Tollgate-User"));  // the client's copy is replaced
   }
   SECTION("a public path drops both") {
-    backends::AppForward how;
+    proxy::AppForward how;
     REQUIRE_FALSE(plan_app_request(req, std::nullopt, "127.0.0.1", false, how));
     CHECK(how.drop_request.contains("x-tollgate-user"));
     CHECK(how.drop_request.contains("X-Tollgate-Key-Id"));
@@ -51,7 +51,7 @@ TEST_CASE("app forwarding: every header holding a Tollgate key is dropped whole"
   req.set(http::field::cookie, "session=abc; tg=" + std::string(kKey));
   req.set("X-Other", "tg-ZZZZZZZZZZZZZZZZZZZZ");  // another key's shape
   req.set("X-Plain", "tg-short");                 // too short to be a key
-  backends::AppForward how;
+  proxy::AppForward how;
   REQUIRE_FALSE(plan_app_request(req, alice(), "127.0.0.1", false, how));
   CHECK(how.drop_request.contains("Authorization"));
   CHECK(how.drop_request.contains("Cookie"));
@@ -64,7 +64,7 @@ TEST_CASE("app forwarding: beside x-api-key, Authorization is the app's own", "[
   auto req = request();
   req.set("x-api-key", kKey);
   req.set(http::field::authorization, "Bearer app-jwt");
-  backends::AppForward how;
+  proxy::AppForward how;
   REQUIRE_FALSE(plan_app_request(req, alice(), "127.0.0.1", false, how));
   CHECK(how.drop_request.contains("x-api-key"));
   CHECK_FALSE(how.drop_request.contains("Authorization"));
@@ -73,7 +73,7 @@ TEST_CASE("app forwarding: beside x-api-key, Authorization is the app's own", "[
 TEST_CASE("app forwarding: a key used as a public path's Host is refused", "[gateway][app]") {
   auto req = request();
   req.set(http::field::host, kKey);
-  backends::AppForward how;
+  proxy::AppForward how;
   auto violation = plan_app_request(req, std::nullopt, "127.0.0.1", false, how);
   REQUIRE(violation);
   CHECK(violation->status == 400);
@@ -88,7 +88,7 @@ TEST_CASE("app forwarding: X-Forwarded-* are kept only from a trusted proxy", "[
   req.set("X-Real-IP", "203.0.113.7");
   req.set("Forwarded", "for=203.0.113.7");
   SECTION("untrusted: replaced and dropped") {
-    backends::AppForward how;
+    proxy::AppForward how;
     REQUIRE_FALSE(plan_app_request(req, std::nullopt, "192.0.2.1", false, how));
     CHECK(has_line(how.request_headers, "X-Forwarded-For: 192.0.2.1"));
     CHECK(has_line(how.request_headers, "X-Forwarded-Proto: http"));
@@ -98,7 +98,7 @@ TEST_CASE("app forwarding: X-Forwarded-* are kept only from a trusted proxy", "[
     CHECK(how.drop_request.contains("X-Forwarded-Port"));
   }
   SECTION("trusted: the chain is appended to, the proxy's scheme and host kept") {
-    backends::AppForward how;
+    proxy::AppForward how;
     REQUIRE_FALSE(plan_app_request(req, std::nullopt, "10.0.0.5", true, how));
     CHECK(has_line(how.request_headers, "X-Forwarded-For: 203.0.113.7, 198.51.100.2, 10.0.0.5"));
     CHECK(how.request_headers.find("X-Forwarded-Proto") == std::string::npos);
@@ -106,7 +106,7 @@ TEST_CASE("app forwarding: X-Forwarded-* are kept only from a trusted proxy", "[
     CHECK_FALSE(how.drop_request.contains("Forwarded"));
   }
   SECTION("the app gets the target in origin form") {
-    backends::AppForward how;
+    proxy::AppForward how;
     REQUIRE_FALSE(plan_app_request(req, std::nullopt, "192.0.2.1", false, how));
     CHECK(how.target == "/app/x?q=1");
   }

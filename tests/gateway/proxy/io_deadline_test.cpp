@@ -10,12 +10,12 @@
 #include <functional>
 #include <optional>
 
-#include "backends/io_deadline.hpp"
+#include "gateway/proxy/io_deadline.hpp"
 
 namespace net = boost::asio;
 using tcp = net::ip::tcp;
 using namespace std::chrono_literals;
-using tollgate::backends::IoDeadline;
+using tollgate::proxy::IoDeadline;
 
 namespace {
 
@@ -61,7 +61,7 @@ ReadResult read_one(SocketPair& pair, IoDeadline& deadline, const std::function<
 
 }  // namespace
 
-TEST_CASE("a read past its deadline is cancelled and reported as a timeout", "[backends][io_deadline]") {
+TEST_CASE("a read past its deadline is cancelled and reported as a timeout", "[proxy][io_deadline]") {
   SocketPair pair;
   IoDeadline deadline(pair.io.get_executor(), pair.reader);
   auto r = read_one(pair, deadline, [&] { deadline.arm(50ms); });
@@ -70,7 +70,7 @@ TEST_CASE("a read past its deadline is cancelled and reported as a timeout", "[b
   CHECK(r.took < 2s);
 }
 
-TEST_CASE("a deadline moved earlier takes effect at once", "[backends][io_deadline]") {
+TEST_CASE("a deadline moved earlier takes effect at once", "[proxy][io_deadline]") {
   SocketPair pair;
   IoDeadline deadline(pair.io.get_executor(), pair.reader);
   auto r = read_one(pair, deadline, [&] {
@@ -81,7 +81,7 @@ TEST_CASE("a deadline moved earlier takes effect at once", "[backends][io_deadli
   CHECK(r.took < 2s);
 }
 
-TEST_CASE("a deadline moved later, or removed, lets the read finish", "[backends][io_deadline]") {
+TEST_CASE("a deadline moved later, or removed, lets the read finish", "[proxy][io_deadline]") {
   SocketPair pair;
   IoDeadline deadline(pair.io.get_executor(), pair.reader);
   net::steady_timer sender(pair.io);
@@ -114,7 +114,7 @@ TEST_CASE("a deadline moved later, or removed, lets the read finish", "[backends
   }
 }
 
-TEST_CASE("an IoDeadline destroyed with a wait pending leaves the socket alone", "[backends][io_deadline]") {
+TEST_CASE("an IoDeadline destroyed with a wait pending leaves the socket alone", "[proxy][io_deadline]") {
   SocketPair pair;
   {
     IoDeadline deadline(pair.io.get_executor(), pair.reader);

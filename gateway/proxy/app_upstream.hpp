@@ -18,9 +18,9 @@
 #include <string_view>
 #include <vector>
 
-#include "backends/io_deadline.hpp"
+#include "gateway/proxy/io_deadline.hpp"
 
-namespace tollgate::backends {
+namespace tollgate::proxy {
 
 struct AppUpstreamOptions {
   std::string host;
@@ -124,4 +124,4 @@ void append_header_line(std::string& out, std::string_view name, std::string_vie
 // instructions per small message (callgrind), so small ones are framed by hand.
 std::string response_head(const boost::beast::http::response_header<>& res);
 
-}  // namespace tollgate::backends
+}  // namespace tollgate::proxy

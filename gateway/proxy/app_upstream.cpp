@@ -1,4 +1,4 @@
-#include "backends/http_upstream.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 
 #include <sys/socket.h>
 
@@ -12,7 +12,7 @@
 #include <optional>
 #include <span>
 
-namespace tollgate::backends {
+namespace tollgate::proxy {
 namespace {
 
 namespace net = boost::asio;
@@ -584,4 +584,4 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client_stream, IoD
   co_return out;
 }
 
-}  // namespace tollgate::backends
+}  // namespace tollgate::proxy

@@ -5,7 +5,7 @@
 // every read and write, a tenth of the work of a proxied request.
 //
 // Use it with operations on the raw socket, never on a beast::tcp_stream with
-// an expiry of its own. Asio types: only server.cpp and http_upstream.cpp.
+// an expiry of its own. Asio types: only server.cpp and app_upstream.cpp.
 #pragma once
 
 #include <boost/asio/error.hpp>
@@ -15,7 +15,7 @@
 #include <chrono>
 #include <memory>
 
-namespace tollgate::backends {
+namespace tollgate::proxy {
 
 class IoDeadline {
  public:
@@ -87,4 +87,4 @@ class IoDeadline {
   std::shared_ptr<State> state_;
 };
 
-}  // namespace tollgate::backends
+}  // namespace tollgate::proxy

@@ -1,12 +1,12 @@
 // Hop-by-hop header removal for the app reverse proxy (RFC 9110 §7.6.1).
 #include <catch2/catch.hpp>
 
-#include "backends/http_upstream.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 
 namespace http = boost::beast::http;
 
 TEST_CASE("end-to-end fields leave out the fixed hop-by-hop set, what Connection names, and what is dropped",
-          "[backends][app_proxy]") {
+          "[proxy][app_proxy]") {
   http::fields f;
   f.set("Host", "app");
   f.insert("Connection", "keep-alive, X-Hop-One");
@@ -21,28 +21,28 @@ TEST_CASE("end-to-end fields leave out the fixed hop-by-hop set, what Connection
   f.set("Authorization", "Basic abc");
   f.set("X-Tollgate-User", "mallory");
   f.set("Content-Length", "5");
-  tollgate::backends::HeaderNames drop;
+  tollgate::proxy::HeaderNames drop;
   drop.add("x-tollgate-user");
 
   std::string wire;
-  tollgate::backends::append_end_to_end_fields(wire, f, drop);
+  tollgate::proxy::append_end_to_end_fields(wire, f, drop);
   // Content-Length goes too: the gateway writes the framing it read itself.
   CHECK(wire == "Host: app\r\nX-Between: stays\r\nAuthorization: Basic abc\r\n");
 }
 
-TEST_CASE("Connection cannot name Host or the framing headers away", "[backends][app_proxy]") {
+TEST_CASE("Connection cannot name Host or the framing headers away", "[proxy][app_proxy]") {
   http::fields f;
   f.set("Host", "app");
   f.insert("Connection", "Host, content-length, Transfer-Encoding, X-Gone");
   f.set("X-Gone", "1");
   f.set("X-Kept", "2");
   std::string wire;
-  tollgate::backends::append_end_to_end_fields(wire, f, {});
+  tollgate::proxy::append_end_to_end_fields(wire, f, {});
   CHECK(wire == "Host: app\r\nX-Kept: 2\r\n");
 }
 
-TEST_CASE("a header line set by the gateway cannot be split by its value", "[backends][app_proxy]") {
-  tollgate::backends::AppForward how;
+TEST_CASE("a header line set by the gateway cannot be split by its value", "[proxy][app_proxy]") {
+  tollgate::proxy::AppForward how;
   how.set_request_header("X-Tollgate-User", std::string_view("eve\r\nX-Admin: yes\0", 18));
   CHECK(how.request_headers == "X-Tollgate-User: eve  X-Admin: yes \r\n");
   CHECK(how.drop_request.contains("x-tollgate-user"));
