@@ -11,13 +11,17 @@
 #include <boost/json.hpp>
 #include <cerrno>
 #include <deque>
+#include <filesystem>
 #include <iostream>
 #include <iterator>
 #include <list>
 #include <mutex>
 #include <thread>
 
+#include "backends/echo.hpp"
 #include "backends/http_upstream.hpp"
+#include "backends/local.hpp"
+#include "backends/openai_compatible.hpp"
 #include "backends/router.hpp"
 #include "gateway/admin.hpp"
 #include "gateway/auth.hpp"
