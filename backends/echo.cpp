@@ -1,5 +1,7 @@
 #include "backends/echo.hpp"
 
+#include <yaml-cpp/yaml.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cctype>
@@ -7,6 +9,8 @@
 #include <mutex>
 #include <queue>
 #include <thread>
+
+#include "backends/config_reader.hpp"
 
 namespace tollgate::backends {
 namespace {
@@ -210,5 +214,24 @@ std::vector<std::string> echo_tokens(const std::string& text) {
 }
 
 std::unique_ptr<Backend> make_echo_backend(const EchoConfig& config) { return std::make_unique<EchoBackend>(config); }
+
+namespace {
+
+std::unique_ptr<Backend> make_echo(const EchoConfig& config, const BackendContext&) {
+  return make_echo_backend(config);
+}
+
+std::shared_ptr<const BackendSpec> parse_echo(const ConfigReader& r, const YAML::Node& node, const std::string& path,
+                                              const std::string& name) {
+  r.expect_map(node, path, {"name", "type", "token_delay"});
+  EchoConfig c;
+  c.name = name;
+  if (auto n = node["token_delay"]) c.token_delay = r.duration(n, child_path(path, "token_delay"));
+  return std::make_shared<BackendSpecOf<EchoConfig>>(std::move(c), make_echo);
+}
+
+}  // namespace
+
+BackendType echo_backend_type() { return {"echo", parse_echo}; }
 
 }  // namespace tollgate::backends

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "backends/backend.hpp"
+#include "backends/backend_factory.hpp"
 
 namespace tollgate::backends {
 
@@ -20,6 +21,9 @@ struct EchoConfig {
 // message (chat) or the prompt, truncated at max_tokens (finish "length") and
 // at the first stop sequence (finish "stop").
 std::unique_ptr<Backend> make_echo_backend(const EchoConfig& config);
+
+// `type: echo`: reads `token_delay` into an EchoConfig.
+BackendType echo_backend_type();
 
 // The echo tokenisation, shared with tests.
 std::vector<std::string> echo_tokens(const std::string& text);

@@ -1,9 +1,14 @@
 #include "backends/local.hpp"
 
+#include <yaml-cpp/yaml.h>
+
 #include <atomic>
+#include <filesystem>
+#include <iostream>
 #include <random>
 #include <stdexcept>
 
+#include "backends/config_reader.hpp"
 #include "local_engine/chat_template.hpp"
 #include "metering/metrics.hpp"
 
@@ -242,5 +247,62 @@ class LocalBackend final : public Backend {
 std::unique_ptr<Backend> make_local_backend(const LocalBackendConfig& config) {
   return std::make_unique<LocalBackend>(config);
 }
+
+namespace {
+
+std::unique_ptr<Backend> make_local(const LocalBackendConfig& config, const BackendContext& context) {
+  auto c = config;
+  c.metrics = &context.metrics;
+  try {
+    if (c.create_demo && !std::filesystem::exists(c.model_path)) {
+      local_engine::write_demo_model(c.model_path);
+      std::cout << "tollgate: wrote the random-weight demo model to " << c.model_path
+                << " (it babbles; configure a real GGUF to serve a real model)" << std::endl;
+    }
+    return make_local_backend(c);
+  } catch (const std::exception& e) {
+    throw ConfigError("backend '" + c.name + "': " + e.what());
+  }
+}
+
+std::shared_ptr<const BackendSpec> parse_local(const ConfigReader& r, const YAML::Node& node, const std::string& path,
+                                               const std::string& name) {
+  r.expect_map(node, path,
+               {"name", "type", "path", "tokenizer", "create_demo", "device", "max_num_seqs", "max_num_batched_tokens",
+                "max_model_len", "kv_cache", "block_size", "max_waiting", "threads", "prefix_caching"});
+  LocalBackendConfig c;
+  c.name = name;
+  if (!node["path"]) r.fail(path, "missing key 'path' (the model file)");
+  c.model_path = r.string(node["path"], child_path(path, "path"));
+  if (auto n = node["tokenizer"]) c.tokenizer_path = r.string(n, child_path(path, "tokenizer"));
+  if (auto n = node["create_demo"]) c.create_demo = r.boolean(n, child_path(path, "create_demo"));
+  if (auto n = node["prefix_caching"]) c.engine.prefix_caching = r.boolean(n, child_path(path, "prefix_caching"));
+  if (auto n = node["device"]) {
+    c.device = r.string(n, child_path(path, "device"));
+    if (c.device != "auto" && c.device != "cpu" && c.device != "cuda") {
+      r.fail(child_path(path, "device"), "expected auto, cpu or cuda, got '" + c.device + "'");
+    }
+  }
+  std::pair<const char*, std::int64_t*> counts[] = {{"max_num_seqs", &c.engine.max_num_seqs},
+                                                    {"max_num_batched_tokens", &c.engine.max_num_batched_tokens},
+                                                    {"block_size", &c.engine.block_size},
+                                                    {"max_waiting", &c.engine.max_waiting}};
+  for (auto [key, target] : counts) {
+    if (auto n = node[key]) *target = r.integer(n, child_path(path, key), 1, 1'000'000);
+  }
+  // 0, the default, means the model file's own context length.
+  if (auto n = node["max_model_len"]) {
+    c.engine.max_model_len = r.integer(n, child_path(path, "max_model_len"), 0, 1'000'000);
+  }
+  if (auto n = node["kv_cache"]) {
+    c.engine.kv_cache_bytes = static_cast<std::int64_t>(r.size(n, child_path(path, "kv_cache")));
+  }
+  if (auto n = node["threads"]) c.engine.threads = static_cast<int>(r.integer(n, child_path(path, "threads"), 0, 1024));
+  return std::make_shared<BackendSpecOf<LocalBackendConfig>>(std::move(c), make_local);
+}
+
+}  // namespace
+
+BackendType local_backend_type() { return {"local", parse_local}; }
 
 }  // namespace tollgate::backends

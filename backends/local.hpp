@@ -7,6 +7,7 @@
 #include <string>
 
 #include "backends/backend.hpp"
+#include "backends/backend_factory.hpp"
 #include "local_engine/engine.hpp"
 
 namespace tollgate::metering {
@@ -21,6 +22,8 @@ struct LocalBackendConfig {
   std::string tokenizer_path;   // a llama2.c tokenizer file (required for checkpoints)
   std::string device = "auto";  // auto | cpu | cuda
   local_engine::EngineConfig engine;
+  // Built from a config section: write the demo model at model_path first when it is missing.
+  bool create_demo = false;
   // Where the engine's metrics go (tollgate_engine_*{backend}); may be null.
   metering::Registry* metrics = nullptr;
 };
@@ -28,5 +31,10 @@ struct LocalBackendConfig {
 // Loads the model and starts the engine. Throws local_engine::ModelError for a
 // model it cannot serve, std::invalid_argument for a device it does not have.
 std::unique_ptr<Backend> make_local_backend(const LocalBackendConfig& config);
+
+// `type: local`: reads path, tokenizer, create_demo, device and the engine's
+// settings into a LocalBackendConfig; its make writes the demo model first
+// when asked to and points the engine's metrics at the context's registry.
+BackendType local_backend_type();
 
 }  // namespace tollgate::backends

@@ -1,5 +1,7 @@
 #include "backends/openai_compatible.hpp"
 
+#include <yaml-cpp/yaml.h>
+
 #include <algorithm>
 #include <boost/json.hpp>
 #include <cctype>
@@ -7,6 +9,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "backends/config_reader.hpp"
 #include "backends/http_client.hpp"
 #include "local_engine/model.hpp"
 #include "local_engine/tokenizer.hpp"
@@ -847,5 +850,65 @@ std::unique_ptr<Backend> make_openai_compatible_backend(const OpenAICompatibleCo
   if (!origin) throw std::invalid_argument("backend '" + config.name + "': base_url " + error);
   return std::make_unique<OpenAICompatibleBackend>(config, std::move(*origin));
 }
+
+namespace {
+
+std::unique_ptr<Backend> make_openai(const OpenAICompatibleConfig& config, const BackendContext&) {
+  try {
+    return make_openai_compatible_backend(config);
+  } catch (const std::invalid_argument& e) {
+    throw ConfigError(e.what());
+  }
+}
+
+std::shared_ptr<const BackendSpec> parse_openai(const ConfigReader& r, const YAML::Node& node, const std::string& path,
+                                                const std::string& name) {
+  r.expect_map(node, path,
+               {"name", "type", "base_url", "api_key", "headers", "timeouts", "max_connections", "ca_file",
+                "insecure_skip_verify", "tokenizer"});
+  OpenAICompatibleConfig c;
+  c.name = name;
+  if (auto n = node["tokenizer"]) c.tokenizer_path = r.string(n, child_path(path, "tokenizer"));
+  if (!node["base_url"]) r.fail(path, "missing key 'base_url'");
+  c.base_url = r.string(node["base_url"], child_path(path, "base_url"));
+  if (!c.base_url.starts_with("http://") && !c.base_url.starts_with("https://")) {
+    r.fail(child_path(path, "base_url"), "must start with http:// or https://");
+  }
+  // May be empty: a local vLLM or llama.cpp server often wants no key.
+  if (auto n = node["api_key"]) c.api_key = r.scalar(n, child_path(path, "api_key"));
+  if (auto n = node["headers"]) {
+    auto hpath = child_path(path, "headers");
+    if (!n.IsMap()) r.fail(hpath, "expected a mapping of header names to values");
+    for (const auto& h : n) {
+      auto header = h.first.as<std::string>();
+      c.headers.emplace_back(header, r.scalar(h.second, child_path(hpath, header)));
+    }
+  }
+  if (auto n = node["timeouts"]) {
+    auto tpath = child_path(path, "timeouts");
+    r.expect_map(n, tpath, {"connect", "first_byte", "idle", "total"});
+    std::pair<const char*, std::chrono::milliseconds*> timeouts[] = {{"connect", &c.connect_timeout},
+                                                                     {"first_byte", &c.first_byte_timeout},
+                                                                     {"idle", &c.idle_timeout},
+                                                                     {"total", &c.total_timeout}};
+    for (auto [key, target] : timeouts) {
+      if (!n[key]) continue;
+      *target = r.duration(n[key], child_path(tpath, key));
+      if (target->count() <= 0) r.fail(child_path(tpath, key), "must be positive");
+    }
+  }
+  if (auto n = node["max_connections"]) {
+    c.max_connections = static_cast<std::size_t>(r.integer(n, child_path(path, "max_connections"), 1, 100'000));
+  }
+  if (auto n = node["ca_file"]) c.ca_file = r.string(n, child_path(path, "ca_file"));
+  if (auto n = node["insecure_skip_verify"]) {
+    c.insecure_skip_verify = r.boolean(n, child_path(path, "insecure_skip_verify"));
+  }
+  return std::make_shared<BackendSpecOf<OpenAICompatibleConfig>>(std::move(c), make_openai);
+}
+
+}  // namespace
+
+BackendType openai_backend_type() { return {"openai", parse_openai}; }
 
 }  // namespace tollgate::backends

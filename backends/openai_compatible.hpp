@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "backends/backend.hpp"
+#include "backends/backend_factory.hpp"
 #include "backends/sse_parser.hpp"
 
 namespace tollgate::backends {
@@ -40,6 +41,10 @@ struct OpenAICompatibleConfig {
 
 // Throws std::invalid_argument for a bad base_url, an unreadable ca_file or tokenizer.
 std::unique_ptr<Backend> make_openai_compatible_backend(const OpenAICompatibleConfig& config);
+
+// `type: openai`: reads base_url, api_key, headers, timeouts, max_connections,
+// ca_file, insecure_skip_verify and tokenizer into an OpenAICompatibleConfig.
+BackendType openai_backend_type();
 
 // The upstream request body: the model is the deployment's, and a streamed
 // call always asks for usage so metering is exact.

@@ -3,93 +3,18 @@
 #include <arpa/inet.h>
 #include <yaml-cpp/yaml.h>
 
-#include <cctype>
 #include <charconv>
-#include <cmath>
-#include <cstdlib>
 #include <fstream>
-#include <limits>
 #include <set>
 #include <sstream>
 
 namespace tollgate::gateway {
 namespace {
 
-// Where a node sits, for messages: "models[1].deployments[0].backend".
-std::string child_path(const std::string& parent, const std::string& key) {
-  return parent.empty() ? key : parent + "." + key;
-}
+using backends::child_path;
+using backends::ConfigReader;
 
-class Reader {
- public:
-  explicit Reader(std::string source) : source_(std::move(source)) {}
-
-  [[noreturn]] void fail(const std::string& path, const std::string& what) const {
-    throw ConfigError(source_ + ": " + (path.empty() ? "" : path + ": ") + what);
-  }
-
-  void expect_map(const YAML::Node& node, const std::string& path, const std::set<std::string>& allowed) const {
-    if (!node.IsMap()) fail(path, "expected a mapping");
-    for (const auto& entry : node) {
-      // A complex key ("? {a: b}") would throw yaml-cpp's own error, naming no file.
-      if (!entry.first.IsScalar()) fail(path, "expected plain keys");
-      auto key = entry.first.as<std::string>();
-      if (!allowed.contains(key)) {
-        std::string known;
-        for (const auto& k : allowed) known += (known.empty() ? "" : ", ") + k;
-        fail(path, "unknown key '" + key + "' (known keys: " + known + ")");
-      }
-    }
-  }
-
-  std::string scalar(const YAML::Node& node, const std::string& path) const {
-    if (!node.IsScalar()) fail(path, "expected a single value");
-    return interpolate_env(node.Scalar(), source_ + ": " + path);
-  }
-
-  std::string string(const YAML::Node& node, const std::string& path) const {
-    auto s = scalar(node, path);
-    if (s.empty()) fail(path, "must not be empty");
-    return s;
-  }
-
-  std::int64_t integer(const YAML::Node& node, const std::string& path, std::int64_t min, std::int64_t max) const {
-    auto s = scalar(node, path);
-    std::int64_t v = 0;
-    auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-    if (ec != std::errc() || end != s.data() + s.size()) fail(path, "expected an integer, got '" + s + "'");
-    if (v < min || v > max) {
-      fail(path, "must be between " + std::to_string(min) + " and " + std::to_string(max));
-    }
-    return v;
-  }
-
-  bool boolean(const YAML::Node& node, const std::string& path) const {
-    auto s = scalar(node, path);
-    if (s == "true" || s == "yes" || s == "on") return true;
-    if (s == "false" || s == "no" || s == "off") return false;
-    fail(path, "expected true or false, got '" + s + "'");
-  }
-
-  std::chrono::milliseconds duration(const YAML::Node& node, const std::string& path) const {
-    auto s = scalar(node, path);
-    auto d = parse_duration(s);
-    if (!d) fail(path, "expected a duration such as 500ms, 10s or 2m, got '" + s + "'");
-    return *d;
-  }
-
-  std::size_t size(const YAML::Node& node, const std::string& path) const {
-    auto s = scalar(node, path);
-    auto v = parse_size(s);
-    if (!v) fail(path, "expected a size such as 4MiB or 16KiB, got '" + s + "'");
-    return *v;
-  }
-
- private:
-  std::string source_;
-};
-
-ServerLimits read_limits(const Reader& r, const YAML::Node& node, const std::string& path) {
+ServerLimits read_limits(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
   r.expect_map(node, path,
                {"max_body", "max_header", "header_timeout", "body_timeout", "idle_timeout", "shutdown_grace",
                 "max_connections"});
@@ -107,7 +32,7 @@ ServerLimits read_limits(const Reader& r, const YAML::Node& node, const std::str
   return limits;
 }
 
-MeteringConfig read_metering(const Reader& r, const YAML::Node& node, const std::string& path) {
+MeteringConfig read_metering(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
   r.expect_map(node, path, {"flush_interval", "per_user_metrics", "default_reserve_tokens"});
   MeteringConfig m;
   if (auto n = node["flush_interval"]) m.flush_interval = r.duration(n, child_path(path, "flush_interval"));
@@ -119,91 +44,24 @@ MeteringConfig read_metering(const Reader& r, const YAML::Node& node, const std:
   return m;
 }
 
-BackendConfig read_backend(const Reader& r, const YAML::Node& node, const std::string& path) {
+// The type named in the section reads the rest of it.
+BackendConfig read_backend(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
   if (!node.IsMap()) r.fail(path, "expected a mapping");
   if (!node["type"]) r.fail(path, "missing key 'type'");
   BackendConfig b;
   b.type = r.string(node["type"], child_path(path, "type"));
-  if (b.type == "echo") {
-    r.expect_map(node, path, {"name", "type", "token_delay"});
-    if (auto n = node["token_delay"]) b.token_delay = r.duration(n, child_path(path, "token_delay"));
-  } else if (b.type == "openai") {
-    r.expect_map(node, path,
-                 {"name", "type", "base_url", "api_key", "headers", "timeouts", "max_connections", "ca_file",
-                  "insecure_skip_verify", "tokenizer"});
-    if (auto n = node["tokenizer"]) b.tokenizer = r.string(n, child_path(path, "tokenizer"));
-    if (!node["base_url"]) r.fail(path, "missing key 'base_url'");
-    b.base_url = r.string(node["base_url"], child_path(path, "base_url"));
-    if (!b.base_url.starts_with("http://") && !b.base_url.starts_with("https://")) {
-      r.fail(child_path(path, "base_url"), "must start with http:// or https://");
-    }
-    // May be empty: a local vLLM or llama.cpp server often wants no key.
-    if (auto n = node["api_key"]) b.api_key = r.scalar(n, child_path(path, "api_key"));
-    if (auto n = node["headers"]) {
-      auto hpath = child_path(path, "headers");
-      if (!n.IsMap()) r.fail(hpath, "expected a mapping of header names to values");
-      for (const auto& h : n) {
-        auto name = h.first.as<std::string>();
-        b.headers.emplace_back(name, r.scalar(h.second, child_path(hpath, name)));
-      }
-    }
-    if (auto n = node["timeouts"]) {
-      auto tpath = child_path(path, "timeouts");
-      r.expect_map(n, tpath, {"connect", "first_byte", "idle", "total"});
-      std::pair<const char*, std::chrono::milliseconds*> timeouts[] = {{"connect", &b.connect_timeout},
-                                                                       {"first_byte", &b.first_byte_timeout},
-                                                                       {"idle", &b.idle_timeout},
-                                                                       {"total", &b.total_timeout}};
-      for (auto [key, target] : timeouts) {
-        if (!n[key]) continue;
-        *target = r.duration(n[key], child_path(tpath, key));
-        if (target->count() <= 0) r.fail(child_path(tpath, key), "must be positive");
-      }
-    }
-    if (auto n = node["max_connections"]) {
-      b.max_connections = static_cast<std::size_t>(r.integer(n, child_path(path, "max_connections"), 1, 100'000));
-    }
-    if (auto n = node["ca_file"]) b.ca_file = r.string(n, child_path(path, "ca_file"));
-    if (auto n = node["insecure_skip_verify"]) {
-      b.insecure_skip_verify = r.boolean(n, child_path(path, "insecure_skip_verify"));
-    }
-  } else if (b.type == "local") {
-    r.expect_map(
-        node, path,
-        {"name", "type", "path", "tokenizer", "create_demo", "device", "max_num_seqs", "max_num_batched_tokens",
-         "max_model_len", "kv_cache", "block_size", "max_waiting", "threads", "prefix_caching"});
-    if (!node["path"]) r.fail(path, "missing key 'path' (the model file)");
-    b.path = r.string(node["path"], child_path(path, "path"));
-    if (auto n = node["tokenizer"]) b.tokenizer = r.string(n, child_path(path, "tokenizer"));
-    if (auto n = node["create_demo"]) b.create_demo = r.boolean(n, child_path(path, "create_demo"));
-    if (auto n = node["prefix_caching"]) b.prefix_caching = r.boolean(n, child_path(path, "prefix_caching"));
-    if (auto n = node["device"]) {
-      b.device = r.string(n, child_path(path, "device"));
-      if (b.device != "auto" && b.device != "cpu" && b.device != "cuda") {
-        r.fail(child_path(path, "device"), "expected auto, cpu or cuda, got '" + b.device + "'");
-      }
-    }
-    std::pair<const char*, std::int64_t*> counts[] = {{"max_num_seqs", &b.max_num_seqs},
-                                                      {"max_num_batched_tokens", &b.max_num_batched_tokens},
-                                                      {"block_size", &b.block_size},
-                                                      {"max_waiting", &b.max_waiting}};
-    for (auto [key, target] : counts) {
-      if (auto n = node[key]) *target = r.integer(n, child_path(path, key), 1, 1'000'000);
-    }
-    // 0, the default, means the model file's own context length.
-    if (auto n = node["max_model_len"]) b.max_model_len = r.integer(n, child_path(path, "max_model_len"), 0, 1'000'000);
-    if (auto n = node["kv_cache"])
-      b.kv_cache_bytes = static_cast<std::int64_t>(r.size(n, child_path(path, "kv_cache")));
-    if (auto n = node["threads"]) b.threads = static_cast<int>(r.integer(n, child_path(path, "threads"), 0, 1024));
-  } else {
-    r.fail(child_path(path, "type"), "unknown backend type '" + b.type + "' (known types: echo, openai, local)");
+  const auto& types = backends::builtin_backend_types();
+  const auto* type = types.find(b.type);
+  if (!type) {
+    r.fail(child_path(path, "type"), "unknown backend type '" + b.type + "' (known types: " + types.names() + ")");
   }
   if (!node["name"]) r.fail(path, "missing key 'name'");
   b.name = r.string(node["name"], child_path(path, "name"));
+  b.spec = type->parse(r, node, path, b.name);
   return b;
 }
 
-ModelConfig read_model(const Reader& r, const YAML::Node& node, const std::string& path) {
+ModelConfig read_model(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
   r.expect_map(node, path, {"name", "deployments", "strategy"});
   if (!node["name"]) r.fail(path, "missing key 'name'");
   ModelConfig m;
@@ -234,7 +92,7 @@ ModelConfig read_model(const Reader& r, const YAML::Node& node, const std::strin
   return m;
 }
 
-void check_references(const Reader& r, const Config& c) {
+void check_references(const ConfigReader& r, const Config& c) {
   std::set<std::string> backends;
   for (const auto& b : c.backends) {
     if (!backends.insert(b.name).second) r.fail("backends", "backend '" + b.name + "' is defined twice");
@@ -251,7 +109,7 @@ void check_references(const Reader& r, const Config& c) {
 }
 
 // "http://HOST[:PORT][/]": the app is reached over plain HTTP on a trusted network.
-AppUpstreamConfig read_app_upstream(const Reader& r, const YAML::Node& node, const std::string& path) {
+AppUpstreamConfig read_app_upstream(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
   AppUpstreamConfig a;
   a.url = r.string(node, path);
   constexpr std::string_view kScheme = "http://";
@@ -269,7 +127,7 @@ AppUpstreamConfig read_app_upstream(const Reader& r, const YAML::Node& node, con
   return a;
 }
 
-void read_app_timeouts(const Reader& r, const YAML::Node& node, const std::string& path, AppUpstreamConfig& a) {
+void read_app_timeouts(const ConfigReader& r, const YAML::Node& node, const std::string& path, AppUpstreamConfig& a) {
   r.expect_map(node, path, {"connect", "first_byte", "idle"});
   if (auto n = node["connect"]) a.connect_timeout = r.duration(n, child_path(path, "connect"));
   if (auto n = node["first_byte"]) a.first_byte_timeout = r.duration(n, child_path(path, "first_byte"));
@@ -279,7 +137,7 @@ void read_app_timeouts(const Reader& r, const YAML::Node& node, const std::strin
   }
 }
 
-std::vector<std::string> read_string_list(const Reader& r, const YAML::Node& node, const std::string& path) {
+std::vector<std::string> read_string_list(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
   if (!node.IsSequence()) r.fail(path, "expected a list");
   std::vector<std::string> out;
   for (std::size_t i = 0; i < node.size(); ++i) out.push_back(r.string(node[i], path + "[" + std::to_string(i) + "]"));
@@ -287,86 +145,6 @@ std::vector<std::string> read_string_list(const Reader& r, const YAML::Node& nod
 }
 
 }  // namespace
-
-std::string interpolate_env(const std::string& text, const std::string& where) {
-  std::string out;
-  std::size_t i = 0;
-  while (i < text.size()) {
-    auto open = text.find("${", i);
-    if (open == std::string::npos) {
-      out.append(text, i);
-      break;
-    }
-    out.append(text, i, open - i);
-    auto close = text.find('}', open);
-    if (close == std::string::npos) throw ConfigError(where + ": unterminated ${ in '" + text + "'");
-    std::string inner = text.substr(open + 2, close - open - 2);
-    std::optional<std::string> fallback;
-    if (auto sep = inner.find(":-"); sep != std::string::npos) {
-      fallback = inner.substr(sep + 2);
-      inner.resize(sep);
-    }
-    if (inner.empty()) throw ConfigError(where + ": empty variable name in '" + text + "'");
-    const char* value = std::getenv(inner.c_str());
-    if (value && *value) {
-      out += value;
-    } else if (fallback) {
-      out += *fallback;
-    } else {
-      throw ConfigError(where + ": environment variable " + inner + " is not set");
-    }
-    i = close + 1;
-  }
-  return out;
-}
-
-std::optional<std::chrono::milliseconds> parse_duration(const std::string& text) {
-  double value = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  // from_chars accepts "inf" and "nan": neither is a duration.
-  if (ec != std::errc() || !std::isfinite(value) || value < 0) return std::nullopt;
-  std::string unit(end, text.data() + text.size());
-  double ms = 0;
-  if (unit == "ms")
-    ms = value;
-  else if (unit == "s")
-    ms = value * 1000;
-  else if (unit == "m")
-    ms = value * 60'000;
-  else if (unit == "h")
-    ms = value * 3'600'000;
-  else
-    return std::nullopt;
-  // Capped at ~30 years, well before nanosecond timers overflow (~292 years).
-  if (ms > 1e12) return std::nullopt;
-  return std::chrono::milliseconds(static_cast<std::int64_t>(ms));
-}
-
-std::optional<std::size_t> parse_size(const std::string& text) {
-  std::uint64_t value = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (ec != std::errc()) return std::nullopt;
-  std::string unit(end, text.data() + text.size());
-  std::uint64_t mult = 0;
-  if (unit.empty() || unit == "B")
-    mult = 1;
-  else if (unit == "KiB")
-    mult = 1024;
-  else if (unit == "MiB")
-    mult = 1024 * 1024;
-  else if (unit == "GiB")
-    mult = 1024ull * 1024 * 1024;
-  else if (unit == "KB" || unit == "kB")
-    mult = 1000;
-  else if (unit == "MB")
-    mult = 1000 * 1000;
-  else if (unit == "GB")
-    mult = 1000ull * 1000 * 1000;
-  else
-    return std::nullopt;
-  if (value > std::numeric_limits<std::size_t>::max() / mult) return std::nullopt;  // would wrap around
-  return static_cast<std::size_t>(value * mult);
-}
 
 std::optional<ListenAddress> parse_listen(const std::string& text) {
   auto colon = text.rfind(':');
@@ -390,7 +168,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source) {
   } catch (const YAML::Exception& e) {
     throw ConfigError(source + ": invalid YAML: " + e.what());
   }
-  Reader r(source);
+  ConfigReader r(source);
   Config c;
   if (root.IsNull()) return c;
   r.expect_map(root, "",

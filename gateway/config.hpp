@@ -4,17 +4,18 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <optional>
-#include <stdexcept>
 #include <string>
-#include <utility>
 #include <vector>
+
+#include "backends/backend_factory.hpp"
+#include "backends/config_reader.hpp"
 
 namespace tollgate::gateway {
 
-struct ConfigError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
+// Thrown for any configuration the gateway refuses, backends' sections included.
+using backends::ConfigError;
 
 struct ListenAddress {
   std::string host = "127.0.0.1";
@@ -38,36 +39,13 @@ struct MeteringConfig {
   std::int64_t default_reserve_tokens = 1024;
 };
 
+// One `backends` entry: its name and type, and the rest of its section as its
+// type read it (backends/backend_factory.hpp); `spec->as<EchoConfig>()` and the
+// like read it back, `spec->make(context)` builds the backend.
 struct BackendConfig {
   std::string name;
-  std::string type;                          // "echo" or "openai"
-  std::chrono::milliseconds token_delay{0};  // echo
-  // openai: a remote OpenAI-compatible API.
-  std::string base_url;
-  std::string api_key;  // never logged, never sent to clients
-  std::vector<std::pair<std::string, std::string>> headers;
-  std::chrono::milliseconds connect_timeout{10'000};
-  std::chrono::milliseconds first_byte_timeout{60'000};
-  std::chrono::milliseconds idle_timeout{60'000};  // between two chunks of the answer
-  std::chrono::milliseconds total_timeout{600'000};
-  std::size_t max_connections = 64;
-  std::string ca_file;
-  bool insecure_skip_verify = false;
-  // local: the in-process engine.
-  std::string path;  // GGUF, or a llama2.c checkpoint
-  // local: a llama2.c tokenizer file (checkpoints; overrides a GGUF's vocabulary).
-  // openai: a GGUF or llama2.c tokenizer file to count tokens an upstream does not report.
-  std::string tokenizer;
-  bool create_demo = false;  // write the random-weight demo model at `path` when it is missing
-  std::string device = "auto";
-  std::int64_t max_num_seqs = 16;
-  std::int64_t max_num_batched_tokens = 512;
-  std::int64_t max_model_len = 0;   // 0: the file's context length, at most 8192
-  std::int64_t kv_cache_bytes = 0;  // 0: room for max_num_seqs full sequences (at most 1 GiB)
-  std::int64_t block_size = 16;
-  std::int64_t max_waiting = 256;
-  bool prefix_caching = true;  // share KV blocks of prompts' common beginnings (vLLM's automatic prefix caching)
-  int threads = 0;             // 0: one per core
+  std::string type;  // a name in backends::builtin_backend_types()
+  std::shared_ptr<const backends::BackendSpec> spec;
 };
 
 struct DeploymentConfig {
@@ -121,14 +99,6 @@ Config load_config_file(const std::string& path);
 Config embedded_default_config();
 const std::string& embedded_default_yaml();
 
-// Replaces ${NAME} and ${NAME:-fallback} with the environment's values;
-// ConfigError for an unset NAME without fallback.
-std::string interpolate_env(const std::string& text, const std::string& where);
-
-// "250ms", "10s", "2m", "1h" -> milliseconds.
-std::optional<std::chrono::milliseconds> parse_duration(const std::string& text);
-// "4MiB", "512KiB", "1MB", "1048576" -> bytes.
-std::optional<std::size_t> parse_size(const std::string& text);
 // "HOST:PORT", "[::1]:PORT", ":PORT".
 std::optional<ListenAddress> parse_listen(const std::string& text);
 

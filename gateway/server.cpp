@@ -11,15 +11,10 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
-#include <filesystem>
 #include <iostream>
 #include <thread>
 
-#include "backends/echo.hpp"
-#include "backends/local.hpp"
-#include "backends/openai_compatible.hpp"
 #include "gateway/session.hpp"
-#include "local_engine/model.hpp"
 
 namespace tollgate::gateway {
 namespace {
@@ -108,63 +103,12 @@ awaitable<void> drain(Gateway& gw, std::vector<std::unique_ptr<net::io_context>>
   for (auto& c : contexts) c->stop();
 }
 
-std::unique_ptr<backends::Backend> make_backend(const BackendConfig& b, metering::Registry& registry) {
-  if (b.type == "local") {
-    backends::LocalBackendConfig c;
-    c.name = b.name;
-    c.model_path = b.path;
-    c.tokenizer_path = b.tokenizer;
-    c.device = b.device;
-    c.engine.max_num_seqs = b.max_num_seqs;
-    c.engine.max_num_batched_tokens = b.max_num_batched_tokens;
-    c.engine.max_model_len = b.max_model_len;
-    c.engine.kv_cache_bytes = b.kv_cache_bytes;
-    c.engine.block_size = b.block_size;
-    c.engine.max_waiting = b.max_waiting;
-    c.engine.prefix_caching = b.prefix_caching;
-    c.engine.threads = b.threads;
-    c.metrics = &registry;
-    try {
-      if (b.create_demo && !std::filesystem::exists(b.path)) {
-        local_engine::write_demo_model(b.path);
-        std::cout << "tollgate: wrote the random-weight demo model to " << b.path
-                  << " (it babbles; configure a real GGUF to serve a real model)" << std::endl;
-      }
-      return backends::make_local_backend(c);
-    } catch (const std::exception& e) {
-      throw ConfigError("backend '" + b.name + "': " + e.what());
-    }
-  }
-  if (b.type == "echo") return backends::make_echo_backend({b.name, b.token_delay});
-  if (b.type == "openai") {
-    backends::OpenAICompatibleConfig c;
-    c.name = b.name;
-    c.base_url = b.base_url;
-    c.api_key = b.api_key;
-    c.headers = b.headers;
-    c.connect_timeout = b.connect_timeout;
-    c.first_byte_timeout = b.first_byte_timeout;
-    c.idle_timeout = b.idle_timeout;
-    c.total_timeout = b.total_timeout;
-    c.max_connections = b.max_connections;
-    c.ca_file = b.ca_file;
-    c.insecure_skip_verify = b.insecure_skip_verify;
-    c.tokenizer_path = b.tokenizer;
-    try {
-      return backends::make_openai_compatible_backend(c);
-    } catch (const std::invalid_argument& e) {
-      throw ConfigError(e.what());
-    }
-  }
-  throw ConfigError("backend '" + b.name + "': unknown type '" + b.type + "'");
-}
-
 }  // namespace
 
 int run_server(const Config& config) {
   Gateway gw(config);
   gw.router = backends::Router({config.routing.cooldown_failures, config.routing.cooldown});
-  for (const auto& b : config.backends) gw.router.add_backend(make_backend(b, gw.metrics.registry));
+  for (const auto& b : config.backends) gw.router.add_backend(b.spec->make({gw.metrics.registry}));
   for (const auto& m : config.models) {
     backends::Route route{
         m.name, {}, m.least_busy ? backends::RoutingStrategy::least_busy : backends::RoutingStrategy::weighted};

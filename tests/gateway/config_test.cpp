@@ -3,16 +3,17 @@
 #include <catch2/catch.hpp>
 
 #include <cstdlib>
-#include <limits>
+
+#include "backends/echo.hpp"
+#include "backends/local.hpp"
 
 using namespace std::chrono_literals;
+using tollgate::backends::EchoConfig;
+using tollgate::backends::LocalBackendConfig;
 using tollgate::gateway::Config;
 using tollgate::gateway::ConfigError;
-using tollgate::gateway::interpolate_env;
 using tollgate::gateway::parse_config;
-using tollgate::gateway::parse_duration;
 using tollgate::gateway::parse_listen;
-using tollgate::gateway::parse_size;
 
 namespace {
 
@@ -77,9 +78,13 @@ models:
   REQUIRE(c.backends.size() == 2);
   CHECK(c.backends[0].name == "fast");
   CHECK(c.backends[0].type == "echo");
-  CHECK(c.backends[0].token_delay == 0ms);
+  const auto* fast = c.backends[0].spec->as<EchoConfig>();
+  REQUIRE(fast);
+  CHECK(fast->name == "fast");
+  CHECK(fast->token_delay == 0ms);
   CHECK(c.backends[1].name == "slow");
-  CHECK(c.backends[1].token_delay == 50ms);
+  REQUIRE(c.backends[1].spec->as<EchoConfig>());
+  CHECK(c.backends[1].spec->as<EchoConfig>()->token_delay == 50ms);
   REQUIRE(c.models.size() == 2);
   CHECK(c.models[0].name == "small");
   REQUIRE(c.models[0].deployments.size() == 1);
@@ -121,7 +126,10 @@ TEST_CASE("the embedded default configuration parses and serves echo and the loc
   REQUIRE(c.backends.size() == 2);
   CHECK(c.backends[0].type == "echo");
   CHECK(c.backends[1].type == "local");
-  CHECK(c.backends[1].create_demo);
+  const auto* local = c.backends[1].spec->as<LocalBackendConfig>();
+  REQUIRE(local);
+  CHECK(local->create_demo);
+  CHECK(local->model_path == "./tollgate-demo.gguf");
   REQUIRE(c.models.size() == 2);
   CHECK(c.models[0].name == "echo");
   CHECK(c.models[1].name == "demo");
@@ -135,18 +143,22 @@ TEST_CASE("a local backend's engine settings are read and checked", "[gateway][c
       "            threads: 2}]",
       "test.yaml");
   REQUIRE(c.backends.size() == 1);
-  const auto& b = c.backends[0];
-  CHECK(b.path == "/m.gguf");
-  CHECK(b.tokenizer == "/t.bin");
-  CHECK(b.device == "cpu");
-  CHECK(b.max_num_seqs == 4);
-  CHECK(b.max_num_batched_tokens == 256);
-  CHECK(b.max_model_len == 1024);
-  CHECK(b.kv_cache_bytes == 64 * 1024 * 1024);
-  CHECK(b.block_size == 32);
-  CHECK(b.max_waiting == 9);
-  CHECK(b.threads == 2);
-  CHECK_FALSE(b.create_demo);
+  CHECK_FALSE(c.backends[0].spec->as<EchoConfig>());
+  const auto* b = c.backends[0].spec->as<LocalBackendConfig>();
+  REQUIRE(b);
+  CHECK(b->name == "l");
+  CHECK(b->model_path == "/m.gguf");
+  CHECK(b->tokenizer_path == "/t.bin");
+  CHECK(b->device == "cpu");
+  CHECK(b->engine.max_num_seqs == 4);
+  CHECK(b->engine.max_num_batched_tokens == 256);
+  CHECK(b->engine.max_model_len == 1024);
+  CHECK(b->engine.kv_cache_bytes == 64 * 1024 * 1024);
+  CHECK(b->engine.block_size == 32);
+  CHECK(b->engine.max_waiting == 9);
+  CHECK(b->engine.threads == 2);
+  CHECK(b->engine.prefix_caching);
+  CHECK_FALSE(b->create_demo);
   CHECK(contains(config_error("backends: [{name: l, type: local}]"), "missing key 'path'"));
   CHECK(contains(config_error("backends: [{name: l, type: local, path: x, device: tpu}]"), "expected auto, cpu or cuda"));
   CHECK(contains(config_error("backends: [{name: l, type: local, path: x, max_num_seqs: 0}]"), "max_num_seqs"));
@@ -200,7 +212,8 @@ TEST_CASE("invalid values are errors naming the key", "[gateway][config]") {
   CHECK(contains(config_error("backends: {name: e}"), "backends: expected a list"));
   CHECK(contains(config_error("backends: [{name: e}]"), "backends[0]: missing key 'type'"));
   CHECK(contains(config_error("backends: [{type: echo}]"), "backends[0]: missing key 'name'"));
-  CHECK(contains(config_error("backends: [{name: e, type: magic}]"), "backends[0].type: unknown backend type 'magic'"));
+  CHECK(contains(config_error("backends: [{name: e, type: magic}]"),
+                 "backends[0].type: unknown backend type 'magic' (known types: echo, openai, local)"));
   CHECK(contains(config_error("backends: [{name: e, type: echo, token_delay: slow}]"),
                  "backends[0].token_delay: expected a duration"));
   CHECK(contains(config_error("backends: [{name: e, type: echo}, {name: e, type: echo}]"),
@@ -221,53 +234,6 @@ TEST_CASE("invalid values are errors naming the key", "[gateway][config]") {
                  "model 'm' is defined twice"));
   CHECK(contains(config_error("listen: [unclosed"), "test.yaml: invalid YAML"));
   CHECK(contains(config_error("- just\n- a list\n"), "expected a mapping"));
-}
-
-TEST_CASE("parse_duration", "[gateway][config]") {
-  CHECK(parse_duration("250ms") == 250ms);
-  CHECK(parse_duration("10s") == 10s);
-  CHECK(parse_duration("1.5s") == 1500ms);
-  CHECK(parse_duration("2m") == 2min);
-  CHECK(parse_duration("1h") == 1h);
-  CHECK(parse_duration("0s") == 0ms);
-  CHECK(parse_duration("0ms") == 0ms);
-  CHECK_FALSE(parse_duration(""));
-  CHECK_FALSE(parse_duration("10"));
-  CHECK_FALSE(parse_duration("s"));
-  CHECK_FALSE(parse_duration("-1s"));
-  CHECK_FALSE(parse_duration("10 s"));
-  CHECK_FALSE(parse_duration("10sec"));
-  CHECK_FALSE(parse_duration("5d"));
-  CHECK_FALSE(parse_duration("1S"));
-  // Not numbers a timeout can be, rather than undefined conversions.
-  CHECK_FALSE(parse_duration("infs"));
-  CHECK_FALSE(parse_duration("nanms"));
-  CHECK_FALSE(parse_duration("1e300h"));
-  CHECK_FALSE(parse_duration("1000000h"));  // over a century
-  CHECK(parse_duration("8760h") == std::chrono::hours(8760));
-}
-
-TEST_CASE("parse_size", "[gateway][config]") {
-  CHECK(parse_size("1048576") == 1048576u);
-  CHECK(parse_size("10B") == 10u);
-  CHECK(parse_size("512KiB") == 512u * 1024);
-  CHECK(parse_size("4MiB") == 4u * 1024 * 1024);
-  CHECK(parse_size("1GiB") == 1024u * 1024 * 1024);
-  CHECK(parse_size("1kB") == 1000u);
-  CHECK(parse_size("1KB") == 1000u);
-  CHECK(parse_size("1MB") == 1000u * 1000);
-  CHECK(parse_size("2GB") == 2'000'000'000u);
-  CHECK(parse_size("0") == 0u);
-  CHECK_FALSE(parse_size(""));
-  CHECK_FALSE(parse_size("MiB"));
-  CHECK_FALSE(parse_size("-1"));
-  CHECK_FALSE(parse_size("4 MiB"));
-  CHECK_FALSE(parse_size("1.5MiB"));
-  CHECK_FALSE(parse_size("1TiB"));
-  CHECK_FALSE(parse_size("4mib"));
-  // Sizes past 2^64 bytes are errors, not wrapped-around small numbers.
-  CHECK_FALSE(parse_size("17179869184GiB"));
-  CHECK_FALSE(parse_size("99999999999999999999"));
 }
 
 TEST_CASE("parse_listen", "[gateway][config]") {
@@ -295,32 +261,6 @@ TEST_CASE("parse_listen", "[gateway][config]") {
   CHECK_FALSE(parse_listen("localhost:80x"));
   CHECK_FALSE(parse_listen("[::1]"));
   CHECK_FALSE(parse_listen(""));
-}
-
-TEST_CASE("interpolate_env", "[gateway][config]") {
-  ::setenv("TG_UNIT_SET", "value", 1);
-  ::setenv("TG_UNIT_EMPTY", "", 1);
-  ::setenv("TG_UNIT_NESTED", "${TG_UNIT_SET}", 1);
-  ::unsetenv("TG_UNIT_UNSET");
-
-  CHECK(interpolate_env("plain text", "w") == "plain text");
-  CHECK(interpolate_env("${TG_UNIT_SET}", "w") == "value");
-  CHECK(interpolate_env("a-${TG_UNIT_SET}-b-${TG_UNIT_SET}", "w") == "a-value-b-value");
-  CHECK(interpolate_env("${TG_UNIT_UNSET:-fallback}", "w") == "fallback");
-  CHECK(interpolate_env("${TG_UNIT_UNSET:-}", "w") == "");
-  CHECK(interpolate_env("${TG_UNIT_SET:-fallback}", "w") == "value");
-  CHECK(interpolate_env("${TG_UNIT_EMPTY:-fallback}", "w") == "fallback");
-  CHECK(interpolate_env("${TG_UNIT_UNSET:-a:-b}", "w") == "a:-b");
-  CHECK(interpolate_env("$TG_UNIT_SET", "w") == "$TG_UNIT_SET");  // only the braced form
-  // A value is not expanded again.
-  CHECK(interpolate_env("${TG_UNIT_NESTED}", "w") == "${TG_UNIT_SET}");
-
-  CHECK_THROWS_WITH(interpolate_env("x ${TG_UNIT_UNSET} y", "where"),
-                    Catch::Contains("where") && Catch::Contains("TG_UNIT_UNSET"));
-  CHECK_THROWS_WITH(interpolate_env("${TG_UNIT_EMPTY}", "where"), Catch::Contains("TG_UNIT_EMPTY"));
-  CHECK_THROWS_AS(interpolate_env("${TG_UNIT_SET", "w"), ConfigError);
-  CHECK_THROWS_AS(interpolate_env("${}", "w"), ConfigError);
-  CHECK_THROWS_AS(interpolate_env("${:-x}", "w"), ConfigError);
 }
 
 TEST_CASE("parse_config interpolates values, not comments", "[gateway][config]") {
