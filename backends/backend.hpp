@@ -177,7 +177,7 @@ class Backend {
 };
 
 inline std::unique_ptr<CompletionHandle> Backend::embed(CompletionRequest request,
-                                                       std::shared_ptr<CompletionSink> sink) {
+                                                        std::shared_ptr<CompletionSink> sink) {
   struct Finished final : CompletionHandle {
     void cancel() override {}
   };

@@ -452,6 +452,15 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
   net::steady_timer wait(co_await net::this_coro::executor);
   std::unique_ptr<UpstreamConnection> conn;
   std::optional<UpstreamConnection::Parser> parser;
+  // However the call ends, a later cancel() must not reach the connection or
+  // the timer it held (both die here): forgotten before they are destroyed.
+  struct Forget {
+    Call& call;
+    ~Forget() {
+      call.active = nullptr;
+      call.waiting = nullptr;
+    }
+  } forget{*call};
   for (int attempt = 0;; ++attempt) {
     ConnectFailure failure;
     auto connect_deadline = earliest(total_deadline, SteadyClock::now() + cfg.connect_timeout);

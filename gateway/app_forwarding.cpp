@@ -20,7 +20,8 @@ void set_forwarded_headers(const http::request_header<>& req, std::string_view p
       forwarded_for += f.value();
     }
   } else {
-    for (std::string_view name : {"X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded"}) {
+    for (std::string_view name :
+         {"X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "X-Real-IP", "Forwarded"}) {
       how.drop_request.add(name);
     }
   }

@@ -6,8 +6,8 @@
 #include <optional>
 #include <string_view>
 
-#include "gateway/proxy/app_upstream.hpp"
 #include "gateway/http_rules.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 
 namespace tollgate::gateway {
 

@@ -47,7 +47,7 @@ std::string error_kind_label(backends::ErrorKind kind) {
 struct Answer {
   std::string text;
   std::vector<backends::TokenLogprob> logprobs;
-  std::string extra_json;  // the backend's tool_calls and such
+  std::string extra_json;   // the backend's tool_calls and such
   std::int64_t deltas = 0;  // what reached the client, should the backend never report usage
 };
 
@@ -161,8 +161,8 @@ awaitable<bool> run_completion(CompletionContext ctx, CompletionJob job, Complet
             usage.estimated = ev.usage.estimated;
             if (!stream) {
               std::string body = creq.embeddings() ? std::move(ev.body)
-                                                 : format.full_response(answer.text, ev.finish_reason, ev.usage,
-                                                                        answer.logprobs, answer.extra_json);
+                                                   : format.full_response(answer.text, ev.finish_reason, ev.usage,
+                                                                          answer.logprobs, answer.extra_json);
               client.finish(200);
               co_return co_await client.send_answer(std::move(body));
             }

@@ -31,7 +31,7 @@ class CompletionClient {
   // The backend's next events from `queue`. With `watch`, a client that
   // hangs up meanwhile ends the wait with nullopt.
   virtual boost::asio::awaitable<std::optional<std::deque<backends::CompletionEvent>>> next_events(EventQueue& queue,
-                                                                                                  bool watch) = 0;
+                                                                                                   bool watch) = 0;
   // A streamed answer: one piece of SSE data (the first sends the head); false when the client is gone.
   virtual boost::asio::awaitable<bool> send_event(std::string sse) = 0;
   // Ends a streamed answer; whether the connection stays open.

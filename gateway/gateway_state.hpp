@@ -16,12 +16,12 @@
 #include <type_traits>
 #include <vector>
 
-#include "gateway/proxy/app_upstream.hpp"
 #include "backends/router.hpp"
 #include "gateway/auth.hpp"
 #include "gateway/config.hpp"
 #include "gateway/event_queue.hpp"
 #include "gateway/gateway_metrics.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 #include "metering/quota.hpp"
 #include "metering/store.hpp"
 #include "metering/usage_writer.hpp"
@@ -52,7 +52,7 @@ struct Gateway {
   metering::QuotaLimiter quotas;
   std::unique_ptr<metering::UsageWriter> usage;
   std::atomic<bool> stopping{false};
-  std::atomic<bool> cut_off{false};            // the shutdown grace has run out: no more fallbacks
+  std::atomic<bool> cut_off{false};         // the shutdown grace has run out: no more fallbacks
   std::unique_ptr<proxy::AppUpstream> app;  // set when app_upstream is configured
   std::vector<boost::asio::ip::address> trusted_proxies;
   std::atomic<std::size_t> open_connections{0};

@@ -13,8 +13,8 @@
 #include <boost/beast/http/write.hpp>
 #include <cerrno>
 
-#include "gateway/proxy/app_upstream.hpp"
 #include "gateway/http_rules.hpp"
+#include "gateway/proxy/app_upstream.hpp"
 #include "metering/text_bounds.hpp"
 
 namespace tollgate::gateway {
@@ -64,9 +64,8 @@ Response make_response(const Request& req, http::status status, std::string body
 }
 
 void set_rate_limit_headers(http::fields& fields, const metering::RateLimitStatus& status) {
-  for_each_rate_limit_header(status, [&fields](std::string_view name, std::string_view value) {
-    fields.set(name, value);
-  });
+  for_each_rate_limit_header(status,
+                             [&fields](std::string_view name, std::string_view value) { fields.set(name, value); });
 }
 
 Session::Session(Gateway& gw, std::shared_ptr<Connection> conn)
@@ -177,7 +176,7 @@ awaitable<bool> Session::refuse(RequestParser& parser, Exchange& x, ApiError err
 }
 
 awaitable<std::optional<std::deque<backends::CompletionEvent>>> Session::next_events(EventQueue& queue,
-                                                                                    bool watch_client) {
+                                                                                     bool watch_client) {
   if (!watch_client || client_pipelined_) co_return co_await queue.next();
   using namespace net::experimental::awaitable_operators;
   auto& socket = stream().socket();

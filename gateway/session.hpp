@@ -14,11 +14,11 @@
 #include <string>
 #include <string_view>
 
-#include "gateway/proxy/io_deadline.hpp"
 #include "gateway/event_queue.hpp"
 #include "gateway/exchange.hpp"
 #include "gateway/gateway_state.hpp"
 #include "gateway/http_error.hpp"
+#include "gateway/proxy/io_deadline.hpp"
 #include "gateway/routes.hpp"
 
 namespace tollgate::gateway {
@@ -82,7 +82,7 @@ class Session {
   // (nullopt) instead of when the answer would be written; a streamed answer
   // notices at its next write.
   boost::asio::awaitable<std::optional<std::deque<backends::CompletionEvent>>> next_events(EventQueue& queue,
-                                                                                          bool watch_client);
+                                                                                           bool watch_client);
 
   Gateway& gw_;
   std::shared_ptr<Connection> conn_;
@@ -90,8 +90,8 @@ class Session {
   // the socket directly; streamed answers use the stream's own expiry.
   proxy::IoDeadline deadline_;
   boost::beast::flat_buffer buffer_;
-  bool close_after_ = false;              // the request's body was not read: framing is lost
-  bool client_pipelined_ = false;         // the client sent more: it is there, and its bytes wait their turn
+  bool close_after_ = false;                      // the request's body was not read: framing is lost
+  bool client_pipelined_ = false;                 // the client sent more: it is there, and its bytes wait their turn
   std::optional<boost::asio::ip::address> peer_;  // the client's address, looked up once
   std::string peer_text_;                         // and as text
 };

@@ -130,9 +130,10 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, Rout
   // A refused request reserves no tokens; one that will run reserves its prompt and its longest answer.
   // Rendered and tokenised once, off the io thread where that is costly.
   if (!refusal) job.prompt_estimate = co_await prepare_prompt(*job.plan.front()->backend, creq, &gw_.prepare_pool);
-  std::int64_t reserve = refusal || embeddings ? job.prompt_estimate
-                                               : job.prompt_estimate + creq.max_tokens.value_or(
-                                                                           gw_.config.metering.default_reserve_tokens);
+  std::int64_t reserve =
+      refusal || embeddings
+          ? job.prompt_estimate
+          : job.prompt_estimate + creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
   x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
   if (!x.admission->allowed) {
     auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);

@@ -24,7 +24,8 @@ awaitable<bool> Session::handle_status(const Request& req, Exchange& x, RouteHan
   Response res;
   if (which == RouteHandler::metrics) {
     gw_.metrics.metering_queue_depth.set(static_cast<double>(gw_.usage->queue_depth()));
-    res = make_response(req, http::status::ok, gw_.metrics.registry.render(), "text/plain; version=0.0.4; charset=utf-8");
+    res =
+        make_response(req, http::status::ok, gw_.metrics.registry.render(), "text/plain; version=0.0.4; charset=utf-8");
   } else if (which == RouteHandler::readiness && gw_.stopping) {
     res = make_response(req, http::status::service_unavailable, R"({"status":"stopping"})");
   } else {

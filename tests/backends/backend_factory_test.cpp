@@ -4,7 +4,6 @@
 #include <yaml-cpp/yaml.h>
 
 #include <catch2/catch.hpp>
-
 #include <filesystem>
 
 #include "backends/config_reader.hpp"

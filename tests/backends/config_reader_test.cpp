@@ -1,7 +1,6 @@
 #include "backends/config_reader.hpp"
 
 #include <catch2/catch.hpp>
-
 #include <cstdlib>
 
 using namespace std::chrono_literals;

@@ -260,6 +260,13 @@ TEST_CASE("a cancel wakes a read paused for a slow client", "[backends][openai][
   CHECK(next_sink->final_event()->type == CompletionEvent::Type::done);
   CHECK(next_sink->text() == expected_text(10));
   CHECK_FALSE(paused_sink->final_event());  // a cancelled call sends nothing more
+  // Its connection is gone now: cancelling again touches nothing of it (ASan would see it).
+  paused->cancel();
+  next->cancel();
+  auto last_sink = std::make_shared<HeldSink>();
+  auto last = backend->start(stream_request(), last_sink);
+  REQUIRE(drain_to_the_end(*last_sink));
+  CHECK(last_sink->final_event()->type == CompletionEvent::Type::done);
 }
 
 TEST_CASE("a read paused for a client that never drains ends at the total timeout",

@@ -4,9 +4,9 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/thread_pool.hpp>
 #include <catch2/catch.hpp>
 #include <optional>
-#include <boost/asio/thread_pool.hpp>
 #include <stdexcept>
 #include <thread>
 
@@ -164,8 +164,7 @@ struct Fixture {
 
   // Runs one request; returns whether the connection would stay open.
   // As the session does: the first deployment prepares the prompt, then the flow runs.
-  bool run(bool stream, RecordingClient& client,
-           backends::Endpoint endpoint = backends::Endpoint::chat_completions) {
+  bool run(bool stream, RecordingClient& client, backends::Endpoint endpoint = backends::Endpoint::chat_completions) {
     CompletionJob job;
     job.request.endpoint = endpoint;
     job.request.model = "m";

@@ -1,7 +1,6 @@
 #include "gateway/config.hpp"
 
 #include <catch2/catch.hpp>
-
 #include <cstdlib>
 
 #include "backends/echo.hpp"

@@ -1,7 +1,7 @@
 // Hop-by-hop header removal for the app reverse proxy (RFC 9110 §7.6.1).
-#include <catch2/catch.hpp>
-
 #include "gateway/proxy/app_upstream.hpp"
+
+#include <catch2/catch.hpp>
 
 namespace http = boost::beast::http;
 

@@ -1,6 +1,8 @@
 // IoDeadline on a real loopback socket pair: a read that outlives its deadline
 // is cancelled and reported as a timeout; a deadline moved later or removed
 // lets the read finish when the data comes.
+#include "gateway/proxy/io_deadline.hpp"
+
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -9,8 +11,6 @@
 #include <chrono>
 #include <functional>
 #include <optional>
-
-#include "gateway/proxy/io_deadline.hpp"
 
 namespace net = boost::asio;
 using tcp = net::ip::tcp;
