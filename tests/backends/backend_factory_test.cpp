@@ -80,7 +80,8 @@ TEST_CASE("each backend type reads its own section into its own config", "[backe
   CHECK_FALSE(openai->as<EchoConfig>());
 
   // What a section leaves out keeps the config's defaults.
-  const auto* bare = parse("{name: v, type: openai, base_url: 'http://vllm:8000/v1'}")->as<OpenAICompatibleConfig>();
+  auto bare_spec = parse("{name: v, type: openai, base_url: 'http://vllm:8000/v1'}");
+  const auto* bare = bare_spec->as<OpenAICompatibleConfig>();
   REQUIRE(bare);
   CHECK(bare->api_key.empty());
   CHECK(bare->total_timeout == OpenAICompatibleConfig{}.total_timeout);
