@@ -295,14 +295,15 @@ void Engine::emit_token(Live& live, std::int32_t token) {
   live.last_token = now;
   live.sampler.accept(token);
   live.tokens.push_back(token);
-  // A generated BOS starts a new document: the reference generator stops there too.
-  if (tokenizer_.ends_generation(token) || token == model_.vocab.bos) {
-    finish(live, "stop");
-    return;
-  }
+  // The token that ends generation is counted too, so it reports its logprobs as well.
   if (live.logprobs >= 0) {
     live.unsent.push_back(token_logprobs(live.raw_logits.data(), static_cast<std::int32_t>(live.raw_logits.size()),
                                          token, live.logprobs));
+  }
+  // A generated BOS starts a new document: the reference generator stops there too.
+  if (tokenizer_.ends_generation(token) || token == model_.vocab.bos) {
+    finish(live, "stop", /*flush_logprobs=*/true);
+    return;
   }
   auto r = live.stop.push(live.text.push(token));
   live.send_text(std::move(r.text));
@@ -314,7 +315,7 @@ void Engine::emit_token(Live& live, std::int32_t token) {
   if (at_max || live.num_tokens() >= state_->max_model_len) finish(live, "length");
 }
 
-void Engine::finish(Live& live, const std::string& reason) {
+void Engine::finish(Live& live, const std::string& reason, bool flush_logprobs) {
   std::string finish_reason = reason;
   // Flush what the text stream and the stop matcher still hold.
   auto tail = live.stop.push(live.text.finish());
@@ -323,6 +324,13 @@ void Engine::finish(Live& live, const std::string& reason) {
     finish_reason = "stop";
   } else {
     live.send_text(live.stop.finish());
+  }
+  // The token that ended generation has no text: its logprobs go on their own.
+  // (Tokens a stop string swallowed report nothing, as their text is not sent.)
+  if (flush_logprobs && !live.unsent.empty()) {
+    GenerationEvent rest;
+    rest.logprobs = std::exchange(live.unsent, {});
+    live.callback(std::move(rest));
   }
   GenerationEvent done;
   done.type = GenerationEvent::Type::done;

@@ -110,7 +110,8 @@ class Engine {
   void admit_and_cancel();
   void step();
   void emit_token(Live& live, std::int32_t token);
-  void finish(Live& live, const std::string& reason);
+  // `flush_logprobs`: report logprobs still held (the ending token's) before the final event.
+  void finish(Live& live, const std::string& reason, bool flush_logprobs = false);
 
   Model model_;
   Tokenizer tokenizer_;

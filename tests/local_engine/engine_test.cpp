@@ -267,6 +267,26 @@ TEST_CASE("logprobs ride with the text they produced: the chosen token and the l
     CHECK(less_likely);
   }
 
+  SECTION("the token that ends generation reports its logprobs too, one per counted token") {
+    // Sampled stories end by themselves sooner or later; the first seed that
+    // ends one is checked (a bounded search: none ending fails the test).
+    bool ended = false;
+    for (std::uint64_t seed = 1; seed <= 40 && !ended; ++seed) {
+      auto r = greedy(tokenizer, "Once upon a time", 300);
+      r.sampling.temperature = 1.0f;
+      r.sampling.seed = seed;
+      r.logprobs = 0;
+      Collector c;
+      const auto& done = run(r, c);
+      if (done.finish_reason != "stop") continue;
+      ended = true;
+      INFO("seed " << seed);
+      REQUIRE(c.logprobs.size() == done.tokens.size());
+      CHECK(c.logprobs.back().chosen.id == done.tokens.back());
+    }
+    CHECK(ended);
+  }
+
   SECTION("a stop sequence: tokens that only made the stop text report nothing") {
     auto probe = greedy(tokenizer, "The cat", 40);
     Collector first;
