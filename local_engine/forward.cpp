@@ -1,7 +1,8 @@
 #include "local_engine/forward.hpp"
 
-#include <cassert>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 namespace tollgate::local_engine {
 
@@ -29,7 +30,11 @@ ForwardPass::ForwardPass(const Model& model, Device& device, KvCache& cache, std
 std::span<float> ForwardPass::run(std::span<const BatchToken> batch) {
   const auto& p = model_.params;
   const auto n = static_cast<std::int64_t>(batch.size());
-  assert(n > 0 && n <= max_tokens_);
+  if (n <= 0 || n > max_tokens_) {
+    // The scheduler never builds such a step; writing it would overrun every buffer.
+    throw std::logic_error("forward pass: a step of " + std::to_string(n) + " tokens (at most " +
+                           std::to_string(max_tokens_) + ")");
+  }
   const auto dim = p.dim;
 
   ids_.clear();
