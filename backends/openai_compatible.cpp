@@ -172,9 +172,10 @@ std::optional<std::int64_t> parse_retry_after(std::string_view value) {
   return seconds;
 }
 
-// Maps a non-2xx upstream answer to the error the client sees.
-BackendError status_error(int status, const std::string& body, std::string_view retry_after,
-                          const SecretScrubber& scrub) {
+}  // namespace
+
+BackendError upstream_status_error(int status, const std::string& body, std::string_view retry_after,
+                                   const SecretScrubber& scrub) {
   std::string message = error_message(body, scrub);
   std::string prefix = "upstream answered " + std::to_string(status) + ": ";
   if (status == 429) return {ErrorKind::rate_limited, prefix + message, parse_retry_after(retry_after)};
@@ -188,6 +189,12 @@ BackendError status_error(int status, const std::string& body, std::string_view 
   if (status == 400 || status == 413 || status == 422) return {ErrorKind::bad_request, prefix + message, std::nullopt};
   return {ErrorKind::upstream_failed, prefix + message, std::nullopt};
 }
+
+std::string quote_upstream(std::string text, const SecretScrubber& scrub) {
+  return bounded(scrub(std::move(text)), kMaxUpstreamMessage);
+}
+
+namespace {
 
 std::int64_t optional_int(const json::object& o, std::string_view name) {
   auto* v = o.if_contains(name);
@@ -504,7 +511,7 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
     call->active = nullptr;
     if (call->cancelled) co_return;
     std::string retry_after(parser->get()[http::field::retry_after]);
-    auto error = status_error(status, parser->get().body(), retry_after, up->scrub);
+    auto error = upstream_status_error(status, parser->get().body(), retry_after, up->scrub);
     call->fail(error.kind, std::move(error.message), error.retry_after_s);
     if (!ec && parser->keep_alive()) up->client->release(std::move(conn));
     co_return;
@@ -683,14 +690,7 @@ class OpenAICompatibleBackend final : public Backend {
         n += static_cast<std::int64_t>(tokenizer_->encode(m.content, false).size()) + 4;
       return n;
     }
-    // No tokenizer for a remote model: ~4 bytes per token.
-    std::size_t bytes = request.prompt.size();
-    std::int64_t overhead = 0;
-    for (const auto& m : request.messages) {
-      bytes += m.content.size();
-      overhead += 4;
-    }
-    return std::max<std::int64_t>(1, static_cast<std::int64_t>(bytes / 4) + overhead);
+    return estimate_prompt_tokens(request);
   }
 
   std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
@@ -720,6 +720,16 @@ class OpenAICompatibleBackend final : public Backend {
 };
 
 }  // namespace
+
+std::int64_t estimate_prompt_tokens(const CompletionRequest& request) {
+  std::size_t bytes = request.prompt.size();
+  std::int64_t overhead = 0;
+  for (const auto& m : request.messages) {
+    bytes += m.content.size();
+    overhead += 4;
+  }
+  return std::max<std::int64_t>(1, static_cast<std::int64_t>(bytes / 4) + overhead);
+}
 
 std::string upstream_request_body(const CompletionRequest& request) {
   const std::string& model = request.upstream_model.empty() ? request.model : request.upstream_model;

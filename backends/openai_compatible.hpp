@@ -50,6 +50,10 @@ BackendType openai_backend_type();
 // call always asks for usage so metering is exact.
 std::string upstream_request_body(const CompletionRequest& request);
 
+// A prompt's tokens guessed without the upstream's tokenizer: ~4 bytes per
+// token, and a few per chat message for the upstream's template (at least 1).
+std::int64_t estimate_prompt_tokens(const CompletionRequest& request);
+
 // Caps on what is read from an upstream, so that a broken or hostile one costs
 // bounded memory. A streamed chunk is small, but one holding a whole image, a
 // long tool call or many logprobs can reach megabytes.
@@ -74,5 +78,16 @@ class SecretScrubber {
   std::vector<std::string> forms_;    // every spelling of every secret, longest first
   std::vector<std::string> secrets_;  // as configured, for truncated echoes
 };
+
+// Upstream words quoted in an error: scrubbed, then cut to kMaxUpstreamMessage
+// bytes (scrubbed first, so no piece of a secret survives the cut).
+std::string quote_upstream(std::string text, const SecretScrubber& scrub);
+
+// A non-2xx upstream answer as the error a client sees: 429 rate_limited (with
+// its Retry-After seconds), 401/403 upstream_failed without the upstream's
+// words, 404 not_found, 408 timeout, 400/413/422 bad_request, the rest
+// upstream_failed; the message quotes an OpenAI-style error body's message.
+BackendError upstream_status_error(int status, const std::string& body, std::string_view retry_after,
+                                   const SecretScrubber& scrub);
 
 }  // namespace tollgate::backends
