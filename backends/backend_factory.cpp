@@ -3,6 +3,7 @@
 #include "backends/echo.hpp"
 #include "backends/local.hpp"
 #include "backends/openai_compatible.hpp"
+#include "backends/runpod.hpp"
 
 namespace tollgate::backends {
 
@@ -20,7 +21,8 @@ std::string BackendTypes::names() const {
 }
 
 const BackendTypes& builtin_backend_types() {
-  static const BackendTypes types({echo_backend_type(), openai_backend_type(), local_backend_type()});
+  static const BackendTypes types(
+      {echo_backend_type(), openai_backend_type(), local_backend_type(), runpod_backend_type()});
   return types;
 }
 

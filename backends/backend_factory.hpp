@@ -37,7 +37,7 @@ class BackendSpec {
   // Throws ConfigError for what shows only when building (a model file it cannot serve).
   virtual std::unique_ptr<Backend> make(const BackendContext& context) const = 0;
 
-  // The type's own config (EchoConfig, OpenAICompatibleConfig, LocalBackendConfig),
+  // The type's own config (EchoConfig, OpenAICompatibleConfig, LocalBackendConfig, RunpodConfig),
   // or null when the spec is another type's.
   template <class Config>
   const Config* as() const {
@@ -77,13 +77,13 @@ class BackendTypes {
   explicit BackendTypes(std::vector<BackendType> types) : types_(std::move(types)) {}
 
   const BackendType* find(std::string_view name) const;
-  std::string names() const;  // "echo, openai, local", for messages
+  std::string names() const;  // "echo, openai, local, runpod", for messages
 
  private:
   std::vector<BackendType> types_;
 };
 
-// echo, openai and local.
+// echo, openai, local and runpod.
 const BackendTypes& builtin_backend_types();
 
 }  // namespace tollgate::backends

@@ -41,13 +41,13 @@ bool contains(const std::string& text, const std::string& part) { return text.fi
 
 TEST_CASE("the builtin backend types are found by their type name", "[backends][config]") {
   const auto& types = builtin_backend_types();
-  for (const char* name : {"echo", "openai", "local"}) {
+  for (const char* name : {"echo", "openai", "local", "runpod"}) {
     REQUIRE(types.find(name));
     CHECK(types.find(name)->name == name);
   }
   CHECK_FALSE(types.find("magic"));
   CHECK_FALSE(types.find(""));
-  CHECK(types.names() == "echo, openai, local");
+  CHECK(types.names() == "echo, openai, local, runpod");
 }
 
 TEST_CASE("each backend type reads its own section into its own config", "[backends][config]") {

@@ -212,7 +212,7 @@ TEST_CASE("invalid values are errors naming the key", "[gateway][config]") {
   CHECK(contains(config_error("backends: [{name: e}]"), "backends[0]: missing key 'type'"));
   CHECK(contains(config_error("backends: [{type: echo}]"), "backends[0]: missing key 'name'"));
   CHECK(contains(config_error("backends: [{name: e, type: magic}]"),
-                 "backends[0].type: unknown backend type 'magic' (known types: echo, openai, local)"));
+                 "backends[0].type: unknown backend type 'magic' (known types: echo, openai, local, runpod)"));
   CHECK(contains(config_error("backends: [{name: e, type: echo, token_delay: slow}]"),
                  "backends[0].token_delay: expected a duration"));
   CHECK(contains(config_error("backends: [{name: e, type: echo}, {name: e, type: echo}]"),
