@@ -147,7 +147,8 @@ TEST_CASE("the README's sample configuration passes config check", "[e2e][config
   TempDir dir;
   auto path = write_file(dir, "readme.yaml", yaml);
   // The check reads the file's ${...} references but not the model files.
-  auto check = run_tollgate({"config", "check", path}, 30s, {{"GROQ_API_KEY", "gsk-test-not-a-key"}});
+  auto check = run_tollgate({"config", "check", path}, 30s,
+                            {{"GROQ_API_KEY", "gsk-test-not-a-key"}, {"RUNPOD_API_KEY", "rp-test-not-a-key"}});
   INFO(check.err);
   CHECK(check.exit_code == 0);
   CHECK(check.out.find(": ok") != std::string::npos);
