@@ -353,7 +353,8 @@ net::awaitable<WebhookResult> deliver_webhook(std::string url, std::string id, s
 
   net::steady_timer pause(co_await net::this_coro::executor);
   std::mt19937 random(std::random_device{}());
-  auto backoff = std::max(policy.first_backoff, std::chrono::milliseconds(0));
+  auto cap = std::max(policy.max_backoff, std::chrono::milliseconds(0));
+  auto backoff = std::min(std::max(policy.first_backoff, std::chrono::milliseconds(0)), cap);
   auto max_attempts = std::max(policy.max_attempts, 1);
   for (int attempt = 1;; ++attempt) {
     result.attempts = attempt;
@@ -367,7 +368,7 @@ net::awaitable<WebhookResult> deliver_webhook(std::string url, std::string id, s
     result.delivered = outcome.delivered;
     if (outcome.delivered || !outcome.retry || attempt >= max_attempts) co_return result;
     pause.expires_after(jittered(backoff, random));
-    backoff = std::min(backoff * 2, policy.max_backoff);
+    backoff = std::min(backoff * 2, cap);
     auto [ec] = co_await pause.async_wait(as_tuple);
     if (ec) {
       result.last_error = "cancelled";

@@ -305,6 +305,36 @@ TEST_CASE("webhook 408 and 429 are retried until the attempts run out", "[gatewa
   CHECK(receiver.accepts == 3);
 }
 
+TEST_CASE("webhook backoff doubles after each failure, up to its cap", "[gateway][webhook]") {
+  net::io_context ioc;
+  Receiver receiver(ioc);
+  receiver.script = {{Receiver::Reply::status, 503}};
+  net::co_spawn(ioc, serve(receiver), net::detached);
+  auto policy = loopback_policy();
+  policy.max_attempts = 5;
+  policy.first_backoff = 100ms;
+  // Jitter keeps each wait in [b/2, b]. Doubled, the four waits take at least
+  // 50 + 100 + 200 + 400 = 750 ms; capped at 100 ms, at most 400 ms.
+  SECTION("doubled") {
+    policy.max_backoff = 800ms;
+    auto started = SteadyClock::now();
+    auto result = deliver(ioc, receiver.url(), policy);
+    auto took = SteadyClock::now() - started;
+    CHECK(result.attempts == 5);
+    CHECK(took >= 750ms);
+    CHECK(took < 5s);
+  }
+  SECTION("capped") {
+    policy.max_backoff = 100ms;
+    auto started = SteadyClock::now();
+    auto result = deliver(ioc, receiver.url(), policy);
+    auto took = SteadyClock::now() - started;
+    CHECK(result.attempts == 5);
+    CHECK(took >= 200ms);
+    CHECK(took < 650ms);  // 400 ms of waits, deliver()'s 50 ms drain, the attempts themselves
+  }
+}
+
 TEST_CASE("a webhook receiver that never answers times out on every attempt", "[gateway][webhook]") {
   net::io_context ioc;
   Receiver receiver(ioc);
