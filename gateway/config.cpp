@@ -3,6 +3,8 @@
 #include <arpa/inet.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
+#include <cctype>
 #include <charconv>
 #include <fstream>
 #include <set>
@@ -106,6 +108,9 @@ void check_references(const ConfigReader& r, const Config& c) {
       }
     }
   }
+  for (const auto& e : c.jobs.endpoints) {
+    if (!models.contains(e.model)) r.fail("jobs.endpoints", "endpoint '" + e.name + "' names unknown model '" + e.model + "'");
+  }
 }
 
 // "http://HOST[:PORT][/]": the app is reached over plain HTTP on a trusted network.
@@ -144,6 +149,84 @@ std::vector<std::string> read_string_list(const ConfigReader& r, const YAML::Nod
   return out;
 }
 
+bool valid_endpoint_name(const std::string& name) {
+  return !name.empty() && name.size() <= 64 && std::all_of(name.begin(), name.end(), [](char ch) {
+    return std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_';
+  });
+}
+
+JobEndpointConfig read_job_endpoint(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
+  r.expect_map(node, path,
+               {"name", "model", "max_concurrency", "max_queue", "execution_timeout", "result_ttl", "on_interrupt",
+                "defaults"});
+  JobEndpointConfig e;
+  for (const char* key : {"name", "model"}) {
+    if (!node[key]) r.fail(path, std::string("missing key '") + key + "'");
+  }
+  e.name = r.string(node["name"], child_path(path, "name"));
+  if (!valid_endpoint_name(e.name)) r.fail(child_path(path, "name"), "use 1 to 64 of A-Z a-z 0-9 - _");
+  e.model = r.string(node["model"], child_path(path, "model"));
+  if (auto n = node["max_concurrency"]) {
+    e.max_concurrency = static_cast<std::size_t>(r.integer(n, child_path(path, "max_concurrency"), 1, 10'000));
+  }
+  if (auto n = node["max_queue"]) {
+    e.max_queue = static_cast<std::size_t>(r.integer(n, child_path(path, "max_queue"), 1, 10'000'000));
+  }
+  if (auto n = node["execution_timeout"]) e.execution_timeout = r.duration(n, child_path(path, "execution_timeout"));
+  if (auto n = node["result_ttl"]) e.result_ttl = r.duration(n, child_path(path, "result_ttl"));
+  if (e.execution_timeout.count() <= 0 || e.result_ttl.count() <= 0) r.fail(path, "durations must be positive");
+  if (auto n = node["on_interrupt"]) {
+    auto v = r.string(n, child_path(path, "on_interrupt"));
+    if (v != "fail" && v != "requeue") r.fail(child_path(path, "on_interrupt"), "expected fail or requeue");
+    e.requeue_interrupted = v == "requeue";
+  }
+  if (auto n = node["defaults"]) {
+    auto where = child_path(path, "defaults");
+    r.expect_map(n, where,
+                 {"max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                  "frequency_penalty", "repetition_penalty"});
+    for (const auto& kv : n) {
+      auto key = kv.first.as<std::string>();
+      e.defaults.emplace_back(key, r.string(kv.second, child_path(where, key)));
+    }
+  }
+  return e;
+}
+
+WebhookConfig read_webhook(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
+  r.expect_map(node, path, {"secret", "timeout", "max_attempts", "first_backoff", "allow_private", "allow_hosts"});
+  WebhookConfig w;
+  if (auto n = node["secret"]) w.secret = r.scalar(n, child_path(path, "secret"));
+  if (auto n = node["timeout"]) w.timeout = r.duration(n, child_path(path, "timeout"));
+  if (auto n = node["max_attempts"]) w.max_attempts = static_cast<int>(r.integer(n, child_path(path, "max_attempts"), 1, 100));
+  if (auto n = node["first_backoff"]) w.first_backoff = r.duration(n, child_path(path, "first_backoff"));
+  if (auto n = node["allow_private"]) w.allow_private = r.boolean(n, child_path(path, "allow_private"));
+  if (auto n = node["allow_hosts"]) w.allow_hosts = read_string_list(r, n, child_path(path, "allow_hosts"));
+  if (w.timeout.count() <= 0) r.fail(child_path(path, "timeout"), "must be positive");
+  return w;
+}
+
+JobsConfig read_jobs(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
+  r.expect_map(node, path, {"endpoints", "runsync_wait", "stream_wait", "purge_interval", "webhook"});
+  JobsConfig j;
+  if (auto n = node["endpoints"]) {
+    auto where = child_path(path, "endpoints");
+    if (!n.IsSequence()) r.fail(where, "expected a list");
+    std::set<std::string> names;
+    for (std::size_t i = 0; i < n.size(); ++i) {
+      auto e = read_job_endpoint(r, n[i], where + "[" + std::to_string(i) + "]");
+      if (!names.insert(e.name).second) r.fail(where, "endpoint '" + e.name + "' is defined twice");
+      j.endpoints.push_back(std::move(e));
+    }
+  }
+  if (auto n = node["runsync_wait"]) j.runsync_wait = r.duration(n, child_path(path, "runsync_wait"));
+  if (auto n = node["stream_wait"]) j.stream_wait = r.duration(n, child_path(path, "stream_wait"));
+  if (auto n = node["purge_interval"]) j.purge_interval = r.duration(n, child_path(path, "purge_interval"));
+  if (j.purge_interval.count() <= 0) r.fail(child_path(path, "purge_interval"), "must be positive");
+  if (auto n = node["webhook"]) j.webhook = read_webhook(r, n, child_path(path, "webhook"));
+  return j;
+}
+
 }  // namespace
 
 std::optional<ListenAddress> parse_listen(const std::string& text) {
@@ -173,7 +256,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source) {
   if (root.IsNull()) return c;
   r.expect_map(root, "",
                {"listen", "database", "io_threads", "limits", "metering", "backends", "models", "routing",
-                "app_upstream", "app_timeouts", "public_paths", "trusted_proxies"});
+                "app_upstream", "app_timeouts", "public_paths", "trusted_proxies", "jobs"});
   if (auto n = root["listen"]) {
     auto s = r.scalar(n, "listen");
     auto a = parse_listen(s);
@@ -229,6 +312,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source) {
       }
     }
   }
+  if (auto n = root["jobs"]) c.jobs = read_jobs(r, n, "jobs");
   check_references(r, c);
   return c;
 }

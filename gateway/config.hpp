@@ -76,6 +76,36 @@ struct AppUpstreamConfig {
   std::chrono::milliseconds idle_timeout{60'000};        // between reads and writes on the app connection
 };
 
+// One job API endpoint: /v2/{name}/... runs jobs on a routed model.
+struct JobEndpointConfig {
+  std::string name;   // [A-Za-z0-9_-], at most 64
+  std::string model;  // a routed model's public name
+  std::size_t max_concurrency = 4;
+  std::size_t max_queue = 1'000;  // IN_QUEUE jobs past this: 429
+  std::chrono::milliseconds execution_timeout{600'000};
+  std::chrono::milliseconds result_ttl{86'400'000};  // results kept this long after a job ends
+  bool requeue_interrupted = false;  // a job cut by a restart runs again (else it FAILED)
+  // sampling_params a job does not set: YAML scalars as written, e.g. max_tokens: "256".
+  std::vector<std::pair<std::string, std::string>> defaults;
+};
+
+struct WebhookConfig {
+  std::string secret;  // signs every delivery (HMAC-SHA256); empty: unsigned
+  std::chrono::milliseconds timeout{10'000};
+  int max_attempts = 5;
+  std::chrono::milliseconds first_backoff{1'000};
+  bool allow_private = false;  // loopback, private and link-local targets
+  std::vector<std::string> allow_hosts;
+};
+
+struct JobsConfig {
+  std::vector<JobEndpointConfig> endpoints;
+  std::chrono::milliseconds runsync_wait{90'000};  // how long /runsync waits at most
+  std::chrono::milliseconds stream_wait{2'000};    // how long /stream waits for new output
+  std::chrono::milliseconds purge_interval{60'000};
+  WebhookConfig webhook;
+};
+
 struct Config {
   ListenAddress listen;
   std::string database = "./tollgate.db";
@@ -90,6 +120,7 @@ struct Config {
   std::vector<std::string> public_paths;
   // Peers whose X-Forwarded-* headers are kept (appended to); from others they are replaced.
   std::vector<std::string> trusted_proxies;
+  JobsConfig jobs;
 };
 
 // Parses YAML text; `source` names it in error messages. Throws ConfigError.

@@ -53,7 +53,19 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
                                       {"backend", "kind"})),
       backend_duration(registry.histogram("tollgate_backend_request_duration_seconds",
                                           "Time from starting a backend call to its final event.", {"backend"},
-                                          metering::latency_buckets())) {
+                                          metering::latency_buckets())),
+      jobs(registry.counter("tollgate_jobs_total",
+                            "Jobs of the /v2 job API by endpoint and state: IN_QUEUE counts jobs accepted, the "
+                            "final states count jobs ended.",
+                            {"endpoint", "state"})),
+      jobs_active(registry.gauge("tollgate_jobs", "Jobs waiting (IN_QUEUE) and running (IN_PROGRESS) now.",
+                                 {"endpoint", "state"})),
+      job_queue_wait(registry.histogram("tollgate_job_queue_wait_seconds", "Time a job waited before it started.",
+                                        {"endpoint"}, metering::latency_buckets())),
+      job_execution(registry.histogram("tollgate_job_execution_seconds", "Time a job ran.", {"endpoint"},
+                                       metering::latency_buckets())),
+      webhooks(registry.counter("tollgate_job_webhooks_total",
+                                "Job webhooks by result: delivered, or failed after every attempt.", {"result"})) {
   metering::add_process_collector(registry);
 }
 

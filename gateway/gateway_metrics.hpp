@@ -32,6 +32,11 @@ struct GatewayMetrics {
   metering::Family<metering::Counter>& user_tokens;         // user, direction (only when per_user)
   metering::Family<metering::Counter>& backend_errors;      // backend, kind
   metering::Family<metering::Histogram>& backend_duration;  // backend
+  metering::Family<metering::Counter>& jobs;                // endpoint, state: jobs accepted and jobs ended
+  metering::Family<metering::Gauge>& jobs_active;           // endpoint, state: IN_QUEUE and IN_PROGRESS now
+  metering::Family<metering::Histogram>& job_queue_wait;    // endpoint
+  metering::Family<metering::Histogram>& job_execution;     // endpoint
+  metering::Family<metering::Counter>& webhooks;            // result: delivered, failed
 };
 
 }  // namespace tollgate::gateway

@@ -21,6 +21,7 @@
 #include "gateway/config.hpp"
 #include "gateway/event_queue.hpp"
 #include "gateway/gateway_metrics.hpp"
+#include "gateway/jobs.hpp"
 #include "gateway/proxy/app_upstream.hpp"
 #include "metering/quota.hpp"
 #include "metering/store.hpp"
@@ -60,6 +61,7 @@ struct Gateway {
   std::mutex connections_mutex;
   std::list<std::weak_ptr<Connection>> connections;
   std::string all_models_body;  // /v1/models for a key that may use every model
+  std::unique_ptr<JobManager> jobs;  // the /v2 job API; set once the io contexts exist
 
   explicit Gateway(const Config& c) : config(c), metrics(c.metering.per_user_metrics) {}
 };

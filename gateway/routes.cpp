@@ -13,6 +13,8 @@ constexpr std::array kRoutes{
     Route{"/healthz", false, kGet, RouteAuth::none, "/healthz", RouteHandler::health},
     Route{"/readyz", false, kGet, RouteAuth::none, "/readyz", RouteHandler::readiness},
     Route{"/metrics", false, kGet, RouteAuth::none, "/metrics", RouteHandler::metrics},
+    // The job API checks its own methods per operation.
+    Route{"/v2", true, kGet | kPost, RouteAuth::key, "/v2", RouteHandler::jobs},
     // The admin API checks its own methods per resource.
     Route{"/admin", true, kAnyMethod, RouteAuth::admin, "/admin", RouteHandler::admin},
 };

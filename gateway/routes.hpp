@@ -16,7 +16,17 @@ enum class RouteAuth {
 };
 
 // What answers a route; the session maps each to its handler.
-enum class RouteHandler { chat_completions, completions, embeddings, models, health, readiness, metrics, admin };
+enum class RouteHandler {
+  chat_completions,
+  completions,
+  embeddings,
+  models,
+  health,
+  readiness,
+  metrics,
+  admin,
+  jobs,  // /v2/{endpoint}/...: only while job endpoints are configured
+};
 
 // HTTP methods a route accepts, as a bit set.
 enum Method : std::uint8_t { kGet = 1, kPost = 2, kAnyMethod = 0xff };

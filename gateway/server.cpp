@@ -73,9 +73,14 @@ awaitable<void> accept_loop(Gateway& gw, tcp::acceptor& acceptor) {
 awaitable<void> drain(Gateway& gw, std::vector<std::unique_ptr<net::io_context>>& contexts) {
   auto deadline = SteadyClock::now() + gw.config.limits.shutdown_grace;
   net::steady_timer timer(co_await net::this_coro::executor);
-  while (gw.open_connections.load() > 0 && SteadyClock::now() < deadline) {
+  auto busy = [&gw] { return gw.open_connections.load() > 0 || gw.jobs->running() > 0; };
+  while (busy() && SteadyClock::now() < deadline) {
     timer.expires_after(std::chrono::milliseconds(20));
     co_await timer.async_wait(use_awaitable);
+  }
+  if (gw.jobs->running() > 0) {
+    gw.cut_off = true;
+    gw.jobs->cut_off();
   }
   if (gw.open_connections.load() > 0) {
     // Completions still running are told why they end: a stream gets an SSE
@@ -96,7 +101,7 @@ awaitable<void> drain(Gateway& gw, std::vector<std::unique_ptr<net::io_context>>
     }
   }
   auto last_words = SteadyClock::now() + std::chrono::milliseconds(500);
-  while (gw.open_connections.load() > 0 && SteadyClock::now() < last_words) {
+  while (busy() && SteadyClock::now() < last_words) {
     timer.expires_after(std::chrono::milliseconds(20));
     co_await timer.async_wait(use_awaitable);
   }
@@ -167,6 +172,9 @@ int run_server(const Config& config) {
     for (auto& c : contexts) gw.app->add_context(*c);
   }
   for (const auto& t : config.trusted_proxies) gw.trusted_proxies.push_back(net::ip::make_address(t));
+  // Jobs run on the first context; what the last run left queued starts again.
+  gw.jobs = std::make_unique<JobManager>(gw, contexts[0]->get_executor());
+  gw.jobs->recover();
   for (int i = 0; i < threads; ++i) {
     net::co_spawn(*contexts[i], accept_loop(gw, *acceptors[i]), net::detached);
   }
@@ -175,6 +183,7 @@ int run_server(const Config& config) {
   signals->async_wait([&](const boost::system::error_code& ec, int) {
     if (ec) return;
     gw.stopping = true;
+    gw.jobs->stop_starting();
     for (int i = 0; i < threads; ++i) {
       net::post(*contexts[i], [&, i] {
         beast::error_code ignored;
@@ -212,6 +221,7 @@ int run_server(const Config& config) {
   gw.prepare_pool.join();
   gw.router = backends::Router();
   gw.app.reset();  // pooled app connections live on the contexts: closed first
+  gw.jobs->release();
   signals.reset();
   acceptors.clear();
   contexts.clear();

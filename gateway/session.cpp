@@ -200,6 +200,8 @@ awaitable<bool> Session::handle(RequestParser& parser) {
   auto& req = parser.get();
   std::string_view path = target_path(req.target());
   const Route* route = find_route(path);
+  // Without job endpoints, /v2 is not the gateway's: an app behind it may use it.
+  if (route && route->handler == RouteHandler::jobs && gw_.config.jobs.endpoints.empty()) route = nullptr;
   Exchange x(gw_, route ? route->label : "other");
 
   if (gw_.app && !route) co_return co_await handle_app(parser, x, path);
@@ -241,6 +243,8 @@ awaitable<bool> Session::handle(RequestParser& parser) {
     case RouteHandler::readiness:
     case RouteHandler::metrics:
       co_return co_await handle_status(req, x, route->handler);
+    case RouteHandler::jobs:
+      co_return co_await handle_jobs(req, x);
     case RouteHandler::admin:
       break;  // dispatched above, before its body is read
   }

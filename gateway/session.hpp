@@ -75,6 +75,10 @@ class Session {
   boost::asio::awaitable<bool> handle_models(const Request& req, Exchange& x);
   boost::asio::awaitable<bool> handle_completion(const Request& req, Exchange& x, RouteHandler which);
   boost::asio::awaitable<bool> handle_app(RequestParser& parser, Exchange& x, std::string_view path);
+  boost::asio::awaitable<bool> handle_jobs(const Request& req, Exchange& x);
+  boost::asio::awaitable<bool> submit_job(const Request& req, Exchange& x, const JobEndpointConfig& endpoint,
+                                          bool sync);
+  boost::asio::awaitable<bool> write_json(const Request& req, Exchange& x, std::string body);
   bool peer_is_trusted();
 
   // The backend's next events. For an answer that is not streamed, the client

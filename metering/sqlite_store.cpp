@@ -111,7 +111,33 @@ CREATE INDEX usage_events_ts ON usage_events(ts);
 DROP INDEX usage_events_user_ts;
 DROP INDEX usage_events_key_ts;
 )sql",
+    // Serverless-style jobs (gateway/jobs.hpp).
+    R"sql(
+CREATE TABLE jobs (
+  id TEXT PRIMARY KEY,
+  endpoint TEXT NOT NULL,
+  user_id INTEGER NOT NULL,
+  key_id INTEGER NOT NULL,
+  state TEXT NOT NULL,
+  request TEXT NOT NULL,
+  webhook TEXT NOT NULL,
+  output TEXT NOT NULL,
+  error TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  started_at INTEGER NOT NULL,
+  finished_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  execution_timeout_ms INTEGER NOT NULL,
+  ttl_ms INTEGER NOT NULL,
+  attempts INTEGER NOT NULL
+);
+CREATE INDEX jobs_state ON jobs(state, created_at);
+)sql",
 };
+
+constexpr const char* kSelectJob =
+    "SELECT id, endpoint, user_id, key_id, state, request, webhook, output, error, created_at, started_at,"
+    " finished_at, expires_at, execution_timeout_ms, ttl_ms, attempts FROM jobs";
 
 // --- UTC windows (the quota limiter's arithmetic, so both agree) -----------
 
@@ -260,6 +286,27 @@ ApiKey read_key(const Query& q) {
   key.models = split_models(q.text_at(8));
   key.limits = q.limits_at(9);
   return key;
+}
+
+JobRecord read_job(const Query& q) {
+  JobRecord job;
+  job.id = q.text_at(0);
+  job.endpoint = q.text_at(1);
+  job.user_id = q.int64_at(2);
+  job.key_id = q.int64_at(3);
+  job.state = parse_job_state(q.text_at(4)).value_or(JobState::failed);
+  job.request = q.text_at(5);
+  job.webhook = q.text_at(6);
+  job.output = q.text_at(7);
+  job.error = q.text_at(8);
+  job.created_at = q.int64_at(9);
+  job.started_at = q.int64_at(10);
+  job.finished_at = q.int64_at(11);
+  job.expires_at = q.int64_at(12);
+  job.execution_timeout_ms = q.int64_at(13);
+  job.ttl_ms = q.int64_at(14);
+  job.attempts = q.int64_at(15);
+  return job;
 }
 
 class SqliteStore final : public Store {
@@ -413,6 +460,73 @@ class SqliteStore final : public Store {
         .bind(1, name)
         .bind(2, value)
         .run();
+  }
+
+  void insert_job(const JobRecord& job) override {
+    std::lock_guard lock(mutex_);
+    query(
+        "INSERT INTO jobs (id, endpoint, user_id, key_id, state, request, webhook, output, error, created_at,"
+        " started_at, finished_at, expires_at, execution_timeout_ms, ttl_ms, attempts)"
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)")
+        .bind(1, job.id)
+        .bind(2, job.endpoint)
+        .bind(3, job.user_id)
+        .bind(4, job.key_id)
+        .bind(5, job_state_name(job.state))
+        .bind(6, job.request)
+        .bind(7, job.webhook)
+        .bind(8, job.output)
+        .bind(9, job.error)
+        .bind(10, job.created_at)
+        .bind(11, job.started_at)
+        .bind(12, job.finished_at)
+        .bind(13, job.expires_at)
+        .bind(14, job.execution_timeout_ms)
+        .bind(15, job.ttl_ms)
+        .bind(16, job.attempts)
+        .run();
+  }
+
+  void update_job(const JobRecord& job) override {
+    std::lock_guard lock(mutex_);
+    query(
+        "UPDATE jobs SET state = ?2, webhook = ?3, output = ?4, error = ?5, started_at = ?6, finished_at = ?7,"
+        " expires_at = ?8, execution_timeout_ms = ?9, ttl_ms = ?10, attempts = ?11 WHERE id = ?1")
+        .bind(1, job.id)
+        .bind(2, job_state_name(job.state))
+        .bind(3, job.webhook)
+        .bind(4, job.output)
+        .bind(5, job.error)
+        .bind(6, job.started_at)
+        .bind(7, job.finished_at)
+        .bind(8, job.expires_at)
+        .bind(9, job.execution_timeout_ms)
+        .bind(10, job.ttl_ms)
+        .bind(11, job.attempts)
+        .run();
+  }
+
+  std::optional<JobRecord> find_job(std::string_view id) override {
+    std::lock_guard lock(mutex_);
+    Query q = query(std::string(kSelectJob) + " WHERE id = ?1");
+    q.bind(1, id);
+    if (!q.step()) return std::nullopt;
+    return read_job(q);
+  }
+
+  std::vector<JobRecord> unfinished_jobs() override {
+    std::lock_guard lock(mutex_);
+    Query q = query(std::string(kSelectJob) +
+                    " WHERE state IN ('IN_QUEUE', 'IN_PROGRESS') ORDER BY created_at, rowid");
+    std::vector<JobRecord> jobs;
+    while (q.step()) jobs.push_back(read_job(q));
+    return jobs;
+  }
+
+  std::int64_t purge_jobs(EpochMs now) override {
+    std::lock_guard lock(mutex_);
+    query("DELETE FROM jobs WHERE finished_at > 0 AND expires_at <= ?1").bind(1, now).run();
+    return sqlite3_changes64(db_);
   }
 
   void append_usage(std::span<const UsageEvent> events) override {

@@ -31,6 +31,33 @@ struct NewKey {
   Limits limits;
 };
 
+// A serverless-style job (gateway/jobs.hpp), as the store keeps it.
+enum class JobState { in_queue, in_progress, completed, failed, cancelled, timed_out };
+
+// "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT".
+std::string_view job_state_name(JobState state);
+std::optional<JobState> parse_job_state(std::string_view name);
+inline bool job_state_final(JobState s) { return s != JobState::in_queue && s != JobState::in_progress; }
+
+struct JobRecord {
+  std::string id;
+  std::string endpoint;
+  std::int64_t user_id = 0;
+  std::int64_t key_id = 0;
+  JobState state = JobState::in_queue;
+  std::string request;  // the job's body as submitted: {"input", "webhook", "policy"}
+  std::string webhook;  // where the end is announced; empty: nowhere
+  std::string output;   // a completed job's output, JSON
+  std::string error;    // why it did not complete
+  EpochMs created_at = 0;
+  EpochMs started_at = 0;   // 0: not started
+  EpochMs finished_at = 0;  // 0: not finished
+  EpochMs expires_at = 0;   // a finished job is purged after this
+  std::int64_t execution_timeout_ms = 0;
+  std::int64_t ttl_ms = 0;  // kept this long after it finishes
+  std::int64_t attempts = 0;  // runs started (retries and requeues count)
+};
+
 class Store {
  public:
   virtual ~Store() = default;
@@ -67,6 +94,15 @@ class Store {
     std::map<std::int64_t, SubjectUsage> keys;
   };
   virtual QuotaState quota_state(EpochMs now) = 0;
+
+  // Jobs. Each call is its own transaction: a job inserted is on disk when it returns.
+  virtual void insert_job(const JobRecord& job) = 0;  // StoreError when the id exists
+  virtual void update_job(const JobRecord& job) = 0;  // everything but id, endpoint, user, key, request, created_at
+  virtual std::optional<JobRecord> find_job(std::string_view id) = 0;
+  // IN_QUEUE and IN_PROGRESS jobs, oldest first (what a restart picks up).
+  virtual std::vector<JobRecord> unfinished_jobs() = 0;
+  // Deletes finished jobs whose expires_at has passed; returns how many.
+  virtual std::int64_t purge_jobs(EpochMs now) = 0;
 };
 
 // Opens (creating and migrating as needed) a SQLite store at `path` in WAL mode.

@@ -136,4 +136,9 @@ std::string chat_body(const std::string& model, const std::string& content, cons
 // The number of rows in usage_events, read straight from the SQLite file.
 std::int64_t count_usage_rows(const std::string& db, const std::string& where = "1=1");
 
+// Every row of `sql` as text (NULL as "NULL"), read straight from the SQLite file.
+std::vector<std::vector<std::string>> sql_rows(const std::string& db, const std::string& sql);
+// The one integer `sql` selects.
+std::int64_t sql_int(const std::string& db, const std::string& sql);
+
 }  // namespace tollgate::test

@@ -36,47 +36,6 @@ std::string config_with_flush(const std::string& flush) {
   return c;
 }
 
-// Every row of `sql` as text (NULL as "NULL"), read with the sqlite3 C API.
-std::vector<std::vector<std::string>> sql_rows(const std::string& db, const std::string& sql) {
-  sqlite3* handle = nullptr;
-  // Read-write so a WAL left behind by a killed process can be recovered.
-  if (sqlite3_open_v2(db.c_str(), &handle, SQLITE_OPEN_READWRITE, nullptr) != SQLITE_OK) {
-    std::string message = handle ? sqlite3_errmsg(handle) : "out of memory";
-    sqlite3_close(handle);
-    throw std::runtime_error("cannot open " + db + ": " + message);
-  }
-  sqlite3_busy_timeout(handle, 5000);
-  sqlite3_stmt* stmt = nullptr;
-  if (sqlite3_prepare_v2(handle, sql.c_str(), -1, &stmt, nullptr) != SQLITE_OK) {
-    std::string message = sqlite3_errmsg(handle);
-    sqlite3_close(handle);
-    throw std::runtime_error("cannot prepare '" + sql + "': " + message);
-  }
-  std::vector<std::vector<std::string>> rows;
-  int rc;
-  while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
-    std::vector<std::string> row;
-    for (int i = 0; i < sqlite3_column_count(stmt); ++i) {
-      auto text = sqlite3_column_text(stmt, i);
-      row.emplace_back(text ? reinterpret_cast<const char*>(text) : "NULL");
-    }
-    rows.push_back(std::move(row));
-  }
-  std::string message = sqlite3_errmsg(handle);
-  sqlite3_finalize(stmt);
-  sqlite3_close(handle);
-  if (rc != SQLITE_DONE) throw std::runtime_error("query '" + sql + "' failed: " + message);
-  return rows;
-}
-
-std::int64_t sql_int(const std::string& db, const std::string& sql) {
-  auto rows = sql_rows(db, sql);
-  if (rows.size() != 1 || rows[0].size() != 1 || rows[0][0] == "NULL") {
-    throw std::runtime_error("expected one integer from '" + sql + "'");
-  }
-  return std::stoll(rows[0][0]);
-}
-
 // The usage object of a streamed body: the chunk that carries one.
 json::object streamed_usage(const std::string& body) {
   std::size_t pos = 0;

@@ -281,3 +281,62 @@ TEST_CASE("parse_config interpolates values, not comments", "[gateway][config]")
   CHECK(contains(missing, "TG_UNIT_MISSING"));
   CHECK(contains(config_error("limits: {max_body: '${TG_UNIT_MISSING}'}"), "limits.max_body"));
 }
+
+TEST_CASE("the jobs section reads its endpoints, waits and webhook policy, and refuses what it cannot run",
+          "[gateway][config][jobs]") {
+  const std::string models = R"(
+backends: [{name: echo, type: echo}]
+models: [{name: echo, deployments: [{backend: echo}]}]
+)";
+  auto c = parse_config(models + R"(
+jobs:
+  runsync_wait: 5s
+  stream_wait: 250ms
+  purge_interval: 2s
+  webhook: {secret: abc, timeout: 3s, max_attempts: 2, first_backoff: 20ms, allow_private: true, allow_hosts: [hooks.internal]}
+  endpoints:
+    - {name: sum-1, model: echo, max_concurrency: 3, max_queue: 10, execution_timeout: 30s, result_ttl: 1h,
+       on_interrupt: requeue, defaults: {max_tokens: 64, temperature: 0.5}}
+    - {name: plain, model: echo}
+)",
+                        "test.yaml");
+  CHECK(c.jobs.runsync_wait == 5s);
+  CHECK(c.jobs.stream_wait == 250ms);
+  CHECK(c.jobs.purge_interval == 2s);
+  CHECK(c.jobs.webhook.secret == "abc");
+  CHECK(c.jobs.webhook.timeout == 3s);
+  CHECK(c.jobs.webhook.max_attempts == 2);
+  CHECK(c.jobs.webhook.first_backoff == 20ms);
+  CHECK(c.jobs.webhook.allow_private);
+  CHECK(c.jobs.webhook.allow_hosts == std::vector<std::string>{"hooks.internal"});
+  REQUIRE(c.jobs.endpoints.size() == 2);
+  const auto& e = c.jobs.endpoints[0];
+  CHECK(e.name == "sum-1");
+  CHECK(e.model == "echo");
+  CHECK(e.max_concurrency == 3);
+  CHECK(e.max_queue == 10);
+  CHECK(e.execution_timeout == 30s);
+  CHECK(e.result_ttl == 1h);
+  CHECK(e.requeue_interrupted);
+  CHECK(e.defaults.size() == 2);
+  const auto& d = c.jobs.endpoints[1];
+  CHECK(d.max_concurrency == 4);
+  CHECK(d.execution_timeout == 600s);
+  CHECK(d.result_ttl == 24h);
+  CHECK_FALSE(d.requeue_interrupted);
+  CHECK_FALSE(parse_config(models, "test.yaml").jobs.webhook.allow_private);
+
+  CHECK(contains(config_error(models + "jobs: {endpoints: [{name: x, model: nope}]}"), "unknown model 'nope'"));
+  CHECK(contains(config_error(models + "jobs: {endpoints: [{name: 'a/b', model: echo}]}"), "jobs.endpoints[0].name"));
+  CHECK(contains(config_error(models + "jobs: {endpoints: [{model: echo}]}"), "missing key 'name'"));
+  CHECK(contains(config_error(models + "jobs: {endpoints: [{name: a, model: echo}, {name: a, model: echo}]}"),
+                 "defined twice"));
+  CHECK(contains(config_error(models + "jobs: {endpoints: [{name: a, model: echo, on_interrupt: retry}]}"),
+                 "fail or requeue"));
+  CHECK(contains(config_error(models + "jobs: {endpoints: [{name: a, model: echo, defaults: {logit_bias: 1}}]}"),
+                 "logit_bias"));
+  CHECK(contains(config_error(models + "jobs: {endpoints: [{name: a, model: echo, max_concurrency: 0}]}"),
+                 "max_concurrency"));
+  CHECK(contains(config_error(models + "jobs: {webhook: {secrte: x}}"), "secrte"));
+  CHECK(contains(config_error(models + "jobs: {purge_interval: 0s}"), "purge_interval"));
+}

@@ -112,7 +112,7 @@ TEST_CASE("opening migrates to the latest user_version in WAL mode, and reopenin
     auto store = open_sqlite_store(db.path());
     store->ensure_user("alice");
   }
-  CHECK(read_pragma(db.path(), "user_version") == 2);
+  CHECK(read_pragma(db.path(), "user_version") == 3);
   CHECK(read_journal_mode(db.path()) == "wal");
   {
     auto store = open_sqlite_store(db.path());
@@ -120,7 +120,7 @@ TEST_CASE("opening migrates to the latest user_version in WAL mode, and reopenin
     CHECK(store->list_users().size() == 1);
     CHECK(again->find_user("alice").has_value());
   }
-  CHECK(read_pragma(db.path(), "user_version") == 2);
+  CHECK(read_pragma(db.path(), "user_version") == 3);
 }
 
 TEST_CASE("a version-1 database keeps its usage rows and gets the single ts index", "[metering][store]") {
@@ -134,14 +134,15 @@ TEST_CASE("a version-1 database keeps its usage rows and gets the single ts inde
     key = a.id;
     store->append_usage(std::vector<UsageEvent>{event(now - 1000, a.user_id, a.id, "m", 200, 10, 5)});
   }
-  // Back to version 1's indexes, as a database written by an older build has them.
+  // Back to version 1's schema, as a database written by an older build has it.
   run_sql(db.path(),
-          "DROP INDEX usage_events_ts;"
+          "DROP TABLE jobs;"
+          " DROP INDEX usage_events_ts;"
           " CREATE INDEX usage_events_user_ts ON usage_events(user_id, ts);"
           " CREATE INDEX usage_events_key_ts ON usage_events(key_id, ts);"
           " PRAGMA user_version = 1;");
   auto store = open_sqlite_store(db.path());
-  CHECK(read_pragma(db.path(), "user_version") == 2);
+  CHECK(read_pragma(db.path(), "user_version") == 3);
   CHECK(read_text(db.path(), "SELECT group_concat(name, ',') FROM sqlite_master"
                              " WHERE type = 'index' AND tbl_name = 'usage_events'") == "usage_events_ts");
   CHECK(store->count_usage_events() == 1);
@@ -564,4 +565,78 @@ TEST_CASE("quota_state's month window crosses the year correctly", "[metering][s
   // 2025-01-01T00:00:00Z: a new month, nothing counted yet.
   const auto january = store->quota_state(k2024_12_31_235959 + 1000);
   CHECK(january.users.empty());
+}
+
+TEST_CASE("jobs are stored at once, updated, picked up unfinished in order, and purged after they expire",
+          "[metering][store][jobs]") {
+  TempDatabase db;
+  auto store = open_sqlite_store(db.path());
+  auto job = [](std::string id, EpochMs created) {
+    JobRecord j;
+    j.id = std::move(id);
+    j.endpoint = "summarize";
+    j.user_id = 7;
+    j.key_id = 9;
+    j.request = R"({"input":{"prompt":"hi"}})";
+    j.webhook = "https://example.com/hook";
+    j.created_at = created;
+    j.execution_timeout_ms = 60'000;
+    j.ttl_ms = 1'000;
+    return j;
+  };
+  store->insert_job(job("job-b", 200));
+  store->insert_job(job("job-a", 100));
+  store->insert_job(job("job-c", 300));
+  CHECK_THROWS_AS(store->insert_job(job("job-a", 400)), StoreError);
+
+  // Another connection sees them: each insert is its own committed transaction.
+  auto other = open_sqlite_store(db.path());
+  auto a = other->find_job("job-a");
+  REQUIRE(a);
+  CHECK(a->endpoint == "summarize");
+  CHECK(a->user_id == 7);
+  CHECK(a->key_id == 9);
+  CHECK(a->state == JobState::in_queue);
+  CHECK(a->request == R"({"input":{"prompt":"hi"}})");
+  CHECK(a->webhook == "https://example.com/hook");
+  CHECK_FALSE(other->find_job("job-zzz"));
+
+  auto b = *store->find_job("job-b");
+  b.state = JobState::in_progress;
+  b.started_at = 250;
+  b.attempts = 1;
+  store->update_job(b);
+  auto c = *store->find_job("job-c");
+  c.state = JobState::completed;
+  c.output = R"({"text":"done"})";
+  c.started_at = 300;
+  c.finished_at = 400;
+  c.expires_at = 1'400;
+  store->update_job(c);
+
+  auto unfinished = other->unfinished_jobs();
+  REQUIRE(unfinished.size() == 2);
+  CHECK(unfinished[0].id == "job-a");  // oldest first
+  CHECK(unfinished[1].id == "job-b");
+  CHECK(unfinished[1].state == JobState::in_progress);
+  CHECK(unfinished[1].attempts == 1);
+  CHECK(other->find_job("job-c")->output == R"({"text":"done"})");
+
+  CHECK(store->purge_jobs(1'399) == 0);
+  CHECK(store->purge_jobs(1'400) == 1);  // only the finished one, once expired
+  CHECK_FALSE(store->find_job("job-c"));
+  CHECK(store->find_job("job-a"));
+  CHECK(store->purge_jobs(1'000'000) == 0);  // unfinished jobs never expire
+}
+
+TEST_CASE("job states have RunPod's names both ways", "[metering][jobs]") {
+  for (auto state : {JobState::in_queue, JobState::in_progress, JobState::completed, JobState::failed,
+                     JobState::cancelled, JobState::timed_out}) {
+    CHECK(parse_job_state(job_state_name(state)) == state);
+  }
+  CHECK(job_state_name(JobState::timed_out) == "TIMED_OUT");
+  CHECK(job_state_name(JobState::in_queue) == "IN_QUEUE");
+  CHECK_FALSE(parse_job_state("in_queue"));
+  CHECK(job_state_final(JobState::cancelled));
+  CHECK_FALSE(job_state_final(JobState::in_progress));
 }

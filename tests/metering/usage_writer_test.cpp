@@ -69,6 +69,11 @@ class FlakyStore : public Store {
   std::vector<UsageRow> usage(const UsageQuery& query) override { return inner_->usage(query); }
   std::int64_t count_usage_events() override { return inner_->count_usage_events(); }
   QuotaState quota_state(EpochMs now) override { return inner_->quota_state(now); }
+  void insert_job(const JobRecord& job) override { inner_->insert_job(job); }
+  void update_job(const JobRecord& job) override { inner_->update_job(job); }
+  std::optional<JobRecord> find_job(std::string_view id) override { return inner_->find_job(id); }
+  std::vector<JobRecord> unfinished_jobs() override { return inner_->unfinished_jobs(); }
+  std::int64_t purge_jobs(EpochMs now) override { return inner_->purge_jobs(now); }
 
  private:
   std::unique_ptr<Store> inner_;

@@ -1,0 +1,958 @@
+#include "gateway/jobs.hpp"
+
+#include <openssl/rand.h>
+
+#include <algorithm>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/json.hpp>
+#include <iostream>
+#include <set>
+
+#include "gateway/completion_flow.hpp"
+#include "gateway/completion_request.hpp"
+#include "gateway/gateway_state.hpp"
+#include "gateway/webhook.hpp"
+#include "metering/text_bounds.hpp"
+
+namespace tollgate::gateway {
+namespace {
+
+namespace net = boost::asio;
+namespace json = boost::json;
+using net::awaitable;
+using metering::JobState;
+using SteadyClock = std::chrono::steady_clock;
+constexpr auto as_tuple = net::as_tuple(net::use_awaitable);
+
+constexpr std::size_t kMaxWebhookUrl = 2048;
+constexpr std::int64_t kMinTimeoutMs = 1'000;
+constexpr std::int64_t kMaxTimeoutMs = 7LL * 24 * 3600 * 1000;
+// Finished jobs kept in memory for /status and /stream; older ones are read from the store.
+constexpr std::size_t kFinishedInMemory = 10'000;
+
+const std::set<std::string, std::less<>> kSamplingParams{
+    "max_tokens",       "temperature",       "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
+    "frequency_penalty", "repetition_penalty"};
+
+std::optional<std::int64_t> milliseconds_value(const json::value& v) {
+  if (v.is_int64()) return v.as_int64();
+  if (v.is_uint64() && v.as_uint64() <= static_cast<std::uint64_t>(kMaxTimeoutMs)) {
+    return static_cast<std::int64_t>(v.as_uint64());
+  }
+  if (v.is_double() && v.as_double() >= 0 && v.as_double() <= static_cast<double>(kMaxTimeoutMs)) {
+    return static_cast<std::int64_t>(v.as_double());
+  }
+  return std::nullopt;
+}
+
+std::string output_json(const std::string& text, const std::string& finish_reason, std::int64_t prompt_tokens,
+                        std::int64_t completion_tokens) {
+  json::object usage{{"prompt_tokens", prompt_tokens},
+                     {"completion_tokens", completion_tokens},
+                     {"total_tokens", prompt_tokens + completion_tokens}};
+  json::object out{{"text", text}, {"usage", std::move(usage)}};
+  out["finish_reason"] = finish_reason.empty() ? json::value(nullptr) : json::value(finish_reason);
+  return json::serialize(out);
+}
+
+std::int64_t int_or_zero(const json::value* v) {
+  if (!v) return 0;
+  if (v->is_int64()) return v->as_int64();
+  if (v->is_uint64()) return static_cast<std::int64_t>(v->as_uint64());
+  return 0;
+}
+
+}  // namespace
+
+// --- The job body ------------------------------------------------------------
+
+std::variant<JobSpec, ApiError> parse_job_body(std::string_view body, const JobEndpointConfig& endpoint) {
+  boost::system::error_code ec;
+  json::value doc = json::parse(body, ec);
+  if (ec || !doc.is_object()) return bad_request("the body must be a JSON object with an 'input' object");
+  const auto& root = doc.as_object();
+  const auto* input = root.if_contains("input");
+  if (!input || !input->is_object()) return bad_request("'input' must be an object", "input");
+  const auto& in = input->as_object();
+
+  JobSpec spec;
+  spec.execution_timeout = endpoint.execution_timeout;
+  spec.ttl = endpoint.result_ttl;
+  if (const auto* w = root.if_contains("webhook"); w && !w->is_null()) {
+    if (!w->is_string()) return bad_request("'webhook' must be a URL", "webhook");
+    std::string url(w->as_string());
+    if (url.size() > kMaxWebhookUrl) return bad_request("'webhook' is longer than 2048 characters", "webhook");
+    if (auto problem = check_webhook_url(url)) return bad_request("'webhook': " + *problem, "webhook");
+    spec.webhook = std::move(url);
+  }
+  if (const auto* p = root.if_contains("policy"); p && !p->is_null()) {
+    if (!p->is_object()) return bad_request("'policy' must be an object", "policy");
+    for (const auto& [key, value] : p->as_object()) {
+      if (key != "executionTimeout" && key != "ttl") {
+        return bad_request("unknown policy '" + metering::excerpt(key) + "' (executionTimeout, ttl)", "policy");
+      }
+      auto ms = milliseconds_value(value);
+      if (!ms || *ms < kMinTimeoutMs || *ms > kMaxTimeoutMs) {
+        return bad_request("'policy." + std::string(key) + "' must be milliseconds from 1000 to 604800000",
+                           "policy." + std::string(key));
+      }
+      (key == "ttl" ? spec.ttl : spec.execution_timeout) = std::chrono::milliseconds(*ms);
+    }
+  }
+
+  const bool chat = in.contains("messages");
+  if (chat == in.contains("prompt")) return bad_request("'input' needs 'prompt' or 'messages' (one of them)", "input");
+  // The completion this job runs, in the shape /v1 accepts, so one parser judges both.
+  json::object completion;
+  completion["model"] = endpoint.model;
+  completion[chat ? "messages" : "prompt"] = in.at(chat ? "messages" : "prompt");
+  for (const auto& [key, value] : endpoint.defaults) {
+    boost::system::error_code number_ec;
+    auto parsed = json::parse(value, number_ec);
+    completion[key] = number_ec ? json::value(value) : parsed;
+  }
+  for (const auto& [key, value] : in) {
+    if (key == "prompt" || key == "messages") continue;
+    if (key == "stream") {
+      if (!value.is_bool()) return bad_request("'input.stream' must be true or false", "input.stream");
+      continue;
+    }
+    if (key != "sampling_params") {
+      return bad_request("unknown input '" + metering::excerpt(key) + "' (prompt, messages, sampling_params, stream)",
+                         "input");
+    }
+    if (!value.is_object()) return bad_request("'input.sampling_params' must be an object", "input.sampling_params");
+    for (const auto& [name, param] : value.as_object()) {
+      if (!kSamplingParams.contains(std::string_view(name))) {
+        return bad_request("unknown sampling parameter '" + metering::excerpt(name) + "'", "input.sampling_params");
+      }
+      completion[name] = param;
+    }
+  }
+  // Jobs always run streamed where the backend can, so /stream can follow them.
+  auto parsed = parse_completion_request(json::serialize(completion), chat);
+  if (auto* e = std::get_if<ApiError>(&parsed)) {
+    if (e->param) e->param = "input." + *e->param;
+    return *e;
+  }
+  spec.request = std::move(std::get<ParsedCompletion>(parsed).request);
+  return spec;
+}
+
+std::string new_job_id() {
+  unsigned char bytes[16];
+  if (RAND_bytes(bytes, sizeof bytes) != 1) throw std::runtime_error("no randomness for a job id");
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string id = "job-";
+  for (unsigned char b : bytes) {
+    id += kHex[b >> 4];
+    id += kHex[b & 15];
+  }
+  return id;
+}
+
+bool plausible_job_id(std::string_view id) {
+  return !id.empty() && id.size() <= 64 && std::all_of(id.begin(), id.end(), [](char ch) {
+    return std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_';
+  });
+}
+
+std::string job_status_body(const JobSnapshot& job) {
+  const auto& r = job.record;
+  json::object out{{"id", r.id}, {"status", metering::job_state_name(r.state)}};
+  if (r.started_at) out["delayTime"] = r.started_at - r.created_at;
+  if (r.started_at && r.finished_at) out["executionTime"] = r.finished_at - r.started_at;
+  if (!job.output_json.empty()) out["output"] = json::parse(job.output_json);
+  if (!r.error.empty()) out["error"] = r.error;
+  return json::serialize(out);
+}
+
+// --- What the manager keeps per job ------------------------------------------
+
+struct JobManager::Run {
+  explicit Run(net::any_io_executor ex) : deadline(std::move(ex)) {}
+  net::steady_timer deadline;  // the execution timeout; cancelled to stop the job early
+  std::atomic<bool> stop{false};
+  bool cancelled = false;  // by its owner
+  bool shut_down = false;  // by the gateway's shutdown
+};
+
+struct JobManager::Job {
+  metering::JobRecord rec;
+  const JobEndpointConfig* endpoint = nullptr;
+  backends::CompletionRequest request;
+  std::int64_t prompt_estimate = 0;
+  std::optional<metering::Admission> admission;
+  bool running = false;
+  // The output so far, as the backend produced it.
+  std::vector<std::string> pieces;
+  std::size_t streamed = 0;     // pieces already returned by /stream
+  bool end_streamed = false;    // the final stream item (finish reason, usage) went out
+  std::string finish_reason;
+  std::int64_t prompt_tokens = 0;
+  std::int64_t completion_tokens = 0;
+  std::uint64_t version = 1;
+  std::vector<std::weak_ptr<net::steady_timer>> waiters;
+  std::shared_ptr<Run> run;
+
+  std::string text() const {
+    std::string t;
+    for (const auto& p : pieces) t += p;
+    return t;
+  }
+};
+
+// The completion flow's client for a job: collects the answer instead of writing it.
+class JobManager::Client final : public CompletionClient {
+ public:
+  Client(JobManager& manager, std::shared_ptr<Job> job, std::shared_ptr<Run> run)
+      : manager_(manager), job_(std::move(job)), run_(std::move(run)) {}
+
+  awaitable<std::optional<std::deque<backends::CompletionEvent>>> next_events(EventQueue& queue, bool) override {
+    using namespace net::experimental::awaitable_operators;
+    if (run_->stop) co_return std::nullopt;
+    auto next = co_await (queue.next() || run_->deadline.async_wait(as_tuple));
+    if (next.index() == 0) co_return std::move(std::get<0>(next));
+    co_return std::nullopt;  // timed out, cancelled, or cut by the shutdown
+  }
+
+  awaitable<bool> send_event(std::string sse) override {
+    std::size_t pos = 0;
+    while (pos < sse.size()) {
+      auto end = sse.find('\n', pos);
+      if (end == std::string::npos) end = sse.size();
+      std::string_view line(sse.data() + pos, end - pos);
+      pos = end + 1;
+      if (!line.starts_with("data: ") || line == "data: [DONE]") continue;
+      take_chunk(line.substr(6));
+    }
+    co_return true;
+  }
+
+  awaitable<bool> end_stream() override { co_return true; }
+
+  awaitable<bool> send_answer(std::string body) override {
+    take_chunk(body);
+    co_return true;
+  }
+
+  awaitable<bool> send_error(const ApiError& error) override {
+    error_ = error.message;
+    co_return true;
+  }
+
+  void finish(int status) override { status_ = status; }
+  void attach(std::shared_ptr<EventQueue>) override {}
+
+  int status() const { return status_; }
+  const std::string& error() const { return error_; }
+
+ private:
+  // One chat or text completion object (a whole answer or a stream chunk).
+  void take_chunk(std::string_view text) {
+    boost::system::error_code ec;
+    auto doc = json::parse(text, ec);
+    if (ec || !doc.is_object()) return;
+    const auto& obj = doc.as_object();
+    if (const auto* e = obj.if_contains("error"); e && e->is_object()) {
+      if (const auto* m = e->as_object().if_contains("message"); m && m->is_string()) error_ = m->as_string();
+      return;
+    }
+    std::string piece, finish;
+    if (const auto* choices = obj.if_contains("choices"); choices && choices->is_array() &&
+                                                          !choices->as_array().empty()) {
+      const auto& c = choices->as_array().front();
+      if (c.is_object()) {
+        const auto& co = c.as_object();
+        const json::value* content = nullptr;
+        if (const auto* t = co.if_contains("text")) content = t;
+        for (const char* holder : {"delta", "message"}) {
+          if (const auto* d = co.if_contains(holder); d && d->is_object()) content = d->as_object().if_contains("content");
+        }
+        if (content && content->is_string()) piece = content->as_string();
+        if (const auto* f = co.if_contains("finish_reason"); f && f->is_string()) finish = f->as_string();
+      }
+    }
+    const json::value* usage = obj.if_contains("usage");
+    std::lock_guard lock(manager_.mutex_);
+    auto& job = *job_;
+    if (!piece.empty()) job.pieces.push_back(std::move(piece));
+    if (!finish.empty()) job.finish_reason = finish;
+    if (usage && usage->is_object()) {
+      job.prompt_tokens = int_or_zero(usage->as_object().if_contains("prompt_tokens"));
+      job.completion_tokens = int_or_zero(usage->as_object().if_contains("completion_tokens"));
+    }
+    manager_.changed_locked(job);
+  }
+
+  JobManager& manager_;
+  std::shared_ptr<Job> job_;
+  std::shared_ptr<Run> run_;
+  int status_ = 0;
+  std::string error_;
+};
+
+// --- The manager -----------------------------------------------------------
+
+JobManager::JobManager(Gateway& gw, net::any_io_executor executor)
+    : gw_(gw), executor_(std::move(executor)), alive_(std::make_shared<bool>(true)) {
+  for (const auto& e : gw_.config.jobs.endpoints) endpoints_[e.name];
+}
+
+JobManager::~JobManager() = default;
+
+const JobEndpointConfig* JobManager::endpoint(std::string_view name) const {
+  for (const auto& e : gw_.config.jobs.endpoints) {
+    if (e.name == name) return &e;
+  }
+  return nullptr;
+}
+
+std::size_t JobManager::running() const {
+  std::lock_guard lock(mutex_);
+  return running_total_;
+}
+
+void JobManager::count_active_locked(const Job& job, int delta) {
+  if (job.rec.state != JobState::in_queue && job.rec.state != JobState::in_progress) return;
+  gw_.metrics.jobs_active.labels({job.rec.endpoint, metering::job_state_name(job.rec.state)}).add(delta);
+}
+
+void JobManager::changed_locked(Job& job) {
+  ++job.version;
+  for (auto& weak : job.waiters) {
+    if (auto timer = weak.lock()) {
+      net::post(timer->get_executor(), [timer] { timer->cancel(); });
+    }
+  }
+  job.waiters.clear();
+}
+
+void JobManager::enqueue_locked(const std::shared_ptr<Job>& job) {
+  endpoints_[job->rec.endpoint].queue.push_back(job);
+  count_active_locked(*job, 1);
+}
+
+void JobManager::recover() {
+  auto records = gw_.admin_store->unfinished_jobs();
+  const auto now = metering::now_ms();
+  std::map<std::int64_t, std::string> user_names;
+  if (!records.empty()) {
+    for (const auto& u : gw_.admin_store->list_users()) user_names[u.id] = u.name;
+  }
+  for (auto& rec : records) {
+    const auto* config = endpoint(rec.endpoint);
+    std::string problem;
+    std::optional<JobSpec> spec;
+    if (!config) {
+      problem = "the endpoint is no longer configured";
+    } else {
+      auto parsed = parse_job_body(rec.request, *config);
+      if (auto* e = std::get_if<ApiError>(&parsed)) {
+        problem = "the job no longer fits its endpoint: " + e->message;
+      } else {
+        spec = std::move(std::get<JobSpec>(parsed));
+      }
+    }
+    if (problem.empty() && rec.state == JobState::in_progress && !config->requeue_interrupted) {
+      problem = "the gateway stopped while the job ran";
+    }
+    if (!problem.empty()) {
+      rec.state = JobState::failed;
+      rec.error = problem;
+      rec.finished_at = now;
+      rec.expires_at = now + rec.ttl_ms;
+      gw_.admin_store->update_job(rec);
+      gw_.metrics.jobs.labels({rec.endpoint, "FAILED"}).inc();
+      continue;
+    }
+    auto job = std::make_shared<Job>();
+    job->endpoint = config;
+    job->request = std::move(spec->request);
+    job->request.user = user_names[rec.user_id];
+    // The admission made before the restart is gone with its counters; the
+    // job's usage row still counts its request and tokens.
+    metering::Admission admission;
+    admission.allowed = true;
+    admission.user_id = rec.user_id;
+    admission.key_id = rec.key_id;
+    admission.admitted_at = now;
+    job->admission = admission;
+    if (rec.state == JobState::in_progress) {
+      rec.state = JobState::in_queue;
+      rec.started_at = 0;
+      gw_.admin_store->update_job(rec);
+    }
+    job->rec = std::move(rec);
+    std::lock_guard lock(mutex_);
+    enqueue_locked(job);
+    jobs_.emplace(job->rec.id, job);
+  }
+  net::co_spawn(executor_, purge_loop(), net::detached);
+  pump();
+}
+
+void JobManager::release() {
+  std::lock_guard lock(mutex_);
+  for (auto& [name, state] : endpoints_) state.queue.clear();
+  for (auto& [id, job] : jobs_) job->run.reset();
+  jobs_.clear();
+}
+
+void JobManager::stop_starting() {
+  std::lock_guard lock(mutex_);
+  starting_stopped_ = true;
+}
+
+void JobManager::cut_off() {
+  std::lock_guard lock(mutex_);
+  cut_off_ = true;
+  for (auto& [id, job] : jobs_) {
+    if (!job->run) continue;
+    auto run = job->run;
+    run->shut_down = true;
+    run->stop = true;
+    net::post(executor_, [run] { run->deadline.cancel(); });
+  }
+}
+
+void JobManager::pump() {
+  std::vector<std::shared_ptr<Job>> starting;
+  {
+    std::lock_guard lock(mutex_);
+    if (starting_stopped_) return;
+    for (auto& [name, state] : endpoints_) {
+      const auto* config = endpoint(name);
+      if (!config) continue;
+      while (state.running < config->max_concurrency && !state.queue.empty()) {
+        auto job = state.queue.front();
+        state.queue.erase(state.queue.begin());
+        count_active_locked(*job, -1);
+        job->running = true;
+        job->rec.state = JobState::in_progress;
+        job->rec.started_at = metering::now_ms();
+        job->rec.attempts += 1;
+        job->run = std::make_shared<Run>(executor_);
+        job->run->deadline.expires_after(std::chrono::milliseconds(job->rec.execution_timeout_ms));
+        count_active_locked(*job, 1);
+        changed_locked(*job);
+        ++state.running;
+        ++running_total_;
+        starting.push_back(std::move(job));
+      }
+    }
+  }
+  for (auto& job : starting) {
+    net::co_spawn(executor_, run(std::move(job)), [](std::exception_ptr e) {
+      if (!e) return;
+      try {
+        std::rethrow_exception(e);
+      } catch (const std::exception& ex) {
+        std::cerr << "tollgate: a job failed unexpectedly: " << ex.what() << "\n";
+      }
+    });
+  }
+}
+
+awaitable<void> JobManager::persist(metering::JobRecord record) {
+  const std::string id = record.id;
+  try {
+    auto store = [this, record = std::move(record)] { gw_.admin_store->update_job(record); };
+    co_await run_blocking(gw_, std::move(store));
+  } catch (const std::exception& e) {
+    // The job goes on in memory; a restart would see its last stored state.
+    std::cerr << "tollgate: storing job " << id << " failed: " << e.what() << "\n";
+  }
+}
+
+awaitable<void> JobManager::run(std::shared_ptr<Job> job) {
+  metering::JobRecord started;
+  std::shared_ptr<Run> run;
+  backends::CompletionRequest request;
+  {
+    std::lock_guard lock(mutex_);
+    started = job->rec;
+    run = job->run;
+    request = job->request;
+  }
+  co_await persist(started);
+  const std::string endpoint_name = started.endpoint;
+  gw_.metrics.job_queue_wait.labels({endpoint_name})
+      .observe(static_cast<double>(started.started_at - started.created_at) / 1e3);
+
+  // Planned now, not at submission: deployments may have cooled down or recovered meanwhile.
+  CompletionJob completion;
+  completion.include_usage = true;
+  completion.plan = gw_.router.plan(request.model);
+  const bool chat = request.chat();
+  std::erase_if(completion.plan, [&](const backends::Deployment* d) {
+    auto caps = d->backend->capabilities();
+    return chat ? !caps.chat : !caps.completions;
+  });
+  request.stream = std::any_of(completion.plan.begin(), completion.plan.end(),
+                               [](const backends::Deployment* d) { return d->backend->capabilities().streaming; });
+  if (request.stream) {
+    std::erase_if(completion.plan,
+                  [](const backends::Deployment* d) { return !d->backend->capabilities().streaming; });
+  }
+  if (completion.plan.empty()) {
+    std::string why = "the model '" + metering::excerpt(request.model) + "' is not served now";
+    co_await finish(job, JobState::failed, std::move(why));
+    co_return;
+  }
+  std::int64_t prompt_estimate = job->prompt_estimate;
+  if (!request.prepared || request.prepared->backend != completion.plan.front()->backend) {
+    prompt_estimate = co_await prepare_prompt(*completion.plan.front()->backend, request, &gw_.prepare_pool);
+  }
+  completion.prompt_estimate = prompt_estimate;
+  completion.request = std::move(request);
+
+  metering::UsageEvent usage;
+  usage.ts = metering::now_ms();
+  usage.route = "/v2/run";
+  usage.model = completion.request.model;
+  usage.user_id = started.user_id;
+  usage.key_id = started.key_id;
+  std::chrono::microseconds backend_time{0};
+  auto began = SteadyClock::now();
+  Client client(*this, job, run);
+  CompletionContext ctx{gw_.router, gw_.metrics, gw_.cut_off, began, usage, backend_time, &gw_.prepare_pool};
+  co_await run_completion(ctx, std::move(completion), client);
+
+  JobState state = JobState::completed;
+  std::string error;
+  bool requeue = false;
+  int status = client.status();
+  if (run->cancelled) {
+    state = JobState::cancelled;
+  } else if (run->shut_down) {
+    state = JobState::failed;
+    error = "the gateway stopped while the job ran";
+    requeue = job->endpoint && job->endpoint->requeue_interrupted;
+    status = 503;
+  } else if (status == 499) {
+    state = JobState::timed_out;
+    error = "the job ran longer than its execution timeout";
+    status = 504;
+  } else if (status != 200) {
+    state = JobState::failed;
+    error = client.error().empty() ? "the backend failed" : client.error();
+  }
+
+  // One usage row per run, counted like any admitted request.
+  usage.status = status;
+  usage.latency_us = std::chrono::duration_cast<std::chrono::microseconds>(SteadyClock::now() - began).count();
+  std::optional<metering::Admission> admission;
+  {
+    std::lock_guard lock(mutex_);
+    admission = std::exchange(job->admission, std::nullopt);
+    if (state == JobState::completed) {
+      // The flow's count is the backend's; the chunk's usage says the same or nothing.
+      job->prompt_tokens = usage.prompt_tokens;
+      job->completion_tokens = usage.completion_tokens;
+    }
+  }
+  auto& m = gw_.metrics;
+  if (usage.prompt_tokens || usage.completion_tokens) {
+    m.tokens.labels({"prompt", usage.model, usage.backend}).inc(static_cast<double>(usage.prompt_tokens));
+    m.tokens.labels({"completion", usage.model, usage.backend}).inc(static_cast<double>(usage.completion_tokens));
+  }
+  if (admission) {
+    gw_.quotas.settle(*admission, usage.prompt_tokens + usage.completion_tokens, metering::now_ms());
+  }
+  usage.counted = admission.has_value();
+  if (!gw_.usage->enqueue(std::move(usage))) m.metering_rows_dropped.inc();
+
+  if (requeue) {
+    metering::JobRecord again;
+    {
+      std::lock_guard lock(mutex_);
+      auto& endpoint = endpoints_[job->rec.endpoint];
+      --endpoint.running;
+      --running_total_;
+      count_active_locked(*job, -1);
+      job->running = false;
+      job->run.reset();
+      job->rec.state = JobState::in_queue;
+      job->rec.started_at = 0;
+      job->pieces.clear();
+      job->streamed = 0;
+      changed_locked(*job);
+      again = job->rec;
+    }
+    co_await persist(again);  // runs again after the restart
+    co_return;
+  }
+  co_await finish(job, state, std::move(error));
+}
+
+awaitable<void> JobManager::finish(std::shared_ptr<Job> job, JobState state, std::string error) {
+  metering::JobRecord record;
+  std::optional<metering::Admission> unused;
+  {
+    std::lock_guard lock(mutex_);
+    unused = std::exchange(job->admission, std::nullopt);
+    auto& endpoint = endpoints_[job->rec.endpoint];
+    count_active_locked(*job, -1);
+    if (job->running) {
+      --endpoint.running;
+      --running_total_;
+      job->running = false;
+    }
+    job->run.reset();
+    const auto now = metering::now_ms();
+    job->rec.state = state;
+    job->rec.error = std::move(error);
+    job->rec.finished_at = now;
+    job->rec.expires_at = now + job->rec.ttl_ms;
+    if (state == JobState::completed) {
+      job->rec.output = output_json(job->text(), job->finish_reason, job->prompt_tokens, job->completion_tokens);
+    }
+    ++endpoint.ended[state];
+    changed_locked(*job);
+    record = job->rec;
+  }
+  co_await persist(record);
+  if (unused) {
+    // Admitted but never run (cancelled while queued, or no deployment left):
+    // its usage row, with no tokens, and its reservation released.
+    gw_.quotas.settle(*unused, 0, metering::now_ms());
+    metering::UsageEvent usage;
+    usage.ts = record.created_at;
+    usage.route = "/v2/run";
+    usage.model = job->request.model;
+    usage.user_id = record.user_id;
+    usage.key_id = record.key_id;
+    usage.status = state == JobState::cancelled ? 499 : 503;
+    usage.counted = true;
+    if (!gw_.usage->enqueue(std::move(usage))) gw_.metrics.metering_rows_dropped.inc();
+  }
+  auto& m = gw_.metrics;
+  m.jobs.labels({record.endpoint, metering::job_state_name(state)}).inc();
+  if (record.started_at) {
+    m.job_execution.labels({record.endpoint})
+        .observe(static_cast<double>(record.finished_at - record.started_at) / 1e3);
+  }
+  if (!record.webhook.empty()) {
+    JobSnapshot snapshot{record, record.output, {}};
+    std::string body = job_status_body(snapshot);
+    net::co_spawn(executor_, announce(record.webhook, record.id, std::move(body)), net::detached);
+  }
+  pump();
+}
+
+awaitable<void> JobManager::announce(std::string url, std::string id, std::string body) {
+  const auto& w = gw_.config.jobs.webhook;
+  WebhookPolicy policy;
+  policy.timeout = w.timeout;
+  policy.max_attempts = w.max_attempts;
+  policy.first_backoff = w.first_backoff;
+  policy.allow_private = w.allow_private;
+  policy.allow_hosts = w.allow_hosts;
+  policy.secret = w.secret;
+  auto result = co_await deliver_webhook(std::move(url), std::move(id), std::move(body), std::move(policy));
+  gw_.metrics.webhooks.labels({result.delivered ? "delivered" : "failed"}).inc();
+}
+
+awaitable<void> JobManager::purge_loop() {
+  std::weak_ptr<bool> alive = alive_;
+  net::steady_timer timer(executor_);
+  for (;;) {
+    timer.expires_after(gw_.config.jobs.purge_interval);
+    auto [ec] = co_await timer.async_wait(as_tuple);
+    if (ec || alive.expired()) co_return;
+    const auto now = metering::now_ms();
+    {
+      std::lock_guard lock(mutex_);
+      std::vector<std::pair<metering::EpochMs, std::string>> finished;
+      for (auto it = jobs_.begin(); it != jobs_.end();) {
+        const auto& rec = it->second->rec;
+        if (metering::job_state_final(rec.state) && rec.expires_at <= now) {
+          it = jobs_.erase(it);
+          continue;
+        }
+        if (metering::job_state_final(rec.state)) finished.emplace_back(rec.finished_at, it->first);
+        ++it;
+      }
+      if (finished.size() > kFinishedInMemory) {
+        std::sort(finished.begin(), finished.end());
+        for (std::size_t i = 0; i + kFinishedInMemory < finished.size(); ++i) jobs_.erase(finished[i].second);
+      }
+    }
+    try {
+      auto purge = [this, now] { return gw_.admin_store->purge_jobs(now); };
+      co_await run_blocking(gw_, std::move(purge));
+    } catch (const std::exception& e) {
+      std::cerr << "tollgate: purging expired jobs failed: " << e.what() << "\n";
+    }
+  }
+}
+
+awaitable<std::variant<std::string, ApiError>> JobManager::submit(Submission s) {
+  auto job = std::make_shared<Job>();
+  auto& rec = job->rec;
+  rec.id = new_job_id();
+  rec.endpoint = s.endpoint->name;
+  rec.user_id = s.caller->key.user_id;
+  rec.key_id = s.caller->key.id;
+  rec.state = JobState::in_queue;
+  rec.request = std::move(s.body);
+  rec.webhook = s.spec.webhook;
+  rec.created_at = metering::now_ms();
+  rec.execution_timeout_ms = s.spec.execution_timeout.count();
+  rec.ttl_ms = s.spec.ttl.count();
+  job->endpoint = s.endpoint;
+  job->request = std::move(s.spec.request);
+  job->prompt_estimate = s.prompt_estimate;
+  job->admission = s.admission;
+  {
+    std::lock_guard lock(mutex_);
+    if (starting_stopped_) co_return ApiError{503, "the gateway is shutting down", "server_error", {}, "shutting_down", 1};
+    if (endpoints_[rec.endpoint].queue.size() >= s.endpoint->max_queue) {
+      co_return rate_limited("the endpoint '" + rec.endpoint + "' has " + std::to_string(s.endpoint->max_queue) +
+                                 " jobs waiting; try again later",
+                             1);
+    }
+  }
+  // On disk before anyone hears of it: an accepted job survives kill -9.
+  try {
+    auto store = [this, record = rec] { gw_.admin_store->insert_job(record); };
+    co_await run_blocking(gw_, std::move(store));
+  } catch (const std::exception& e) {
+    std::cerr << "tollgate: storing a new job failed: " << e.what() << "\n";
+    co_return ApiError{503, "the job could not be stored; try again", "server_error", {}, "store_unavailable", 1};
+  }
+  std::string id = rec.id;
+  {
+    std::lock_guard lock(mutex_);
+    jobs_.emplace(id, job);
+    enqueue_locked(job);
+  }
+  gw_.metrics.jobs.labels({job->rec.endpoint, "IN_QUEUE"}).inc();
+  pump();
+  co_return id;
+}
+
+JobSnapshot JobManager::snapshot_locked(Job& job, bool take_stream) {
+  JobSnapshot s;
+  s.record = job.rec;
+  if (job.rec.state == JobState::completed) s.output_json = job.rec.output;
+  if (!take_stream) return s;
+  for (; job.streamed < job.pieces.size(); ++job.streamed) {
+    s.stream_items.push_back(json::serialize(json::object{{"output", json::object{{"text", job.pieces[job.streamed]}}}}));
+  }
+  if (job.rec.state == JobState::completed && !job.end_streamed) {
+    json::object usage{{"prompt_tokens", job.prompt_tokens},
+                       {"completion_tokens", job.completion_tokens},
+                       {"total_tokens", job.prompt_tokens + job.completion_tokens}};
+    json::object last{{"text", ""}, {"usage", std::move(usage)}};
+    last["finish_reason"] = job.finish_reason.empty() ? json::value(nullptr) : json::value(job.finish_reason);
+    s.stream_items.push_back(json::serialize(json::object{{"output", std::move(last)}}));
+    job.end_streamed = true;
+  }
+  return s;
+}
+
+awaitable<std::optional<JobSnapshot>> JobManager::find(std::string_view endpoint, std::string_view id,
+                                                       std::int64_t user_id, bool take_stream) {
+  if (!plausible_job_id(id)) co_return std::nullopt;
+  const auto now = metering::now_ms();
+  {
+    std::lock_guard lock(mutex_);
+    auto it = jobs_.find(id);
+    if (it != jobs_.end()) {
+      auto& job = *it->second;
+      if (job.rec.user_id != user_id || job.rec.endpoint != endpoint) co_return std::nullopt;
+      if (metering::job_state_final(job.rec.state) && job.rec.expires_at <= now) co_return std::nullopt;
+      co_return snapshot_locked(job, take_stream);
+    }
+  }
+  // Finished long ago (or before a restart): the store has it until it expires.
+  auto lookup = [this, key = std::string(id)] { return gw_.admin_store->find_job(key); };
+  auto stored = co_await run_blocking(gw_, std::move(lookup));
+  if (!stored || stored->user_id != user_id || stored->endpoint != endpoint) co_return std::nullopt;
+  if (!metering::job_state_final(stored->state) || stored->expires_at <= now) co_return std::nullopt;
+  auto job = std::make_shared<Job>();
+  job->rec = std::move(*stored);
+  job->endpoint = this->endpoint(job->rec.endpoint);
+  if (!job->rec.output.empty()) {
+    boost::system::error_code ec;
+    auto out = json::parse(job->rec.output, ec);
+    if (!ec && out.is_object()) {
+      const auto& o = out.as_object();
+      if (const auto* t = o.if_contains("text"); t && t->is_string() && !t->as_string().empty()) {
+        job->pieces.emplace_back(t->as_string());
+      }
+      if (const auto* f = o.if_contains("finish_reason"); f && f->is_string()) job->finish_reason = f->as_string();
+      if (const auto* u = o.if_contains("usage"); u && u->is_object()) {
+        job->prompt_tokens = int_or_zero(u->as_object().if_contains("prompt_tokens"));
+        job->completion_tokens = int_or_zero(u->as_object().if_contains("completion_tokens"));
+      }
+    }
+  }
+  std::lock_guard lock(mutex_);
+  auto [it, inserted] = jobs_.emplace(job->rec.id, job);
+  co_return snapshot_locked(*it->second, take_stream);
+}
+
+std::uint64_t JobManager::version(std::string_view id) const {
+  std::lock_guard lock(mutex_);
+  auto it = jobs_.find(id);
+  return it == jobs_.end() ? 0 : it->second->version;
+}
+
+awaitable<void> JobManager::wait_for_change(std::string_view id, std::uint64_t seen_version,
+                                            SteadyClock::time_point deadline) {
+  auto timer = std::make_shared<net::steady_timer>(co_await net::this_coro::executor, deadline);
+  {
+    std::lock_guard lock(mutex_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end() || it->second->version != seen_version) co_return;
+    it->second->waiters.push_back(timer);
+  }
+  co_await timer->async_wait(as_tuple);
+}
+
+awaitable<std::optional<JobSnapshot>> JobManager::cancel(std::string_view endpoint, std::string_view id,
+                                                         std::int64_t user_id) {
+  auto found = co_await find(endpoint, id, user_id);
+  if (!found) co_return std::nullopt;
+  std::shared_ptr<Job> queued;
+  {
+    std::lock_guard lock(mutex_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) co_return found;
+    auto job = it->second;
+    if (job->rec.state == JobState::in_queue) {
+      auto& q = endpoints_[job->rec.endpoint].queue;
+      std::erase(q, job);
+      queued = job;
+    } else if (job->run) {
+      auto run = job->run;
+      run->cancelled = true;
+      run->stop = true;
+      net::post(executor_, [run] { run->deadline.cancel(); });
+    }
+  }
+  if (queued) {
+    std::string no_error;
+    co_await finish(queued, JobState::cancelled, std::move(no_error));
+  } else {
+    // A running job ends as soon as its backend stops: wait a moment to report that.
+    auto deadline = SteadyClock::now() + std::chrono::seconds(5);
+    for (int i = 0; i < 100 && SteadyClock::now() < deadline; ++i) {
+      auto v = version(id);
+      auto now_state = co_await find(endpoint, id, user_id);
+      if (!now_state || metering::job_state_final(now_state->record.state)) co_return now_state;
+      co_await wait_for_change(id, v, deadline);
+    }
+  }
+  co_return co_await find(endpoint, id, user_id);
+}
+
+awaitable<std::variant<JobSnapshot, ApiError>> JobManager::retry(std::string_view endpoint, std::string_view id,
+                                                                 std::shared_ptr<const KeyEntry> caller,
+                                                                 const metering::Admission& admission) {
+  auto found = co_await find(endpoint, id, caller->key.user_id);
+  if (!found) co_return not_found("no job '" + metering::excerpt(id) + "' on this endpoint", "job_not_found");
+  metering::JobRecord record;
+  {
+    std::lock_guard lock(mutex_);
+    auto it = jobs_.find(id);
+    if (it == jobs_.end()) co_return not_found("no job '" + metering::excerpt(id) + "' on this endpoint", "job_not_found");
+    auto& job = *it->second;
+    if (job.rec.state != JobState::failed && job.rec.state != JobState::timed_out) {
+      co_return bad_request("only a FAILED or TIMED_OUT job can be retried; this one is " +
+                                std::string(metering::job_state_name(job.rec.state)),
+                            std::nullopt, "job_not_retryable");
+    }
+    if (!job.endpoint || job.request.model.empty()) {
+      // Loaded from the store after a restart: its request is read again.
+      auto parsed = job.endpoint ? parse_job_body(job.rec.request, *job.endpoint)
+                                 : std::variant<JobSpec, ApiError>(bad_request("the endpoint is gone"));
+      if (auto* e = std::get_if<ApiError>(&parsed)) {
+        co_return bad_request("the job cannot run again: " + e->message, std::nullopt, "job_not_retryable");
+      }
+      job.request = std::move(std::get<JobSpec>(parsed).request);
+    }
+    if (starting_stopped_) co_return ApiError{503, "the gateway is shutting down", "server_error", {}, "shutting_down", 1};
+    job.request.user = caller->key.user_name;
+    job.admission = admission;
+    job.rec.state = JobState::in_queue;
+    job.rec.error.clear();
+    job.rec.output.clear();
+    job.rec.started_at = 0;
+    job.rec.finished_at = 0;
+    job.rec.created_at = metering::now_ms();
+    job.rec.expires_at = 0;
+    job.pieces.clear();
+    job.streamed = 0;
+    job.end_streamed = false;
+    job.finish_reason.clear();
+    job.prompt_tokens = job.completion_tokens = 0;
+    enqueue_locked(it->second);
+    changed_locked(job);
+    record = job.rec;
+  }
+  co_await persist(record);
+  gw_.metrics.jobs.labels({record.endpoint, "IN_QUEUE"}).inc();
+  pump();
+  auto now = co_await find(endpoint, id, caller->key.user_id);
+  if (!now) co_return not_found("no job '" + metering::excerpt(id) + "' on this endpoint", "job_not_found");
+  co_return *now;
+}
+
+awaitable<std::size_t> JobManager::purge_queue(std::string_view endpoint, std::int64_t user_id) {
+  std::vector<std::shared_ptr<Job>> removed;
+  {
+    std::lock_guard lock(mutex_);
+    auto it = endpoints_.find(endpoint);
+    if (it == endpoints_.end()) co_return 0;
+    auto& q = it->second.queue;
+    for (auto j = q.begin(); j != q.end();) {
+      if ((*j)->rec.user_id == user_id) {
+        removed.push_back(*j);
+        j = q.erase(j);
+      } else {
+        ++j;
+      }
+    }
+  }
+  for (auto& job : removed) {
+    std::string why = "removed by purge-queue";
+    co_await finish(job, JobState::cancelled, std::move(why));
+  }
+  co_return removed.size();
+}
+
+std::string JobManager::health_body(std::string_view endpoint) const {
+  std::lock_guard lock(mutex_);
+  auto it = endpoints_.find(endpoint);
+  const auto* config = this->endpoint(endpoint);
+  json::object jobs;
+  json::object workers;
+  if (it != endpoints_.end() && config) {
+    const auto& s = it->second;
+    auto ended = [&](JobState state) {
+      auto e = s.ended.find(state);
+      return e == s.ended.end() ? std::int64_t{0} : e->second;
+    };
+    jobs = {{"inQueue", s.queue.size()},
+            {"inProgress", s.running},
+            {"completed", ended(JobState::completed)},
+            {"failed", ended(JobState::failed)},
+            {"cancelled", ended(JobState::cancelled)},
+            {"timedOut", ended(JobState::timed_out)}};
+    workers = {{"running", s.running}, {"idle", config->max_concurrency - s.running}};
+  }
+  return json::serialize(json::object{{"jobs", std::move(jobs)}, {"workers", std::move(workers)}});
+}
+
+}  // namespace tollgate::gateway
