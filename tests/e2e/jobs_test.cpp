@@ -297,7 +297,7 @@ TEST_CASE("a job runs to COMPLETED through /run, /status and /runsync, metered o
   CHECK(m.find(R"(tollgate_jobs_total{endpoint="fast",state="IN_QUEUE"} 2)") != std::string::npos);
 }
 
-TEST_CASE("runsync that outlasts its wait answers the id and status; /status follows the job to its end",
+TEST_CASE("runsync that outlasts its wait answers the id and status, and /status follows the job to its end",
           "[e2e][jobs]") {
   TempDir dir;
   GatewayProcess gw(dir, {jobs_config(), "", {}});
@@ -347,7 +347,7 @@ TEST_CASE("/stream returns a running job's output as it is produced, each piece 
   CHECK(again.json().at("stream").as_array().empty());
 }
 
-TEST_CASE("cancel ends a queued job at once and a running one when its backend stops; each is metered once",
+TEST_CASE("cancel ends a queued job at once and a running one when its backend stops, each metered once",
           "[e2e][jobs]") {
   TempDir dir;
   GatewayProcess gw(dir, {jobs_config(), "", {}});
@@ -604,7 +604,7 @@ TEST_CASE("a job past its execution timeout is TIMED_OUT, and retry runs it agai
   CHECK(error_code(refused) == "job_not_retryable");
 }
 
-TEST_CASE("jobs count against the caller's request quota; looking at them does not", "[e2e][jobs]") {
+TEST_CASE("jobs count against the caller's request quota, and looking at them does not", "[e2e][jobs]") {
   TempDir dir;
   GatewayProcess gw(dir, {jobs_config(), "", {}});
   // No wait_for_key: its probe would spend a request. A key unknown to the
