@@ -15,7 +15,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <fstream>
+#include <iostream>
 #include <random>
 #include <regex>
 #include <sstream>
@@ -155,9 +157,25 @@ GatewayProcess::GatewayProcess(const TempDir& dir, Options options) {
 }
 
 GatewayProcess::~GatewayProcess() {
+  // A test that ends by an exception (a failed REQUIRE, no response), or a
+  // gateway that died on its own, leaves its log in the test's output: CI
+  // shows nothing else of a failure.
+  bool died = false;
+  int status = 0;
   if (pid_ > 0) {
-    kill(pid_, SIGKILL);
-    waitpid(pid_, nullptr, 0);
+    died = waitpid(pid_, &status, WNOHANG) == pid_;
+    if (!died) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  if (died || std::uncaught_exceptions() > 0) {
+    auto text = read_file(log_path_);
+    constexpr std::size_t kTail = 6000;
+    if (text.size() > kTail) text = "..." + text.substr(text.size() - kTail);
+    std::cerr << "--- tollgate " << (died ? "exited on its own (wait status " + std::to_string(status) + ")" : "log")
+              << ", " << log_path_ << ":\n"
+              << text << "\n---\n";
   }
 }
 
