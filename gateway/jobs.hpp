@@ -2,7 +2,8 @@
 // persisted in the store before they are acknowledged, queued per endpoint,
 // run through the same completion flow as /v1 requests (routing, fallback,
 // metering) with at most max_concurrency at a time, and announced to a signed
-// webhook when they end. The HTTP side is gateway/session_jobs.cpp.
+// webhook when they end. Running one job is gateway/job_run.cpp; the HTTP
+// side is gateway/session_jobs.cpp.
 //
 // Threads: every job runs on one executor (the first io context); sessions on
 // other threads read and change jobs under the manager's mutex, and wait for a
