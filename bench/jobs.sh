@@ -23,7 +23,7 @@ models:
 jobs:
   purge_interval: 10m
   endpoints:
-    - {name: bench, model: echo, max_concurrency: 64, max_queue: 100000000}
+    - {name: bench, model: echo, max_concurrency: 64, max_queue: 10000000}
 YAML
 start_tollgate
 KEY=$("$TOLLGATE" keys create --user bench --db "$DB" | tail -1)
@@ -42,8 +42,9 @@ post_script "$WORK/completion.lua" '{"model":"echo","prompt":"hello job api","ma
 post_script "$WORK/job.lua" '{"input":{"prompt":"hello job api","sampling_params":{"max_tokens":3}}}'
 
 run() {  # NAME CONNECTIONS URL SCRIPT
-  echo "== $1: wrk -t$THREADS -c$2 -d$DURATION --latency $3" >&2
-  "$WRK" -t"$THREADS" -c"$2" -d"$DURATION" --latency -s "$4" "$3" | tee "$WORK/$1.wrk" >&2
+  local threads=$((THREADS < $2 ? THREADS : $2))  # wrk wants a connection per thread
+  echo "== $1: wrk -t$threads -c$2 -d$DURATION --latency $3" >&2
+  "$WRK" -t"$threads" -c"$2" -d"$DURATION" --latency -s "$4" "$3" | tee "$WORK/$1.wrk" >&2
 }
 rps() { awk '/^Requests\/sec/ { print $2 }' "$WORK/$1.wrk"; }
 to_ms() {
