@@ -96,8 +96,10 @@ class Pacer {
         wake_.wait(lock);
         continue;
       }
-      if (due_.top().at > Clock::now()) {
-        wake_.wait_until(lock, due_.top().at);
+      // A copy: the wait lets go of the lock, and an add() meanwhile may move the queue's storage.
+      const Clock::time_point next = due_.top().at;
+      if (next > Clock::now()) {
+        wake_.wait_until(lock, next);
         continue;
       }
       Due item = due_.top();
