@@ -14,6 +14,7 @@
 #include "gateway/completion_flow.hpp"
 #include "gateway/gateway_state.hpp"
 #include "gateway/job_state.hpp"
+#include "gateway/job_writer.hpp"
 #include "gateway/webhook.hpp"
 #include "metering/text_bounds.hpp"
 
@@ -135,15 +136,14 @@ class JobManager::Client final : public CompletionClient {
   std::string error_;
 };
 
-awaitable<void> JobManager::persist(metering::JobRecord record) {
+awaitable<bool> JobManager::persist(metering::JobRecord record, bool insert) {
   const std::string id = record.id;
-  try {
-    auto store = [this, record = std::move(record)] { gw_.admin_store->update_job(record); };
-    co_await run_blocking(gw_, std::move(store));
-  } catch (const std::exception& e) {
-    // The job goes on in memory; a restart would see its last stored state.
-    std::cerr << "tollgate: storing job " << id << " failed: " << e.what() << "\n";
-  }
+  const auto ticket = writer_->enqueue({insert, std::move(record)});
+  const bool stored = co_await run_blocking(gw_, [this, ticket] { return writer_->commit_through(ticket); });
+  // An update that did not land: the job goes on in memory, and a restart
+  // would see its last stored state.
+  if (!stored && !insert) std::cerr << "tollgate: storing job " << id << " failed\n";
+  co_return stored;
 }
 
 awaitable<void> JobManager::run(std::shared_ptr<Job> job) {

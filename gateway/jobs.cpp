@@ -13,6 +13,7 @@
 
 #include "gateway/gateway_state.hpp"
 #include "gateway/job_state.hpp"
+#include "gateway/job_writer.hpp"
 #include "metering/text_bounds.hpp"
 
 namespace tollgate::gateway {
@@ -43,7 +44,10 @@ std::string job_status_body(const JobSnapshot& job) {
 // --- The manager -----------------------------------------------------------
 
 JobManager::JobManager(Gateway& gw, net::any_io_executor executor)
-    : gw_(gw), executor_(std::move(executor)), alive_(std::make_shared<bool>(true)) {
+    : gw_(gw),
+      executor_(std::move(executor)),
+      writer_(std::make_unique<JobWriter>(*gw.admin_store)),
+      alive_(std::make_shared<bool>(true)) {
   for (const auto& e : gw_.config.jobs.endpoints) endpoints_[e.name];
 }
 
@@ -263,11 +267,7 @@ awaitable<std::variant<std::string, ApiError>> JobManager::submit(Submission s) 
     }
   }
   // On disk before anyone hears of it: an accepted job survives kill -9.
-  try {
-    auto store = [this, record = rec] { gw_.admin_store->insert_job(record); };
-    co_await run_blocking(gw_, std::move(store));
-  } catch (const std::exception& e) {
-    std::cerr << "tollgate: storing a new job failed: " << e.what() << "\n";
+  if (!co_await persist(rec, true)) {
     co_return ApiError{503, "the job could not be stored; try again", "server_error", {}, "store_unavailable", 1};
   }
   std::string id = rec.id;

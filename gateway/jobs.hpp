@@ -34,6 +34,7 @@
 namespace tollgate::gateway {
 
 struct Gateway;
+class JobWriter;
 
 // A job as its owner sees it: the status answer's fields.
 struct JobSnapshot {
@@ -112,13 +113,16 @@ class JobManager {
   boost::asio::awaitable<void> finish(std::shared_ptr<Job> job, metering::JobState state, std::string error);
   boost::asio::awaitable<void> purge_loop();
   boost::asio::awaitable<void> announce(std::string url, std::string id, std::string body);
-  boost::asio::awaitable<void> persist(metering::JobRecord record);
+  // Writes `record` through the group commit (job_writer.hpp); whether it
+  // landed. A failed update is logged: the job goes on in memory.
+  boost::asio::awaitable<bool> persist(metering::JobRecord record, bool insert = false);
   void changed_locked(Job& job);  // bumps the version and wakes waiters
   JobSnapshot snapshot_locked(Job& job, bool take_stream);
   void count_active_locked(const Job& job, int delta);
 
   Gateway& gw_;
   boost::asio::any_io_executor executor_;
+  std::unique_ptr<JobWriter> writer_;
   mutable std::mutex mutex_;
   std::map<std::string, std::shared_ptr<Job>, std::less<>> jobs_;  // live and recently finished
   struct EndpointState {

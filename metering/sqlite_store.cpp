@@ -464,46 +464,34 @@ class SqliteStore final : public Store {
 
   void insert_job(const JobRecord& job) override {
     std::lock_guard lock(mutex_);
-    query(
-        "INSERT INTO jobs (id, endpoint, user_id, key_id, state, request, webhook, output, error, created_at,"
-        " started_at, finished_at, expires_at, execution_timeout_ms, ttl_ms, attempts)"
-        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)")
-        .bind(1, job.id)
-        .bind(2, job.endpoint)
-        .bind(3, job.user_id)
-        .bind(4, job.key_id)
-        .bind(5, job_state_name(job.state))
-        .bind(6, job.request)
-        .bind(7, job.webhook)
-        .bind(8, job.output)
-        .bind(9, job.error)
-        .bind(10, job.created_at)
-        .bind(11, job.started_at)
-        .bind(12, job.finished_at)
-        .bind(13, job.expires_at)
-        .bind(14, job.execution_timeout_ms)
-        .bind(15, job.ttl_ms)
-        .bind(16, job.attempts)
-        .run();
+    insert_job_locked(job);
   }
 
   void update_job(const JobRecord& job) override {
     std::lock_guard lock(mutex_);
-    query(
-        "UPDATE jobs SET state = ?2, webhook = ?3, output = ?4, error = ?5, started_at = ?6, finished_at = ?7,"
-        " expires_at = ?8, execution_timeout_ms = ?9, ttl_ms = ?10, attempts = ?11 WHERE id = ?1")
-        .bind(1, job.id)
-        .bind(2, job_state_name(job.state))
-        .bind(3, job.webhook)
-        .bind(4, job.output)
-        .bind(5, job.error)
-        .bind(6, job.started_at)
-        .bind(7, job.finished_at)
-        .bind(8, job.expires_at)
-        .bind(9, job.execution_timeout_ms)
-        .bind(10, job.ttl_ms)
-        .bind(11, job.attempts)
-        .run();
+    update_job_locked(job);
+  }
+
+  std::vector<bool> write_jobs(std::span<const JobWrite> writes) override {
+    std::lock_guard lock(mutex_);
+    std::vector<bool> applied(writes.size(), false);
+    Transaction transaction(*this);
+    for (std::size_t i = 0; i < writes.size(); ++i) {
+      query("SAVEPOINT job_write").run();
+      try {
+        if (writes[i].insert) {
+          insert_job_locked(writes[i].record);
+        } else {
+          update_job_locked(writes[i].record);
+        }
+        applied[i] = true;
+      } catch (const StoreError&) {
+        query("ROLLBACK TO job_write").run();
+      }
+      query("RELEASE job_write").run();
+    }
+    transaction.commit();
+    return applied;
   }
 
   std::optional<JobRecord> find_job(std::string_view id) override {
@@ -664,6 +652,48 @@ class SqliteStore final : public Store {
   }
 
  private:
+  void insert_job_locked(const JobRecord& job) {
+    query(
+        "INSERT INTO jobs (id, endpoint, user_id, key_id, state, request, webhook, output, error, created_at,"
+        " started_at, finished_at, expires_at, execution_timeout_ms, ttl_ms, attempts)"
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)")
+        .bind(1, job.id)
+        .bind(2, job.endpoint)
+        .bind(3, job.user_id)
+        .bind(4, job.key_id)
+        .bind(5, job_state_name(job.state))
+        .bind(6, job.request)
+        .bind(7, job.webhook)
+        .bind(8, job.output)
+        .bind(9, job.error)
+        .bind(10, job.created_at)
+        .bind(11, job.started_at)
+        .bind(12, job.finished_at)
+        .bind(13, job.expires_at)
+        .bind(14, job.execution_timeout_ms)
+        .bind(15, job.ttl_ms)
+        .bind(16, job.attempts)
+        .run();
+  }
+
+  void update_job_locked(const JobRecord& job) {
+    query(
+        "UPDATE jobs SET state = ?2, webhook = ?3, output = ?4, error = ?5, started_at = ?6, finished_at = ?7,"
+        " expires_at = ?8, execution_timeout_ms = ?9, ttl_ms = ?10, attempts = ?11 WHERE id = ?1")
+        .bind(1, job.id)
+        .bind(2, job_state_name(job.state))
+        .bind(3, job.webhook)
+        .bind(4, job.output)
+        .bind(5, job.error)
+        .bind(6, job.started_at)
+        .bind(7, job.finished_at)
+        .bind(8, job.expires_at)
+        .bind(9, job.execution_timeout_ms)
+        .bind(10, job.ttl_ms)
+        .bind(11, job.attempts)
+        .run();
+  }
+
   // BEGIN IMMEDIATE on construction, ROLLBACK unless committed.
   class Transaction {
    public:

@@ -58,6 +58,12 @@ struct JobRecord {
   std::int64_t attempts = 0;  // runs started (retries and requeues count)
 };
 
+// One change to the jobs table: a new job, or a known job's new state.
+struct JobWrite {
+  bool insert = false;  // insert_job's rules; otherwise update_job's
+  JobRecord record;
+};
+
 class Store {
  public:
   virtual ~Store() = default;
@@ -98,6 +104,11 @@ class Store {
   // Jobs. Each call is its own transaction: a job inserted is on disk when it returns.
   virtual void insert_job(const JobRecord& job) = 0;  // StoreError when the id exists
   virtual void update_job(const JobRecord& job) = 0;  // everything but id, endpoint, user, key, request, created_at
+  // Several changes in one transaction, in order (gateway/job_writer.hpp's
+  // group commit). A change the store refuses (StoreError: an id that exists)
+  // is skipped alone; the result says, per change, whether it was applied.
+  // Any other failure throws and writes nothing.
+  virtual std::vector<bool> write_jobs(std::span<const JobWrite> writes) = 0;
   virtual std::optional<JobRecord> find_job(std::string_view id) = 0;
   // IN_QUEUE and IN_PROGRESS jobs, oldest first (what a restart picks up).
   virtual std::vector<JobRecord> unfinished_jobs() = 0;

@@ -71,6 +71,7 @@ class FlakyStore : public Store {
   QuotaState quota_state(EpochMs now) override { return inner_->quota_state(now); }
   void insert_job(const JobRecord& job) override { inner_->insert_job(job); }
   void update_job(const JobRecord& job) override { inner_->update_job(job); }
+  std::vector<bool> write_jobs(std::span<const JobWrite> writes) override { return inner_->write_jobs(writes); }
   std::optional<JobRecord> find_job(std::string_view id) override { return inner_->find_job(id); }
   std::vector<JobRecord> unfinished_jobs() override { return inner_->unfinished_jobs(); }
   std::int64_t purge_jobs(EpochMs now) override { return inner_->purge_jobs(now); }
