@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -406,6 +407,20 @@ std::int64_t sql_int(const std::string& db, const std::string& sql) {
     throw std::runtime_error("expected one integer from '" + sql + "'");
   }
   return std::stoll(rows[0][0]);
+}
+
+std::pair<int, std::string> promtool_check(const TempDir& dir, const std::string& text) {
+  if (std::system("command -v promtool > /dev/null 2>&1") != 0) return {-1, "promtool is not installed"};
+  auto path = dir.file("metrics.txt");
+  std::ofstream(path) << text;
+  FILE* pipe = popen(("promtool check metrics < '" + path + "' 2>&1").c_str(), "r");
+  if (!pipe) return {-1, "popen failed"};
+  std::string output;
+  char chunk[4096];
+  std::size_t n;
+  while ((n = fread(chunk, 1, sizeof chunk, pipe)) > 0) output.append(chunk, n);
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
 }
 
 }  // namespace tollgate::test

@@ -141,4 +141,8 @@ std::vector<std::vector<std::string>> sql_rows(const std::string& db, const std:
 // The one integer `sql` selects.
 std::int64_t sql_int(const std::string& db, const std::string& sql);
 
+// Runs `promtool check metrics` on `text` (written into `dir`); its exit code
+// and output. -1 when promtool is not installed.
+std::pair<int, std::string> promtool_check(const TempDir& dir, const std::string& text);
+
 }  // namespace tollgate::test

@@ -295,6 +295,13 @@ TEST_CASE("a job runs to COMPLETED through /run, /status and /runsync, metered o
   auto m = metrics(gw.port());
   CHECK(m.find(R"(tollgate_jobs_total{endpoint="fast",state="COMPLETED"} 2)") != std::string::npos);
   CHECK(m.find(R"(tollgate_jobs_total{endpoint="fast",state="IN_QUEUE"} 2)") != std::string::npos);
+  CHECK(m.find(R"(tollgate_jobs{endpoint="fast",state="IN_QUEUE"} 0)") != std::string::npos);
+  CHECK(m.find(R"(tollgate_jobs{endpoint="fast",state="IN_PROGRESS"} 0)") != std::string::npos);
+  CHECK(m.find(R"(tollgate_job_queue_wait_seconds_count{endpoint="fast"} 2)") != std::string::npos);
+  CHECK(m.find(R"(tollgate_job_execution_seconds_count{endpoint="fast"} 2)") != std::string::npos);
+  auto [code, output] = promtool_check(dir, m);
+  INFO(output);
+  CHECK(code == 0);
 }
 
 TEST_CASE("runsync that outlasts its wait answers the id and status, and /status follows the job to its end",

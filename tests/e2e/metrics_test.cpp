@@ -3,11 +3,8 @@
 #include <catch2/catch.hpp>
 
 #include <signal.h>
-#include <sys/wait.h>
 
-#include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <map>
 #include <thread>
 
@@ -102,21 +99,6 @@ std::string scrape(std::uint16_t port) {
   REQUIRE(r.status == 200);
   REQUIRE(r.header("content-type").starts_with("text/plain; version=0.0.4"));
   return r.body;
-}
-
-// Runs `promtool check metrics` on `text`; returns its exit code and output.
-std::pair<int, std::string> promtool_check(const TempDir& dir, const std::string& text) {
-  REQUIRE(std::system("command -v promtool > /dev/null 2>&1") == 0);  // promtool must be installed
-  auto path = dir.file("metrics.txt");
-  std::ofstream(path) << text;
-  FILE* pipe = popen(("promtool check metrics < '" + path + "' 2>&1").c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::string output;
-  char chunk[4096];
-  std::size_t n;
-  while ((n = fread(chunk, 1, sizeof chunk, pipe)) > 0) output.append(chunk, n);
-  int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
 }
 
 std::string config(bool per_user) {
