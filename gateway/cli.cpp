@@ -194,7 +194,7 @@ int keys_create(Args& args) {
   args.finish();
   // Checked before the database is opened (or created) for nothing.
   if (auto problem = metering::user_name_problem(request.user)) throw metering::StoreError(*problem);
-  auto store = metering::open_sqlite_store(db);
+  auto store = metering::open_store(db);
   auto created = create_key(*store, request);
   const auto& k = created.key;
   std::cout << "created key " << k.prefix << " for user " << k.user_name << " (limits: " << limit_text(k.limits)
@@ -209,7 +209,7 @@ int keys_list(Args& args) {
   auto user = args.take("user");
   auto db = database_path(args);
   args.finish();
-  auto store = metering::open_sqlite_store(db);
+  auto store = metering::open_store(db);
   std::printf("%-14s %-20s %-10s %-10s %-10s %-20s %s\n", "PREFIX", "USER", "CREATED", "EXPIRES", "REVOKED", "MODELS",
               "LIMITS");
   for (const auto& k : store->list_keys(user ? std::optional<std::string_view>(*user) : std::nullopt)) {
@@ -226,7 +226,7 @@ int keys_revoke(Args& args) {
   auto db = database_path(args);
   args.finish();
   if (args.positionals().size() != 1) throw UsageError("keys revoke needs exactly one PREFIX");
-  auto store = metering::open_sqlite_store(db);
+  auto store = metering::open_store(db);
   auto key = store->revoke_key(args.positionals()[0], metering::now_ms());
   std::cout << "revoked key " << key.prefix << " of user " << key.user_name << std::endl;
   return 0;
@@ -235,7 +235,7 @@ int keys_revoke(Args& args) {
 int users_list(Args& args) {
   auto db = database_path(args);
   args.finish();
-  auto store = metering::open_sqlite_store(db);
+  auto store = metering::open_store(db);
   std::printf("%-24s %-10s %s\n", "USER", "CREATED", "LIMITS");
   for (const auto& u : store->list_users()) {
     std::printf("%-24s %-10s %s\n", u.name.c_str(), metering::day_string(u.created_at).c_str(),
@@ -251,7 +251,7 @@ int users_limits(Args& args) {
   if (args.positionals().size() != 1) throw UsageError("users limits needs exactly one NAME");
   const auto& name = args.positionals()[0];
   if (auto problem = metering::user_name_problem(name)) throw metering::StoreError(*problem);
-  auto store = metering::open_sqlite_store(db);
+  auto store = metering::open_store(db);
   auto user = store->ensure_user(name);
   store->set_user_limits(user.name, limits);
   std::cout << "limits of user " << user.name << ": " << limit_text(limits) << std::endl;
@@ -270,7 +270,7 @@ int usage(Args& args) {
   bool as_json = args.flag("json");
   auto db = database_path(args);
   args.finish();
-  auto store = metering::open_sqlite_store(db);
+  auto store = metering::open_store(db);
   auto rows = store->usage(query);
   if (as_json) {
     boost::json::array data;

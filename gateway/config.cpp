@@ -263,7 +263,8 @@ Config parse_config(const std::string& yaml_text, const std::string& source) {
     if (!a) r.fail("listen", "expected HOST:PORT, got '" + s + "'");
     c.listen = *a;
   }
-  if (auto n = root["database"]) c.database = r.string(n, "database");
+  // ${VAR} lets a PostgreSQL URL take its password from the environment.
+  if (auto n = root["database"]) c.database = backends::interpolate_env(r.string(n, "database"), "database");
   if (auto n = root["io_threads"]) c.io_threads = static_cast<int>(r.integer(n, "io_threads", 0, 256));
   if (auto n = root["limits"]) c.limits = read_limits(r, n, "limits");
   if (auto n = root["metering"]) c.metering = read_metering(r, n, "metering");

@@ -130,18 +130,18 @@ int run_server(const Config& config) {
   gw.all_models_body = model_list_body(gw.router, {});
 
   // Opening the store migrates the schema before anything else touches it.
-  gw.admin_store = metering::open_sqlite_store(config.database);
+  gw.admin_store = metering::open_store(config.database);
   gw.admin_key = establish_admin_key(*gw.admin_store);
   if (gw.admin_key.created_plaintext) {
     std::cout << "tollgate: created the admin key (shown once, keep it): " << *gw.admin_key.created_plaintext
               << std::endl;
   }
-  gw.keys = std::make_unique<KeyCache>(metering::open_sqlite_store(config.database));
+  gw.keys = std::make_unique<KeyCache>(metering::open_store(config.database));
   gw.keys->start_refreshing(std::chrono::seconds(1));
   auto now = metering::now_ms();
   gw.quotas.restore(gw.admin_store->quota_state(now), now);
   gw.usage = std::make_unique<metering::UsageWriter>(
-      metering::open_sqlite_store(config.database), config.metering.flush_interval, 4096,
+      metering::open_store(config.database), config.metering.flush_interval, 4096,
       [&gw](std::size_t rows, std::chrono::microseconds took) {
         gw.metrics.metering_rows.inc(static_cast<double>(rows));
         gw.metrics.metering_flush_duration.observe(std::chrono::duration<double>(took).count());

@@ -121,4 +121,17 @@ class Store {
 // time (the object serialises its own calls).
 std::unique_ptr<Store> open_sqlite_store(const std::string& path);
 
+// Opens (creating the schema and migrating it as needed, once across replicas
+// that start together) a PostgreSQL store at `url`, a libpq connection URI:
+// postgresql://user:password@host:5432/db. One connection per object, which
+// serialises its own calls; a broken connection is reset on the next call.
+std::unique_ptr<Store> open_postgres_store(const std::string& url);
+
+// Whether `database` names PostgreSQL (postgresql:// or postgres://) rather
+// than a SQLite file.
+bool is_postgres_url(std::string_view database);
+
+// The store `database` names: PostgreSQL for such a URL, else a SQLite file.
+std::unique_ptr<Store> open_store(const std::string& database);
+
 }  // namespace tollgate::metering

@@ -8,6 +8,7 @@ packages="
   build-essential cmake ninja-build ccache pkg-config git
   libboost1.81-dev libboost-json1.81-dev libboost-url1.81-dev
   libssl-dev openssl libsqlite3-dev sqlite3 libyaml-cpp-dev catch2
+  postgresql libpq-dev
   prometheus nginx-light wrk curl python3 ca-certificates
   docker-compose python3-yaml
 "
@@ -25,8 +26,8 @@ if [ -n "$missing" ]; then
   echo "install-deps: installing:$missing"
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
-  # The prometheus and nginx packages try to start their services; tests run
-  # their own instances on loopback ports, so policy-rc.d keeps them down.
+  # The prometheus, nginx and postgresql packages try to start their services;
+  # tests run their own instances on loopback ports, so policy-rc.d keeps them down.
   created_policy=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     $sudo sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
