@@ -619,9 +619,13 @@ class PostgresStore final : public Store {
   // BEGIN on construction, ROLLBACK unless committed.
   class Transaction {
    public:
-    explicit Transaction(PostgresStore& store, const char* begin = "BEGIN") : store_(store) { store_.run(begin); }
+    explicit Transaction(PostgresStore& store, const char* begin = "BEGIN") : store_(store) {
+      store_.run(begin);
+      store_.in_transaction_ = true;
+    }
     ~Transaction() {
       if (!committed_) store_.rollback_quietly();
+      store_.in_transaction_ = false;
     }
     Transaction(const Transaction&) = delete;
     Transaction& operator=(const Transaction&) = delete;
@@ -659,6 +663,9 @@ class PostgresStore final : public Store {
       return;
     }
     if (PQstatus(conn_) == CONNECTION_OK) return;
+    // Not inside a transaction: the statements after the break would run on
+    // their own, outside it, and a batch could land in part.
+    if (in_transaction_) throw std::runtime_error("postgresql: the connection broke inside a transaction");
     PQreset(conn_);
     if (PQstatus(conn_) != CONNECTION_OK) {
       std::string message = PQerrorMessage(conn_);
@@ -851,6 +858,7 @@ class PostgresStore final : public Store {
   std::string url_;
   std::mutex mutex_;
   PGconn* conn_ = nullptr;
+  bool in_transaction_ = false;  // between a Transaction's BEGIN and its end
 };
 
 }  // namespace
