@@ -44,11 +44,13 @@ usage:
   tollgate model info FILE         architecture, sizes and tensor types of a model file
   tollgate model init [--out FILE] [--preset demo|bench-100m|bench-1b] [--type f32|f16|bf16|q8_0|q4_0] [--seed S]
                                    write a random-weight GGUF (for demos and benchmarks)
+  tollgate migrate --from FILE.db --to postgresql://...
+                                   copy a SQLite installation into an empty PostgreSQL database
   tollgate config default          print the embedded default configuration
   tollgate config check FILE       validate a configuration file
 
-Every command that reads the database takes --db FILE, or --config FILE to use
-the file's `database` (default ./tollgate.db). DATE is YYYY-MM-DD[THH:MM[:SS]] UTC.
+Every command that reads the database takes --db FILE (or a postgresql:// URL),
+or --config FILE to use the file's `database` (default ./tollgate.db). DATE is YYYY-MM-DD[THH:MM[:SS]] UTC.
 )";
 
 struct UsageError : std::runtime_error {
@@ -439,6 +441,19 @@ int dispatch(int argc, char** argv) {
   if (command == "model") {
     Args args(argc, argv, 3, flags);
     return model_command(sub, args);
+  }
+  if (command == "migrate") {
+    Args args(argc, argv, 2, flags);
+    auto from = args.take("from");
+    auto to = args.take("to");
+    if (!from || !to) throw UsageError("migrate needs --from FILE.db and --to postgresql://...");
+    args.finish();
+    if (!args.positionals().empty()) throw UsageError("migrate takes no positional arguments");
+    for (const auto& [table, rows] : metering::copy_sqlite_to_postgres(*from, *to)) {
+      std::cout << table << ": " << rows << " rows\n";
+    }
+    std::cout << "migrated " << *from << " to PostgreSQL" << std::endl;
+    return 0;
   }
   if (command == "config" && sub == "default") {
     std::cout << embedded_default_yaml();

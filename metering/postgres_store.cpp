@@ -19,12 +19,17 @@
 #include <utility>
 #include <vector>
 
+#include "metering/postgres_wire.hpp"
 #include "metering/quota.hpp"
 #include "metering/store.hpp"
 #include "metering/text_bounds.hpp"
 
 namespace tollgate::metering {
 namespace {
+
+using pg::Params;
+using pg::redacted;
+using pg::Result;
 
 // Ordered schema migrations: step i brings the database to version i + 1
 // (kept in tollgate_schema). A schema change appends a step; steps never change.
@@ -137,119 +142,6 @@ constexpr const char* kSelectKey =
 constexpr const char* kSelectJob =
     "SELECT id, endpoint, user_id, key_id, state, request, webhook, output, error, created_at, started_at,"
     " finished_at, expires_at, execution_timeout_ms, ttl_ms, attempts FROM jobs";
-
-// The URL without its password, for messages.
-std::string redacted(const std::string& url) {
-  const auto scheme = url.find("://");
-  const auto at = url.rfind('@');
-  if (scheme == std::string::npos || at == std::string::npos || at < scheme) return url;
-  const auto colon = url.find(':', scheme + 3);
-  if (colon == std::string::npos || colon > at) return url;
-  return url.substr(0, colon) + ":***" + url.substr(at);
-}
-
-// PostgreSQL text holds neither NUL nor invalid UTF-8; SQLite takes both. Such
-// text is stored with those bytes as '?', so one odd string cannot fail a batch.
-std::string pg_text(std::string_view s) {
-  std::string out(s);
-  const bool valid = valid_utf8(s);
-  for (char& c : out) {
-    if (c == '\0' || (!valid && static_cast<unsigned char>(c) >= 0x80)) c = '?';
-  }
-  return out;
-}
-
-// Parameters in libpq's text format; nullopt is NULL.
-class Params {
- public:
-  Params& add(std::int64_t v) {
-    values_.emplace_back(std::to_string(v));
-    return *this;
-  }
-  Params& add(std::string_view v) {
-    values_.emplace_back(pg_text(v));
-    return *this;
-  }
-  Params& add(const std::string& v) { return add(std::string_view(v)); }
-  Params& add(const char* v) { return add(std::string_view(v)); }
-  Params& add(const std::optional<std::int64_t>& v) {
-    if (v) return add(*v);
-    values_.emplace_back(std::nullopt);
-    return *this;
-  }
-  Params& add(const std::optional<std::string>& v) {
-    if (v) return add(std::string_view(*v));
-    values_.emplace_back(std::nullopt);
-    return *this;
-  }
-  Params& add_limits(const Limits& limits) {
-    return add(limits.requests_per_minute)
-        .add(limits.tokens_per_minute)
-        .add(limits.requests_per_day)
-        .add(limits.tokens_per_day)
-        .add(limits.tokens_per_month);
-  }
-
-  int size() const { return static_cast<int>(values_.size()); }
-  std::vector<const char*> pointers() const {
-    std::vector<const char*> out;
-    out.reserve(values_.size());
-    for (const auto& v : values_) out.push_back(v ? v->c_str() : nullptr);
-    return out;
-  }
-
- private:
-  std::vector<std::optional<std::string>> values_;
-};
-
-// One statement's result, cleared when it goes.
-class Result {
- public:
-  explicit Result(PGresult* result) : result_(result) {}
-  ~Result() { PQclear(result_); }
-  Result(Result&& other) noexcept : result_(std::exchange(other.result_, nullptr)) {}
-  Result& operator=(Result&&) = delete;
-  Result(const Result&) = delete;
-  Result& operator=(const Result&) = delete;
-
-  PGresult* get() const { return result_; }
-  int rows() const { return PQntuples(result_); }
-  bool null_at(int row, int column) const { return PQgetisnull(result_, row, column) != 0; }
-  std::string text_at(int row, int column) const {
-    return std::string(PQgetvalue(result_, row, column), static_cast<std::size_t>(PQgetlength(result_, row, column)));
-  }
-  // Integers, and SUM()s (numeric) of integers. NULL is 0.
-  std::int64_t int64_at(int row, int column) const {
-    if (null_at(row, column)) return 0;
-    const char* text = PQgetvalue(result_, row, column);
-    const char* end = text + PQgetlength(result_, row, column);
-    std::int64_t value = 0;
-    auto [ptr, ec] = std::from_chars(text, end, value);
-    if (ec != std::errc() || ptr != end) {
-      throw std::runtime_error("postgresql: expected an integer, got '" + excerpt(std::string_view(text, end - text)) +
-                               "'");
-    }
-    return value;
-  }
-  std::optional<std::int64_t> optional_at(int row, int column) const {
-    if (null_at(row, column)) return std::nullopt;
-    return int64_at(row, column);
-  }
-  Limits limits_at(int row, int first) const {
-    return {optional_at(row, first), optional_at(row, first + 1), optional_at(row, first + 2),
-            optional_at(row, first + 3), optional_at(row, first + 4)};
-  }
-  // Rows an INSERT, UPDATE or DELETE touched.
-  std::int64_t affected() const {
-    const char* text = PQcmdTuples(result_);
-    std::int64_t value = 0;
-    std::from_chars(text, text + std::char_traits<char>::length(text), value);
-    return value;
-  }
-
- private:
-  PGresult* result_;
-};
 
 User read_user(const Result& r, int row) {
   return {r.int64_at(row, 0), r.text_at(row, 1), r.int64_at(row, 2), r.limits_at(row, 3)};

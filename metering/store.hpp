@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "metering/types.hpp"
@@ -133,5 +134,11 @@ bool is_postgres_url(std::string_view database);
 
 // The store `database` names: PostgreSQL for such a URL, else a SQLite file.
 std::unique_ptr<Store> open_store(const std::string& database);
+
+// Copies a SQLite installation (users, keys, settings, usage, jobs; ids kept)
+// into an empty PostgreSQL database in one transaction; rows copied per table.
+// StoreError when the target already holds data.
+std::vector<std::pair<std::string, std::int64_t>> copy_sqlite_to_postgres(const std::string& sqlite_path,
+                                                                          const std::string& url);
 
 }  // namespace tollgate::metering

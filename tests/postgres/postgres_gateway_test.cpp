@@ -69,3 +69,62 @@ TEST_CASE("the gateway on PostgreSQL: keys, quotas across a restart, usage, revo
   }
   CHECK(status == 401);
 }
+
+TEST_CASE("migrate copies a SQLite installation into PostgreSQL: its keys work, its usage and jobs carry over",
+          "[postgres][e2e]") {
+  TempDir dir;
+  const std::string file = dir.file("old.db");
+  const std::string url = tollgate::metering::test::fresh_postgres_database();
+  // An installation with history: two users, a revoked key, limits, usage rows, a job.
+  const std::string alice = create_key(file, "alice", {"--rpd", "5"});
+  const std::string bob = create_key(file, "bob");
+  {
+    GatewayProcess gw(dir, {kConfig, file, {}});
+    HttpClient c(gw.port());
+    for (int i = 0; i < 3; ++i) CHECK(c.post("/v1/chat/completions", alice, chat_body("echo", "a b")).status == 200);
+    CHECK(c.post("/v1/chat/completions", bob, chat_body("echo", "c")).status == 200);
+    CHECK(gw.stop(SIGTERM) == 0);
+  }
+  REQUIRE(run_tollgate({"keys", "revoke", bob.substr(0, 10), "--db", file}).exit_code == 0);
+  {
+    auto old = tollgate::metering::open_store(file);
+    tollgate::metering::JobRecord job;
+    job.id = "job-carried";
+    job.endpoint = "fast";
+    job.user_id = old->find_user("alice")->id;
+    job.request = "{}";
+    job.created_at = 1;
+    old->insert_job(job);
+  }
+  const auto usage_before = run_tollgate({"usage", "--by-model", "--db", file});
+  const auto keys_before = run_tollgate({"keys", "list", "--db", file});
+
+  const auto migrated = run_tollgate({"migrate", "--from", file, "--to", url});
+  INFO(migrated.out << migrated.err);
+  REQUIRE(migrated.exit_code == 0);
+  CHECK(migrated.out.find("usage_events: 4 rows") != std::string::npos);
+  CHECK(migrated.out.find("api_keys: 2 rows") != std::string::npos);
+
+  // The same reports from the new database.
+  CHECK(run_tollgate({"usage", "--by-model", "--db", url}).out == usage_before.out);
+  CHECK(run_tollgate({"keys", "list", "--db", url}).out == keys_before.out);
+  auto store = tollgate::metering::open_store(url);
+  CHECK(store->find_job("job-carried"));
+  // New rows continue after the copied ids.
+  const std::string carol = create_key(url, "carol");
+  CHECK(store->list_keys().back().id == 3);
+
+  // The gateway on PostgreSQL honours the old keys, their state and what they used.
+  GatewayProcess gw(dir, {kConfig, url, {}});
+  HttpClient c(gw.port());
+  CHECK(c.post("/v1/chat/completions", alice, chat_body("echo", "d")).status == 200);
+  CHECK(c.post("/v1/chat/completions", alice, chat_body("echo", "e")).status == 200);
+  CHECK(c.post("/v1/chat/completions", alice, chat_body("echo", "f")).status == 429);  // 5 a day
+  CHECK(c.post("/v1/chat/completions", bob, chat_body("echo", "g")).status == 401);    // revoked
+  CHECK(c.post("/v1/chat/completions", carol, chat_body("echo", "h")).status == 200);
+
+  // A second copy into the same database is refused and changes nothing.
+  const auto again = run_tollgate({"migrate", "--from", file, "--to", url});
+  CHECK(again.exit_code != 0);
+  CHECK(again.err.find("not empty") != std::string::npos);
+}
