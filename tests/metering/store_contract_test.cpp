@@ -469,14 +469,20 @@ TEST_CASE("odd text in a usage row is stored bounded and never fails its batch",
   events.push_back(event(k2024_03_15_102000, key.user_id, key.id, std::string(100'000, 'm'), 404, 0, 0));
   events.back().route = std::string(100'000, '/');
   events.back().backend = std::string(100'000, 'b');
+  // Bytes that delimit rows and fields in bulk formats are only text here.
+  events.push_back(event(k2024_03_15_102000, key.user_id, key.id, "tab\there\nnew \\N\\slash\r", 200, 1, 1));
+  events.back().route = "\\.\n";
   store->append_usage(events);
-  CHECK(store->count_usage_events() == 3);
+  CHECK(store->count_usage_events() == 4);
   const auto rows = store->usage(usage_query(std::nullopt, std::nullopt, false, true));
-  REQUIRE(rows.size() == 3);
+  REQUIRE(rows.size() == 4);
+  bool delimiters_intact = false;
   for (const auto& row : rows) {
     CHECK(row.model.size() <= kMaxStoredName);
     CHECK(row.requests == 1);
+    delimiters_intact = delimiters_intact || row.model == "tab\there\nnew \\N\\slash\r";
   }
+  CHECK(delimiters_intact);
 }
 
 TEST_CASE("job writes in one batch: a refused insert fails alone, and a store error undoes nothing else",
