@@ -124,6 +124,23 @@ class PostgresServer {
   PostgresServer(const PostgresServer&) = delete;
   PostgresServer& operator=(const PostgresServer&) = delete;
 
+  // Stops the server (fast: connections are cut) and starts it again on the
+  // same port and data, for tests of what a client does while it is away.
+  void stop() {
+    if (!start_error_.empty()) throw std::runtime_error(start_error_);
+    if (!run(dir_, log_, {(kBinDir / "pg_ctl").string(), "stop", "-m", "fast", "-w", "-t", "30", "-D", data_.string()})) {
+      fail("pg_ctl stop failed");
+    }
+  }
+  void start_again() {
+    if (!start_error_.empty()) throw std::runtime_error(start_error_);
+    if (!run(dir_, log_,
+             {(kBinDir / "pg_ctl").string(), "start", "-w", "-t", "30", "-D", data_.string(), "-l", log_.string(), "-o",
+              options_})) {
+      fail("pg_ctl start (again) failed");
+    }
+  }
+
   // The URL of database `name`; throws when the server did not start.
   std::string url(const std::string& name) const {
     if (!start_error_.empty()) throw std::runtime_error(start_error_);
@@ -149,7 +166,8 @@ class PostgresServer {
       }
     }
 
-    const fs::path data = dir_ / "data";
+    data_ = dir_ / "data";
+    const fs::path& data = data_;
     // -N: no fsync; the cluster lives only as long as this process.
     if (!run(dir_, log_,
              {(kBinDir / "initdb").string(), "-D", data.string(), "-U", kUser, "--auth=trust", "-E", "UTF8",
@@ -162,7 +180,7 @@ class PostgresServer {
     port_ = free_loopback_port();
     // Durability is pointless for test data; dropping it makes CREATE DATABASE
     // and commits cheap.
-    const std::string options = "-c listen_addresses=127.0.0.1 -c port=" + std::to_string(port_) +
+    options_ = "-c listen_addresses=127.0.0.1 -c port=" + std::to_string(port_) +
                                 " -c unix_socket_directories=" + shell_quote(dir_.string()) +
                                 " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
                                 " -c max_connections=200";
@@ -173,7 +191,7 @@ class PostgresServer {
     // after 30 s, and notices at once when the server exits during startup.
     if (!run(dir_, log_,
              {(kBinDir / "pg_ctl").string(), "start", "-w", "-t", "30", "-D", data.string(), "-l", log_.string(), "-o",
-              options})) {
+              options_})) {
       fail("pg_ctl start failed");
     }
   }
@@ -198,6 +216,8 @@ class PostgresServer {
 
   fs::path dir_;
   fs::path log_;
+  fs::path data_;
+  std::string options_;  // the server's -o
   int port_ = 0;
   bool started_ = false;
   std::string start_error_;
@@ -205,8 +225,8 @@ class PostgresServer {
 
 // Started on first use; C++ makes the initialisation thread-safe, and the
 // destructor runs at exit.
-const PostgresServer& server() {
-  static const PostgresServer instance;
+PostgresServer& server() {
+  static PostgresServer instance;
   return instance;
 }
 
@@ -231,5 +251,9 @@ std::string fresh_postgres_database() {
   }
   return postgres.url(name);
 }
+
+void stop_postgres() { server().stop(); }
+
+void start_postgres_again() { server().start_again(); }
 
 }  // namespace tollgate::metering::test

@@ -13,4 +13,9 @@ namespace tollgate::metering::test {
 // a clear message (including the server log tail) when it cannot start.
 std::string fresh_postgres_database();
 
+// Stops this binary's server (connections are cut), and starts it again on the
+// same port with the same databases.
+void stop_postgres();
+void start_postgres_again();
+
 }  // namespace tollgate::metering::test
