@@ -167,3 +167,46 @@ TEST_CASE("PostgreSQL stopped and started again: cached keys keep working, no us
   REQUIRE(rows.size() == 1);
   CHECK(rows[0].requests == answered);  // the daily rollup agrees: nothing doubled
 }
+
+TEST_CASE("jobs on PostgreSQL: stored before they are acknowledged, run, and kept across a restart",
+          "[postgres][e2e][jobs]") {
+  const std::string url = tollgate::metering::test::fresh_postgres_database();
+  TempDir dir;
+  const std::string config = std::string(kConfig) + R"(jobs:
+  endpoints:
+    - {name: fast, model: echo, max_concurrency: 4}
+)";
+  const std::string key = create_key(url, "alice");
+  std::vector<std::string> ids;
+  {
+    GatewayProcess gw(dir, {config, url, {}});
+    HttpClient c(gw.port());
+    for (int i = 0; i < 5; ++i) {
+      auto r = c.post("/v2/fast/run", key, R"({"input":{"prompt":"job )" + std::to_string(i) + R"("}})");
+      REQUIRE(r.status == 200);
+      ids.push_back(std::string(r.json().at("id").as_string()));
+    }
+    for (const auto& id : ids) {
+      std::string state;
+      for (int i = 0; i < 200 && state != "COMPLETED"; ++i) {
+        state = std::string(c.get("/v2/fast/status/" + id, key).json().at("status").as_string());
+        if (state != "COMPLETED") std::this_thread::sleep_for(20ms);
+      }
+      CHECK(state == "COMPLETED");
+    }
+    CHECK(gw.stop(SIGTERM) == 0);
+  }
+  auto store = tollgate::metering::open_store(url);
+  for (const auto& id : ids) {
+    auto job = store->find_job(id);
+    REQUIRE(job);
+    CHECK(job->state == tollgate::metering::JobState::completed);
+    CHECK(job->output.find("job ") != std::string::npos);
+  }
+  // Another start serves the stored results.
+  GatewayProcess gw(dir, {config, url, {}});
+  HttpClient c(gw.port());
+  auto r = c.get("/v2/fast/status/" + ids[2], key);
+  REQUIRE(r.status == 200);
+  CHECK(r.json().at("output").at("text").as_string() == "job 2");
+}
