@@ -212,7 +212,12 @@ class PostgresStore final : public Store {
  public:
   explicit PostgresStore(std::string url) : url_(std::move(url)) {
     connect();
-    migrate();
+    try {
+      migrate();
+    } catch (...) {
+      PQfinish(conn_);  // no destructor runs for an object that was never made
+      throw;
+    }
   }
 
   ~PostgresStore() override {
