@@ -11,6 +11,8 @@
 #include <map>
 #include <memory>
 #include <regex>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "deploy_support.hpp"
@@ -561,14 +563,22 @@ TEST_CASE("the Dockerfiles install what the binary links and run it as Tollgate 
   auto cuda = runtime_stage(source_path("compose/Dockerfile.cuda"));
   auto listen_port = port_of(str(yaml_document(source_path("compose/tollgate.yaml")).at("listen")));
 
-  // Every shared library `tollgate` links, by its Debian package, is installed
-  // in the Debian runtime stage (the base image's own libc, libstdc++, libgcc aside).
+  // Every shared library `tollgate` links directly (its NEEDED entries), by its
+  // Debian package, is named in the Debian runtime stage (the base image's own
+  // libc, libstdc++, libgcc aside); apt brings what those libraries link.
+  auto needed = run_command("objdump -p " + shell_quote(TOLLGATE_BINARY) + " | awk '$1 == \"NEEDED\" {print $2}'", 30);
+  REQUIRE(needed.exit_code == 0);
+  std::set<std::string> direct;
+  std::istringstream needed_lines(needed.output);
+  for (std::string soname; std::getline(needed_lines, soname);) direct.insert(soname);
+  REQUIRE(direct.contains("libsqlite3.so.0"));
   auto ldd = run_command("ldd " + shell_quote(TOLLGATE_BINARY), 30);
   REQUIRE(ldd.exit_code == 0);
   std::set<std::string> packages;
-  std::regex lib_path(R"(=> (/\S+))");
+  std::regex lib_path(R"((\S+) => (/\S+))");
   for (std::sregex_iterator it(ldd.output.begin(), ldd.output.end(), lib_path), end; it != end; ++it) {
-    auto path = (*it)[1].str();
+    if (!direct.contains((*it)[1].str())) continue;
+    auto path = (*it)[2].str();
     auto owner = run_command("dpkg -S " + shell_quote(path) + " 2>/dev/null || dpkg -S \"$(realpath " +
                              shell_quote(path) + ")\" 2>/dev/null");
     REQUIRE(owner.exit_code == 0);
