@@ -20,10 +20,16 @@
 
 namespace tollgate::metering::pg {
 
-// The URL without its password, for messages.
-inline std::string redacted(const std::string& url) {
+// The URL without its password (user:PASSWORD@ or ?password=), for messages.
+inline std::string redacted(std::string url) {
+  if (const auto query = url.find('?'); query != std::string::npos) {
+    if (const auto password = url.find("password=", query); password != std::string::npos) {
+      const auto end = url.find('&', password);
+      url = url.substr(0, password) + "password=***" + (end == std::string::npos ? "" : url.substr(end));
+    }
+  }
   const auto scheme = url.find("://");
-  const auto at = url.rfind('@');
+  const auto at = url.rfind('@', url.find('?'));
   if (scheme == std::string::npos || at == std::string::npos || at < scheme) return url;
   const auto colon = url.find(':', scheme + 3);
   if (colon == std::string::npos || colon > at) return url;

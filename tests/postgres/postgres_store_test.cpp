@@ -88,12 +88,18 @@ TEST_CASE("a connection the server dropped is reset on the next call", "[postgre
 }
 
 TEST_CASE("a store that cannot connect says where, without the password", "[postgres]") {
-  try {
-    open_store("postgresql://tollgate:s3cret-pw@127.0.0.1:1/nowhere");
-    FAIL("connected to port 1");
-  } catch (const std::exception& e) {
-    const std::string message = e.what();
-    CHECK(message.find("127.0.0.1") != std::string::npos);
-    CHECK(message.find("s3cret-pw") == std::string::npos);
+  for (const char* url : {"postgresql://tollgate:s3cret-pw@127.0.0.1:1/nowhere",
+                          "postgresql://tollgate@127.0.0.1:1/nowhere?password=s3cret-pw&sslmode=disable",
+                          "postgres://tollgate:s3cret-pw@127.0.0.1:1/nowhere?password=s3cret-pw"}) {
+    INFO(url);
+    try {
+      open_store(url);
+      FAIL("connected to port 1");
+    } catch (const std::exception& e) {
+      const std::string message = e.what();
+      INFO(message);
+      CHECK(message.find("127.0.0.1") != std::string::npos);
+      CHECK(message.find("s3cret-pw") == std::string::npos);
+    }
   }
 }
