@@ -37,8 +37,8 @@ class JobWriter {
 
  private:
   metering::Store& store_;
-  std::mutex commit_mutex_;  // held for a whole batch
-  mutable std::mutex mutex_;  // the fields below
+  std::mutex commit_mutex_;                                            // held for a whole batch
+  mutable std::mutex mutex_;                                           // the fields below
   std::vector<std::pair<std::uint64_t, metering::JobWrite>> pending_;  // tickets ascending
   std::uint64_t next_ticket_ = 1;
   std::uint64_t committed_ = 0;     // every ticket up to this one is settled

@@ -259,18 +259,18 @@ class PostgresStore final : public Store {
     std::lock_guard lock(mutex_);
     Transaction tx(*this);
     const User user = ensure_user_locked(key.user_name);
-    Result r = run(
-        "INSERT INTO api_keys (user_id, prefix, sha256, created_at, expires_at, models,"
-        " rpm, tpm, rpd, tpd, tokens_per_month)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
-        Params()
-            .add(user.id)
-            .add(key.prefix)
-            .add(key.sha256_hex)
-            .add(now_ms())
-            .add(key.expires_at)
-            .add(models)
-            .add_limits(key.limits));
+    Result r =
+        run("INSERT INTO api_keys (user_id, prefix, sha256, created_at, expires_at, models,"
+            " rpm, tpm, rpd, tpd, tokens_per_month)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
+            Params()
+                .add(user.id)
+                .add(key.prefix)
+                .add(key.sha256_hex)
+                .add(now_ms())
+                .add(key.expires_at)
+                .add(models)
+                .add_limits(key.limits));
     if (r.rows() != 1) throw std::runtime_error("postgresql: INSERT ... RETURNING gave no row");
     ApiKey inserted = key_by_id_locked(r.int64_at(0, 0));
     tx.commit();
@@ -547,7 +547,8 @@ class PostgresStore final : public Store {
       throw std::runtime_error("postgresql: cannot connect to " + redacted(url_) + ": " + message);
     }
     // Notices ("already exists, skipping") are not the operator's business.
-    PQsetNoticeProcessor(conn_, [](void*, const char*) {}, nullptr);
+    PQsetNoticeProcessor(
+        conn_, [](void*, const char*) {}, nullptr);
   }
 
   // A connection that broke (the server restarted, a proxy dropped it) is
@@ -649,10 +650,10 @@ class PostgresStore final : public Store {
   std::int64_t resolve_prefix_locked(std::string_view prefix) {
     const std::string shown(prefix);
     if (prefix.empty()) throw StoreError("an empty prefix matches every key");
-    Result r = run(
-        "SELECT id, CASE WHEN revoked_at IS NULL THEN 1 ELSE 0 END FROM api_keys"
-        " WHERE left(prefix, length($1)) = $1 ORDER BY id",
-        Params().add(prefix));
+    Result r =
+        run("SELECT id, CASE WHEN revoked_at IS NULL THEN 1 ELSE 0 END FROM api_keys"
+            " WHERE left(prefix, length($1)) = $1 ORDER BY id",
+            Params().add(prefix));
     std::int64_t active = 0;
     std::int64_t id = 0;
     for (int i = 0; i < r.rows(); ++i) {
@@ -711,11 +712,20 @@ class PostgresStore final : public Store {
   static void append_copy_text(std::string& out, std::string_view text) {
     for (char c : pg::pg_text(text)) {
       switch (c) {
-        case '\\': out += "\\\\"; break;
-        case '\t': out += "\\t"; break;
-        case '\n': out += "\\n"; break;
-        case '\r': out += "\\r"; break;
-        default: out += c;
+        case '\\':
+          out += "\\\\";
+          break;
+        case '\t':
+          out += "\\t";
+          break;
+        case '\n':
+          out += "\\n";
+          break;
+        case '\r':
+          out += "\\r";
+          break;
+        default:
+          out += c;
       }
     }
   }

@@ -17,7 +17,7 @@ namespace {
 
 struct Table {
   const char* name;
-  const char* columns;  // the same in both schemas
+  const char* columns;      // the same in both schemas
   const char* on_conflict;  // appended to each INSERT; empty: none
   const char* serial;       // the column whose sequence follows the copied ids; empty: none
 };
@@ -69,7 +69,8 @@ class Target {
       PQfinish(conn_);
       throw std::runtime_error("postgresql: cannot connect to " + pg::redacted(url) + ": " + message);
     }
-    PQsetNoticeProcessor(conn_, [](void*, const char*) {}, nullptr);
+    PQsetNoticeProcessor(
+        conn_, [](void*, const char*) {}, nullptr);
   }
   ~Target() { PQfinish(conn_); }
   Target(const Target&) = delete;
@@ -180,8 +181,8 @@ std::vector<std::pair<std::string, std::int64_t>> copy_sqlite_to_postgres(const 
   for (const Table& table : kTables) {
     const auto n = target.run(std::string("SELECT COUNT(*) FROM ") + table.name).int64_at(0, 0);
     if (n != 0) {
-      throw StoreError("the target database is not empty: " + std::string(table.name) + " holds " +
-                       std::to_string(n) + " rows");
+      throw StoreError("the target database is not empty: " + std::string(table.name) + " holds " + std::to_string(n) +
+                       " rows");
     }
   }
   std::vector<std::pair<std::string, std::int64_t>> copied;

@@ -31,7 +31,7 @@ class ContractDatabase {
 };
 
 inline UsageQuery usage_query(std::optional<std::string> user, std::optional<EpochMs> since, bool by_day,
-                       bool by_model) {
+                              bool by_model) {
   UsageQuery query;
   query.user = std::move(user);
   query.since = since;
@@ -49,8 +49,8 @@ inline NewKey new_key(std::string user, std::string prefix, std::string hash) {
 }
 
 inline UsageEvent event(EpochMs ts, std::optional<std::int64_t> user, std::optional<std::int64_t> key,
-                 std::string model, int status, std::int64_t prompt, std::int64_t completion,
-                 bool counted = true) {
+                        std::string model, int status, std::int64_t prompt, std::int64_t completion,
+                        bool counted = true) {
   UsageEvent e;
   e.ts = ts;
   e.user_id = user;
