@@ -47,9 +47,6 @@ run() {  # NAME CONNECTIONS URL SCRIPT
   "$WRK" -t"$threads" -c"$2" -d"$DURATION" --latency -s "$4" "$3" | tee "$WORK/$1.wrk" >&2
 }
 rps() { awk '/^Requests\/sec/ { print $2 }' "$WORK/$1.wrk"; }
-to_ms() {
-  awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'
-}
 pct() { to_ms "$(awk -v p="$2" '$1 == p { print $2 }' "$WORK/$1.wrk")"; }
 non2xx() { awk '/Non-2xx/ { print $NF }' "$WORK/$1.wrk"; }
 

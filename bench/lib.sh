@@ -40,6 +40,14 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
+# wrk prints latencies as 812.00us, 1.23ms or 1.05s: normalise to ms.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0
+    if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /m$/) n *= 60000; else if (v ~ /s$/) n *= 1000
+    printf "%.3f", n }'
+}
+
 # Polls until `curl ARGS...` gets HTTP 200, at most ~10 s.
 wait_200() {
   local i
@@ -111,13 +119,6 @@ compare_with_nginx() {  # PATH DESCRIPTION
     "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@" "$url" | tee "$WORK/$name.wrk" >&2
   }
 
-  # wrk prints latencies as 812.00us, 1.23ms or 1.05s: normalise to ms.
-  to_ms() {
-    awk -v v="$1" 'BEGIN {
-      n = v + 0
-      if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /m$/) n *= 60000; else if (v ~ /s$/) n *= 1000
-      printf "%.3f", n }'
-  }
   field() {  # FILE WHAT
     case $2 in
       rps) awk '/^Requests\/sec:/ {print $2}' "$1" ;;

@@ -51,13 +51,6 @@ rows() {  # DATABASE
   fi
 }
 
-to_ms() {
-  awk -v v="$1" 'BEGIN {
-    n = v + 0
-    if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /m$/) n *= 60000; else if (v ~ /s$/) n *= 1000
-    printf "%.3f", n }'
-}
-
 declare -A KEYS REQS RPS
 for DB in "$SQLITE_DB" "$PG_URL"; do
   KEYS[$DB]=$("$TOLLGATE" keys create --user bench --db "$DB" | tail -1)

@@ -22,6 +22,7 @@
 #include "metering/postgres_wire.hpp"
 #include "metering/quota.hpp"
 #include "metering/store.hpp"
+#include "metering/store_rows.hpp"
 #include "metering/text_bounds.hpp"
 
 namespace tollgate::metering {
@@ -132,44 +133,9 @@ CREATE INDEX jobs_state ON jobs(state, created_at);
 // Any number; the same in every replica, so they take the same lock.
 constexpr std::int64_t kMigrationLock = 0x746f6c6c67617465;  // "tollgate"
 
-constexpr const char* kSelectUser = "SELECT id, name, created_at, rpm, tpm, rpd, tpd, tokens_per_month FROM users";
-
-constexpr const char* kSelectKey =
-    "SELECT k.id, k.user_id, u.name, k.prefix, k.sha256, k.created_at, k.expires_at,"
-    " k.revoked_at, k.models, k.rpm, k.tpm, k.rpd, k.tpd, k.tokens_per_month"
-    " FROM api_keys k JOIN users u ON u.id = k.user_id";
-
-constexpr const char* kSelectJob =
-    "SELECT id, endpoint, user_id, key_id, state, request, webhook, output, error, created_at, started_at,"
-    " finished_at, expires_at, execution_timeout_ms, ttl_ms, attempts FROM jobs";
 
 User read_user(const Result& r, int row) {
   return {r.int64_at(row, 0), r.text_at(row, 1), r.int64_at(row, 2), r.limits_at(row, 3)};
-}
-
-std::vector<std::string> split_models(const std::string& text) {
-  std::vector<std::string> models;
-  std::size_t start = 0;
-  while (start < text.size()) {
-    std::size_t end = text.find(',', start);
-    if (end == std::string::npos) end = text.size();
-    models.push_back(text.substr(start, end - start));
-    start = end + 1;
-  }
-  return models;
-}
-
-std::string join_models(const std::vector<std::string>& models) {
-  std::string out;
-  for (const auto& model : models) {
-    if (model.empty() || model.find(',') != std::string::npos) {
-      throw StoreError("invalid model name '" + model + "' (empty or containing a comma)");
-    }
-    if (model.size() > kMaxStoredName) throw StoreError("a model name is longer than the store keeps");
-    if (!out.empty()) out += ',';
-    out += model;
-  }
-  return out;
 }
 
 ApiKey read_key(const Result& r, int row) {
@@ -336,28 +302,7 @@ class PostgresStore final : public Store {
 
   void append_usage(std::span<const UsageEvent> events) override {
     if (events.empty()) return;
-    struct DailyKey {
-      std::string day;
-      std::int64_t user_id, key_id;
-      std::string model;
-      auto operator<=>(const DailyKey&) const = default;
-    };
-    struct DailyTotals {
-      std::int64_t requests = 0, counted_requests = 0, errors = 0, prompt_tokens = 0, completion_tokens = 0,
-                   counted_tokens = 0;
-    };
-    // The rollup is summed per batch first: one upsert per (day, user, key, model).
-    std::map<DailyKey, DailyTotals> daily;
-    for (const UsageEvent& e : events) {
-      DailyTotals& t = daily[{day_string(e.ts), e.user_id.value_or(0), e.key_id.value_or(0),
-                              std::string(truncate_utf8(e.model, kMaxStoredName))}];
-      t.requests += 1;
-      t.counted_requests += e.counted ? 1 : 0;
-      t.errors += e.status >= 400 ? 1 : 0;
-      t.prompt_tokens += e.prompt_tokens;
-      t.completion_tokens += e.completion_tokens;
-      t.counted_tokens += e.counted ? e.prompt_tokens + e.completion_tokens : 0;
-    }
+    const auto daily = daily_rollup(events);
     std::lock_guard lock(mutex_);
     Transaction tx(*this);
     insert_usage_rows(events);

@@ -13,6 +13,7 @@
 
 #include "metering/quota.hpp"
 #include "metering/store.hpp"
+#include "metering/store_rows.hpp"
 #include "metering/text_bounds.hpp"
 
 namespace tollgate::metering {
@@ -135,9 +136,6 @@ CREATE INDEX jobs_state ON jobs(state, created_at);
 )sql",
 };
 
-constexpr const char* kSelectJob =
-    "SELECT id, endpoint, user_id, key_id, state, request, webhook, output, error, created_at, started_at,"
-    " finished_at, expires_at, execution_timeout_ms, ttl_ms, attempts FROM jobs";
 
 // --- UTC windows (the quota limiter's arithmetic, so both agree) -----------
 
@@ -240,38 +238,8 @@ class Query {
   sqlite3_stmt* stmt_;
 };
 
-std::string join_models(const std::vector<std::string>& models) {
-  std::string out;
-  for (const auto& model : models) {
-    if (model.empty() || model.find(',') != std::string::npos) {
-      throw StoreError("invalid model name '" + model + "' (empty or containing a comma)");
-    }
-    if (!out.empty()) out += ',';
-    out += model;
-  }
-  return out;
-}
-
-std::vector<std::string> split_models(const std::string& text) {
-  std::vector<std::string> models;
-  std::size_t start = 0;
-  while (start < text.size()) {
-    std::size_t end = text.find(',', start);
-    if (end == std::string::npos) end = text.size();
-    models.push_back(text.substr(start, end - start));
-    start = end + 1;
-  }
-  return models;
-}
-
-constexpr const char* kSelectUser = "SELECT id, name, created_at, rpm, tpm, rpd, tpd, tokens_per_month FROM users";
-
 User read_user(const Query& q) { return {q.int64_at(0), q.text_at(1), q.int64_at(2), q.limits_at(3)}; }
 
-constexpr const char* kSelectKey =
-    "SELECT k.id, k.user_id, u.name, k.prefix, k.sha256, k.created_at, k.expires_at,"
-    " k.revoked_at, k.models, k.rpm, k.tpm, k.rpd, k.tpd, k.tokens_per_month"
-    " FROM api_keys k JOIN users u ON u.id = k.user_id";
 
 ApiKey read_key(const Query& q) {
   ApiKey key;
@@ -368,9 +336,6 @@ class SqliteStore final : public Store {
   ApiKey insert_key(const NewKey& key) override {
     if (key.prefix.empty()) throw StoreError("a key needs a prefix");
     if (key.sha256_hex.empty()) throw StoreError("a key needs a hash");
-    for (const auto& model : key.models) {
-      if (model.size() > kMaxStoredName) throw StoreError("a model name is longer than the store keeps");
-    }
     const std::string models = join_models(key.models);
     std::lock_guard lock(mutex_);
     Transaction tx(*this);
@@ -521,33 +486,10 @@ class SqliteStore final : public Store {
     if (events.empty()) return;
     std::lock_guard lock(mutex_);
     Transaction tx(*this);
-    struct DailyKey {
-      std::string day;
-      std::int64_t user_id, key_id;
-      std::string model;
-      auto operator<=>(const DailyKey&) const = default;
-    };
-    struct DailyTotals {
-      std::int64_t requests = 0, counted_requests = 0, errors = 0, prompt_tokens = 0, completion_tokens = 0,
-                   counted_tokens = 0;
-    };
-    std::map<DailyKey, DailyTotals> daily;
     for (std::size_t at = 0; at < events.size(); at += kRowsPerInsert) {
       insert_usage_rows(events.subspan(at, std::min(kRowsPerInsert, events.size() - at)));
     }
-    for (const UsageEvent& e : events) {
-      // The rollup is summed per batch first: one upsert per (day, user, key,
-      // model) instead of one per event keeps the writer well ahead of the load.
-      DailyTotals& t = daily[{utc_day(e.ts), e.user_id.value_or(0), e.key_id.value_or(0),
-                              std::string(truncate_utf8(e.model, kMaxStoredName))}];
-      const std::int64_t tokens = e.prompt_tokens + e.completion_tokens;
-      t.requests += 1;
-      t.counted_requests += e.counted ? 1 : 0;
-      t.errors += e.status >= 400 ? 1 : 0;
-      t.prompt_tokens += e.prompt_tokens;
-      t.completion_tokens += e.completion_tokens;
-      t.counted_tokens += e.counted ? tokens : 0;
-    }
+    const auto daily = daily_rollup(events);
     for (const auto& [k, t] : daily) {
       query(
           "INSERT INTO usage_daily (day, user_id, key_id, model, requests, counted_requests,"
