@@ -9,6 +9,7 @@
 // together migrate once.
 #include <libpq-fe.h>
 
+#include <algorithm>
 #include <charconv>
 #include <map>
 #include <memory>
@@ -127,6 +128,19 @@ CREATE TABLE jobs (
   attempts BIGINT NOT NULL
 );
 CREATE INDEX jobs_state ON jobs(state, created_at);
+)sql",
+    // Shared quota budgets (store.hpp's BudgetClaim).
+    R"sql(
+CREATE TABLE quota_budgets (
+  subject TEXT NOT NULL,
+  limit_name TEXT NOT NULL,
+  window_id BIGINT NOT NULL,
+  window_end BIGINT NOT NULL,
+  granted BIGINT NOT NULL,
+  last_grant BIGINT NOT NULL,
+  PRIMARY KEY (subject, limit_name, window_id)
+);
+CREATE INDEX quota_budgets_end ON quota_budgets(window_end);
 )sql",
 };
 
@@ -403,6 +417,57 @@ class PostgresStore final : public Store {
     return state;
   }
 
+  BudgetOutcome claim_budgets(std::span<const BudgetClaim> claims) override {
+    static const std::string sql = std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns +
+                                   ") VALUES ($1, $2, $3, $4, " + grant("0") + ", " + grant("0") +
+                                   ") ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET last_grant = " +
+                                   grant("b.granted") + ", granted = b.granted + " + grant("b.granted") +
+                                   " RETURNING last_grant, granted";
+    BudgetOutcome outcome;
+    outcome.granted.assign(claims.size(), 0);
+    outcome.remaining.assign(claims.size(), 0);
+    std::lock_guard lock(mutex_);
+    Transaction tx(*this);
+    for (const std::size_t i : budget_order(claims)) {
+      const BudgetClaim& c = claims[i];
+      Result r = run(sql, Params().add(c.subject).add(c.limit_name).add(c.window).add(c.window_end).add(c.limit).add(
+                              c.need));
+      const std::int64_t granted = r.int64_at(0, 0);
+      if (granted < c.need || granted == 0) {
+        BudgetOutcome refused;
+        refused.granted.assign(claims.size(), 0);
+        refused.remaining.assign(claims.size(), 0);
+        refused.remaining[i] = std::max<std::int64_t>(0, c.limit - r.int64_at(0, 1));
+        refused.refused = i;
+        return refused;  // the transaction rolls back: nothing granted
+      }
+      outcome.granted[i] = granted;
+      outcome.remaining[i] = std::max<std::int64_t>(0, c.limit - r.int64_at(0, 1));
+    }
+    tx.commit();
+    return outcome;
+  }
+
+  void adjust_budgets(std::span<const BudgetAdjustment> adjustments) override {
+    static const std::string sql = std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns +
+                                   ") VALUES ($1, $2, $3, $4, GREATEST(0, $5::bigint), 0)"
+                                   " ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET"
+                                   " granted = GREATEST(0, b.granted + $5::bigint)";
+    if (adjustments.empty()) return;
+    std::lock_guard lock(mutex_);
+    Transaction tx(*this);
+    for (const std::size_t i : budget_order(adjustments)) {
+      const BudgetAdjustment& a = adjustments[i];
+      run(sql, Params().add(a.subject).add(a.limit_name).add(a.window).add(a.window_end).add(a.delta));
+    }
+    tx.commit();
+  }
+
+  std::int64_t purge_budgets(EpochMs before) override {
+    std::lock_guard lock(mutex_);
+    return run("DELETE FROM quota_budgets WHERE window_end < $1", Params().add(before)).affected();
+  }
+
   void insert_job(const JobRecord& job) override {
     std::lock_guard lock(mutex_);
     insert_job_locked(job);
@@ -456,6 +521,8 @@ class PostgresStore final : public Store {
   }
 
  private:
+  static std::string grant(const std::string& granted) { return budget_grant_sql(granted, "$5::bigint", "$6::bigint"); }
+
   // BEGIN on construction, ROLLBACK unless committed.
   class Transaction {
    public:

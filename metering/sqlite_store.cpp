@@ -134,6 +134,19 @@ CREATE TABLE jobs (
 );
 CREATE INDEX jobs_state ON jobs(state, created_at);
 )sql",
+    // Shared quota budgets (store.hpp's BudgetClaim): several processes on one file.
+    R"sql(
+CREATE TABLE quota_budgets (
+  subject TEXT NOT NULL,
+  limit_name TEXT NOT NULL,
+  window_id INTEGER NOT NULL,
+  window_end INTEGER NOT NULL,
+  granted INTEGER NOT NULL,
+  last_grant INTEGER NOT NULL,
+  PRIMARY KEY (subject, limit_name, window_id)
+);
+CREATE INDEX quota_budgets_end ON quota_budgets(window_end);
+)sql",
 };
 
 
@@ -479,6 +492,66 @@ class SqliteStore final : public Store {
   std::int64_t purge_jobs(EpochMs now) override {
     std::lock_guard lock(mutex_);
     query("DELETE FROM jobs WHERE finished_at > 0 AND expires_at <= ?1").bind(1, now).run();
+    return sqlite3_changes64(db_);
+  }
+
+  BudgetOutcome claim_budgets(std::span<const BudgetClaim> claims) override {
+    auto grant = [](const std::string& granted) { return budget_grant_sql(granted, "?5", "?6"); };
+    static const std::string sql = std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns +
+                                   ") VALUES (?1, ?2, ?3, ?4, " + grant("0") + ", " + grant("0") +
+                                   ") ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET last_grant = " +
+                                   grant("b.granted") + ", granted = b.granted + " + grant("b.granted") +
+                                   " RETURNING last_grant, granted";
+    BudgetOutcome outcome;
+    outcome.granted.assign(claims.size(), 0);
+    outcome.remaining.assign(claims.size(), 0);
+    std::lock_guard lock(mutex_);
+    Transaction tx(*this);
+    for (const std::size_t i : budget_order(claims)) {
+      const BudgetClaim& c = claims[i];
+      std::int64_t granted = 0, total = 0;
+      {
+        Query q = query(sql);
+        q.bind(1, c.subject).bind(2, c.limit_name).bind(3, c.window).bind(4, c.window_end).bind(5, c.limit).bind(
+            6, c.need);
+        if (!q.step()) throw std::runtime_error("sqlite: INSERT ... RETURNING gave no row");
+        granted = q.int64_at(0);
+        total = q.int64_at(1);
+        q.run();
+      }
+      if (granted < c.need || granted == 0) {
+        BudgetOutcome refused;
+        refused.granted.assign(claims.size(), 0);
+        refused.remaining.assign(claims.size(), 0);
+        refused.remaining[i] = std::max<std::int64_t>(0, c.limit - total);
+        refused.refused = i;
+        return refused;  // the transaction rolls back: nothing granted
+      }
+      outcome.granted[i] = granted;
+      outcome.remaining[i] = std::max<std::int64_t>(0, c.limit - total);
+    }
+    tx.commit();
+    return outcome;
+  }
+
+  void adjust_budgets(std::span<const BudgetAdjustment> adjustments) override {
+    static const std::string sql = std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns +
+                                   ") VALUES (?1, ?2, ?3, ?4, MAX(0, ?5), 0)"
+                                   " ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET"
+                                   " granted = MAX(0, b.granted + ?5)";
+    if (adjustments.empty()) return;
+    std::lock_guard lock(mutex_);
+    Transaction tx(*this);
+    for (const std::size_t i : budget_order(adjustments)) {
+      const BudgetAdjustment& a = adjustments[i];
+      query(sql).bind(1, a.subject).bind(2, a.limit_name).bind(3, a.window).bind(4, a.window_end).bind(5, a.delta).run();
+    }
+    tx.commit();
+  }
+
+  std::int64_t purge_budgets(EpochMs before) override {
+    std::lock_guard lock(mutex_);
+    query("DELETE FROM quota_budgets WHERE window_end < ?1").bind(1, before).run();
     return sqlite3_changes64(db_);
   }
 

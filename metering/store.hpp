@@ -65,6 +65,44 @@ struct JobWrite {
   JobRecord record;
 };
 
+// Shared quota budgets (docs/quotas.md): per limit, per window, how much of
+// it every replica on one database has taken between them. A replica claims a
+// lease when its own runs out and gives back what it did not use.
+struct BudgetClaim {
+  std::string subject;      // "user:12", "key:7"
+  std::string limit_name;   // "requests_per_minute", ... (the quota's metric labels)
+  std::int64_t window = 0;  // the window's index: minute_index, day_index or month_index
+  EpochMs window_end = 0;   // when the window ends; its row is purged a while after
+  std::int64_t limit = 0;
+  std::int64_t need = 0;  // granted whole or not at all
+};
+
+// How much a claim takes beyond its need: while the budget left after the need
+// holds at least kLeaseMinimumNeeds * kLeaseDivisor needs, a kLeaseDivisor-th
+// of it; otherwise nothing, so the last of a budget goes one need at a time and
+// is never stranded in an idle replica's lease.
+inline constexpr std::int64_t kLeaseDivisor = 16;
+inline constexpr std::int64_t kLeaseMinimumNeeds = 4;
+
+struct BudgetOutcome {
+  // Per claim, in order: what it was granted (need plus lease), and what is
+  // left of that budget after it. All zero when `refused`.
+  std::vector<std::int64_t> granted;
+  std::vector<std::int64_t> remaining;
+  // The first claim whose need did not fit; then nothing was granted.
+  std::optional<std::size_t> refused;
+};
+
+// A change to one budget: negative gives back lease not used, positive charges
+// use beyond what was leased (tokens a reply used past its reservation).
+struct BudgetAdjustment {
+  std::string subject;
+  std::string limit_name;
+  std::int64_t window = 0;
+  EpochMs window_end = 0;
+  std::int64_t delta = 0;
+};
+
 class Store {
  public:
   virtual ~Store() = default;
@@ -101,6 +139,13 @@ class Store {
     std::map<std::int64_t, SubjectUsage> keys;
   };
   virtual QuotaState quota_state(EpochMs now) = 0;
+
+  // Shared quota budgets. All claims in one transaction, all or nothing.
+  virtual BudgetOutcome claim_budgets(std::span<const BudgetClaim> claims) = 0;
+  // In one transaction; a budget never goes below zero.
+  virtual void adjust_budgets(std::span<const BudgetAdjustment> adjustments) = 0;
+  // Deletes the budgets of windows that ended before `before`; returns how many.
+  virtual std::int64_t purge_budgets(EpochMs before) = 0;
 
   // Jobs. Each call is its own transaction: a job inserted is on disk when it returns.
   virtual void insert_job(const JobRecord& job) = 0;  // StoreError when the id exists

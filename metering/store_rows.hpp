@@ -3,10 +3,12 @@
 // usage batch summed into its daily rollup rows. Internal to metering/.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "metering/types.hpp"
@@ -45,5 +47,25 @@ struct DailyTotals {
 // The batch summed per (day, user, key, model): one upsert per row instead of
 // one per event keeps the writer well ahead of the load.
 std::map<DailyKey, DailyTotals> daily_rollup(std::span<const UsageEvent> events);
+
+// Shared quota budgets, the same table in both stores.
+inline constexpr const char* kBudgetColumns = "subject, limit_name, window_id, window_end, granted, last_grant";
+
+// SQL for what a claim is granted (store.hpp's kLeaseDivisor rule), given the
+// SQL of what is granted already, of the limit and of the need.
+std::string budget_grant_sql(const std::string& granted, const std::string& limit, const std::string& need);
+
+// The order in which a transaction touches budgets: the same in every replica,
+// so two transactions never wait on each other's rows in a cycle.
+template <class Row>
+std::vector<std::size_t> budget_order(std::span<const Row> rows) {
+  std::vector<std::size_t> order(rows.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return std::tie(rows[a].subject, rows[a].limit_name, rows[a].window) <
+           std::tie(rows[b].subject, rows[b].limit_name, rows[b].window);
+  });
+  return order;
+}
 
 }  // namespace tollgate::metering

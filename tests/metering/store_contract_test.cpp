@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include <span>
+#include <thread>
 #include <vector>
 
 #include "metering/text_bounds.hpp"
@@ -509,4 +510,151 @@ TEST_CASE("job writes in one batch: a refused insert fails alone, and a store er
   CHECK(a->state == JobState::completed);
   CHECK(store->find_job("job-b"));
   CHECK(store->write_jobs({}).empty());
+}
+
+namespace {
+
+BudgetClaim claim(std::string subject, std::string limit_name, std::int64_t limit, std::int64_t need,
+                  std::int64_t window = 100) {
+  return {std::move(subject), std::move(limit_name), window, 1'000'000 + window, limit, need};
+}
+
+}  // namespace
+
+TEST_CASE("budget claims grant the need, lease more while much is left, and never grant past the limit",
+          "[metering][store][budget]") {
+  ContractDatabase db;
+  auto store = db.open();
+
+  // 1000 left: the need (10) plus a sixteenth of the 990 beyond it.
+  const std::vector<BudgetClaim> first{claim("key:1", "tokens_per_minute", 1000, 10)};
+  auto outcome = store->claim_budgets(first);
+  REQUIRE_FALSE(outcome.refused);
+  CHECK(outcome.granted == std::vector<std::int64_t>{10 + 990 / 16});
+  CHECK(outcome.remaining == std::vector<std::int64_t>{1000 - 10 - 990 / 16});
+
+  // Small budgets go one need at a time: a limit of 20 requests is 20 grants of 1.
+  std::int64_t granted = 0;
+  int grants = 0;
+  for (int i = 0; i < 40; ++i) {
+    const std::vector<BudgetClaim> one{claim("key:2", "requests_per_minute", 20, 1)};
+    auto o = store->claim_budgets(one);
+    if (o.refused) {
+      CHECK(*o.refused == 0);
+      CHECK(o.granted == std::vector<std::int64_t>{0});
+      CHECK(o.remaining == std::vector<std::int64_t>{0});
+      continue;
+    }
+    CHECK(o.granted[0] == 1);
+    granted += o.granted[0];
+    ++grants;
+  }
+  CHECK(granted == 20);
+  CHECK(grants == 20);
+
+  // Whatever the needs, grants add up to at most the limit, and to all of it
+  // once needs of one are all that fit.
+  std::int64_t total = 0;
+  for (int i = 0; i < 400; ++i) {
+    const std::int64_t need = i < 200 ? 7 : 1;
+    const std::vector<BudgetClaim> one{claim("user:3", "tokens_per_day", 5000, need)};
+    auto o = store->claim_budgets(one);
+    if (!o.refused) {
+      CHECK(o.granted[0] >= need);
+      total += o.granted[0];
+      CHECK(o.remaining[0] == 5000 - total);
+    }
+  }
+  CHECK(total == 5000);
+
+  // Another window of the same limit is another budget.
+  const std::vector<BudgetClaim> next{claim("key:2", "requests_per_minute", 20, 1, 101)};
+  CHECK_FALSE(store->claim_budgets(next).refused);
+}
+
+TEST_CASE("a set of budget claims is granted whole or not at all", "[metering][store][budget]") {
+  ContractDatabase db;
+  auto store = db.open();
+  const std::vector<BudgetClaim> fill{claim("user:1", "requests_per_day", 3, 3)};
+  REQUIRE_FALSE(store->claim_budgets(fill).refused);
+
+  // The key's budget has room, the user's has none: neither is touched.
+  const std::vector<BudgetClaim> both{claim("key:9", "requests_per_day", 10, 1), claim("user:1", "requests_per_day", 3, 1)};
+  auto o = store->claim_budgets(both);
+  REQUIRE(o.refused);
+  CHECK(*o.refused == 1);
+  CHECK(o.granted == std::vector<std::int64_t>{0, 0});
+
+  const std::vector<BudgetClaim> key_alone{claim("key:9", "requests_per_day", 10, 10)};
+  auto all = store->claim_budgets(key_alone);
+  REQUIRE_FALSE(all.refused);
+  CHECK(all.granted[0] == 10);  // the refused set took nothing from it
+
+  // A need larger than the limit never fits.
+  const std::vector<BudgetClaim> huge{claim("key:10", "tokens_per_minute", 100, 101)};
+  CHECK(store->claim_budgets(huge).refused);
+}
+
+TEST_CASE("budgets take back unused leases, charge use past them, and are purged after their window",
+          "[metering][store][budget]") {
+  ContractDatabase db;
+  auto store = db.open();
+  const std::vector<BudgetClaim> fill{claim("key:1", "requests_per_minute", 5, 5)};
+  REQUIRE_FALSE(store->claim_budgets(fill).refused);
+  const std::vector<BudgetClaim> one{claim("key:1", "requests_per_minute", 5, 1)};
+  CHECK(store->claim_budgets(one).refused);
+
+  // Two given back: two more fit.
+  const std::vector<BudgetAdjustment> give_back{{"key:1", "requests_per_minute", 100, 1'000'100, -2}};
+  store->adjust_budgets(give_back);
+  CHECK_FALSE(store->claim_budgets(one).refused);
+  CHECK_FALSE(store->claim_budgets(one).refused);
+  CHECK(store->claim_budgets(one).refused);
+
+  // A budget never goes below zero, and a charge counts against it.
+  const std::vector<BudgetAdjustment> too_much{{"key:1", "requests_per_minute", 100, 1'000'100, -50}};
+  store->adjust_budgets(too_much);
+  const std::vector<BudgetClaim> six{claim("key:1", "requests_per_minute", 5, 6)};
+  CHECK(store->claim_budgets(six).refused);
+  const std::vector<BudgetAdjustment> charge{{"key:1", "requests_per_minute", 100, 1'000'100, 4},
+                                             {"key:5", "tokens_per_day", 7, 2'000'000, 30}};
+  store->adjust_budgets(charge);
+  const std::vector<BudgetClaim> two{claim("key:1", "requests_per_minute", 5, 2)};
+  CHECK(store->claim_budgets(two).refused);  // 4 charged of 5
+  CHECK_FALSE(store->claim_budgets(one).refused);
+  const std::vector<BudgetClaim> charged{{"key:5", "tokens_per_day", 7, 2'000'000, 40, 11}};
+  CHECK(store->claim_budgets(charged).refused);  // 30 charged: 10 left of 40
+
+  CHECK(store->purge_budgets(1'000'101) == 1);  // key:1's window ended at 1 000 100
+  CHECK_FALSE(store->claim_budgets(fill).refused);  // a new row, a full budget
+  CHECK(store->purge_budgets(3'000'000) == 2);
+}
+
+TEST_CASE("budget claims from many connections at once never add up past the limit", "[metering][store][budget]") {
+  ContractDatabase db;
+  auto setup = db.open();  // migrates once
+  constexpr int kThreads = 4;
+  constexpr std::int64_t kLimit = 300;
+  std::vector<std::unique_ptr<Store>> stores;
+  for (int t = 0; t < kThreads; ++t) stores.push_back(db.open());
+  std::vector<std::int64_t> granted(kThreads, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      // Mixed needs over two budgets at once, as a request under a user's and a key's limit claims.
+      for (int i = 0; i < 200; ++i) {
+        const std::int64_t need = 1 + (i + t) % 3;
+        const std::vector<BudgetClaim> claims{claim("user:1", "requests_per_day", kLimit, need),
+                                              claim("key:1", "requests_per_day", kLimit * 1'000'000, need)};
+        auto o = stores[t]->claim_budgets(claims);
+        if (!o.refused) granted[t] += o.granted[0];
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  std::int64_t total = 0;
+  for (auto g : granted) total += g;
+  CHECK(total == kLimit);
+  const std::vector<BudgetClaim> one{claim("user:1", "requests_per_day", kLimit, 1)};
+  CHECK(setup->claim_budgets(one).refused);
 }

@@ -75,6 +75,9 @@ class FlakyStore : public Store {
   std::optional<JobRecord> find_job(std::string_view id) override { return inner_->find_job(id); }
   std::vector<JobRecord> unfinished_jobs() override { return inner_->unfinished_jobs(); }
   std::int64_t purge_jobs(EpochMs now) override { return inner_->purge_jobs(now); }
+  BudgetOutcome claim_budgets(std::span<const BudgetClaim> claims) override { return inner_->claim_budgets(claims); }
+  void adjust_budgets(std::span<const BudgetAdjustment> adjustments) override { inner_->adjust_budgets(adjustments); }
+  std::int64_t purge_budgets(EpochMs before) override { return inner_->purge_budgets(before); }
 
  private:
   std::unique_ptr<Store> inner_;
