@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <charconv>
 #include <cstdio>
 
 namespace tollgate::metering {
@@ -69,6 +70,15 @@ std::optional<unsigned> read_digits(std::string_view text, std::size_t pos, std:
   return value;
 }
 
+// A shared budget that refused a claim is not asked again for this long.
+constexpr std::chrono::milliseconds kSpentFor{250};
+// After a failed call the budgets' store is left alone for this long.
+constexpr std::int64_t kStoreRetryMs = 1'000;
+// How often the sharing thread looks for idle leases, and purges old budgets.
+constexpr std::chrono::milliseconds kSharingTick{100};
+constexpr std::int64_t kPurgeEveryMs = 60'000;
+constexpr std::int64_t kKeepEndedBudgetsMs = 600'000;
+
 enum class Span { minute, day, month };
 enum class Kind { requests, tokens };
 
@@ -116,6 +126,21 @@ std::int64_t used(const WindowCounts& counts, Kind kind) {
   return kind == Kind::requests ? counts.requests : counts.tokens;
 }
 
+// The rule a budget's limit name stands for.
+const LimitRule* rule_named(std::string_view label) {
+  for (const LimitRule& rule : kRules) {
+    if (label == rule.label) return &rule;
+  }
+  return nullptr;
+}
+
+const LimitRule* rule_for(Span span, Kind kind) {
+  for (const LimitRule& rule : kRules) {
+    if (rule.span == span && rule.kind == kind) return &rule;
+  }
+  return nullptr;
+}
+
 // One side of a quota subject: the user or the key.
 struct Side {
   const SubjectUsage& usage;
@@ -140,6 +165,11 @@ RateLimitStatus compute_status(const Side& user, const Side& key, EpochMs now) {
     }
   }
   return status;
+}
+
+template <class W>
+std::int64_t window_used(const W& window, Kind kind) {
+  return kind == Kind::requests ? window.requests : window.tokens;
 }
 
 std::int64_t ceil_seconds(std::int64_t ms) { return std::max<std::int64_t>(1, (ms + kMsPerSecond - 1) / kMsPerSecond); }
@@ -235,7 +265,7 @@ void QuotaLimiter::roll(Counters& c, EpochMs now) {
       {&c.month, month_index(now)},
   }};
   for (auto [window, id] : windows) {
-    if (window->id != id) *window = Window{id, 0, 0};
+    if (window->id != id) *window = Window{id, 0, 0, {}, {}};
   }
 }
 
@@ -252,6 +282,11 @@ SubjectUsage QuotaLimiter::current_usage(const Counters* c, EpochMs now) {
 }
 
 Admission QuotaLimiter::admit(const QuotaSubject& subject, std::int64_t reserve_tokens, EpochMs now) {
+  std::lock_guard lock(mutex_);
+  return admit_locked(subject, reserve_tokens, now);
+}
+
+Admission QuotaLimiter::admit_locked(const QuotaSubject& subject, std::int64_t reserve_tokens, EpochMs now) {
   reserve_tokens = std::max<std::int64_t>(0, reserve_tokens);
   Admission result;
   result.user_id = subject.user_id;
@@ -259,36 +294,63 @@ Admission QuotaLimiter::admit(const QuotaSubject& subject, std::int64_t reserve_
   result.reserved_tokens = reserve_tokens;
   result.admitted_at = now;
 
-  std::lock_guard lock(mutex_);
   Counters& user = users_[subject.user_id];
   Counters& key = keys_[subject.key_id];
   roll(user, now);
   roll(key, now);
-  const SubjectUsage user_usage = current_usage(&user, now);
-  const SubjectUsage key_usage = current_usage(&key, now);
-  const Side user_side{user_usage, subject.user_limits, "user"};
-  const Side key_side{key_usage, subject.key_limits, "key"};
+  struct SideState {
+    Counters& counters;
+    const Limits& limits;
+    const char* who;
+    std::string subject;
+  };
+  std::array<SideState, 2> sides{{
+      {user, subject.user_limits, "user", shared_ ? "user:" + std::to_string(subject.user_id) : std::string()},
+      {key, subject.key_limits, "key", shared_ ? "key:" + std::to_string(subject.key_id) : std::string()},
+  }};
+  const bool store_down = shared_ && store_down_locked(now);
 
   // Report the refusal the client can do least about: a request that can never
   // fit first, then the longest wait. Retry-After is the longest wait of all.
-  bool refused = false, impossible = false;
+  bool refused = false, impossible = false, unreachable = false;
   std::int64_t longest_wait_ms = 0;
-  for (const Side* side : {&user_side, &key_side}) {
+  for (std::size_t s = 0; s < sides.size(); ++s) {
+    const SideState& side = sides[s];
     for (const LimitRule& rule : kRules) {
-      const std::optional<std::int64_t>& limit = side->limits.*rule.limit;
+      const std::optional<std::int64_t>& limit = side.limits.*rule.limit;
       if (!limit) continue;
       const std::int64_t need = rule.kind == Kind::requests ? 1 : reserve_tokens;
-      if (used(counts_in(side->usage, rule.span), rule.kind) + need <= *limit) continue;
+      const bool never_fits = need > *limit;
+      Window& window = window_of(side.counters, static_cast<unsigned>(rule.span));
+      if (!never_fits) {
+        if (!shared_) {
+          if (window_used(window, rule.kind) + need <= *limit) continue;
+        } else {
+          Lease& lease = rule.kind == Kind::requests ? window.request_lease : window.token_lease;
+          if (need <= lease.held) continue;
+          const bool spent = lease.refused_at >= 0 && now - lease.refused_at < kSpentFor.count();
+          if (!spent) {
+            if (store_down) {
+              if (sharing_.fail_open) continue;  // charged when the store is back
+              unreachable = true;
+              continue;
+            }
+            // Only the shortfall: what this replica holds of the budget counts.
+            result.claims.push_back({side.subject, rule.label, window.id, window_end(rule.span, now), *limit,
+                                     need - std::max<std::int64_t>(0, lease.held)});
+            continue;
+          }
+        }
+      }
 
       const std::int64_t wait_ms = window_end(rule.span, now) - now;
-      const bool never_fits = need > *limit;
       const bool worse =
           !refused || (never_fits && !impossible) || (never_fits == impossible && wait_ms > longest_wait_ms);
       if (worse) {
         const std::string limit_text = std::string(rule.name) + " limit (" + std::to_string(*limit) + ")";
         result.reason = never_fits ? "request's max tokens (" + std::to_string(need) + ") exceed the " + limit_text +
-                                         " for this " + side->who
-                                   : limit_text + " reached for this " + side->who;
+                                         " for this " + side.who
+                                   : limit_text + " reached for this " + side.who;
         result.limit = rule.label;
       }
       refused = true;
@@ -296,66 +358,315 @@ Admission QuotaLimiter::admit(const QuotaSubject& subject, std::int64_t reserve_
       longest_wait_ms = std::max(longest_wait_ms, wait_ms);
     }
   }
-  if (refused) {
+  if (refused || unreachable) {
+    result.claims.clear();
+    if (!refused) {
+      result.refusal_status = 503;
+      result.reason =
+          "the quota store is unreachable: requests under a limit are refused until it is back (" + down_error_ + ")";
+      result.limit = "store_unavailable";
+      longest_wait_ms = 1'000;
+    }
     result.retry_after_s = ceil_seconds(longest_wait_ms);
-    result.status = compute_status(user_side, key_side, now);
+    result.status = compute_status(Side{effective_usage(user, subject.user_limits, now), subject.user_limits, "user"},
+                                   Side{effective_usage(key, subject.key_limits, now), subject.key_limits, "key"}, now);
+    return result;
+  }
+  if (!result.claims.empty()) {
+    result.pending = true;
     return result;
   }
 
-  for (Counters* c : {&user, &key}) {
-    for (Window* w : {&c->minute, &c->day, &c->month}) {
+  for (std::size_t s = 0; s < sides.size(); ++s) {
+    Counters& c = sides[s].counters;
+    for (Window* w : {&c.minute, &c.day, &c.month}) {
       w->requests += 1;
       w->tokens += reserve_tokens;
     }
+    if (!shared_) continue;
+    for (const LimitRule& rule : kRules) {
+      if (!(sides[s].limits.*rule.limit)) continue;
+      Window& window = window_of(c, static_cast<unsigned>(rule.span));
+      Lease& lease = rule.kind == Kind::requests ? window.request_lease : window.token_lease;
+      lease.held -= rule.kind == Kind::requests ? 1 : reserve_tokens;
+      lease.last_use = now;
+      if (rule.kind == Kind::tokens) result.leased_tokens |= 1u << (s * 3 + static_cast<unsigned>(rule.span));
+    }
   }
   result.allowed = true;
-  const SubjectUsage user_after = current_usage(&user, now);
-  const SubjectUsage key_after = current_usage(&key, now);
-  result.status =
-      compute_status(Side{user_after, subject.user_limits, "user"}, Side{key_after, subject.key_limits, "key"}, now);
+  result.status = compute_status(Side{effective_usage(user, subject.user_limits, now), subject.user_limits, "user"},
+                                 Side{effective_usage(key, subject.key_limits, now), subject.key_limits, "key"}, now);
   return result;
 }
 
 void QuotaLimiter::settle(const Admission& admission, std::int64_t actual_tokens, EpochMs now) {
-  (void)now;  // windows are matched against the admission time, not the settle time
   if (!admission.allowed) return;
   const std::int64_t delta = std::max<std::int64_t>(0, actual_tokens) - admission.reserved_tokens;
   if (delta == 0) return;
-  const std::int64_t minute = minute_index(admission.admitted_at);
-  const std::int64_t day = day_index(admission.admitted_at);
-  const std::int64_t month = month_index(admission.admitted_at);
+  // Windows are matched against the admission time, not the settle time.
+  const std::array<std::int64_t, 3> ids{minute_index(admission.admitted_at), day_index(admission.admitted_at),
+                                        month_index(admission.admitted_at)};
 
   std::lock_guard lock(mutex_);
-  auto apply = [&](std::unordered_map<std::int64_t, Counters>& map, std::int64_t id) {
+  auto apply = [&](std::unordered_map<std::int64_t, Counters>& map, std::int64_t id, unsigned side) {
     const auto it = map.find(id);
     if (it == map.end()) return;
     Counters& c = it->second;
-    for (auto [w, window_id] : {std::pair{&c.minute, minute}, std::pair{&c.day, day}, std::pair{&c.month, month}}) {
-      if (w->id == window_id) w->tokens = std::max<std::int64_t>(0, w->tokens + delta);
+    const std::array<Window*, 3> windows{&c.minute, &c.day, &c.month};
+    for (unsigned span = 0; span < 3; ++span) {
+      Window& w = *windows[span];
+      if (w.id != ids[span]) continue;
+      w.tokens = std::max<std::int64_t>(0, w.tokens + delta);
+      // Tokens not used stay in this replica's lease; tokens used past the
+      // reservation come out of it, or are charged to the budget.
+      if (admission.leased_tokens & (1u << (side * 3 + span))) {
+        w.token_lease.held -= delta;
+        w.token_lease.last_use = now;
+      }
     }
   };
-  apply(users_, admission.user_id);
-  apply(keys_, admission.key_id);
+  apply(users_, admission.user_id, 0);
+  apply(keys_, admission.key_id, 1);
 }
 
 RateLimitStatus QuotaLimiter::status(const QuotaSubject& subject, EpochMs now) {
   std::lock_guard lock(mutex_);
-  auto find = [](const std::unordered_map<std::int64_t, Counters>& map, std::int64_t id) {
+  auto usage = [&](std::unordered_map<std::int64_t, Counters>& map, std::int64_t id, const Limits& limits) {
     const auto it = map.find(id);
-    return it == map.end() ? nullptr : &it->second;
+    return it == map.end() ? SubjectUsage{} : effective_usage(it->second, limits, now);
   };
-  const SubjectUsage user = current_usage(find(users_, subject.user_id), now);
-  const SubjectUsage key = current_usage(find(keys_, subject.key_id), now);
+  const SubjectUsage user = usage(users_, subject.user_id, subject.user_limits);
+  const SubjectUsage key = usage(keys_, subject.key_id, subject.key_limits);
   return compute_status(Side{user, subject.user_limits, "user"}, Side{key, subject.key_limits, "key"}, now);
+}
+
+QuotaLimiter::Window& QuotaLimiter::window_of(Counters& c, unsigned span) {
+  return span == 0 ? c.minute : span == 1 ? c.day : c.month;
+}
+
+// Locally the counts; with shared budgets, what the budget had left at this
+// replica's last claim plus the lease it holds, as used = limit - that.
+SubjectUsage QuotaLimiter::effective_usage(const Counters& c, const Limits& limits, EpochMs now) const {
+  SubjectUsage usage = current_usage(&c, now);
+  if (!shared_) return usage;
+  const std::array<std::pair<const Window*, std::int64_t>, 3> windows{
+      {{&c.minute, minute_index(now)}, {&c.day, day_index(now)}, {&c.month, month_index(now)}}};
+  for (const LimitRule& rule : kRules) {
+    const std::optional<std::int64_t>& limit = limits.*rule.limit;
+    const auto [window, id] = windows[static_cast<unsigned>(rule.span)];
+    if (!limit || window->id != id) continue;
+    const Lease& lease = rule.kind == Kind::requests ? window->request_lease : window->token_lease;
+    if (lease.pool_left < 0) continue;
+    const std::int64_t left = std::clamp<std::int64_t>(lease.pool_left + std::max<std::int64_t>(0, lease.held), 0, *limit);
+    WindowCounts& counts = rule.span == Span::minute ? usage.minute : rule.span == Span::day ? usage.day : usage.month;
+    (rule.kind == Kind::requests ? counts.requests : counts.tokens) = *limit - left;
+  }
+  return usage;
+}
+
+QuotaLimiter::~QuotaLimiter() { stop_sharing(); }
+
+void QuotaLimiter::share_budgets(std::unique_ptr<Store> store, BudgetSharing sharing) {
+  std::lock_guard lock(mutex_);
+  if (shared_) return;
+  store_ = std::move(store);
+  sharing_ = sharing;
+  shared_ = true;
+  thread_ = std::thread([this] { run_sharing(); });
+}
+
+void QuotaLimiter::stop_sharing() {
+  std::lock_guard stop_lock(stop_mutex_);
+  {
+    std::lock_guard lock(mutex_);
+    if (!shared_ || stop_) return;
+    stop_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+QuotaLimiter::Lease* QuotaLimiter::lease_for(const BudgetClaim& claim, EpochMs now) {
+  (void)now;
+  const std::string_view subject = claim.subject;
+  const bool user = subject.starts_with("user:");
+  const std::string_view digits = subject.substr(user ? 5 : subject.starts_with("key:") ? 4 : subject.size());
+  std::int64_t id = 0;
+  if (digits.empty() || std::from_chars(digits.data(), digits.data() + digits.size(), id).ptr != digits.end()) {
+    return nullptr;
+  }
+  const LimitRule* rule = rule_named(claim.limit_name);
+  auto& map = user ? users_ : keys_;
+  const auto it = map.find(id);
+  if (!rule || it == map.end()) return nullptr;
+  Window& window = window_of(it->second, static_cast<unsigned>(rule->span));
+  if (window.id != claim.window) return nullptr;
+  return rule->kind == Kind::requests ? &window.request_lease : &window.token_lease;
+}
+
+bool QuotaLimiter::store_down_locked(EpochMs now) const {
+  return down_since_ >= 0 && now - last_failure_ < kStoreRetryMs;
+}
+
+void QuotaLimiter::mark_store_down(const std::string& error, EpochMs now) {
+  if (down_since_ < 0) {
+    down_since_ = now;
+    std::fprintf(stderr, "quota: the budgets' store is unreachable, limited keys are %s: %s\n",
+                 sharing_.fail_open ? "admitted past their leases" : "refused past their leases", error.c_str());
+  }
+  last_failure_ = now;
+  down_error_ = error;
+}
+
+Admission QuotaLimiter::claim(const QuotaSubject& subject, std::int64_t reserve_tokens, EpochMs now) {
+  // Twice at most: a refused claim gives back what this replica holds of that
+  // budget (too little for this request, perhaps enough with the rest), and
+  // the request claims once more, whole.
+  for (int attempt = 0;; ++attempt) {
+    std::vector<BudgetClaim> claims;
+    {
+      std::lock_guard lock(mutex_);
+      Admission again = admit_locked(subject, reserve_tokens, now);
+      if (!again.pending) return again;  // a lease claimed meanwhile covers it, or it is refused
+      claims = std::move(again.claims);
+    }
+    BudgetOutcome outcome;
+    std::vector<BudgetAdjustment> give_back;
+    try {
+      outcome = store_->claim_budgets(claims);
+      std::lock_guard lock(mutex_);
+      if (down_since_ >= 0) std::fprintf(stderr, "quota: the budgets' store answers again\n");
+      down_since_ = -1;
+      for (std::size_t i = 0; i < claims.size(); ++i) {
+        Lease* lease = lease_for(claims[i], now);
+        if (!lease) continue;  // its window ended meanwhile
+        lease->pool_left = outcome.remaining[i];
+        if (!outcome.refused) {
+          lease->held += outcome.granted[i];
+          lease->refused_at = -1;
+        } else if (*outcome.refused == i) {
+          if (lease->held > 0 && attempt == 0) {
+            const BudgetClaim& c = claims[i];
+            give_back.push_back({c.subject, c.limit_name, c.window, c.window_end, -lease->held});
+            lease->held = 0;
+          } else {
+            lease->refused_at = now;
+          }
+        }
+      }
+      if (give_back.empty()) return admit_locked(subject, reserve_tokens, now);
+    } catch (const std::exception& e) {
+      std::lock_guard lock(mutex_);
+      mark_store_down(e.what(), now_ms());
+      return admit_locked(subject, reserve_tokens, now);  // refused with a 503, or admitted failing open
+    }
+    try {
+      store_->adjust_budgets(give_back);
+    } catch (const std::exception& e) {
+      std::lock_guard lock(mutex_);
+      mark_store_down(e.what(), now_ms());
+      for (const auto& a : give_back) {
+        const BudgetClaim as_claim{a.subject, a.limit_name, a.window, a.window_end, 0, 0};
+        if (Lease* lease = lease_for(as_claim, now)) lease->held -= a.delta;  // still this replica's
+      }
+      return admit_locked(subject, reserve_tokens, now);
+    }
+  }
+}
+
+BudgetStoreHealth QuotaLimiter::store_health() {
+  std::lock_guard lock(mutex_);
+  BudgetStoreHealth health;
+  health.shared = shared_;
+  health.reachable = down_since_ < 0;
+  if (!health.reachable) {
+    health.error = down_error_;
+    health.unreachable_since = down_since_;
+  }
+  return health;
+}
+
+void QuotaLimiter::run_sharing() {
+  EpochMs last_purge = 0;
+  std::unique_lock lock(mutex_);
+  while (!stop_) {
+    wake_.wait_for(lock, kSharingTick, [this] { return stop_; });
+    if (stop_) break;
+    lock.unlock();
+    const EpochMs now = now_ms();
+    settle_leases(now, false);
+    bool probe = false;
+    {
+      std::lock_guard probe_lock(mutex_);
+      probe = down_since_ >= 0 && !store_down_locked(now);
+    }
+    if (probe || now - last_purge >= kPurgeEveryMs) {
+      // Also how a store that failed is found back when no request needs it.
+      try {
+        store_->purge_budgets(now - kKeepEndedBudgetsMs);
+        last_purge = now;
+        std::lock_guard up_lock(mutex_);
+        if (down_since_ >= 0) std::fprintf(stderr, "quota: the budgets' store answers again\n");
+        down_since_ = -1;
+      } catch (const std::exception& e) {
+        std::lock_guard down_lock(mutex_);
+        mark_store_down(e.what(), now);
+      }
+    }
+    lock.lock();
+  }
+  lock.unlock();
+  settle_leases(now_ms(), true);
+}
+
+// Gives back leases idle for sharing_.idle_return (every lease when
+// `everything`) and charges use past them.
+void QuotaLimiter::settle_leases(EpochMs now, bool everything) {
+  std::vector<BudgetAdjustment> adjustments;
+  {
+    std::lock_guard lock(mutex_);
+    if (!everything && store_down_locked(now)) return;
+    for (auto* map : {&users_, &keys_}) {
+      const std::string kind = map == &users_ ? "user:" : "key:";
+      for (auto& [id, c] : *map) {
+        roll(c, now);  // a lease of a window that ended is worth nothing now
+        for (unsigned span = 0; span < 3; ++span) {
+          Window& w = window_of(c, span);
+          for (const Kind k : {Kind::requests, Kind::tokens}) {
+            Lease& lease = k == Kind::requests ? w.request_lease : w.token_lease;
+            const bool idle = everything || now - lease.last_use >= sharing_.idle_return.count();
+            if (lease.held == 0 || (lease.held > 0 && !idle)) continue;
+            const LimitRule* rule = rule_for(static_cast<Span>(span), k);
+            if (!rule) continue;
+            adjustments.push_back(
+                {kind + std::to_string(id), rule->label, w.id, window_end(static_cast<Span>(span), now), lease.held});
+            lease.held = 0;
+          }
+        }
+      }
+    }
+  }
+  if (adjustments.empty()) return;
+  for (auto& a : adjustments) a.delta = -a.delta;  // held back is given back; held below zero is charged
+  try {
+    store_->adjust_budgets(adjustments);
+  } catch (const std::exception& e) {
+    std::lock_guard lock(mutex_);
+    mark_store_down(e.what(), now);
+    for (const auto& a : adjustments) {
+      const BudgetClaim as_claim{a.subject, a.limit_name, a.window, a.window_end, 0, 0};
+      if (Lease* lease = lease_for(as_claim, now)) lease->held -= a.delta;  // still this replica's
+    }
+  }
 }
 
 void QuotaLimiter::restore(const Store::QuotaState& state, EpochMs now) {
   const std::int64_t minute = minute_index(now), day = day_index(now), month = month_index(now);
   auto counters = [&](const SubjectUsage& u) {
     Counters c;
-    c.minute = Window{minute, u.minute.requests, u.minute.tokens};
-    c.day = Window{day, u.day.requests, u.day.tokens};
-    c.month = Window{month, u.month.requests, u.month.tokens};
+    c.minute = Window{minute, u.minute.requests, u.minute.tokens, {}, {}};
+    c.day = Window{day, u.day.requests, u.day.tokens, {}, {}};
+    c.month = Window{month, u.month.requests, u.month.tokens, {}, {}};
     return c;
   };
   std::lock_guard lock(mutex_);
