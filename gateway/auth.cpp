@@ -73,11 +73,33 @@ bool KeyCache::refresh_if_changed() {
 bool KeyCache::refresh_locked() {
   refreshes_started_.fetch_add(1);
   last_refresh_started_.store(std::chrono::steady_clock::now().time_since_epoch().count());
-  auto version = store_->keys_version();  // one single-row read: cheap when nothing changed
-  if (version == loaded_version_) return false;
-  loaded_version_ = version;
-  reload();
-  return true;
+  try {
+    auto version = store_->keys_version();  // one single-row read: cheap when nothing changed
+    const bool changed = version != loaded_version_;
+    if (changed) {
+      reload();
+      loaded_version_ = version;
+    }
+    std::lock_guard lock(reach_mutex_);
+    if (!reach_.ok) std::cerr << "tollgate: the key store answers again\n";
+    reach_ = StoreReach{};
+    return changed;
+  } catch (const std::exception& e) {
+    std::lock_guard lock(reach_mutex_);
+    // Said once when it starts failing, not at every refresh while it does.
+    if (reach_.ok) {
+      std::cerr << "tollgate: key refresh failed, serving the keys loaded before: " << e.what() << "\n";
+      reach_.since = metering::now_ms();
+    }
+    reach_.ok = false;
+    reach_.error = e.what();
+    throw;
+  }
+}
+
+KeyCache::StoreReach KeyCache::store_reach() const {
+  std::lock_guard lock(reach_mutex_);
+  return reach_;
 }
 
 std::chrono::steady_clock::duration KeyCache::miss_delay() const {
@@ -101,9 +123,8 @@ AuthOutcome KeyCache::authenticate_after_refresh(std::string_view key, std::uint
       }
       try {
         refresh_locked();
-      } catch (const std::exception& e) {
-        // A busy database: answer from the snapshot we have.
-        std::cerr << "tollgate: key refresh failed: " << e.what() << "\n";
+      } catch (const std::exception&) {
+        // A busy or unreachable database (logged, and on /readyz): answer from the snapshot we have.
       }
     }
   }
@@ -117,9 +138,8 @@ void KeyCache::start_refreshing(std::chrono::milliseconds interval) {
       lock.unlock();
       try {
         refresh_if_changed();
-      } catch (const std::exception& e) {
-        // A busy or briefly locked database only delays the refresh.
-        std::cerr << "tollgate: key refresh failed: " << e.what() << "\n";
+      } catch (const std::exception&) {
+        // A busy or unreachable database only delays the refresh (logged, and on /readyz).
       }
       lock.lock();
     }

@@ -65,6 +65,14 @@ class KeyCache {
   // Re-reads the snapshot every `interval` on a background thread until destroyed.
   void start_refreshing(std::chrono::milliseconds interval);
 
+  // Whether the last refresh reached the store; if not, why and since when (for /readyz).
+  struct StoreReach {
+    bool ok = true;
+    std::string error;
+    metering::EpochMs since = 0;
+  };
+  StoreReach store_reach() const;
+
  private:
   using Snapshot = std::unordered_map<std::string, std::shared_ptr<const KeyEntry>>;
   void reload();
@@ -76,6 +84,9 @@ class KeyCache {
   // Both written with store_mutex_ held; read without it by miss_ticket() and miss_delay().
   std::atomic<std::uint64_t> refreshes_started_{0};
   std::atomic<std::chrono::steady_clock::rep> last_refresh_started_{0};  // steady_clock ticks
+
+  mutable std::mutex reach_mutex_;
+  StoreReach reach_;
 
   mutable std::mutex snapshot_mutex_;
   std::shared_ptr<const Snapshot> snapshot_;

@@ -35,14 +35,18 @@ ServerLimits read_limits(const ConfigReader& r, const YAML::Node& node, const st
 }
 
 MeteringConfig read_metering(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
-  r.expect_map(node, path, {"flush_interval", "per_user_metrics", "default_reserve_tokens"});
+  r.expect_map(node, path,
+               {"flush_interval", "per_user_metrics", "default_reserve_tokens", "lease_idle_return", "quota_fail_open"});
   MeteringConfig m;
   if (auto n = node["flush_interval"]) m.flush_interval = r.duration(n, child_path(path, "flush_interval"));
   if (auto n = node["per_user_metrics"]) m.per_user_metrics = r.boolean(n, child_path(path, "per_user_metrics"));
   if (auto n = node["default_reserve_tokens"]) {
     m.default_reserve_tokens = r.integer(n, child_path(path, "default_reserve_tokens"), 0, 10'000'000);
   }
+  if (auto n = node["lease_idle_return"]) m.lease_idle_return = r.duration(n, child_path(path, "lease_idle_return"));
+  if (auto n = node["quota_fail_open"]) m.quota_fail_open = r.boolean(n, child_path(path, "quota_fail_open"));
   if (m.flush_interval.count() <= 0) r.fail(child_path(path, "flush_interval"), "must be positive");
+  if (m.lease_idle_return.count() <= 0) r.fail(child_path(path, "lease_idle_return"), "must be positive");
   return m;
 }
 

@@ -37,6 +37,12 @@ struct MeteringConfig {
   bool per_user_metrics = false;
   // Tokens reserved for a completion that sets no max_tokens, until it settles.
   std::int64_t default_reserve_tokens = 1024;
+  // On PostgreSQL, where replicas share budgets (docs/quotas.md): a lease not
+  // drawn on this long goes back; and whether requests under a limit are
+  // admitted past their leases (fail open) or refused with a 503 while the
+  // database is unreachable.
+  std::chrono::milliseconds lease_idle_return{1'000};
+  bool quota_fail_open = false;
 };
 
 // One `backends` entry: its name and type, and the rest of its section as its

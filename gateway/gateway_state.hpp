@@ -51,6 +51,8 @@ struct Gateway {
   // Rendering and tokenising long prompts: never on an io thread.
   boost::asio::thread_pool prepare_pool{std::max(1u, std::thread::hardware_concurrency())};
   metering::QuotaLimiter quotas;
+  // Claims from shared quota budgets wait on the database: never on an io thread.
+  boost::asio::thread_pool quota_pool{1};
   std::unique_ptr<metering::UsageWriter> usage;
   std::atomic<bool> stopping{false};
   std::atomic<bool> cut_off{false};         // the shutdown grace has run out: no more fallbacks
@@ -73,10 +75,16 @@ boost::asio::awaitable<std::invoke_result_t<F>> invoke(F f) {
   co_return f();
 }
 
+// Runs `f` on `pool` and resumes on the caller's executor.
+template <class F>
+boost::asio::awaitable<std::invoke_result_t<F>> run_on(boost::asio::thread_pool& pool, F f) {
+  co_return co_await boost::asio::co_spawn(pool, invoke(std::move(f)), boost::asio::use_awaitable);
+}
+
 // Runs `f` on the admin pool (SQLite may block) and resumes on the caller's executor.
 template <class F>
 boost::asio::awaitable<std::invoke_result_t<F>> run_blocking(Gateway& gw, F f) {
-  co_return co_await boost::asio::co_spawn(gw.admin_pool, invoke(std::move(f)), boost::asio::use_awaitable);
+  co_return co_await run_on(gw.admin_pool, std::move(f));
 }
 
 // The /v1/models answer: every routed model, or those in `allowed` when it is not empty.

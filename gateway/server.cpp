@@ -140,6 +140,11 @@ int run_server(const Config& config) {
   gw.keys->start_refreshing(std::chrono::seconds(1));
   auto now = metering::now_ms();
   gw.quotas.restore(gw.admin_store->quota_state(now), now);
+  if (metering::is_postgres_url(config.database)) {
+    // Replicas on one database: limits are budgets they share (docs/quotas.md).
+    gw.quotas.share_budgets(metering::open_store(config.database),
+                            {config.metering.lease_idle_return, config.metering.quota_fail_open});
+  }
   gw.usage = std::make_unique<metering::UsageWriter>(
       metering::open_store(config.database), config.metering.flush_interval, 4096,
       [&gw](std::size_t rows, std::chrono::microseconds took) {
@@ -219,6 +224,8 @@ int run_server(const Config& config) {
   // metering flushes.
   gw.prepare_pool.stop();  // a prompt being tokenised finishes before its backend goes
   gw.prepare_pool.join();
+  gw.quota_pool.stop();  // a claim under way ends before the contexts it resumes on
+  gw.quota_pool.join();
   gw.router = backends::Router();
   gw.app.reset();  // pooled app connections live on the contexts: closed first
   gw.jobs->release();
@@ -226,6 +233,7 @@ int run_server(const Config& config) {
   acceptors.clear();
   contexts.clear();
 
+  gw.quotas.stop_sharing();  // leases not used go back to the other replicas
   gw.usage->stop();
   auto stats = gw.usage->stats();
   std::cout << "tollgate: stopped; " << stats.written << " usage events written" << std::endl;

@@ -92,6 +92,34 @@ awaitable<bool> Session::respond_error(const Request& req, Exchange& x, const Ap
   co_return co_await write(std::move(res));
 }
 
+awaitable<std::optional<ApiError>> Session::admit(Exchange& x, std::int64_t reserve_tokens) {
+  const metering::QuotaSubject subject = x.subject();
+  metering::Admission admission = gw_.quotas.admit(subject, reserve_tokens, x.event.ts);
+  // Leases fall short: claimed on the quota pool. Again only when requests on
+  // other threads took what was claimed; bounded.
+  for (int attempt = 0; admission.pending && attempt < 4; ++attempt) {
+    auto claim = [quotas = &gw_.quotas, subject, reserve_tokens, ts = x.event.ts] {
+      return quotas->claim(subject, reserve_tokens, ts);
+    };
+    admission = co_await run_on(gw_.quota_pool, std::move(claim));
+  }
+  if (admission.pending) {
+    admission.pending = false;
+    admission.claims.clear();
+    admission.refusal_status = 503;
+    admission.reason = "too many requests competing for this key's quota: try again";
+    admission.limit = "contended";
+    admission.retry_after_s = 1;
+  }
+  x.admission = std::move(admission);
+  if (x.admission->allowed) co_return std::nullopt;
+  if (x.admission->refusal_status == 503) {
+    co_return ApiError{503,          x.admission->reason, "server_error",
+                       std::nullopt, "quota_unavailable", x.admission->retry_after_s};
+  }
+  co_return rate_limited(x.admission->reason, x.admission->retry_after_s);
+}
+
 awaitable<std::optional<ApiError>> Session::authenticate(const Request& req, Exchange& x) {
   auto key = presented_key(req[http::field::authorization], req["x-api-key"]);
   if (!key) {

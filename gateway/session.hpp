@@ -67,6 +67,10 @@ class Session {
   boost::asio::awaitable<bool> refuse(RequestParser& parser, Exchange& x, ApiError error);
   boost::asio::awaitable<bool> read_body(RequestParser& parser, Exchange& x);
   boost::asio::awaitable<std::optional<ApiError>> authenticate(const Request& req, Exchange& x);
+  // Admits the request against its limits into x.admission, reserving
+  // `reserve_tokens`; with shared budgets, claims the leases it lacks off the
+  // io thread first. The refusal to send, if refused.
+  boost::asio::awaitable<std::optional<ApiError>> admit(Exchange& x, std::int64_t reserve_tokens);
 
   // Route handlers (session_routes.cpp, session_completion.cpp, session_app.cpp).
   boost::asio::awaitable<bool> handle_status(const Request& req, Exchange& x, RouteHandler which);

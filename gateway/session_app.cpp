@@ -40,10 +40,8 @@ awaitable<bool> Session::handle_app(RequestParser& parser, Exchange& x, std::str
   std::optional<AppCaller> caller;
   if (!is_public) {
     if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
-    x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
-    if (!x.admission->allowed) {
-      auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
-      co_return co_await refuse(parser, x, limited);
+    if (auto refused = co_await admit(x, 0)) {
+      co_return co_await refuse(parser, x, *refused);
     }
     caller = AppCaller{x.caller->key.user_name, x.caller->key.prefix,
                        presented_key(req[http::field::authorization], req["x-api-key"]).value_or("")};

@@ -92,10 +92,8 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, Rout
   // ones (malformed, unknown or forbidden model) count against its limits too.
   auto parsed = embeddings ? parse_embeddings_request(req.body()) : parse_completion_request(req.body(), chat);
   if (auto* e = std::get_if<ApiError>(&parsed)) {
-    x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
-    if (!x.admission->allowed) {
-      auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
-      co_return co_await respond_error(req, x, limited);
+    if (auto refused = co_await admit(x, 0)) {
+      co_return co_await respond_error(req, x, *refused);
     }
     co_return co_await respond_error(req, x, *e);
   }
@@ -134,10 +132,8 @@ awaitable<bool> Session::handle_completion(const Request& req, Exchange& x, Rout
       refusal || embeddings
           ? job.prompt_estimate
           : job.prompt_estimate + creq.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
-  x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
-  if (!x.admission->allowed) {
-    auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
-    co_return co_await respond_error(req, x, limited);
+  if (auto refused = co_await admit(x, reserve)) {
+    co_return co_await respond_error(req, x, *refused);
   }
   if (refusal) {
     if (refusal->status == 403) gw_.metrics.auth_failures.labels({"model_not_allowed"}).inc();

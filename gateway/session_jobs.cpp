@@ -96,8 +96,12 @@ awaitable<bool> Session::handle_jobs(const Request& req, Exchange& x) {
   }
   const bool reads = op == "status" || op == "stream" || op == "health";
   if (req.method() != http::verb::post && !(reads && req.method() == http::verb::get)) {
-    ApiError wrong_method{405, std::string(reads ? "use GET or POST" : "use POST"), "invalid_request_error",
-                          std::nullopt, "method_not_allowed", {}};
+    ApiError wrong_method{405,
+                          std::string(reads ? "use GET or POST" : "use POST"),
+                          "invalid_request_error",
+                          std::nullopt,
+                          "method_not_allowed",
+                          {}};
     co_return co_await respond_error(req, x, wrong_method);
   }
   x.event.model = endpoint->model;
@@ -111,10 +115,8 @@ awaitable<bool> Session::handle_jobs(const Request& req, Exchange& x) {
   const auto user = x.caller->key.user_id;
   if (op == "retry") {
     // A retry is a new run: admitted like one, metered when it ends.
-    x.admission = gw_.quotas.admit(x.subject(), gw_.config.metering.default_reserve_tokens, x.event.ts);
-    if (!x.admission->allowed) {
-      auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
-      co_return co_await respond_error(req, x, limited);
+    if (auto refused = co_await admit(x, gw_.config.metering.default_reserve_tokens)) {
+      co_return co_await respond_error(req, x, *refused);
     }
     auto retried = co_await gw_.jobs->retry(endpoint->name, id, x.caller, *x.admission);
     if (auto* e = std::get_if<ApiError>(&retried)) co_return co_await respond_error(req, x, *e);
@@ -183,10 +185,8 @@ awaitable<bool> Session::submit_job(const Request& req, Exchange& x, const JobEn
   auto parsed = parse_job_body(req.body(), endpoint);
   if (auto* e = std::get_if<ApiError>(&parsed)) {
     // Like every call from a known key, a bad one counts against its limits.
-    x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
-    if (!x.admission->allowed) {
-      auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
-      co_return co_await respond_error(req, x, limited);
+    if (auto refused = co_await admit(x, 0)) {
+      co_return co_await respond_error(req, x, *refused);
     }
     co_return co_await respond_error(req, x, *e);
   }
@@ -203,10 +203,8 @@ awaitable<bool> Session::submit_job(const Request& req, Exchange& x, const JobEn
   }
   const std::int64_t reserve =
       plan.empty() ? 0 : prompt_estimate + spec.request.max_tokens.value_or(gw_.config.metering.default_reserve_tokens);
-  x.admission = gw_.quotas.admit(x.subject(), reserve, x.event.ts);
-  if (!x.admission->allowed) {
-    auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
-    co_return co_await respond_error(req, x, limited);
+  if (auto refused = co_await admit(x, reserve)) {
+    co_return co_await respond_error(req, x, *refused);
   }
   if (plan.empty()) {
     auto refusal = bad_request("the model '" + metering::excerpt(endpoint.model) + "' does not serve " +

@@ -1,12 +1,36 @@
 // The gateway's small routes: health, readiness, metrics, the model list and the admin API.
 #include "gateway/admin.hpp"
 #include "gateway/session.hpp"
+#include "metering/text_bounds.hpp"
 
 namespace tollgate::gateway {
 namespace {
 
 namespace http = boost::beast::http;
 using boost::asio::awaitable;
+
+// /readyz's answer while serving: whether the database answers, and if not,
+// why and since when. The replica stays ready either way: cached keys, unlimited
+// keys and leases keep serving (docs/quotas.md), and a database outage would
+// otherwise take every replica out of rotation at once.
+std::string readiness_body(Gateway& gw) {
+  const auto keys = gw.keys->store_reach();
+  const auto budgets = gw.quotas.store_health();
+  if (keys.ok && budgets.reachable) return R"({"status":"ok","database":"ok"})";
+  const std::string error = keys.ok ? budgets.error : keys.error;
+  const metering::EpochMs since = keys.ok             ? budgets.unreachable_since
+                                  : budgets.reachable ? keys.since
+                                                      : std::min(keys.since, budgets.unreachable_since);
+  const std::string_view limited_keys = !budgets.shared                      ? "served"
+                                        : gw.config.metering.quota_fail_open ? "admitted past their leases"
+                                                                             : "refused past their leases";
+  return boost::json::serialize(
+      boost::json::object{{"status", "degraded"},
+                          {"database", "unreachable"},
+                          {"error", metering::excerpt(error, 300)},
+                          {"unreachable_for_s", std::max<std::int64_t>(0, (metering::now_ms() - since) / 1000)},
+                          {"limited_keys", limited_keys}});
+}
 
 }  // namespace
 
@@ -28,6 +52,8 @@ awaitable<bool> Session::handle_status(const Request& req, Exchange& x, RouteHan
         make_response(req, http::status::ok, gw_.metrics.registry.render(), "text/plain; version=0.0.4; charset=utf-8");
   } else if (which == RouteHandler::readiness && gw_.stopping) {
     res = make_response(req, http::status::service_unavailable, R"({"status":"stopping"})");
+  } else if (which == RouteHandler::readiness) {
+    res = make_response(req, http::status::ok, readiness_body(gw_));
   } else {
     res = make_response(req, http::status::ok, R"({"status":"ok"})");
   }
@@ -36,10 +62,8 @@ awaitable<bool> Session::handle_status(const Request& req, Exchange& x, RouteHan
 }
 
 awaitable<bool> Session::handle_models(const Request& req, Exchange& x) {
-  x.admission = gw_.quotas.admit(x.subject(), 0, x.event.ts);
-  if (!x.admission->allowed) {
-    auto limited = rate_limited(x.admission->reason, x.admission->retry_after_s);
-    co_return co_await respond_error(req, x, limited);
+  if (auto refused = co_await admit(x, 0)) {
+    co_return co_await respond_error(req, x, *refused);
   }
   const auto& allowed = x.caller->key.models;
   auto res = make_response(req, http::status::ok,

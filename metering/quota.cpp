@@ -206,12 +206,16 @@ std::string day_string(EpochMs t) {
   // By hand: the metering writer formats one per usage row, and snprintf
   // costs more than the rest of the row's rollup.
   const auto y = static_cast<unsigned>(date.year);
-  const char text[10] = {static_cast<char>('0' + y / 1000),      static_cast<char>('0' + y / 100 % 10),
-                         static_cast<char>('0' + y / 10 % 10),   static_cast<char>('0' + y % 10),
+  const char text[10] = {static_cast<char>('0' + y / 1000),
+                         static_cast<char>('0' + y / 100 % 10),
+                         static_cast<char>('0' + y / 10 % 10),
+                         static_cast<char>('0' + y % 10),
                          '-',
-                         static_cast<char>('0' + date.month / 10), static_cast<char>('0' + date.month % 10),
+                         static_cast<char>('0' + date.month / 10),
+                         static_cast<char>('0' + date.month % 10),
                          '-',
-                         static_cast<char>('0' + date.day / 10),   static_cast<char>('0' + date.day % 10)};
+                         static_cast<char>('0' + date.day / 10),
+                         static_cast<char>('0' + date.day % 10)};
   return std::string(text, sizeof text);
 }
 
@@ -457,7 +461,8 @@ SubjectUsage QuotaLimiter::effective_usage(const Counters& c, const Limits& limi
     if (!limit || window->id != id) continue;
     const Lease& lease = rule.kind == Kind::requests ? window->request_lease : window->token_lease;
     if (lease.pool_left < 0) continue;
-    const std::int64_t left = std::clamp<std::int64_t>(lease.pool_left + std::max<std::int64_t>(0, lease.held), 0, *limit);
+    const std::int64_t left =
+        std::clamp<std::int64_t>(lease.pool_left + std::max<std::int64_t>(0, lease.held), 0, *limit);
     WindowCounts& counts = rule.span == Span::minute ? usage.minute : rule.span == Span::day ? usage.day : usage.month;
     (rule.kind == Kind::requests ? counts.requests : counts.tokens) = *limit - left;
   }

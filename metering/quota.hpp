@@ -50,7 +50,7 @@ struct Admission {
   // QuotaLimiter::claim() decides it. Neither allowed nor refused yet.
   bool pending = false;
   std::vector<BudgetClaim> claims;  // what claim() asks the store for
-  int refusal_status = 429;  // 503 when the budgets' store is unreachable and the limiter fails closed
+  int refusal_status = 429;         // 503 when the budgets' store is unreachable and the limiter fails closed
   std::string reason;  // when refused: which limit, e.g. "requests per minute limit (10) reached for key tg-abc"
   std::int64_t retry_after_s = 0;  // when refused: seconds until that window resets (>= 1)
   std::string limit;               // when refused: which limit, as a metric label, e.g. "requests_per_minute"
@@ -61,7 +61,8 @@ struct Admission {
   std::int64_t key_id = 0;
   std::int64_t reserved_tokens = 0;
   EpochMs admitted_at = 0;
-  unsigned leased_tokens = 0;  // shared budgets: which token windows (bit side * 3 + span) the reservation took a lease from
+  unsigned leased_tokens =
+      0;  // shared budgets: which token windows (bit side * 3 + span) the reservation took a lease from
 };
 
 // How a limiter shares budgets with the other replicas on its store.

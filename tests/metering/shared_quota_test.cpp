@@ -137,8 +137,8 @@ TEST_CASE("a replica holding too little of a budget for a request gives it back 
   mt::Admission b = admit(replicas[1], subject, 50);
   REQUIRE(a.allowed);
   REQUIRE(b.allowed);
-  replicas[0].settle(a, 20, mt::now_ms());  // replica 0 holds 30
-  replicas[1].settle(b, 20, mt::now_ms());  // replica 1 holds 30
+  replicas[0].settle(a, 20, mt::now_ms());               // replica 0 holds 30
+  replicas[1].settle(b, 20, mt::now_ms());               // replica 1 holds 30
   CHECK_FALSE(admit(replicas[0], subject, 60).allowed);  // gives its 30 back, 30 is not 60: refused
   CHECK(admit(replicas[1], subject, 60).allowed);        // its 30 and the 30 given back
 }
