@@ -419,7 +419,7 @@ class PostgresStore final : public Store {
 
   BudgetOutcome claim_budgets(std::span<const BudgetClaim> claims) override {
     static const std::string sql = std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns +
-                                   ") VALUES ($1, $2, $3, $4, " + grant("0") + ", " + grant("0") +
+                                   ") VALUES ($1, $2, $3, $4, $7::bigint + " + grant("$7::bigint") + ", " + grant("$7::bigint") +
                                    ") ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET last_grant = " +
                                    grant("b.granted") + ", granted = b.granted + " + grant("b.granted") +
                                    " RETURNING last_grant, granted";
@@ -430,8 +430,14 @@ class PostgresStore final : public Store {
     Transaction tx(*this);
     for (const std::size_t i : budget_order(claims)) {
       const BudgetClaim& c = claims[i];
-      Result r = run(sql, Params().add(c.subject).add(c.limit_name).add(c.window).add(c.window_end).add(c.limit).add(
-                              c.need));
+      Result r = run(sql, Params()
+                              .add(c.subject)
+                              .add(c.limit_name)
+                              .add(c.window)
+                              .add(c.window_end)
+                              .add(c.limit)
+                              .add(c.need)
+                              .add(std::max<std::int64_t>(0, c.used_before)));
       const std::int64_t granted = r.int64_at(0, 0);
       if (granted < c.need || granted == 0) {
         BudgetOutcome refused;

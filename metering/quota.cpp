@@ -341,7 +341,7 @@ Admission QuotaLimiter::admit_locked(const QuotaSubject& subject, std::int64_t r
             }
             // Only the shortfall: what this replica holds of the budget counts.
             result.claims.push_back({side.subject, rule.label, window.id, window_end(rule.span, now), *limit,
-                                     need - std::max<std::int64_t>(0, lease.held)});
+                                     need - std::max<std::int64_t>(0, lease.held), window_used(window, rule.kind)});
             continue;
           }
         }
@@ -571,7 +571,7 @@ Admission QuotaLimiter::claim(const QuotaSubject& subject, std::int64_t reserve_
       std::lock_guard lock(mutex_);
       mark_store_down(e.what(), now_ms());
       for (const auto& a : give_back) {
-        const BudgetClaim as_claim{a.subject, a.limit_name, a.window, a.window_end, 0, 0};
+        const BudgetClaim as_claim{a.subject, a.limit_name, a.window, a.window_end, 0, 0, 0};
         if (Lease* lease = lease_for(as_claim, now)) lease->held -= a.delta;  // still this replica's
       }
       return admit_locked(subject, reserve_tokens, now);
@@ -659,7 +659,7 @@ void QuotaLimiter::settle_leases(EpochMs now, bool everything) {
     std::lock_guard lock(mutex_);
     mark_store_down(e.what(), now);
     for (const auto& a : adjustments) {
-      const BudgetClaim as_claim{a.subject, a.limit_name, a.window, a.window_end, 0, 0};
+      const BudgetClaim as_claim{a.subject, a.limit_name, a.window, a.window_end, 0, 0, 0};
       if (Lease* lease = lease_for(as_claim, now)) lease->held -= a.delta;  // still this replica's
     }
   }

@@ -498,7 +498,7 @@ class SqliteStore final : public Store {
   BudgetOutcome claim_budgets(std::span<const BudgetClaim> claims) override {
     auto grant = [](const std::string& granted) { return budget_grant_sql(granted, "?5", "?6"); };
     static const std::string sql = std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns +
-                                   ") VALUES (?1, ?2, ?3, ?4, " + grant("0") + ", " + grant("0") +
+                                   ") VALUES (?1, ?2, ?3, ?4, ?7 + " + grant("?7") + ", " + grant("?7") +
                                    ") ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET last_grant = " +
                                    grant("b.granted") + ", granted = b.granted + " + grant("b.granted") +
                                    " RETURNING last_grant, granted";
@@ -512,8 +512,8 @@ class SqliteStore final : public Store {
       std::int64_t granted = 0, total = 0;
       {
         Query q = query(sql);
-        q.bind(1, c.subject).bind(2, c.limit_name).bind(3, c.window).bind(4, c.window_end).bind(5, c.limit).bind(
-            6, c.need);
+        q.bind(1, c.subject).bind(2, c.limit_name).bind(3, c.window).bind(4, c.window_end).bind(5, c.limit);
+        q.bind(6, c.need).bind(7, std::max<std::int64_t>(0, c.used_before));
         if (!q.step()) throw std::runtime_error("sqlite: INSERT ... RETURNING gave no row");
         granted = q.int64_at(0);
         total = q.int64_at(1);

@@ -75,6 +75,9 @@ struct BudgetClaim {
   EpochMs window_end = 0;   // when the window ends; its row is purged a while after
   std::int64_t limit = 0;
   std::int64_t need = 0;  // granted whole or not at all
+  // What the usage rows say this window used before any replica claimed from
+  // it (an upgrade, a migration mid-window): a new budget starts there.
+  std::int64_t used_before = 0;
 };
 
 // How much a claim takes beyond its need: while the budget left after the need

@@ -66,7 +66,7 @@ TEST_CASE("opening migrates to the latest user_version in WAL mode, and reopenin
     auto store = open_sqlite_store(db.path());
     store->ensure_user("alice");
   }
-  CHECK(read_pragma(db.path(), "user_version") == 3);
+  CHECK(read_pragma(db.path(), "user_version") == 4);
   CHECK(read_journal_mode(db.path()) == "wal");
   {
     auto store = open_sqlite_store(db.path());
@@ -74,7 +74,7 @@ TEST_CASE("opening migrates to the latest user_version in WAL mode, and reopenin
     CHECK(store->list_users().size() == 1);
     CHECK(again->find_user("alice").has_value());
   }
-  CHECK(read_pragma(db.path(), "user_version") == 3);
+  CHECK(read_pragma(db.path(), "user_version") == 4);
 }
 
 TEST_CASE("a version-1 database keeps its usage rows and gets the single ts index", "[metering][store]") {
@@ -96,7 +96,7 @@ TEST_CASE("a version-1 database keeps its usage rows and gets the single ts inde
           " CREATE INDEX usage_events_key_ts ON usage_events(key_id, ts);"
           " PRAGMA user_version = 1;");
   auto store = open_sqlite_store(db.path());
-  CHECK(read_pragma(db.path(), "user_version") == 3);
+  CHECK(read_pragma(db.path(), "user_version") == 4);
   CHECK(read_text(db.path(), "SELECT group_concat(name, ',') FROM sqlite_master"
                              " WHERE type = 'index' AND tbl_name = 'usage_events'") == "usage_events_ts");
   CHECK(store->count_usage_events() == 1);

@@ -516,7 +516,7 @@ namespace {
 
 BudgetClaim claim(std::string subject, std::string limit_name, std::int64_t limit, std::int64_t need,
                   std::int64_t window = 100) {
-  return {std::move(subject), std::move(limit_name), window, 1'000'000 + window, limit, need};
+  return {std::move(subject), std::move(limit_name), window, 1'000'000 + window, limit, need, 0};
 }
 
 }  // namespace
@@ -572,6 +572,27 @@ TEST_CASE("budget claims grant the need, lease more while much is left, and neve
   CHECK_FALSE(store->claim_budgets(next).refused);
 }
 
+TEST_CASE("a new budget starts from what its window used before, an existing one ignores that",
+          "[metering][store][budget]") {
+  ContractDatabase db;
+  auto store = db.open();
+  BudgetClaim first = claim("key:1", "requests_per_day", 5, 1);
+  first.used_before = 3;  // three requests in the usage rows before budgets were kept
+  std::vector<BudgetClaim> claims{first};
+  auto o = store->claim_budgets(claims);
+  REQUIRE_FALSE(o.refused);
+  CHECK(o.granted[0] == 1);
+  CHECK(o.remaining[0] == 1);
+  claims[0].used_before = 0;  // the row exists: its count stands
+  CHECK_FALSE(store->claim_budgets(claims).refused);
+  CHECK(store->claim_budgets(claims).refused);
+
+  BudgetClaim over = claim("key:2", "requests_per_day", 5, 1);
+  over.used_before = 9;
+  const std::vector<BudgetClaim> spent{over};
+  CHECK(store->claim_budgets(spent).refused);
+}
+
 TEST_CASE("a set of budget claims is granted whole or not at all", "[metering][store][budget]") {
   ContractDatabase db;
   auto store = db.open();
@@ -622,7 +643,7 @@ TEST_CASE("budgets take back unused leases, charge use past them, and are purged
   const std::vector<BudgetClaim> two{claim("key:1", "requests_per_minute", 5, 2)};
   CHECK(store->claim_budgets(two).refused);  // 4 charged of 5
   CHECK_FALSE(store->claim_budgets(one).refused);
-  const std::vector<BudgetClaim> charged{{"key:5", "tokens_per_day", 7, 2'000'000, 40, 11}};
+  const std::vector<BudgetClaim> charged{{"key:5", "tokens_per_day", 7, 2'000'000, 40, 11, 0}};
   CHECK(store->claim_budgets(charged).refused);  // 30 charged: 10 left of 40
 
   CHECK(store->purge_budgets(1'000'101) == 1);  // key:1's window ended at 1 000 100
