@@ -444,6 +444,7 @@ TEST_CASE("the Kubernetes manifests parse and agree with the tollgate.yaml they 
   for (const auto& entry : std::filesystem::recursive_directory_iterator(source_path("compose/k8s"))) {
     if (entry.path().extension() != ".yaml" || entry.path().filename() == "kustomization.yaml") continue;
     if (entry.path().filename() == "gpu-patch.yaml") continue;  // checked below, against the StatefulSet
+    if (entry.path().parent_path().filename() == "replicas") continue;  // the other option, checked on its own
     for (auto& d : yaml_documents(entry.path().string())) docs.push_back(d);
   }
   auto configmap = find_kind(docs, "ConfigMap");
@@ -548,6 +549,141 @@ TEST_CASE("the Kubernetes manifests parse and agree with the tollgate.yaml they 
       CHECK(std::filesystem::exists(base + "/" + str(res)));
     }
   }
+}
+
+TEST_CASE("the multi-replica Kubernetes option: three replicas on PostgreSQL, a PDB, readiness, the URL from a Secret",
+          "[e2e][k8s]") {
+  TempDir dir;
+  const std::string base = source_path("compose/k8s/replicas");
+  json::array docs;
+  auto kust = yaml_document(base + "/kustomization.yaml");
+  for (const auto& res : kust.at("resources").as_array()) {
+    for (auto& d : yaml_documents(base + "/" + str(res))) docs.push_back(d);
+  }
+  auto configmap = find_kind(docs, "ConfigMap");
+  auto secret = find_kind(docs, "Secret");
+  auto deployment = find_kind(docs, "Deployment");
+  auto pdb = find_kind(docs, "PodDisruptionBudget");
+  for (const auto& d : docs) CHECK(d.at("kind") != "StatefulSet");
+
+  // The carried tollgate.yaml is valid with the Secret as the environment, and
+  // its database is the Secret's PostgreSQL URL.
+  auto config_text = str(configmap.at("data").at("tollgate.yaml"));
+  write_text(dir.file("tollgate.yaml"), config_text);
+  EnvVars env;
+  for (const auto& [k, v] : secret.at("stringData").as_object()) env.emplace_back(std::string(k), str(v));
+  auto check = run_tollgate({"config", "check", dir.file("tollgate.yaml")}, 30s, env);
+  INFO(check.out << check.err);
+  REQUIRE(check.exit_code == 0);
+  auto config = yaml_document(dir.file("tollgate.yaml")).as_object();
+  std::smatch var;
+  const std::string database = str(config.at("database"));
+  REQUIRE(std::regex_match(database, var, std::regex(R"(\$\{([A-Z_]+)\})")));
+  REQUIRE(secret.at("stringData").as_object().contains(var[1].str()));
+  CHECK(str(secret.at("stringData").at(var[1].str())).starts_with("postgresql://"));
+  const auto listen_port = std::stoi(port_of(str(config.at("listen"))));
+  const auto grace = duration_seconds(str(config.at("limits").at("shutdown_grace")));
+
+  auto& spec = deployment.at("spec").as_object();
+  CHECK(spec.at("replicas") == 3);
+  CHECK(spec.at("strategy").at("type") == "RollingUpdate");
+  CHECK(spec.at("strategy").at("rollingUpdate").at("maxUnavailable") == 0);
+  auto& labels = spec.at("template").at("metadata").at("labels");
+  CHECK(spec.at("selector").at("matchLabels") == labels);
+  auto& pod = spec.at("template").at("spec").as_object();
+  CHECK_FALSE(spec.contains("volumeClaimTemplates"));
+  auto& container = pod.at("containers").at(0).as_object();
+  CHECK(container.at("envFrom").at(0).at("secretRef").at("name") == secret.at("metadata").at("name"));
+  std::map<std::string, std::int64_t> ports;
+  for (const auto& p : container.at("ports").as_array()) ports[str(p.at("name"))] = p.at("containerPort").as_int64();
+  CHECK(ports.at("http") == listen_port);
+  CHECK(container.at("readinessProbe").at("httpGet").at("path") == "/readyz");
+  CHECK(container.at("readinessProbe").at("httpGet").at("port") == "http");
+  CHECK(container.at("livenessProbe").at("httpGet").at("path") == "/healthz");
+  std::set<std::string> volumes;
+  for (const auto& v : pod.at("volumes").as_array()) volumes.insert(str(v.at("name")));
+  for (const auto& m : container.at("volumeMounts").as_array()) CHECK(volumes.contains(str(m.at("name"))));
+  auto& cmd = container.at("lifecycle").at("preStop").at("exec").at("command").as_array();
+  CHECK(pod.at("terminationGracePeriodSeconds").as_int64() > std::stol(str(cmd.at(1))) + grace);
+
+  // The PDB covers these pods and leaves a drain room to move one.
+  CHECK(pdb.at("spec").at("selector").at("matchLabels") == labels);
+  const auto min_available = pdb.at("spec").at("minAvailable").as_int64();
+  CHECK(min_available >= 1);
+  CHECK(min_available < spec.at("replicas").as_int64());
+  for (const auto& d : docs) {
+    if (d.at("kind") != "Service") continue;
+    CHECK(d.at("spec").at("selector") == labels);
+    CHECK(d.at("spec").at("ports").at(0).at("targetPort") == "http");
+  }
+}
+
+TEST_CASE("docker-compose.replicas.yml: PostgreSQL with a health check, two replicas on it, nginx and Prometheus "
+          "reaching each",
+          "[e2e][compose]") {
+  REQUIRE(run_command("command -v docker-compose").exit_code == 0);
+  TempDir dir;
+  auto compose_file = source_path("compose/docker-compose.replicas.yml");
+  std::string clean_env =
+      "env -u TOLLGATE_ADMIN_KEY -u GRAFANA_ADMIN_PASSWORD -u GROQ_API_KEY -u OPENAI_API_KEY -u POSTGRES_PASSWORD ";
+  write_text(dir.file("empty.env"), "");
+  auto bare = run_command(clean_env + "docker-compose --env-file " + shell_quote(dir.file("empty.env")) + " -f " +
+                              shell_quote(compose_file) + " config",
+                          60);
+  CHECK(bare.exit_code != 0);
+  auto rendered = dir.file("compose.rendered.yml");
+  auto r = run_command(clean_env + "docker-compose --env-file " + shell_quote(source_path("compose/.env.example")) +
+                           " -f " + shell_quote(compose_file) + " config > " + shell_quote(rendered),
+                       60);
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  auto compose = yaml_document(rendered).as_object();
+  auto& services = compose.at("services").as_object();
+
+  // PostgreSQL: the official image, its data on a volume, a health check the replicas wait for.
+  auto& pg = services.at("postgres").as_object();
+  CHECK(str(pg.at("image")).starts_with("postgres:"));
+  CHECK(pg.contains("healthcheck"));
+  bool data_on_volume = false;
+  for (const auto& v : pg.at("volumes").as_array()) {
+    const std::string text = v.is_object() ? str(v.at("source")) + ":" + str(v.at("target")) : str(v);
+    data_on_volume = data_on_volume || text.starts_with("postgres-data:/var/lib/postgresql/data");
+  }
+  CHECK(data_on_volume);
+  auto& tg = services.at("tollgate").as_object();
+  CHECK(tg.at("deploy").at("replicas") == 2);
+  CHECK(tg.at("depends_on").at("postgres").at("condition") == "service_healthy");
+
+  // The replicas' config: valid, on this PostgreSQL, with its password from the environment.
+  const std::string config_file = source_path("compose/tollgate-replicas.yaml");
+  EnvVars env = {{"GROQ_API_KEY", "gsk-test"}, {"OPENAI_API_KEY", "sk-test"}, {"POSTGRES_PASSWORD", "secret"}};
+  auto check = run_tollgate({"config", "check", config_file}, 30s, env);
+  INFO(check.out << check.err);
+  CHECK(check.exit_code == 0);
+  auto tollgate_yaml = yaml_document(config_file).as_object();
+  const std::string database = str(tollgate_yaml.at("database"));
+  CHECK(database.starts_with("postgresql://" + str(pg.at("environment").at("POSTGRES_USER")) +
+                             ":${POSTGRES_PASSWORD}@postgres:5432/" + str(pg.at("environment").at("POSTGRES_DB"))));
+  CHECK(tg.at("environment").as_object().contains("POSTGRES_PASSWORD"));
+  bool config_mounted = false;
+  for (const auto& v : tg.at("volumes").as_array()) {
+    const std::string text = v.is_object() ? str(v.at("source")) + ":" + str(v.at("target")) : str(v);
+    config_mounted = config_mounted || text.find("tollgate-replicas.yaml:/etc/tollgate/tollgate.yaml") !=
+                                           std::string::npos;
+  }
+  CHECK(config_mounted);
+  const auto listen_port = port_of(str(tollgate_yaml.at("listen")));
+
+  // nginx reaches the service name (every replica); Prometheus finds each replica by it.
+  CHECK(str(services.at("nginx").at("environment").at("TOLLGATE_UPSTREAM")) == "tollgate:" + listen_port);
+  const std::string prom_file = source_path("compose/prometheus/prometheus-replicas.yml");
+  auto prom = yaml_document(prom_file);
+  auto& sd = prom.at("scrape_configs").at(0).at("dns_sd_configs").at(0);
+  CHECK(str(sd.at("names").at(0)) == "tollgate");
+  CHECK(std::to_string(sd.at("port").as_int64()) == listen_port);
+  auto promtool = run_command("promtool check config " + shell_quote(prom_file), 60);
+  INFO(promtool.output);
+  CHECK(promtool.exit_code == 0);
 }
 
 TEST_CASE("the Dockerfiles install what the binary links and run it as Tollgate expects", "[e2e][compose]") {
