@@ -6,6 +6,11 @@
 # p50 and p99 for each, the ratio PostgreSQL/SQLite, and the usage rows each
 # database holds against wrk's count.
 #
+# Then replicas on PostgreSQL behind nginx: one replica against two, with a
+# key under a daily limit so admission runs through the shared budgets'
+# leases (docs/quotas.md); the ratio two/one, and what the budget holds
+# granted against the requests answered.
+#
 # Usage: bench/stores.sh                (from anywhere; builds nothing; as root, PostgreSQL runs as `postgres`)
 # Env:   TOLLGATE=path/to/tollgate  DURATION=10s  CONNECTIONS=64  THREADS=2  ROUNDS=3
 set -euo pipefail
@@ -30,7 +35,14 @@ as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U tollgate --auth=trust -E UTF8 --loca
   -o "-c listen_addresses=127.0.0.1 -c port=$PG_PORT -c unix_socket_directories='$PG_DIR'" start >/dev/null) ||
   die "PostgreSQL did not start: $(tail -5 "$PG_DIR/server.log")"
 stop_pg() { (cd "$PG_DIR" && as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1) || true; }
-trap 'stop_pg; cleanup' EXIT
+REPLICA_PIDS=""
+stop_replicas() {
+  local pid
+  for pid in $REPLICA_PIDS; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in $REPLICA_PIDS; do wait "$pid" 2>/dev/null || true; done
+  REPLICA_PIDS=""
+}
+trap 'stop_replicas; stop_pg; cleanup' EXIT
 PG_URL=postgresql://tollgate@127.0.0.1:$PG_PORT/postgres
 
 cat >"$WORK/tollgate.yaml" <<EOF
@@ -91,3 +103,73 @@ for DB in "$SQLITE_DB" "$PG_URL"; do
   [ "$DB" = "$PG_URL" ] && name=postgresql
   echo "$name: $(rows "$DB") usage rows for ${REQS[$DB]} requests answered (wrk's count and the probes)"
 done
+
+# --- replicas on PostgreSQL behind nginx ------------------------------------
+# Starts replica N on $PG_URL; appends its pid to REPLICA_PIDS, sets REPLICA_PORT.
+start_replica() {  # N
+  local log=$WORK/replica-$1.log
+  "$TOLLGATE" serve --config "$WORK/tollgate.yaml" --listen 127.0.0.1:0 --db "$PG_URL" >"$log" 2>&1 &
+  REPLICA_PIDS="$REPLICA_PIDS $!"
+  REPLICA_PORT=""
+  for _ in $(seq 1 200); do
+    REPLICA_PORT=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$log" | head -1)
+    [ -n "$REPLICA_PORT" ] && return 0
+    sleep 0.05
+  done
+  die "replica $1 did not start: $(cat "$log")"
+}
+
+LIMIT=1000000000
+LIMITED_KEY=$("$TOLLGATE" keys create --user replicas --rpd "$LIMIT" --db "$PG_URL" | tail -1)
+NGINX_PORT=$(free_port)
+echo
+echo "GET /v1/models through nginx (2 workers) to tollgate replicas on PostgreSQL, a key under rpd $LIMIT"
+printf '%-6s %-11s %12s %10s %10s\n' round replicas "requests/s" "p50 ms" "p99 ms"
+declare -A REPLICA_RPS
+replica_ratios=""
+answered=0
+for round in $(seq 1 "$ROUNDS"); do
+  for n in 1 2; do
+    servers=""
+    for i in $(seq 1 "$n"); do
+      start_replica "$i"
+      servers="$servers    server 127.0.0.1:$REPLICA_PORT max_fails=0;
+"
+    done
+    start_nginx "nginx-$round-$n" 2 <<EOF
+  upstream tollgate {
+$servers    keepalive 64;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://tollgate;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+EOF
+    NGINX_PID=$!
+    wait_200 -H "Authorization: Bearer $LIMITED_KEY" "http://127.0.0.1:$NGINX_PORT/v1/models" ||
+      die "nginx to $n replicas never answered: $(cat "$WORK"/replica-*.log)"
+    "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -H "Authorization: Bearer $LIMITED_KEY" \
+      "http://127.0.0.1:$NGINX_PORT/v1/models" >"$WORK/replicas-$n.wrk"
+    kill "$NGINX_PID"
+    wait "$NGINX_PID" 2>/dev/null || true
+    NGINX_PID=""
+    stop_replicas
+    REPLICA_RPS[$n]=$(awk '/^Requests\/sec:/ {print $2}' "$WORK/replicas-$n.wrk")
+    answered=$((answered + $(awk '/requests in/ {print $1}' "$WORK/replicas-$n.wrk") + 1))
+    printf '%-6s %-11s %12s %10s %10s\n' "$round" "$n" "${REPLICA_RPS[$n]}" \
+      "$(to_ms "$(awk '$1 == "50%" {print $2}' "$WORK/replicas-$n.wrk")")" \
+      "$(to_ms "$(awk '$1 == "99%" {print $2}' "$WORK/replicas-$n.wrk")")"
+  done
+  ratio=$(awk -v a="${REPLICA_RPS[2]}" -v b="${REPLICA_RPS[1]}" 'BEGIN { printf "%.2f", a / b }')
+  echo "       two replicas / one: throughput $ratio"
+  replica_ratios="$replica_ratios $ratio"
+done
+echo "$replica_ratios" | tr ' ' '\n' | sed '/^$/d' | sort -n |
+  awk '{ r[NR] = $1 } END { printf "two replicas / one, median of %d rounds: %s (min %s, max %s)\n", NR, r[int((NR + 1) / 2)], r[1], r[NR] }'
+# Leases given back at each stop: what stays granted is what was used.
+granted=$(psql -At "$PG_URL" -c "SELECT COALESCE(SUM(granted), 0) FROM quota_budgets WHERE limit_name = 'requests_per_day'")
+echo "shared budget: $granted requests granted for $answered answered, limit $LIMIT"
