@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -141,6 +142,12 @@ CREATE TABLE quota_budgets (
   PRIMARY KEY (subject, limit_name, window_id)
 );
 CREATE INDEX quota_budgets_end ON quota_budgets(window_end);
+)sql",
+    // A usage row's request id: a batch written again after a commit whose
+    // outcome was lost is stored once (rows from before have none).
+    R"sql(
+ALTER TABLE usage_events ADD COLUMN request_id TEXT;
+CREATE UNIQUE INDEX usage_events_request ON usage_events(request_id);
 )sql",
 };
 
@@ -316,11 +323,37 @@ class PostgresStore final : public Store {
 
   void append_usage(std::span<const UsageEvent> events) override {
     if (events.empty()) return;
-    const auto daily = daily_rollup(events);
     std::lock_guard lock(mutex_);
+    try {
+      Transaction tx(*this);
+      insert_usage_rows(events, "usage_events");
+      add_daily_rows(daily_rollup(events));
+      tx.commit();
+      return;
+    } catch (const StoreError&) {
+      // A request id is there already: this batch, or part of it, was
+      // committed before (the commit's answer was lost). Again, row by row.
+    }
     Transaction tx(*this);
-    insert_usage_rows(events);
-    // Daily rows in one statement too (a multi-row upsert; the keys are distinct).
+    run("CREATE TEMP TABLE usage_incoming (LIKE usage_events INCLUDING DEFAULTS) ON COMMIT DROP");
+    insert_usage_rows(events, "usage_incoming");
+    Result inserted = run("INSERT INTO usage_events (" + std::string(kUsageColumns) + ") SELECT " + kUsageColumns +
+                          " FROM usage_incoming ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
+    std::set<std::string> fresh;
+    for (int i = 0; i < inserted.rows(); ++i) fresh.insert(inserted.text_at(i, 0));
+    std::vector<UsageEvent> new_rows;
+    for (const UsageEvent& e : events) {
+      // Erased as it is used: a batch naming one id twice stored it once.
+      if (e.request_id.empty() || fresh.erase(std::string(truncate_utf8(e.request_id, kMaxStoredName))) == 1) {
+        new_rows.push_back(e);
+      }
+    }
+    if (!new_rows.empty()) add_daily_rows(daily_rollup(new_rows));
+    tx.commit();
+  }
+
+  // Adds a batch's daily totals to usage_daily: one multi-row upsert (the keys are distinct).
+  void add_daily_rows(const std::map<DailyKey, DailyTotals>& daily) {
     std::string sql =
         "INSERT INTO usage_daily (day, user_id, key_id, model, requests, counted_requests,"
         " errors, prompt_tokens, completion_tokens, counted_tokens) VALUES ";
@@ -344,7 +377,6 @@ class PostgresStore final : public Store {
         " completion_tokens = usage_daily.completion_tokens + excluded.completion_tokens,"
         " counted_tokens = usage_daily.counted_tokens + excluded.counted_tokens";
     run(sql, params);
-    tx.commit();
   }
 
   std::vector<UsageRow> usage(const UsageQuery& request) override {
@@ -757,12 +789,15 @@ class PostgresStore final : public Store {
 
   // COPY: the cheapest way into a table for the server (no statement to parse
   // and plan per batch); PgBouncer's transaction mode passes it through.
-  void insert_usage_rows(std::span<const UsageEvent> rows) {
+  static constexpr const char* kUsageColumns =
+      "ts, user_id, key_id, route, model, backend, status, prompt_tokens, completion_tokens, latency_us, ttft_us,"
+      " counted, estimated, request_id";
+
+  void insert_usage_rows(std::span<const UsageEvent> rows, const char* table) {
     ensure_connected();
     {
-      Result start(PQexec(conn_,
-                          "COPY usage_events (ts, user_id, key_id, route, model, backend, status, prompt_tokens,"
-                          " completion_tokens, latency_us, ttft_us, counted, estimated) FROM STDIN"));
+      const std::string copy = std::string("COPY ") + table + " (" + kUsageColumns + ") FROM STDIN";
+      Result start(PQexec(conn_, copy.c_str()));
       if (PQresultStatus(start.get()) != PGRES_COPY_IN) check(start);
     }
     std::string data;
@@ -794,6 +829,12 @@ class PostgresStore final : public Store {
       append_copy_number(data, e.counted ? 1 : 0);
       data += '\t';
       append_copy_number(data, e.estimated ? 1 : 0);
+      data += '\t';
+      if (e.request_id.empty()) {
+        data += "\\N";
+      } else {
+        append_copy_text(data, truncate_utf8(e.request_id, kMaxStoredName));
+      }
       data += '\n';
     }
     const bool sent = PQputCopyData(conn_, data.data(), static_cast<int>(data.size())) == 1;

@@ -147,6 +147,11 @@ CREATE TABLE quota_budgets (
 );
 CREATE INDEX quota_budgets_end ON quota_budgets(window_end);
 )sql",
+    // A usage row's request id: a batch written again is stored once (rows from before have none).
+    R"sql(
+ALTER TABLE usage_events ADD COLUMN request_id TEXT;
+CREATE UNIQUE INDEX usage_events_request ON usage_events(request_id);
+)sql",
 };
 
 
@@ -558,11 +563,35 @@ class SqliteStore final : public Store {
   void append_usage(std::span<const UsageEvent> events) override {
     if (events.empty()) return;
     std::lock_guard lock(mutex_);
-    Transaction tx(*this);
-    for (std::size_t at = 0; at < events.size(); at += kRowsPerInsert) {
-      insert_usage_rows(events.subspan(at, std::min(kRowsPerInsert, events.size() - at)));
+    try {
+      Transaction tx(*this);
+      for (std::size_t at = 0; at < events.size(); at += kRowsPerInsert) {
+        insert_usage_rows(events.subspan(at, std::min(kRowsPerInsert, events.size() - at)));
+      }
+      add_daily_rows(daily_rollup(events));
+      tx.commit();
+      return;
+    } catch (const StoreError&) {
+      // A request id is there already: this batch, or part of it, was written
+      // before. Again, row by row, keeping only the new rows.
     }
-    const auto daily = daily_rollup(events);
+    Transaction tx(*this);
+    std::vector<UsageEvent> new_rows;
+    for (const UsageEvent& e : events) {
+      if (!e.request_id.empty()) {
+        Query seen = query("SELECT 1 FROM usage_events WHERE request_id = ?1");
+        seen.bind_static(1, truncate_utf8(e.request_id, kMaxStoredName));
+        if (seen.step()) continue;
+      }
+      insert_usage_rows(std::span<const UsageEvent>(&e, 1));
+      new_rows.push_back(e);
+    }
+    if (!new_rows.empty()) add_daily_rows(daily_rollup(new_rows));
+    tx.commit();
+  }
+
+  // Adds a batch's daily totals to usage_daily.
+  void add_daily_rows(const std::map<DailyKey, DailyTotals>& daily) {
     for (const auto& [k, t] : daily) {
       query(
           "INSERT INTO usage_daily (day, user_id, key_id, model, requests, counted_requests,"
@@ -587,7 +616,6 @@ class SqliteStore final : public Store {
           .bind(10, t.counted_tokens)
           .run();
     }
-    tx.commit();
   }
 
   std::vector<UsageRow> usage(const UsageQuery& request) override {
@@ -840,14 +868,14 @@ class SqliteStore final : public Store {
 
   // Rows per INSERT: executing a statement costs more than the row it adds.
   static constexpr std::size_t kRowsPerInsert = 32;
-  static constexpr int kUsageColumns = 13;
+  static constexpr int kUsageColumns = 14;
 
   void insert_usage_rows(std::span<const UsageEvent> rows) {
     sqlite3_stmt*& stmt = insert_usage_stmt_[rows.size()];
     if (!stmt) {
       std::string sql =
           "INSERT INTO usage_events (ts, user_id, key_id, route, model, backend, status,"
-          " prompt_tokens, completion_tokens, latency_us, ttft_us, counted, estimated) VALUES ";
+          " prompt_tokens, completion_tokens, latency_us, ttft_us, counted, estimated, request_id) VALUES ";
       for (std::size_t r = 0; r < rows.size(); ++r) {
         sql += r == 0 ? "(" : ", (";
         for (int c = 0; c < kUsageColumns; ++c) sql += c == 0 ? "?" : ", ?";
@@ -874,6 +902,11 @@ class SqliteStore final : public Store {
           .bind(b + 11, e.ttft_us)
           .bind(b + 12, std::int64_t{e.counted})
           .bind(b + 13, std::int64_t{e.estimated});
+      if (e.request_id.empty()) {
+        q.bind_null(b + 14);
+      } else {
+        q.bind_static(b + 14, truncate_utf8(e.request_id, kMaxStoredName));
+      }
       b += kUsageColumns;
     }
     q.run();

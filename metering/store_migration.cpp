@@ -31,7 +31,7 @@ constexpr Table kTables[] = {
     {"settings", "name, value", "", ""},
     {"usage_events",
      "id, ts, user_id, key_id, route, model, backend, status, prompt_tokens, completion_tokens, latency_us, ttft_us,"
-     " counted, estimated",
+     " counted, estimated, request_id",
      "", "id"},
     // Two SQLite model names that differ only in bytes PostgreSQL cannot hold
     // become one row: their counts add up.

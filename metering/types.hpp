@@ -67,6 +67,9 @@ struct UsageEvent {
   std::optional<std::int64_t> ttft_us;  // time to first token, streaming completions only
   bool counted = false;                 // admitted by the quota limiter (consumes request quota)
   bool estimated = false;               // token counts were estimated, not reported by the backend
+  // Unique per metered request (the usage writer assigns it): a batch written
+  // twice, after a commit whose outcome was lost, is stored once. Empty: none.
+  std::string request_id;
 };
 
 // Aggregated usage, as reports show it.

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <exception>
 #include <iterator>
+#include <random>
 #include <string>
 
 namespace tollgate::metering {
@@ -15,6 +16,10 @@ UsageWriter::UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds
       max_batch_(std::max<std::size_t>(max_batch, 1)),
       observer_(std::move(observer)),
       max_queued_(std::max<std::size_t>(max_queued, 1)) {
+  std::random_device random;
+  char prefix[17];
+  std::snprintf(prefix, sizeof prefix, "%08x%08x", static_cast<unsigned>(random()), static_cast<unsigned>(random()));
+  id_prefix_ = prefix;
   thread_ = std::thread([this] { run(); });
 }
 
@@ -22,6 +27,11 @@ UsageWriter::~UsageWriter() { stop(); }
 
 bool UsageWriter::enqueue(UsageEvent event) {
   std::unique_lock lock(mutex_);
+  if (event.request_id.empty()) {
+    char sequence[17];
+    std::snprintf(sequence, sizeof sequence, "%016llx", static_cast<unsigned long long>(next_id_++));
+    event.request_id = id_prefix_ + sequence;
+  }
   if (writer_done_) return write_after_stop(std::move(event));
   if (queue_.size() + writing_ >= max_queued_) {
     // The writer logs the drops once per interval: a line per row would flood the log.

@@ -74,6 +74,8 @@ class UsageWriter {
   bool writer_done_ = false;  // the writer thread has exited (guarded by mutex_)
   Stats stats_;
   std::atomic<std::size_t> depth_{0};
+  std::string id_prefix_;         // random per writer: request ids are unique across replicas
+  std::uint64_t next_id_ = 0;     // guarded by mutex_
   std::mutex stop_mutex_;  // serialises stop() so only one caller joins
   std::thread thread_;
 };

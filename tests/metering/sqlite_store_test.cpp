@@ -66,7 +66,7 @@ TEST_CASE("opening migrates to the latest user_version in WAL mode, and reopenin
     auto store = open_sqlite_store(db.path());
     store->ensure_user("alice");
   }
-  CHECK(read_pragma(db.path(), "user_version") == 4);
+  CHECK(read_pragma(db.path(), "user_version") == 5);
   CHECK(read_journal_mode(db.path()) == "wal");
   {
     auto store = open_sqlite_store(db.path());
@@ -74,7 +74,7 @@ TEST_CASE("opening migrates to the latest user_version in WAL mode, and reopenin
     CHECK(store->list_users().size() == 1);
     CHECK(again->find_user("alice").has_value());
   }
-  CHECK(read_pragma(db.path(), "user_version") == 4);
+  CHECK(read_pragma(db.path(), "user_version") == 5);
 }
 
 TEST_CASE("a version-1 database keeps its usage rows and gets the single ts index", "[metering][store]") {
@@ -91,14 +91,18 @@ TEST_CASE("a version-1 database keeps its usage rows and gets the single ts inde
   // Back to version 1's schema, as a database written by an older build has it.
   run_sql(db.path(),
           "DROP TABLE jobs;"
+          " DROP TABLE quota_budgets;"
+          " DROP INDEX usage_events_request;"
+          " ALTER TABLE usage_events DROP COLUMN request_id;"
           " DROP INDEX usage_events_ts;"
           " CREATE INDEX usage_events_user_ts ON usage_events(user_id, ts);"
           " CREATE INDEX usage_events_key_ts ON usage_events(key_id, ts);"
           " PRAGMA user_version = 1;");
   auto store = open_sqlite_store(db.path());
-  CHECK(read_pragma(db.path(), "user_version") == 4);
-  CHECK(read_text(db.path(), "SELECT group_concat(name, ',') FROM sqlite_master"
-                             " WHERE type = 'index' AND tbl_name = 'usage_events'") == "usage_events_ts");
+  CHECK(read_pragma(db.path(), "user_version") == 5);
+  CHECK(read_text(db.path(), "SELECT group_concat(name, ',') FROM (SELECT name FROM sqlite_master"
+                             " WHERE type = 'index' AND tbl_name = 'usage_events' ORDER BY name)") ==
+        "usage_events_request,usage_events_ts");
   CHECK(store->count_usage_events() == 1);
   const Store::QuotaState state = store->quota_state(now);
   CHECK(state.users.at(user).minute.tokens == 15);

@@ -679,3 +679,35 @@ TEST_CASE("budget claims from many connections at once never add up past the lim
   const std::vector<BudgetClaim> one{claim("user:1", "requests_per_day", kLimit, 1)};
   CHECK(setup->claim_budgets(one).refused);
 }
+
+TEST_CASE("usage rows carry a request id: a batch written again is stored once, rows and rollup",
+          "[metering][store]") {
+  ContractDatabase db;
+  auto store = db.open();
+  const auto alice = store->ensure_user("alice");
+  std::vector<UsageEvent> batch;
+  for (int i = 0; i < 10; ++i) {
+    batch.push_back(event(k2024_03_15_102030 + i, alice.id, 1, "m", 200, 3, 4));
+    batch.back().request_id = "req-" + std::to_string(i);
+  }
+  store->append_usage(std::span<const UsageEvent>(batch.data(), 6));
+  // The writer retries after a commit whose answer was lost: the first six
+  // again, with four new ones, and an id the batch names twice.
+  std::vector<UsageEvent> retried = batch;
+  retried.push_back(retried.back());
+  UsageEvent anonymous = event(k2024_03_15_102030, alice.id, 1, "m", 500, 1, 0);  // no id: always stored
+  retried.push_back(anonymous);
+  store->append_usage(retried);
+  store->append_usage(std::span<const UsageEvent>(&anonymous, 1));
+
+  CHECK(store->count_usage_events() == 12);
+  const auto rows = store->usage(usage_query("alice", std::nullopt, false, false));
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0].requests == 12);
+  CHECK(rows[0].errors == 2);
+  CHECK(rows[0].prompt_tokens == 10 * 3 + 2);
+  CHECK(rows[0].completion_tokens == 10 * 4);
+  // The quota windows count each request once too.
+  const auto state = store->quota_state(k2024_03_15_102030 + 30);
+  CHECK(state.users.at(alice.id).day.requests == 12);
+}
