@@ -35,8 +35,9 @@ ServerLimits read_limits(const ConfigReader& r, const YAML::Node& node, const st
 }
 
 MeteringConfig read_metering(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
-  r.expect_map(node, path,
-               {"flush_interval", "per_user_metrics", "default_reserve_tokens", "lease_idle_return", "quota_fail_open"});
+  r.expect_map(
+      node, path,
+      {"flush_interval", "per_user_metrics", "default_reserve_tokens", "lease_idle_return", "quota_fail_open"});
   MeteringConfig m;
   if (auto n = node["flush_interval"]) m.flush_interval = r.duration(n, child_path(path, "flush_interval"));
   if (auto n = node["per_user_metrics"]) m.per_user_metrics = r.boolean(n, child_path(path, "per_user_metrics"));
@@ -113,7 +114,8 @@ void check_references(const ConfigReader& r, const Config& c) {
     }
   }
   for (const auto& e : c.jobs.endpoints) {
-    if (!models.contains(e.model)) r.fail("jobs.endpoints", "endpoint '" + e.name + "' names unknown model '" + e.model + "'");
+    if (!models.contains(e.model))
+      r.fail("jobs.endpoints", "endpoint '" + e.name + "' names unknown model '" + e.model + "'");
   }
 }
 
@@ -160,9 +162,9 @@ bool valid_endpoint_name(const std::string& name) {
 }
 
 JobEndpointConfig read_job_endpoint(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
-  r.expect_map(node, path,
-               {"name", "model", "max_concurrency", "max_queue", "execution_timeout", "result_ttl", "on_interrupt",
-                "defaults"});
+  r.expect_map(
+      node, path,
+      {"name", "model", "max_concurrency", "max_queue", "execution_timeout", "result_ttl", "on_interrupt", "defaults"});
   JobEndpointConfig e;
   for (const char* key : {"name", "model"}) {
     if (!node[key]) r.fail(path, std::string("missing key '") + key + "'");
@@ -202,7 +204,8 @@ WebhookConfig read_webhook(const ConfigReader& r, const YAML::Node& node, const 
   WebhookConfig w;
   if (auto n = node["secret"]) w.secret = r.scalar(n, child_path(path, "secret"));
   if (auto n = node["timeout"]) w.timeout = r.duration(n, child_path(path, "timeout"));
-  if (auto n = node["max_attempts"]) w.max_attempts = static_cast<int>(r.integer(n, child_path(path, "max_attempts"), 1, 100));
+  if (auto n = node["max_attempts"])
+    w.max_attempts = static_cast<int>(r.integer(n, child_path(path, "max_attempts"), 1, 100));
   if (auto n = node["first_backoff"]) w.first_backoff = r.duration(n, child_path(path, "first_backoff"));
   if (auto n = node["allow_private"]) w.allow_private = r.boolean(n, child_path(path, "allow_private"));
   if (auto n = node["allow_hosts"]) w.allow_hosts = read_string_list(r, n, child_path(path, "allow_hosts"));

@@ -14,8 +14,8 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -153,7 +153,6 @@ CREATE UNIQUE INDEX usage_events_request ON usage_events(request_id);
 
 // Any number; the same in every replica, so they take the same lock.
 constexpr std::int64_t kMigrationLock = 0x746f6c6c67617465;  // "tollgate"
-
 
 User read_user(const Result& r, int row) {
   return {r.int64_at(row, 0), r.text_at(row, 1), r.int64_at(row, 2), r.limits_at(row, 3)};
@@ -450,11 +449,11 @@ class PostgresStore final : public Store {
   }
 
   BudgetOutcome claim_budgets(std::span<const BudgetClaim> claims) override {
-    static const std::string sql = std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns +
-                                   ") VALUES ($1, $2, $3, $4, $7::bigint + " + grant("$7::bigint") + ", " + grant("$7::bigint") +
-                                   ") ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET last_grant = " +
-                                   grant("b.granted") + ", granted = b.granted + " + grant("b.granted") +
-                                   " RETURNING last_grant, granted";
+    static const std::string sql =
+        std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns + ") VALUES ($1, $2, $3, $4, $7::bigint + " +
+        grant("$7::bigint") + ", " + grant("$7::bigint") +
+        ") ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET last_grant = " + grant("b.granted") +
+        ", granted = b.granted + " + grant("b.granted") + " RETURNING last_grant, granted";
     BudgetOutcome outcome;
     outcome.granted.assign(claims.size(), 0);
     outcome.remaining.assign(claims.size(), 0);

@@ -147,13 +147,13 @@ CREATE TABLE quota_budgets (
 );
 CREATE INDEX quota_budgets_end ON quota_budgets(window_end);
 )sql",
-    // A usage row's request id: a batch written again is stored once (rows from before have none).
+    // A usage row's request id, for tracing. Not unique here, unlike on
+    // PostgreSQL: a SQLite commit is local, and one that fails did not happen,
+    // so the writer never writes a batch that is already in.
     R"sql(
 ALTER TABLE usage_events ADD COLUMN request_id TEXT;
-CREATE UNIQUE INDEX usage_events_request ON usage_events(request_id);
 )sql",
 };
-
 
 // --- UTC windows (the quota limiter's arithmetic, so both agree) -----------
 
@@ -257,7 +257,6 @@ class Query {
 };
 
 User read_user(const Query& q) { return {q.int64_at(0), q.text_at(1), q.int64_at(2), q.limits_at(3)}; }
-
 
 ApiKey read_key(const Query& q) {
   ApiKey key;
@@ -487,8 +486,7 @@ class SqliteStore final : public Store {
 
   std::vector<JobRecord> unfinished_jobs() override {
     std::lock_guard lock(mutex_);
-    Query q = query(std::string(kSelectJob) +
-                    " WHERE state IN ('IN_QUEUE', 'IN_PROGRESS') ORDER BY created_at, rowid");
+    Query q = query(std::string(kSelectJob) + " WHERE state IN ('IN_QUEUE', 'IN_PROGRESS') ORDER BY created_at, rowid");
     std::vector<JobRecord> jobs;
     while (q.step()) jobs.push_back(read_job(q));
     return jobs;
@@ -502,11 +500,11 @@ class SqliteStore final : public Store {
 
   BudgetOutcome claim_budgets(std::span<const BudgetClaim> claims) override {
     auto grant = [](const std::string& granted) { return budget_grant_sql(granted, "?5", "?6"); };
-    static const std::string sql = std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns +
-                                   ") VALUES (?1, ?2, ?3, ?4, ?7 + " + grant("?7") + ", " + grant("?7") +
-                                   ") ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET last_grant = " +
-                                   grant("b.granted") + ", granted = b.granted + " + grant("b.granted") +
-                                   " RETURNING last_grant, granted";
+    static const std::string sql =
+        std::string("INSERT INTO quota_budgets AS b (") + kBudgetColumns + ") VALUES (?1, ?2, ?3, ?4, ?7 + " +
+        grant("?7") + ", " + grant("?7") +
+        ") ON CONFLICT (subject, limit_name, window_id) DO UPDATE SET last_grant = " + grant("b.granted") +
+        ", granted = b.granted + " + grant("b.granted") + " RETURNING last_grant, granted";
     BudgetOutcome outcome;
     outcome.granted.assign(claims.size(), 0);
     outcome.remaining.assign(claims.size(), 0);
@@ -549,7 +547,13 @@ class SqliteStore final : public Store {
     Transaction tx(*this);
     for (const std::size_t i : budget_order(adjustments)) {
       const BudgetAdjustment& a = adjustments[i];
-      query(sql).bind(1, a.subject).bind(2, a.limit_name).bind(3, a.window).bind(4, a.window_end).bind(5, a.delta).run();
+      query(sql)
+          .bind(1, a.subject)
+          .bind(2, a.limit_name)
+          .bind(3, a.window)
+          .bind(4, a.window_end)
+          .bind(5, a.delta)
+          .run();
     }
     tx.commit();
   }
@@ -563,30 +567,11 @@ class SqliteStore final : public Store {
   void append_usage(std::span<const UsageEvent> events) override {
     if (events.empty()) return;
     std::lock_guard lock(mutex_);
-    try {
-      Transaction tx(*this);
-      for (std::size_t at = 0; at < events.size(); at += kRowsPerInsert) {
-        insert_usage_rows(events.subspan(at, std::min(kRowsPerInsert, events.size() - at)));
-      }
-      add_daily_rows(daily_rollup(events));
-      tx.commit();
-      return;
-    } catch (const StoreError&) {
-      // A request id is there already: this batch, or part of it, was written
-      // before. Again, row by row, keeping only the new rows.
-    }
     Transaction tx(*this);
-    std::vector<UsageEvent> new_rows;
-    for (const UsageEvent& e : events) {
-      if (!e.request_id.empty()) {
-        Query seen = query("SELECT 1 FROM usage_events WHERE request_id = ?1");
-        seen.bind_static(1, truncate_utf8(e.request_id, kMaxStoredName));
-        if (seen.step()) continue;
-      }
-      insert_usage_rows(std::span<const UsageEvent>(&e, 1));
-      new_rows.push_back(e);
+    for (std::size_t at = 0; at < events.size(); at += kRowsPerInsert) {
+      insert_usage_rows(events.subspan(at, std::min(kRowsPerInsert, events.size() - at)));
     }
-    if (!new_rows.empty()) add_daily_rows(daily_rollup(new_rows));
+    add_daily_rows(daily_rollup(events));
     tx.commit();
   }
 

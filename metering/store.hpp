@@ -55,7 +55,7 @@ struct JobRecord {
   EpochMs finished_at = 0;  // 0: not finished
   EpochMs expires_at = 0;   // a finished job is purged after this
   std::int64_t execution_timeout_ms = 0;
-  std::int64_t ttl_ms = 0;  // kept this long after it finishes
+  std::int64_t ttl_ms = 0;    // kept this long after it finishes
   std::int64_t attempts = 0;  // runs started (retries and requeues count)
 };
 

@@ -49,10 +49,10 @@ std::map<DailyKey, DailyTotals> daily_rollup(std::span<const UsageEvent> events)
 
 std::string budget_grant_sql(const std::string& granted, const std::string& limit, const std::string& need) {
   const std::string left = "(" + limit + " - " + granted + ")";
-  const std::string beyond = "((" + limit + " - " + granted + " - " + need + ") / " + std::to_string(kLeaseDivisor) + ")";
-  return "(CASE WHEN " + left + " < " + need + " THEN 0 WHEN " + beyond + " >= " +
-         std::to_string(kLeaseMinimumNeeds) + " * " + need + " THEN " + need + " + " + beyond + " ELSE " + need +
-         " END)";
+  const std::string beyond =
+      "((" + limit + " - " + granted + " - " + need + ") / " + std::to_string(kLeaseDivisor) + ")";
+  return "(CASE WHEN " + left + " < " + need + " THEN 0 WHEN " + beyond + " >= " + std::to_string(kLeaseMinimumNeeds) +
+         " * " + need + " THEN " + need + " + " + beyond + " ELSE " + need + " END)";
 }
 
 }  // namespace tollgate::metering

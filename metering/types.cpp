@@ -17,8 +17,8 @@ bool ApiKey::allows_model(const std::string& model) const {
 }
 
 namespace {
-constexpr std::array<std::string_view, 6> kJobStateNames{"IN_QUEUE",  "IN_PROGRESS", "COMPLETED",
-                                                         "FAILED",    "CANCELLED",   "TIMED_OUT"};
+constexpr std::array<std::string_view, 6> kJobStateNames{"IN_QUEUE", "IN_PROGRESS", "COMPLETED",
+                                                         "FAILED",   "CANCELLED",   "TIMED_OUT"};
 }  // namespace
 
 std::string_view job_state_name(JobState state) { return kJobStateNames[static_cast<std::size_t>(state)]; }

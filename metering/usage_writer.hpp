@@ -67,16 +67,16 @@ class UsageWriter {
   std::vector<UsageEvent> queue_;
   std::size_t writing_ = 0;             // rows of the batch being written (guarded by mutex_)
   std::uint64_t dropped_unlogged_ = 0;  // drops since the last log line (guarded by mutex_)
-  std::uint64_t enqueued_ = 0;   // total ever enqueued (guarded by mutex_)
-  std::uint64_t committed_ = 0;  // total ever committed (guarded by mutex_)
+  std::uint64_t enqueued_ = 0;          // total ever enqueued (guarded by mutex_)
+  std::uint64_t committed_ = 0;         // total ever committed (guarded by mutex_)
   bool flush_requested_ = false;
   bool stopping_ = false;
   bool writer_done_ = false;  // the writer thread has exited (guarded by mutex_)
   Stats stats_;
   std::atomic<std::size_t> depth_{0};
-  std::string id_prefix_;         // random per writer: request ids are unique across replicas
-  std::uint64_t next_id_ = 0;     // guarded by mutex_
-  std::mutex stop_mutex_;  // serialises stop() so only one caller joins
+  std::string id_prefix_;      // random per writer: request ids are unique across replicas
+  std::uint64_t next_id_ = 0;  // guarded by mutex_
+  std::mutex stop_mutex_;      // serialises stop() so only one caller joins
   std::thread thread_;
 };
 

@@ -92,7 +92,6 @@ TEST_CASE("a version-1 database keeps its usage rows and gets the single ts inde
   run_sql(db.path(),
           "DROP TABLE jobs;"
           " DROP TABLE quota_budgets;"
-          " DROP INDEX usage_events_request;"
           " ALTER TABLE usage_events DROP COLUMN request_id;"
           " DROP INDEX usage_events_ts;"
           " CREATE INDEX usage_events_user_ts ON usage_events(user_id, ts);"
@@ -102,7 +101,7 @@ TEST_CASE("a version-1 database keeps its usage rows and gets the single ts inde
   CHECK(read_pragma(db.path(), "user_version") == 5);
   CHECK(read_text(db.path(), "SELECT group_concat(name, ',') FROM (SELECT name FROM sqlite_master"
                              " WHERE type = 'index' AND tbl_name = 'usage_events' ORDER BY name)") ==
-        "usage_events_request,usage_events_ts");
+        "usage_events_ts");
   CHECK(store->count_usage_events() == 1);
   const Store::QuotaState state = store->quota_state(now);
   CHECK(state.users.at(user).minute.tokens == 15);

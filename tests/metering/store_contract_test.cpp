@@ -1,12 +1,12 @@
 // The store contract (store_contract.hpp), run on every store.
-#include <catch2/catch.hpp>
+#include "tests/metering/store_contract.hpp"
 
+#include <catch2/catch.hpp>
 #include <span>
 #include <thread>
 #include <vector>
 
 #include "metering/text_bounds.hpp"
-#include "tests/metering/store_contract.hpp"
 
 using namespace tollgate::metering;
 using namespace tollgate::metering::test;
@@ -145,8 +145,7 @@ TEST_CASE("settings round-trip", "[metering][store]") {
   CHECK(store->get_setting("admin_key_sha256") == "def");
 }
 
-TEST_CASE("keys_version moves on user, key and setting writes from any connection",
-          "[metering][store]") {
+TEST_CASE("keys_version moves on user, key and setting writes from any connection", "[metering][store]") {
   ContractDatabase db;
   auto first = db.open();
   auto second = db.open();
@@ -187,8 +186,7 @@ TEST_CASE("keys_version moves on user, key and setting writes from any connectio
   CHECK(first->keys_version() == version);
 }
 
-TEST_CASE("append_usage stores events and usage() aggregates the daily rollup",
-          "[metering][store]") {
+TEST_CASE("append_usage stores events and usage() aggregates the daily rollup", "[metering][store]") {
   ContractDatabase db;
   auto store = db.open();
   const ApiKey alice_key = store->insert_key(new_key("alice", "tg-alice000", "ha"));
@@ -277,8 +275,7 @@ TEST_CASE("append_usage stores events and usage() aggregates the daily rollup",
   }
 }
 
-TEST_CASE("quota_state counts counted events in the current minute, day and month",
-          "[metering][store]") {
+TEST_CASE("quota_state counts counted events in the current minute, day and month", "[metering][store]") {
   ContractDatabase db;
   auto store = db.open();
   const ApiKey a = store->insert_key(new_key("alice", "tg-alice000", "ha"));
@@ -429,7 +426,6 @@ TEST_CASE("jobs are stored at once, updated, picked up unfinished in order, and 
   CHECK(store->find_job("job-a"));
   CHECK(store->purge_jobs(1'000'000) == 0);  // unfinished jobs never expire
 }
-
 
 TEST_CASE("a large usage batch is stored row for row and rolled up once per day, user, key and model",
           "[metering][store]") {
@@ -600,7 +596,8 @@ TEST_CASE("a set of budget claims is granted whole or not at all", "[metering][s
   REQUIRE_FALSE(store->claim_budgets(fill).refused);
 
   // The key's budget has room, the user's has none: neither is touched.
-  const std::vector<BudgetClaim> both{claim("key:9", "requests_per_day", 10, 1), claim("user:1", "requests_per_day", 3, 1)};
+  const std::vector<BudgetClaim> both{claim("key:9", "requests_per_day", 10, 1),
+                                      claim("user:1", "requests_per_day", 3, 1)};
   auto o = store->claim_budgets(both);
   REQUIRE(o.refused);
   CHECK(*o.refused == 1);
@@ -646,7 +643,7 @@ TEST_CASE("budgets take back unused leases, charge use past them, and are purged
   const std::vector<BudgetClaim> charged{{"key:5", "tokens_per_day", 7, 2'000'000, 40, 11, 0}};
   CHECK(store->claim_budgets(charged).refused);  // 30 charged: 10 left of 40
 
-  CHECK(store->purge_budgets(1'000'101) == 1);  // key:1's window ended at 1 000 100
+  CHECK(store->purge_budgets(1'000'101) == 1);      // key:1's window ended at 1 000 100
   CHECK_FALSE(store->claim_budgets(fill).refused);  // a new row, a full budget
   CHECK(store->purge_budgets(3'000'000) == 2);
 }
@@ -678,36 +675,4 @@ TEST_CASE("budget claims from many connections at once never add up past the lim
   CHECK(total == kLimit);
   const std::vector<BudgetClaim> one{claim("user:1", "requests_per_day", kLimit, 1)};
   CHECK(setup->claim_budgets(one).refused);
-}
-
-TEST_CASE("usage rows carry a request id: a batch written again is stored once, rows and rollup",
-          "[metering][store]") {
-  ContractDatabase db;
-  auto store = db.open();
-  const auto alice = store->ensure_user("alice");
-  std::vector<UsageEvent> batch;
-  for (int i = 0; i < 10; ++i) {
-    batch.push_back(event(k2024_03_15_102030 + i, alice.id, 1, "m", 200, 3, 4));
-    batch.back().request_id = "req-" + std::to_string(i);
-  }
-  store->append_usage(std::span<const UsageEvent>(batch.data(), 6));
-  // The writer retries after a commit whose answer was lost: the first six
-  // again, with four new ones, and an id the batch names twice.
-  std::vector<UsageEvent> retried = batch;
-  retried.push_back(retried.back());
-  UsageEvent anonymous = event(k2024_03_15_102030, alice.id, 1, "m", 500, 1, 0);  // no id: always stored
-  retried.push_back(anonymous);
-  store->append_usage(retried);
-  store->append_usage(std::span<const UsageEvent>(&anonymous, 1));
-
-  CHECK(store->count_usage_events() == 12);
-  const auto rows = store->usage(usage_query("alice", std::nullopt, false, false));
-  REQUIRE(rows.size() == 1);
-  CHECK(rows[0].requests == 12);
-  CHECK(rows[0].errors == 2);
-  CHECK(rows[0].prompt_tokens == 10 * 3 + 2);
-  CHECK(rows[0].completion_tokens == 10 * 4);
-  // The quota windows count each request once too.
-  const auto state = store->quota_state(k2024_03_15_102030 + 30);
-  CHECK(state.users.at(alice.id).day.requests == 12);
 }

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -36,29 +38,17 @@ class FlakyStore : public Store {
   User ensure_user(std::string_view name) override { return inner_->ensure_user(name); }
   std::optional<User> find_user(std::string_view name) override { return inner_->find_user(name); }
   std::vector<User> list_users() override { return inner_->list_users(); }
-  void set_user_limits(std::string_view name, const Limits& limits) override {
-    inner_->set_user_limits(name, limits);
-  }
+  void set_user_limits(std::string_view name, const Limits& limits) override { inner_->set_user_limits(name, limits); }
   ApiKey insert_key(const NewKey& key) override { return inner_->insert_key(key); }
-  std::vector<ApiKey> list_keys(std::optional<std::string_view> user) override {
-    return inner_->list_keys(user);
-  }
-  std::optional<ApiKey> find_key_by_hash(std::string_view hash) override {
-    return inner_->find_key_by_hash(hash);
-  }
-  ApiKey revoke_key(std::string_view prefix, EpochMs now) override {
-    return inner_->revoke_key(prefix, now);
-  }
+  std::vector<ApiKey> list_keys(std::optional<std::string_view> user) override { return inner_->list_keys(user); }
+  std::optional<ApiKey> find_key_by_hash(std::string_view hash) override { return inner_->find_key_by_hash(hash); }
+  ApiKey revoke_key(std::string_view prefix, EpochMs now) override { return inner_->revoke_key(prefix, now); }
   void set_key_limits(std::string_view prefix, const Limits& limits) override {
     inner_->set_key_limits(prefix, limits);
   }
   std::int64_t keys_version() override { return inner_->keys_version(); }
-  std::optional<std::string> get_setting(std::string_view name) override {
-    return inner_->get_setting(name);
-  }
-  void put_setting(std::string_view name, std::string_view value) override {
-    inner_->put_setting(name, value);
-  }
+  std::optional<std::string> get_setting(std::string_view name) override { return inner_->get_setting(name); }
+  void put_setting(std::string_view name, std::string_view value) override { inner_->put_setting(name, value); }
   void append_usage(std::span<const UsageEvent> events) override {
     if (failures_left_->load() != 0) {
       failures_left_->fetch_sub(1);
@@ -86,8 +76,7 @@ class FlakyStore : public Store {
 
 }  // namespace
 
-TEST_CASE("stop() writes every event enqueued from several threads, in batches",
-          "[metering][usage_writer]") {
+TEST_CASE("stop() writes every event enqueued from several threads, in batches", "[metering][usage_writer]") {
   TempDatabase db;
   constexpr int kThreads = 4;
   constexpr int kPerThread = 2500;
@@ -95,12 +84,11 @@ TEST_CASE("stop() writes every event enqueued from several threads, in batches",
   std::atomic<int> observed_batches{0};
   UsageWriter::Stats stats;
   {
-    UsageWriter writer(open_sqlite_store(db.path()), 20ms, 1024,
-                       [&](std::size_t rows, std::chrono::microseconds took) {
-                         observed_rows += rows;
-                         ++observed_batches;
-                         CHECK(took.count() >= 0);
-                       });
+    UsageWriter writer(open_sqlite_store(db.path()), 20ms, 1024, [&](std::size_t rows, std::chrono::microseconds took) {
+      observed_rows += rows;
+      ++observed_batches;
+      CHECK(took.count() >= 0);
+    });
     std::vector<std::thread> producers;
     for (int t = 0; t < kThreads; ++t) {
       producers.emplace_back([&writer, t] {
@@ -126,8 +114,7 @@ TEST_CASE("stop() writes every event enqueued from several threads, in batches",
   CHECK(rows.empty());  // no user on these events: stored, but in nobody's report
 }
 
-TEST_CASE("flush() makes enqueued rows visible without waiting for the interval",
-          "[metering][usage_writer]") {
+TEST_CASE("flush() makes enqueued rows visible without waiting for the interval", "[metering][usage_writer]") {
   TempDatabase db;
   auto reader = open_sqlite_store(db.path());
   UsageWriter writer(open_sqlite_store(db.path()), 60s);
@@ -166,8 +153,7 @@ TEST_CASE("failed batches are retried, not dropped", "[metering][usage_writer]")
   TempDatabase db;
   auto failures_left = std::make_shared<std::atomic<int>>(2);
   auto reader = open_sqlite_store(db.path());
-  UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures_left),
-                     10ms);
+  UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures_left), 10ms);
   for (int i = 0; i < 50; ++i) writer.enqueue(make_event(i));
   writer.flush();
   CHECK(failures_left->load() == 0);
@@ -181,8 +167,7 @@ TEST_CASE("stop() returns when the store keeps failing", "[metering][usage_write
   TempDatabase db;
   auto failures_left = std::make_shared<std::atomic<int>>(-1);  // fail forever
   auto reader = open_sqlite_store(db.path());
-  UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures_left),
-                     10ms);
+  UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures_left), 10ms);
   for (int i = 0; i < 5; ++i) writer.enqueue(make_event(i));
   writer.stop();
   writer.flush();  // the writer is gone: must not hang
@@ -239,4 +224,36 @@ TEST_CASE("while the database is locked the queue stays bounded and the drops ar
   writer.flush();
   CHECK(reader->count_usage_events() == static_cast<std::int64_t>(kMaxQueued) + 1);
   CHECK(writer.stats().written == kMaxQueued + 1);
+}
+
+TEST_CASE("each row gets a request id unique across writers, and keeps one it came with", "[metering][usage_writer]") {
+  TempDatabase db;
+  {
+    UsageWriter first(open_sqlite_store(db.path()), 60s);
+    UsageWriter second(open_sqlite_store(db.path()), 60s);
+    for (int i = 0; i < 3; ++i) {
+      first.enqueue(make_event(i));
+      second.enqueue(make_event(i));
+    }
+    UsageEvent named = make_event(9);
+    named.request_id = "given-id";
+    first.enqueue(named);
+  }
+  sqlite3* raw = nullptr;
+  REQUIRE(sqlite3_open(db.path().c_str(), &raw) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(raw, "SELECT request_id FROM usage_events", -1, &stmt, nullptr) == SQLITE_OK);
+  std::set<std::string> ids;
+  int rows = 0;
+  while (sqlite3_step(stmt) == SQLITE_ROW) {
+    const auto* text = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+    REQUIRE(text != nullptr);
+    ids.insert(text);
+    ++rows;
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(raw);
+  CHECK(rows == 7);
+  CHECK(ids.size() == 7);
+  CHECK(ids.contains("given-id"));
 }

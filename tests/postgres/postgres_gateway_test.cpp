@@ -1,9 +1,8 @@
 // The real binary on PostgreSQL: keys made with the CLI, quotas admitted and
 // restored after a restart, usage in the database, a revoked key refused.
-#include <catch2/catch.hpp>
-
 #include <signal.h>
 
+#include <catch2/catch.hpp>
 #include <thread>
 
 #include "metering/store.hpp"

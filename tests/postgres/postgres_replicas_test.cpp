@@ -2,12 +2,11 @@
 // across them (shared budgets, docs/quotas.md), keys made on one work on the
 // others, a replica killed mid-load costs no overshoot, and a database outage
 // is served as configured and reported on /readyz.
-#include <catch2/catch.hpp>
-
 #include <signal.h>
 
 #include <algorithm>
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -54,7 +53,8 @@ void early_in_a_minute() {
 // `total` requests from `threads` clients at once, spread over the replicas
 // round robin; `body_for(i)` is the i-th request's body. Statuses by request.
 std::vector<int> burst(Replicas& replicas, const std::string& key, int total, int threads,
-                       const std::function<std::string(int)>& body_for, std::vector<HttpResponse>* responses = nullptr) {
+                       const std::function<std::string(int)>& body_for,
+                       std::vector<HttpResponse>* responses = nullptr) {
   std::vector<int> statuses(static_cast<std::size_t>(total), 0);
   if (responses) responses->assign(static_cast<std::size_t>(total), HttpResponse{});
   std::atomic<int> next{0};
@@ -93,7 +93,8 @@ TEST_CASE("three replicas admit exactly a key's limit between them: requests, an
   Replicas replicas(dir, url, 3);
   early_in_a_minute();
 
-  auto statuses = burst(replicas, requests_key, 64, 16, [](int i) { return chat_body("echo", "n" + std::to_string(i)); });
+  auto statuses =
+      burst(replicas, requests_key, 64, 16, [](int i) { return chat_body("echo", "n" + std::to_string(i)); });
   CHECK(std::count(statuses.begin(), statuses.end(), 200) == 20);
   CHECK(std::count(statuses.begin(), statuses.end(), 429) == 44);
 
@@ -102,7 +103,9 @@ TEST_CASE("three replicas admit exactly a key's limit between them: requests, an
   std::vector<HttpResponse> responses;
   auto token_statuses = burst(
       replicas, tokens_key, 64, 16,
-      [](int) { return R"({"model":"echo","max_tokens":30,"messages":[{"role":"user","content":"a b c d e f g h"}]})"; },
+      [](int) {
+        return R"({"model":"echo","max_tokens":30,"messages":[{"role":"user","content":"a b c d e f g h"}]})";
+      },
       &responses);
   std::int64_t used = 0;
   int admitted = 0;
@@ -208,9 +211,10 @@ TEST_CASE("a replica killed with -9 mid-load: the others keep serving and the li
   CHECK(requests <= 2000);
 }
 
-TEST_CASE("PostgreSQL down: limited keys use up their leases, then get a 503 (or are admitted, failing open); "
-          "/readyz says why; all recovers",
-          "[postgres][e2e][replicas]") {
+TEST_CASE(
+    "PostgreSQL down: limited keys use up their leases, then get a 503 (or are admitted, failing open); "
+    "/readyz says why; all recovers",
+    "[postgres][e2e][replicas]") {
   const bool fail_open = GENERATE(false, true);
   const std::string url = tollgate::metering::test::fresh_postgres_database();
   TempDir dir;

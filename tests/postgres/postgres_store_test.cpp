@@ -4,9 +4,8 @@
 // tests/metering/store_contract_test.cpp, which this binary runs too.
 #include <libpq-fe.h>
 
-#include <catch2/catch.hpp>
-
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <thread>
 #include <vector>
 
@@ -102,4 +101,38 @@ TEST_CASE("a store that cannot connect says where, without the password", "[post
       CHECK(message.find("s3cret-pw") == std::string::npos);
     }
   }
+}
+
+// Only PostgreSQL promises it: a commit whose answer was lost may have
+// happened, and the writer writes the batch again. (A SQLite commit is local:
+// one that fails did not happen.)
+TEST_CASE("usage rows carry a request id: a batch written again is stored once, rows and rollup", "[postgres]") {
+  ContractDatabase db;  // a new PostgreSQL database
+  auto store = db.open();
+  const auto alice = store->ensure_user("alice");
+  std::vector<UsageEvent> batch;
+  for (int i = 0; i < 10; ++i) {
+    batch.push_back(event(k2024_03_15_102030 + i, alice.id, 1, "m", 200, 3, 4));
+    batch.back().request_id = "req-" + std::to_string(i);
+  }
+  store->append_usage(std::span<const UsageEvent>(batch.data(), 6));
+  // The writer retries after a commit whose answer was lost: the first six
+  // again, with four new ones, and an id the batch names twice.
+  std::vector<UsageEvent> retried = batch;
+  retried.push_back(retried.back());
+  UsageEvent anonymous = event(k2024_03_15_102030, alice.id, 1, "m", 500, 1, 0);  // no id: always stored
+  retried.push_back(anonymous);
+  store->append_usage(retried);
+  store->append_usage(std::span<const UsageEvent>(&anonymous, 1));
+
+  CHECK(store->count_usage_events() == 12);
+  const auto rows = store->usage(usage_query("alice", std::nullopt, false, false));
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0].requests == 12);
+  CHECK(rows[0].errors == 2);
+  CHECK(rows[0].prompt_tokens == 10 * 3 + 2);
+  CHECK(rows[0].completion_tokens == 10 * 4);
+  // The quota windows count each request once too.
+  const auto state = store->quota_state(k2024_03_15_102030 + 30);
+  CHECK(state.users.at(alice.id).day.requests == 12);
 }
