@@ -131,10 +131,38 @@ AuthOutcome KeyCache::authenticate_after_refresh(std::string_view key, std::uint
   return authenticate(key, now);
 }
 
+// Until `interval` has passed, stopping_ or the store announces a change.
+void KeyCache::wait_for_change(std::chrono::milliseconds interval) {
+  using Clock = std::chrono::steady_clock;
+  const auto until = Clock::now() + interval;
+  if (store_->announces_access_changes()) {
+    try {
+      while (Clock::now() < until) {
+        {
+          std::lock_guard lock(stop_mutex_);
+          if (stopping_) return;
+        }
+        // In slices, so a stop is noticed soon.
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - Clock::now());
+        if (store_->wait_for_access_change(std::min(left, std::chrono::milliseconds(100)))) return;
+      }
+      return;
+    } catch (const std::exception&) {
+      // Unreachable: the refresh says so; wait out the rest of the interval.
+    }
+  }
+  std::unique_lock lock(stop_mutex_);
+  stop_cv_.wait_until(lock, until, [this] { return stopping_; });
+}
+
 void KeyCache::start_refreshing(std::chrono::milliseconds interval) {
   refresher_ = std::thread([this, interval] {
     std::unique_lock lock(stop_mutex_);
-    while (!stop_cv_.wait_for(lock, interval, [this] { return stopping_; })) {
+    while (!stopping_) {
+      lock.unlock();
+      wait_for_change(interval);
+      lock.lock();
+      if (stopping_) break;
       lock.unlock();
       try {
         refresh_if_changed();

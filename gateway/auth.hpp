@@ -77,6 +77,7 @@ class KeyCache {
   using Snapshot = std::unordered_map<std::string, std::shared_ptr<const KeyEntry>>;
   void reload();
   bool refresh_locked();  // store_mutex_ held
+  void wait_for_change(std::chrono::milliseconds interval);
 
   std::unique_ptr<metering::Store> store_;
   std::mutex store_mutex_;  // one refresher at a time

@@ -35,9 +35,9 @@ ServerLimits read_limits(const ConfigReader& r, const YAML::Node& node, const st
 }
 
 MeteringConfig read_metering(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
-  r.expect_map(
-      node, path,
-      {"flush_interval", "per_user_metrics", "default_reserve_tokens", "lease_idle_return", "quota_fail_open"});
+  r.expect_map(node, path,
+               {"flush_interval", "per_user_metrics", "default_reserve_tokens", "lease_idle_return", "quota_fail_open",
+                "key_refresh_interval"});
   MeteringConfig m;
   if (auto n = node["flush_interval"]) m.flush_interval = r.duration(n, child_path(path, "flush_interval"));
   if (auto n = node["per_user_metrics"]) m.per_user_metrics = r.boolean(n, child_path(path, "per_user_metrics"));
@@ -46,6 +46,10 @@ MeteringConfig read_metering(const ConfigReader& r, const YAML::Node& node, cons
   }
   if (auto n = node["lease_idle_return"]) m.lease_idle_return = r.duration(n, child_path(path, "lease_idle_return"));
   if (auto n = node["quota_fail_open"]) m.quota_fail_open = r.boolean(n, child_path(path, "quota_fail_open"));
+  if (auto n = node["key_refresh_interval"]) {
+    m.key_refresh_interval = r.duration(n, child_path(path, "key_refresh_interval"));
+    if (m.key_refresh_interval.count() <= 0) r.fail(child_path(path, "key_refresh_interval"), "must be positive");
+  }
   if (m.flush_interval.count() <= 0) r.fail(child_path(path, "flush_interval"), "must be positive");
   if (m.lease_idle_return.count() <= 0) r.fail(child_path(path, "lease_idle_return"), "must be positive");
   return m;

@@ -42,6 +42,9 @@ struct MeteringConfig {
   // admitted past their leases (fail open) or refused with a 503 while the
   // database is unreachable.
   std::chrono::milliseconds lease_idle_return{1'000};
+  // How often keys and users are read again when nothing announced a change
+  // (PostgreSQL announces them as they commit; SQLite is polled at this pace).
+  std::chrono::milliseconds key_refresh_interval{1'000};
   bool quota_fail_open = false;
 };
 

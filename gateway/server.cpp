@@ -137,7 +137,7 @@ int run_server(const Config& config) {
               << std::endl;
   }
   gw.keys = std::make_unique<KeyCache>(metering::open_store(config.database));
-  gw.keys->start_refreshing(std::chrono::seconds(1));
+  gw.keys->start_refreshing(config.metering.key_refresh_interval);
   auto now = metering::now_ms();
   gw.quotas.restore(gw.admin_store->quota_state(now), now);
   if (metering::is_postgres_url(config.database)) {

@@ -8,9 +8,11 @@
 // The schema is migrated at open under an advisory lock, so replicas that start
 // together migrate once.
 #include <libpq-fe.h>
+#include <poll.h>
 
 #include <algorithm>
 #include <charconv>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -142,6 +144,17 @@ CREATE TABLE quota_budgets (
   PRIMARY KEY (subject, limit_name, window_id)
 );
 CREATE INDEX quota_budgets_end ON quota_budgets(window_end);
+)sql",
+    // Changes to users, keys and settings are announced as they commit
+    // (LISTEN tollgate_access), so replicas need not wait for their poll.
+    R"sql(
+CREATE OR REPLACE FUNCTION tollgate_access_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE access_generation SET value = value + 1;
+  PERFORM pg_notify('tollgate_access', '');
+  RETURN NULL;
+END
+$$;
 )sql",
     // A usage row's request id: a batch written again after a commit whose
     // outcome was lost is stored once (rows from before have none).
@@ -304,6 +317,31 @@ class PostgresStore final : public Store {
     Result r = run("SELECT value FROM access_generation WHERE id = 1");
     if (r.rows() != 1) throw std::runtime_error("postgresql: access_generation row is missing");
     return r.int64_at(0, 0);
+  }
+
+  bool announces_access_changes() const override { return true; }
+
+  bool wait_for_access_change(std::chrono::milliseconds timeout) override {
+    int socket = -1;
+    {
+      std::lock_guard lock(mutex_);
+      ensure_connected();
+      // Session state, unlike everything else here: behind PgBouncer's
+      // transaction mode no announcement arrives, and readers fall back on
+      // their poll of keys_version.
+      if (!listening_) {
+        run("LISTEN tollgate_access");
+        listening_ = true;
+      }
+      if (take_notifications()) return true;
+      socket = PQsocket(conn_);
+    }
+    // Without the lock: the other calls on this connection go on meanwhile
+    // (and any announcement they read is kept for take_notifications).
+    pollfd ready{socket, POLLIN, 0};
+    ::poll(&ready, 1, static_cast<int>(std::max<std::int64_t>(0, timeout.count())));
+    std::lock_guard lock(mutex_);
+    return conn_ && take_notifications();
   }
 
   std::optional<std::string> get_setting(std::string_view name) override {
@@ -583,7 +621,20 @@ class PostgresStore final : public Store {
     bool committed_ = false;
   };
 
+  // Reads what arrived and drops the announcements in it; whether there were any.
+  bool take_notifications() {
+    if (PQstatus(conn_) != CONNECTION_OK) return false;
+    PQconsumeInput(conn_);
+    bool any = false;
+    while (PGnotify* n = PQnotifies(conn_)) {
+      PQfreemem(n);
+      any = true;
+    }
+    return any;
+  }
+
   void connect() {
+    listening_ = false;
     // The URL first, then what it may not override: a bounded connect.
     const char* keywords[] = {"dbname", "connect_timeout", "application_name", nullptr};
     const char* values[] = {url_.c_str(), "5", "tollgate", nullptr};
@@ -612,6 +663,7 @@ class PostgresStore final : public Store {
     // their own, outside it, and a batch could land in part.
     if (in_transaction_) throw std::runtime_error("postgresql: the connection broke inside a transaction");
     PQreset(conn_);
+    listening_ = false;  // a new session listens to nothing
     if (PQstatus(conn_) != CONNECTION_OK) {
       std::string message = PQerrorMessage(conn_);
       while (!message.empty() && message.back() == '\n') message.pop_back();
@@ -859,6 +911,7 @@ class PostgresStore final : public Store {
   std::mutex mutex_;
   PGconn* conn_ = nullptr;
   bool in_transaction_ = false;  // between a Transaction's BEGIN and its end
+  bool listening_ = false;       // LISTEN tollgate_access was sent on this session
 };
 
 }  // namespace

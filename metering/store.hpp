@@ -2,6 +2,7 @@
 // the interface lets a shared server database replace it for several replicas.
 #pragma once
 
+#include <chrono>
 #include <map>
 #include <memory>
 #include <optional>
@@ -126,6 +127,15 @@ class Store {
   virtual void set_key_limits(std::string_view prefix, const Limits& limits) = 0;
   // A number that changes whenever users or keys change, from any process.
   virtual std::int64_t keys_version() = 0;
+  // Whether the store announces those changes as they commit (PostgreSQL's
+  // LISTEN/NOTIFY); if not, readers poll keys_version.
+  virtual bool announces_access_changes() const { return false; }
+  // Waits up to `timeout` for such an announcement; whether one came. Throws
+  // when the database cannot be reached.
+  virtual bool wait_for_access_change(std::chrono::milliseconds timeout) {
+    (void)timeout;
+    return false;
+  }
 
   // Settings (e.g. the admin key's hash).
   virtual std::optional<std::string> get_setting(std::string_view name) = 0;
