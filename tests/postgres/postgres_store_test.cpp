@@ -60,7 +60,7 @@ TEST_CASE("replicas opening a new database at once migrate it once", "[postgres]
   for (auto& t : replicas) t.join();
   CHECK(opened == 6);
   CHECK(failed == 0);
-  CHECK(psql(url, "SELECT version FROM tollgate_schema") == "3");
+  CHECK(psql(url, "SELECT version FROM tollgate_schema") == "4");
   CHECK(psql(url, "SELECT COUNT(*) FROM users") == "1");
 }
 
