@@ -37,7 +37,7 @@ ServerLimits read_limits(const ConfigReader& r, const YAML::Node& node, const st
 MeteringConfig read_metering(const ConfigReader& r, const YAML::Node& node, const std::string& path) {
   r.expect_map(node, path,
                {"flush_interval", "per_user_metrics", "default_reserve_tokens", "lease_idle_return", "quota_fail_open",
-                "key_refresh_interval"});
+                "key_refresh_interval", "max_queued_rows", "spill_file"});
   MeteringConfig m;
   if (auto n = node["flush_interval"]) m.flush_interval = r.duration(n, child_path(path, "flush_interval"));
   if (auto n = node["per_user_metrics"]) m.per_user_metrics = r.boolean(n, child_path(path, "per_user_metrics"));
@@ -46,6 +46,10 @@ MeteringConfig read_metering(const ConfigReader& r, const YAML::Node& node, cons
   }
   if (auto n = node["lease_idle_return"]) m.lease_idle_return = r.duration(n, child_path(path, "lease_idle_return"));
   if (auto n = node["quota_fail_open"]) m.quota_fail_open = r.boolean(n, child_path(path, "quota_fail_open"));
+  if (auto n = node["max_queued_rows"]) {
+    m.max_queued_rows = static_cast<std::size_t>(r.integer(n, child_path(path, "max_queued_rows"), 1, 100'000'000));
+  }
+  if (auto n = node["spill_file"]) m.spill_file = r.string(n, child_path(path, "spill_file"));
   if (auto n = node["key_refresh_interval"]) {
     m.key_refresh_interval = r.duration(n, child_path(path, "key_refresh_interval"));
     if (m.key_refresh_interval.count() <= 0) r.fail(child_path(path, "key_refresh_interval"), "must be positive");

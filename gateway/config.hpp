@@ -45,6 +45,13 @@ struct MeteringConfig {
   // How often keys and users are read again when nothing announced a change
   // (PostgreSQL announces them as they commit; SQLite is polled at this pace).
   std::chrono::milliseconds key_refresh_interval{1'000};
+  // Usage rows held in memory while the database cannot take them; past
+  // that, and at a stop with the database away, they go to `spill_file` and
+  // are written when it is back. Empty spill_file: on PostgreSQL, a file in
+  // the system's temporary directory named after the listen port; on SQLite,
+  // none (rows past the bound are dropped and counted).
+  std::size_t max_queued_rows = 1'000'000;
+  std::string spill_file;
   bool quota_fail_open = false;
 };
 

@@ -30,6 +30,10 @@ GatewayMetrics::GatewayMetrics(bool per_user_series)
                                .labels({})),
       metering_queue_depth(
           registry.gauge("tollgate_metering_queue_depth", "Usage events waiting for the writer thread.").labels({})),
+      metering_spill_depth(registry
+                               .gauge("tollgate_metering_spill_rows",
+                                      "Usage events in the spill file, waiting for the database to take them.")
+                               .labels({})),
       metering_flush_duration(registry
                                   .histogram("tollgate_metering_flush_duration_seconds",
                                              "Time to commit one batch of usage events to SQLite.", {},

@@ -25,6 +25,7 @@ struct GatewayMetrics {
   metering::Gauge& open_connections;
   metering::Counter& rejected_connections;
   metering::Gauge& metering_queue_depth;
+  metering::Gauge& metering_spill_depth;
   metering::Histogram& metering_flush_duration;
   metering::Counter& metering_rows;
   metering::Counter& metering_rows_dropped;

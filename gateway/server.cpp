@@ -3,6 +3,7 @@
 #include "gateway/server.hpp"
 
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <boost/asio/as_tuple.hpp>
@@ -11,6 +12,7 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <filesystem>
 #include <iostream>
 #include <thread>
 
@@ -108,6 +110,17 @@ awaitable<void> drain(Gateway& gw, std::vector<std::unique_ptr<net::io_context>>
   for (auto& c : contexts) c->stop();
 }
 
+// Where usage rows go while the database cannot take them (config.hpp's
+// metering.spill_file). On PostgreSQL by default a file named after the listen
+// port, so a replica that restarts finds what it left; on SQLite none.
+std::string spill_file_for(const Config& config) {
+  if (!config.metering.spill_file.empty()) return config.metering.spill_file;
+  if (!metering::is_postgres_url(config.database)) return {};
+  const std::string who =
+      config.listen.port != 0 ? "port-" + std::to_string(config.listen.port) : "pid-" + std::to_string(::getpid());
+  return (std::filesystem::temp_directory_path() / ("tollgate-usage-" + who + ".spill")).string();
+}
+
 }  // namespace
 
 int run_server(const Config& config) {
@@ -150,7 +163,8 @@ int run_server(const Config& config) {
       [&gw](std::size_t rows, std::chrono::microseconds took) {
         gw.metrics.metering_rows.inc(static_cast<double>(rows));
         gw.metrics.metering_flush_duration.observe(std::chrono::duration<double>(took).count());
-      });
+      },
+      config.metering.max_queued_rows, spill_file_for(config));
 
   int threads =
       config.io_threads > 0 ? config.io_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

@@ -48,6 +48,7 @@ awaitable<bool> Session::handle_status(const Request& req, Exchange& x, RouteHan
   Response res;
   if (which == RouteHandler::metrics) {
     gw_.metrics.metering_queue_depth.set(static_cast<double>(gw_.usage->queue_depth()));
+    gw_.metrics.metering_spill_depth.set(static_cast<double>(gw_.usage->spill_depth()));
     res =
         make_response(req, http::status::ok, gw_.metrics.registry.render(), "text/plain; version=0.0.4; charset=utf-8");
   } else if (which == RouteHandler::readiness && gw_.stopping) {

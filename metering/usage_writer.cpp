@@ -10,7 +10,7 @@
 namespace tollgate::metering {
 
 UsageWriter::UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds flush_interval, std::size_t max_batch,
-                         FlushObserver observer, std::size_t max_queued)
+                         FlushObserver observer, std::size_t max_queued, std::string spill_path)
     : store_(std::move(store)),
       flush_interval_(std::max(flush_interval, std::chrono::milliseconds(1))),
       max_batch_(std::max<std::size_t>(max_batch, 1)),
@@ -20,6 +20,14 @@ UsageWriter::UsageWriter(std::unique_ptr<Store> store, std::chrono::milliseconds
   char prefix[17];
   std::snprintf(prefix, sizeof prefix, "%08x%08x", static_cast<unsigned>(random()), static_cast<unsigned>(random()));
   id_prefix_ = prefix;
+  if (!spill_path.empty()) {
+    spill_ = std::make_unique<UsageSpill>(std::move(spill_path));
+    spill_depth_.store(spill_->pending(), std::memory_order_relaxed);
+    if (spill_->pending() > 0) {
+      std::fprintf(stderr, "usage writer: %zu usage rows left in %s, writing them to the store\n", spill_->pending(),
+                   spill_->path().c_str());
+    }
+  }
   thread_ = std::thread([this] { run(); });
 }
 
@@ -34,6 +42,14 @@ bool UsageWriter::enqueue(UsageEvent event) {
   }
   if (writer_done_) return write_after_stop(std::move(event));
   if (queue_.size() + writing_ >= max_queued_) {
+    if (spill_ && overflow_.size() < kMaxOverflow) {
+      // The writer thread takes them to the spill file: no disk on this thread.
+      overflow_.push_back(std::move(event));
+      const bool wake = overflow_.size() == 1;
+      lock.unlock();
+      if (wake) wake_.notify_one();
+      return true;
+    }
     // The writer logs the drops once per interval: a line per row would flood the log.
     ++stats_.dropped;
     ++dropped_unlogged_;
@@ -98,19 +114,25 @@ void UsageWriter::run() {
     if (retrying) {
       // After a failure, wait a full interval even if a flush is requested, so
       // a broken disk is not hammered in a tight loop.
-      wake_.wait_for(lock, flush_interval_, [&] { return stopping_; });
+      wake_.wait_for(lock, flush_interval_, [&] { return stopping_ || !overflow_.empty(); });
     } else {
-      wake_.wait_for(lock, flush_interval_,
-                     [&] { return stopping_ || flush_requested_ || queue_.size() >= max_batch_; });
+      wake_.wait_for(lock, flush_interval_, [&] {
+        return stopping_ || flush_requested_ || queue_.size() >= max_batch_ || !overflow_.empty();
+      });
     }
     flush_requested_ = false;
     const bool last = stopping_;
+    spill_overflow(lock);
     if (dropped_unlogged_ > 0) {
       std::fprintf(stderr, "usage writer: %llu usage rows dropped: %zu rows already waiting (the store is failing)\n",
                    static_cast<unsigned long long>(dropped_unlogged_), max_queued_);
       dropped_unlogged_ = 0;
     }
     if (queue_.empty()) {
+      // The store takes rows: the spilled ones go next (all of them at stop).
+      // A bounded number of batches a round, unless stopping: new rows wait meanwhile.
+      for (int i = 0; !retrying && (last || (i < 64 && queue_.size() < max_batch_)) && replay_spill(lock); ++i) {
+      }
       if (last) break;
       continue;
     }
@@ -155,8 +177,23 @@ void UsageWriter::run() {
     queue_.swap(batch);
     depth_.store(queue_.size(), std::memory_order_relaxed);
     if (last) {
-      std::fprintf(stderr, "usage writer: final flush failed, %zu usage rows lost: %s\n", queue_.size(), error.c_str());
+      if (spill_) {
+        std::vector<UsageEvent> kept;
+        kept.swap(queue_);
+        overflow_.insert(overflow_.begin(), std::make_move_iterator(kept.begin()), std::make_move_iterator(kept.end()));
+        const std::size_t n = overflow_.size();
+        spill_overflow(lock);
+        if (overflow_.empty()) {
+          std::fprintf(stderr, "usage writer: the store failed at stop (%s): %zu usage rows kept in %s for the next start\n",
+                       error.c_str(), n, spill_->path().c_str());
+        }
+      }
+      if (!queue_.empty() || !overflow_.empty()) {
+        std::fprintf(stderr, "usage writer: final flush failed, %zu usage rows lost: %s\n",
+                     queue_.size() + overflow_.size(), error.c_str());
+      }
       queue_.clear();
+      overflow_.clear();
       depth_.store(0, std::memory_order_relaxed);
       break;
     }
@@ -165,6 +202,55 @@ void UsageWriter::run() {
   }
   writer_done_ = true;
   flushed_.notify_all();
+}
+
+// Moves the rows past max_queued to the spill file. mutex_ is held on entry and exit.
+void UsageWriter::spill_overflow(std::unique_lock<std::mutex>& lock) {
+  if (overflow_.empty() || !spill_) return;
+  std::vector<UsageEvent> rows;
+  rows.swap(overflow_);
+  lock.unlock();
+  std::string error;
+  try {
+    spill_->append(rows);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  lock.lock();
+  if (error.empty()) {
+    stats_.spilled += rows.size();
+    spill_depth_.store(spill_->pending(), std::memory_order_relaxed);
+  } else {
+    stats_.dropped += rows.size();
+    std::fprintf(stderr, "usage writer: %zu usage rows lost: %s\n", rows.size(), error.c_str());
+  }
+}
+
+// Writes one batch of spilled rows to the store; whether one was written.
+// mutex_ is held on entry and exit.
+bool UsageWriter::replay_spill(std::unique_lock<std::mutex>& lock) {
+  if (!spill_ || spill_->pending() == 0) return false;
+  lock.unlock();
+  std::vector<UsageEvent> rows = spill_->peek(max_batch_);
+  std::string error;
+  try {
+    if (!rows.empty()) store_->append_usage(rows);
+    spill_->consume();
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  lock.lock();
+  spill_depth_.store(spill_->pending(), std::memory_order_relaxed);
+  if (!error.empty()) {
+    ++stats_.failures;
+    std::fprintf(stderr, "usage writer: writing spilled usage rows failed, will retry: %s\n", error.c_str());
+    return false;
+  }
+  stats_.replayed += rows.size();
+  stats_.written += rows.size();
+  ++stats_.batches;
+  if (spill_->pending() == 0) std::fprintf(stderr, "usage writer: every spilled usage row is in the store\n");
+  return true;
 }
 
 }  // namespace tollgate::metering

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <set>
 #include <string>
 #include <thread>
@@ -256,4 +258,100 @@ TEST_CASE("each row gets a request id unique across writers, and keeps one it ca
   CHECK(rows == 7);
   CHECK(ids.size() == 7);
   CHECK(ids.contains("given-id"));
+}
+
+namespace {
+
+// Bounded wait for `done`.
+template <class F>
+bool eventually(F done) {
+  for (int i = 0; i < 200; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(25ms);
+  }
+  return done();
+}
+
+}  // namespace
+
+TEST_CASE("rows past max_queued go to the spill file and reach the store when it takes rows again",
+          "[metering][usage_writer][spill]") {
+  TempDatabase db;
+  const std::string spill = db.path() + ".spill";
+  auto failures = std::make_shared<std::atomic<int>>(-1);  // failing until told otherwise
+  auto reader = open_sqlite_store(db.path());
+  UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures), 20ms, 64, {}, 50, spill);
+  for (int i = 0; i < 300; ++i) CHECK(writer.enqueue(make_event(i)));
+  CHECK(eventually([&] { return writer.stats().spilled == 250; }));
+  CHECK(writer.spill_depth() == 250);
+  CHECK(std::filesystem::exists(spill));
+  CHECK(reader->count_usage_events() == 0);
+
+  failures->store(0);  // the store is back
+  CHECK(eventually([&] { return reader->count_usage_events() == 300; }));
+  CHECK(eventually([&] { return writer.spill_depth() == 0; }));
+  writer.stop();
+  CHECK(reader->count_usage_events() == 300);
+  CHECK(writer.stats().dropped == 0);
+  CHECK(writer.stats().replayed == 250);
+  CHECK_FALSE(std::filesystem::exists(spill));  // nothing pending, nothing left behind
+}
+
+TEST_CASE("rows the store cannot take at stop are kept in the spill file for the next writer",
+          "[metering][usage_writer][spill]") {
+  TempDatabase db;
+  const std::string spill = db.path() + ".spill";
+  {
+    auto failures = std::make_shared<std::atomic<int>>(-1);
+    UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures), 20ms, 64, {}, 1000,
+                       spill);
+    for (int i = 0; i < 40; ++i) writer.enqueue(make_event(i));
+    writer.stop();
+    CHECK(writer.stats().dropped == 0);
+    CHECK(writer.stats().spilled == 40);
+  }
+  // A crash cut a row short after them: skipped, and the rows after it are whole.
+  { std::ofstream(spill, std::ios::app) << "1700000000000\t1\t"; }
+  auto reader = open_sqlite_store(db.path());
+  CHECK(reader->count_usage_events() == 0);
+  UsageWriter next(open_sqlite_store(db.path()), 20ms, 16, {}, 1000, spill);
+  CHECK(next.spill_depth() == 41);
+  next.enqueue(make_event(100));
+  CHECK(eventually([&] { return reader->count_usage_events() == 41; }));
+  next.stop();
+  CHECK(reader->count_usage_events() == 41);
+  CHECK(next.stats().replayed == 40);
+  CHECK_FALSE(std::filesystem::exists(spill));
+}
+
+TEST_CASE("a spill line keeps every field of a row, odd text included", "[metering][usage_writer][spill]") {
+  UsageEvent e = make_event(7);
+  e.user_id = 3;
+  e.key_id = std::nullopt;
+  e.route = "/a\tb\nc\\d\re";
+  e.backend = "";
+  e.ttft_us = 1234;
+  e.counted = true;
+  e.estimated = true;
+  e.request_id = "abc";
+  const std::string line = spill_line(e);
+  CHECK(line.find('\n') == std::string::npos);
+  auto back = parse_spill_line(line);
+  REQUIRE(back);
+  CHECK(back->ts == e.ts);
+  CHECK(back->user_id == 3);
+  CHECK_FALSE(back->key_id);
+  CHECK(back->route == e.route);
+  CHECK(back->model == "m");
+  CHECK(back->backend.empty());
+  CHECK(back->status == 200);
+  CHECK(back->prompt_tokens == 1);
+  CHECK(back->completion_tokens == 2);
+  CHECK(back->ttft_us == 1234);
+  CHECK(back->counted);
+  CHECK(back->estimated);
+  CHECK(back->request_id == "abc");
+  CHECK_FALSE(parse_spill_line(line.substr(0, line.size() / 2)));
+  CHECK_FALSE(parse_spill_line("x\t" + line.substr(line.find('\t') + 1)));
+  CHECK_FALSE(parse_spill_line(""));
 }

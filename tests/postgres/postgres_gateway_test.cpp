@@ -3,6 +3,8 @@
 #include <signal.h>
 
 #include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "metering/store.hpp"
@@ -208,4 +210,48 @@ TEST_CASE("jobs on PostgreSQL: stored before they are acknowledged, run, and kep
   auto r = c.get("/v2/fast/status/" + ids[2], key);
   REQUIRE(r.status == 200);
   CHECK(r.json().at("output").at("text").as_string() == "job 2");
+}
+
+TEST_CASE("usage past the in-memory bound, and at a stop with PostgreSQL away, waits in the spill file until it is back",
+          "[postgres][e2e]") {
+  const std::string url = tollgate::metering::test::fresh_postgres_database();
+  TempDir dir;
+  const std::string spill = dir.file("usage.spill");
+  std::string config = kConfig;
+  config.replace(0, config.find('\n'),
+                 "metering: {flush_interval: 100ms, max_queued_rows: 10, spill_file: " + spill + "}");
+  const std::string key = create_key(url, "alice");
+  {
+    GatewayProcess gw(dir, {config, url, {}});
+    HttpClient c(gw.port());
+    for (int i = 0; i < 5; ++i) CHECK(c.post("/v1/chat/completions", key, chat_body("echo", "before")).status == 200);
+    REQUIRE(wait_usage_rows(url, 5));
+
+    tollgate::metering::test::stop_postgres();
+    for (int i = 0; i < 40; ++i) CHECK(c.post("/v1/chat/completions", key, chat_body("echo", "away")).status == 200);
+    bool spilled = false;
+    for (int i = 0; i < 100 && !spilled; ++i) {
+      spilled = c.get("/metrics").body.find("tollgate_metering_spill_rows 30") != std::string::npos;
+      if (!spilled) std::this_thread::sleep_for(50ms);
+    }
+    CHECK(spilled);  // ten in memory, the rest on disk
+    CHECK(gw.stop(SIGTERM) == 0);
+    CHECK(gw.log().find("kept in " + spill) != std::string::npos);
+  }
+  // Every row the stop could not write is in the file: 10 from memory, 30 spilled before.
+  std::ifstream in(spill);
+  int lines = 0;
+  for (std::string line; std::getline(in, line);) ++lines;
+  CHECK(lines == 40);
+
+  tollgate::metering::test::start_postgres_again();
+  GatewayProcess again(dir, {config, url, {}});
+  CHECK(wait_usage_rows(url, 45));
+  CHECK(again.stop(SIGTERM) == 0);
+  auto store = tollgate::metering::open_store(url);
+  CHECK(store->count_usage_events() == 45);
+  const auto rows = store->usage({});
+  REQUIRE(rows.size() == 1);
+  CHECK(rows[0].requests == 45);
+  CHECK_FALSE(std::filesystem::exists(spill));
 }
