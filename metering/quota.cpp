@@ -545,11 +545,12 @@ Admission QuotaLimiter::claim(const QuotaSubject& subject, std::int64_t reserve_
       for (std::size_t i = 0; i < claims.size(); ++i) {
         Lease* lease = lease_for(claims[i], now);
         if (!lease) continue;  // its window ended meanwhile
-        lease->pool_left = outcome.remaining[i];
         if (!outcome.refused) {
           lease->held += outcome.granted[i];
+          lease->pool_left = outcome.remaining[i];
           lease->refused_at = -1;
-        } else if (*outcome.refused == i) {
+        } else if (*outcome.refused == i) {  // the others were not read: what they have left is unknown
+          lease->pool_left = outcome.remaining[i];
           if (lease->held > 0 && attempt == 0) {
             const BudgetClaim& c = claims[i];
             give_back.push_back({c.subject, c.limit_name, c.window, c.window_end, -lease->held});
