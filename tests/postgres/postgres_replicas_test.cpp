@@ -89,7 +89,7 @@ TEST_CASE("three replicas admit exactly a key's limit between them: requests, an
   const std::string url = tollgate::metering::test::fresh_postgres_database();
   TempDir dir;
   const std::string requests_key = create_key(url, "alice", {"--rpm", "20"});
-  const std::string tokens_key = create_key(url, "bob", {"--tpd", "600"});
+  const std::string tokens_key = create_key(url, "bob", {"--tpd", "340"});
   Replicas replicas(dir, url, 3);
   early_in_a_minute();
 
@@ -98,15 +98,13 @@ TEST_CASE("three replicas admit exactly a key's limit between them: requests, an
   CHECK(std::count(statuses.begin(), statuses.end(), 200) == 20);
   CHECK(std::count(statuses.begin(), statuses.end(), 429) == 44);
 
-  // Each request reserves its prompt and max_tokens and settles to what it
-  // used; together they never use more than the budget.
+  // Each request reserves its prompt and max_tokens, and this one uses both in
+  // full (12 + 5 = 17 tokens): a budget of 20 such requests admits exactly 20.
   std::vector<HttpResponse> responses;
-  auto token_statuses = burst(
-      replicas, tokens_key, 64, 16,
-      [](int) {
-        return R"({"model":"echo","max_tokens":30,"messages":[{"role":"user","content":"a b c d e f g h"}]})";
-      },
-      &responses);
+  const std::string body =
+      R"({"model":"echo","max_tokens":5,"messages":[{"role":"user","content":"a b c d e f g h i j k l"}]})";
+  burst(
+      replicas, tokens_key, 64, 16, [&](int) { return body; }, &responses);
   std::int64_t used = 0;
   int admitted = 0;
   for (const auto& r : responses) {
@@ -116,11 +114,11 @@ TEST_CASE("three replicas admit exactly a key's limit between them: requests, an
       continue;
     }
     ++admitted;
+    CHECK(r.json().at("usage").at("total_tokens").as_int64() == 17);
     used += r.json().at("usage").at("total_tokens").as_int64();
   }
-  CHECK(used <= 600);
-  CHECK(admitted >= 10);  // a request reserves well under 60 tokens
-  CHECK(admitted < 64);
+  CHECK(admitted == 20);
+  CHECK(used == 340);
 }
 
 TEST_CASE("a key made or revoked on one replica, or by the CLI, takes effect on the others at once (LISTEN/NOTIFY)",
