@@ -109,12 +109,18 @@ UsageWriter::Stats UsageWriter::stats() const {
 void UsageWriter::run() {
   std::vector<UsageEvent> batch;  // reused so its capacity survives between batches
   bool retrying = false;
+  std::chrono::steady_clock::time_point retry_at;  // while retrying: the store's next try
   std::unique_lock lock(mutex_);
   while (true) {
     if (retrying) {
       // After a failure, wait a full interval even if a flush is requested, so
-      // a broken disk is not hammered in a tight loop.
-      wake_.wait_for(lock, flush_interval_, [&] { return stopping_ || !overflow_.empty(); });
+      // a broken disk is not hammered in a tight loop. Rows past max_queued
+      // meanwhile go to the spill file, without trying the store.
+      wake_.wait_until(lock, retry_at, [&] { return stopping_ || !overflow_.empty(); });
+      if (!stopping_ && std::chrono::steady_clock::now() < retry_at) {
+        spill_overflow(lock);
+        continue;
+      }
     } else {
       wake_.wait_for(lock, flush_interval_, [&] {
         return stopping_ || flush_requested_ || queue_.size() >= max_batch_ || !overflow_.empty();
@@ -167,6 +173,9 @@ void UsageWriter::run() {
       retrying = false;
       depth_.store(queue_.size(), std::memory_order_relaxed);
       flushed_.notify_all();
+      // Spilled rows follow, a few batches at a time, even while new rows keep coming.
+      for (int i = 0; i < 4 && replay_spill(lock); ++i) {
+      }
       continue;  // when stopping, loops until nothing is left
     }
 
@@ -184,7 +193,8 @@ void UsageWriter::run() {
         const std::size_t n = overflow_.size();
         spill_overflow(lock);
         if (overflow_.empty()) {
-          std::fprintf(stderr, "usage writer: the store failed at stop (%s): %zu usage rows kept in %s for the next start\n",
+          std::fprintf(stderr,
+                       "usage writer: the store failed at stop (%s): %zu usage rows kept in %s for the next start\n",
                        error.c_str(), n, spill_->path().c_str());
         }
       }
@@ -199,6 +209,7 @@ void UsageWriter::run() {
     }
     std::fprintf(stderr, "usage writer: writing %zu usage rows failed, will retry: %s\n", queue_.size(), error.c_str());
     retrying = true;
+    retry_at = std::chrono::steady_clock::now() + flush_interval_;
   }
   writer_done_ = true;
   flushed_.notify_all();

@@ -303,8 +303,7 @@ TEST_CASE("rows the store cannot take at stop are kept in the spill file for the
   const std::string spill = db.path() + ".spill";
   {
     auto failures = std::make_shared<std::atomic<int>>(-1);
-    UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures), 20ms, 64, {}, 1000,
-                       spill);
+    UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures), 20ms, 64, {}, 1000, spill);
     for (int i = 0; i < 40; ++i) writer.enqueue(make_event(i));
     writer.stop();
     CHECK(writer.stats().dropped == 0);
@@ -354,4 +353,31 @@ TEST_CASE("a spill line keeps every field of a row, odd text included", "[meteri
   CHECK_FALSE(parse_spill_line(line.substr(0, line.size() / 2)));
   CHECK_FALSE(parse_spill_line("x\t" + line.substr(line.find('\t') + 1)));
   CHECK_FALSE(parse_spill_line(""));
+}
+
+TEST_CASE("spilled rows reach the store while new rows keep coming, and a failing store is not retried per row",
+          "[metering][usage_writer][spill]") {
+  TempDatabase db;
+  const std::string spill = db.path() + ".spill";
+  auto failures = std::make_shared<std::atomic<int>>(-1);
+  auto reader = open_sqlite_store(db.path());
+  UsageWriter writer(std::make_unique<FlakyStore>(open_sqlite_store(db.path()), failures), 200ms, 64, {}, 20, spill);
+  // 500 rows past the bound while the store fails: each goes to the spill file,
+  // and the store is tried about once per interval, not once per row.
+  for (int i = 0; i < 520; ++i) writer.enqueue(make_event(i));
+  CHECK(eventually([&] { return writer.stats().spilled == 500; }));
+  CHECK(writer.stats().failures <= 3);
+
+  failures->store(0);
+  // New rows all along: the queue is never empty for long, the spill drains anyway.
+  for (int i = 0; i < 100 && writer.spill_depth() > 0; ++i) {
+    writer.enqueue(make_event(1000 + i));
+    std::this_thread::sleep_for(10ms);
+  }
+  CHECK(eventually([&] { return writer.spill_depth() == 0; }));
+  writer.stop();
+  CHECK(writer.stats().dropped == 0);
+  CHECK(reader->count_usage_events() == static_cast<std::int64_t>(writer.stats().written));
+  CHECK(writer.stats().replayed ==
+        writer.stats().spilled);  // 500, and a few that came while the queue held the failed rows
 }
