@@ -440,10 +440,12 @@ net::awaitable<std::optional<Reply>> exchange(Upstream& up, Call* tracked, const
 #pragma GCC diagnostic pop
 
 // Asks the upstream to stop a job this call abandons; its answer does not matter.
+// The cancel has its own budget: a call that ran out of its total timeout
+// still gets its job stopped (the client has its answer already).
 net::awaitable<void> cancel_job(Upstream& up, const std::string& id) {
   const std::atomic<bool> never{false};
   BackendError ignored;
-  auto deadline = SteadyClock::now() + std::min(up.config.connect_timeout + kCancelTimeout, up.config.total_timeout);
+  auto deadline = SteadyClock::now() + up.config.connect_timeout + kCancelTimeout;
   co_await exchange(up, nullptr, never, http::verb::post, up.job_path + "/cancel/" + id, "", deadline, ignored);
 }
 
