@@ -174,21 +174,24 @@ T atomicCAS(T* address, T compare, T value) {
   std::atomic_ref<T>(*address).compare_exchange_strong(compare, value);
   return compare;
 }
-template <typename T>
-T atomicMax(T* address, T value) {
+namespace simt::detail {
+// Stores `value` when it beats the current one; returns the old value.
+template <typename T, typename Beats>
+T atomic_replace_if(T* address, T value, Beats beats) {
   std::atomic_ref<T> ref(*address);
   T old = ref.load();
-  while (old < value && !ref.compare_exchange_weak(old, value)) {
+  while (beats(value, old) && !ref.compare_exchange_weak(old, value)) {
   }
   return old;
 }
+}  // namespace simt::detail
+template <typename T>
+T atomicMax(T* address, T value) {
+  return simt::detail::atomic_replace_if(address, value, [](T a, T b) { return b < a; });
+}
 template <typename T>
 T atomicMin(T* address, T value) {
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load();
-  while (value < old && !ref.compare_exchange_weak(old, value)) {
-  }
-  return old;
+  return simt::detail::atomic_replace_if(address, value, [](T a, T b) { return a < b; });
 }
 
 // Half and bfloat16: storage types with CUDA's conversions (round to nearest even).
