@@ -132,14 +132,17 @@ CompletionEvent error_event(ErrorKind kind, std::string message, Usage usage = {
 class LocalBackend final : public Backend {
  public:
   explicit LocalBackend(const LocalBackendConfig& config) : name_(config.name) {
-    if (config.device != "auto" && config.device != "cpu") {
-      throw std::invalid_argument("backend '" + config.name + "': device '" + config.device +
-                                  "' is not available in this build (available: auto, cpu)");
+    std::string why;
+    std::unique_ptr<le::Device> device;
+    try {
+      device = le::make_device(config.device, config.engine.threads, why);
+    } catch (const std::exception& e) {
+      throw std::invalid_argument("backend '" + config.name + "': " + e.what());
     }
+    std::fprintf(stderr, "tollgate: backend '%s': %s\n", config.name.c_str(), why.c_str());
     auto model = le::load_model(config.model_path, config.tokenizer_path);
     if (config.metrics) metrics_ = std::make_unique<EngineMetrics>(*config.metrics, config.name);
-    engine_ = std::make_unique<le::Engine>(std::move(model), config.engine, le::make_cpu_device(config.engine.threads),
-                                           metrics_.get());
+    engine_ = std::make_unique<le::Engine>(std::move(model), config.engine, std::move(device), metrics_.get());
     chat_format_ = le::detect_chat_format(engine_->model().vocab.chat_template);
   }
 
@@ -279,8 +282,8 @@ std::shared_ptr<const BackendSpec> parse_local(const ConfigReader& r, const YAML
   if (auto n = node["prefix_caching"]) c.engine.prefix_caching = r.boolean(n, child_path(path, "prefix_caching"));
   if (auto n = node["device"]) {
     c.device = r.string(n, child_path(path, "device"));
-    if (c.device != "auto" && c.device != "cpu" && c.device != "cuda") {
-      r.fail(child_path(path, "device"), "expected auto, cpu or cuda, got '" + c.device + "'");
+    if (c.device != "auto" && c.device != "cpu" && c.device != "cuda" && c.device != "cuda-emulated") {
+      r.fail(child_path(path, "device"), "expected auto, cpu, cuda or cuda-emulated, got '" + c.device + "'");
     }
   }
   std::pair<const char*, std::int64_t*> counts[] = {{"max_num_seqs", &c.engine.max_num_seqs},

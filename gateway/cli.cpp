@@ -41,7 +41,10 @@ usage:
   tollgate usage [--user NAME] [--since DATE] [--by-day] [--by-model] [--json] [--db FILE]
   tollgate generate --model FILE [--tokenizer FILE] [--prompt TEXT] [--max-tokens N]
                     [--temperature T] [--top-p P] [--top-k K] [--seed S] [--ids]
-  tollgate model info FILE         architecture, sizes and tensor types of a model file
+                    [--device auto|cpu|cuda|cuda-emulated]
+  tollgate model info FILE [--device D]
+                                   architecture, sizes and tensor types of a model file,
+                                   and the device that would run it
   tollgate model init [--out FILE] [--preset demo|bench-100m|bench-1b] [--type f32|f16|bf16|q8_0|q4_0] [--seed S]
                                    write a random-weight GGUF (for demos and benchmarks)
   tollgate migrate --from FILE.db --to postgresql://...
@@ -309,8 +312,12 @@ int generate(Args& args) {
   auto seed = args.number("seed");
   sampling.seed = seed ? static_cast<std::uint64_t>(*seed) : std::random_device{}();
   bool print_ids = args.flag("ids");
+  auto device_name = args.take("device").value_or("auto");
   args.finish();
 
+  std::string why;
+  auto device = le::make_device(device_name, 0, why);
+  std::fprintf(stderr, "tollgate: %s\n", why.c_str());
   auto model = le::load_model(*model_path, tokenizer_path);
   le::Tokenizer tokenizer(model.vocab);
   le::GenerationRequest request;
@@ -323,7 +330,7 @@ int generate(Args& args) {
   // a wall: past it the engine warns.
   // --max-tokens 0: until EOS, within the engine's default length.
   if (max_tokens > 0) config.max_model_len = static_cast<std::int64_t>(request.prompt.size()) + max_tokens + 1;
-  le::Engine engine(std::move(model), config, le::make_cpu_device());
+  le::Engine engine(std::move(model), config, std::move(device));
 
   std::mutex mutex;
   std::condition_variable finished;
@@ -362,9 +369,13 @@ int generate(Args& args) {
 
 int model_command(const std::string& sub, Args& args) {
   if (sub == "info") {
+    auto device_name = args.take("device").value_or("auto");
     args.finish();
     if (args.positionals().size() != 1) throw UsageError("model info needs exactly one FILE");
     std::cout << le::describe_model_file(args.positionals()[0]);
+    std::string why;
+    auto device = le::make_device(device_name, 0, why);
+    std::cout << "device: " << device->name() << "  (" << why << ")\n";
     return 0;
   }
   if (sub == "init") {

@@ -39,6 +39,40 @@ std::string device_name() {
   return prop.name;
 }
 
+DeviceInfo device_info() {
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  DeviceInfo info;
+  info.name = prop.name;
+  info.major = prop.major;
+  info.minor = prop.minor;
+  info.multiprocessors = prop.multiProcessorCount;
+  info.total_memory = prop.totalGlobalMem;
+  int clock_khz = 0, bus_bits = 0;
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, 0) == cudaSuccess &&
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, 0) == cudaSuccess) {
+    // Double data rate: two transfers a clock.
+    info.peak_bandwidth = 2.0 * clock_khz * 1e3 * (bus_bits / 8.0);
+  }
+  cudaGetLastError();
+  return info;
+}
+
+bool memory_info(std::size_t& free, std::size_t& total) {
+  check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return true;
+}
+
+cudaStream_t create_stream() {
+  cudaStream_t stream = nullptr;
+  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  return stream;
+}
+
+void destroy_stream(cudaStream_t stream) {
+  if (stream != nullptr) cudaStreamDestroy(stream);
+}
+
 void* device_alloc(std::size_t bytes) {
   void* p = nullptr;
   check(cudaMalloc(&p, bytes == 0 ? 1 : bytes), "cudaMalloc");
@@ -51,6 +85,10 @@ void copy_to_device(void* dst, const void* src, std::size_t bytes, cudaStream_t 
 void copy_to_host(void* dst, const void* src, std::size_t bytes, cudaStream_t stream) {
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
 }
+void copy_on_device(void* dst, const void* src, std::size_t bytes, cudaStream_t stream) {
+  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream), "cudaMemcpyAsync");
+}
+
 void synchronize(cudaStream_t stream) {
   check(cudaGetLastError(), "a kernel launch");
   check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");

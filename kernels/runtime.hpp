@@ -16,10 +16,24 @@ TG_KERNEL_API(
     // device, a device too old for the compiled architectures ...).
     bool device_available(std::string& why))
 TG_KERNEL_API(std::string device_name())
+// What the bench reports against: the device's size and peak memory bandwidth.
+struct DeviceInfo {
+  std::string name;
+  int major = 0, minor = 0;  // compute capability
+  int multiprocessors = 0;
+  std::size_t total_memory = 0;
+  double peak_bandwidth = 0;  // bytes/s, from the memory clock and bus width; 0 when unknown
+};
+TG_KERNEL_API(DeviceInfo device_info())
+// Free and total device memory; false for the emulation (host memory).
+TG_KERNEL_API(bool memory_info(std::size_t& free, std::size_t& total))
+TG_KERNEL_API(cudaStream_t create_stream())
+TG_KERNEL_API(void destroy_stream(cudaStream_t stream))
 TG_KERNEL_API(void* device_alloc(std::size_t bytes))  // throws std::runtime_error when out of memory
 TG_KERNEL_API(void device_free(void* p))
 TG_KERNEL_API(void copy_to_device(void* dst, const void* src, std::size_t bytes, cudaStream_t stream))
 TG_KERNEL_API(void copy_to_host(void* dst, const void* src, std::size_t bytes, cudaStream_t stream))
+TG_KERNEL_API(void copy_on_device(void* dst, const void* src, std::size_t bytes, cudaStream_t stream))
 TG_KERNEL_API(void synchronize(cudaStream_t stream))  // throws std::runtime_error on a kernel's failure
 
 }  // namespace tollgate::kernels

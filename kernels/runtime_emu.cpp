@@ -15,6 +15,13 @@ void* device_alloc(std::size_t bytes) {
   return p;
 }
 void device_free(void* p) { std::free(p); }
+DeviceInfo device_info() { return {device_name(), 0, 0, 1, 0, 0}; }
+bool memory_info(std::size_t&, std::size_t&) { return false; }
+cudaStream_t create_stream() { return nullptr; }
+void destroy_stream(cudaStream_t) {}
+void copy_on_device(void* dst, const void* src, std::size_t bytes, cudaStream_t) {
+  if (bytes) std::memmove(dst, src, bytes);
+}
 void copy_to_device(void* dst, const void* src, std::size_t bytes, cudaStream_t) {
   if (bytes) std::memcpy(dst, src, bytes);
 }

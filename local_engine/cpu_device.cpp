@@ -1,8 +1,10 @@
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "local_engine/cpu_ops.hpp"
 #include "local_engine/device.hpp"
+#include "local_engine/sampler.hpp"
 #include "local_engine/thread_pool.hpp"
 
 namespace tollgate::local_engine {
@@ -17,11 +19,22 @@ class CpuDevice final : public Device {
   }
   bool supports(DType) const override { return true; }
 
+  // Host memory all the way: nothing is copied.
+  std::optional<std::size_t> free_memory() const override { return std::nullopt; }
+  DeviceBuffer allocate(std::size_t bytes) override { return host_buffer(bytes); }
+  Tensor upload(const Tensor& host) override { return host; }
+  float* read(float* src, std::int64_t, std::vector<float>&) override { return src; }
+
+  void begin_step(const StepInputs& step, const KvCache& cache) override {
+    step_ = step;
+    collect_slots(cache, step.attention);
+  }
+
   void matmul(const Tensor& w, const float* x, std::int64_t n, float* y) override { cpu::matmul(pool_, w, x, n, y); }
 
-  void embed(const Tensor& table, std::span<const std::int32_t> tokens, float* out) override {
-    for (std::size_t i = 0; i < tokens.size(); ++i) {
-      cpu::dequantize_row(table, tokens[i], out + static_cast<std::int64_t>(i) * table.cols);
+  void embed(const Tensor& table, float* out) override {
+    for (std::size_t i = 0; i < step_.tokens.size(); ++i) {
+      cpu::dequantize_row(table, step_.tokens[i], out + static_cast<std::int64_t>(i) * table.cols);
     }
   }
 
@@ -35,8 +48,8 @@ class CpuDevice final : public Device {
     });
   }
 
-  void rope(float* q, float* k, std::span<const std::int64_t> positions, const AttentionShape& shape,
-            float theta) override {
+  void rope(float* q, float* k, const AttentionShape& shape, float theta) override {
+    const auto positions = step_.positions;
     auto q_dim = shape.n_heads * shape.head_dim;
     auto k_dim = shape.n_kv_heads * shape.head_dim;
     pool_.parallel_for(static_cast<std::int64_t>(positions.size()), [&](std::int64_t begin, std::int64_t end) {
@@ -48,8 +61,8 @@ class CpuDevice final : public Device {
     });
   }
 
-  void store_kv(KvCache& cache, std::int64_t layer, const float* k, const float* v,
-                std::span<const std::int64_t> slots) override {
+  void store_kv(KvCache& cache, std::int64_t layer, const float* k, const float* v) override {
+    const auto slots = step_.slots;
     auto d = cache.kv_dim();
     for (std::size_t t = 0; t < slots.size(); ++t) {
       auto i = static_cast<std::int64_t>(t);
@@ -58,12 +71,12 @@ class CpuDevice final : public Device {
     }
   }
 
-  void attention(const KvCache& cache, std::int64_t layer, const float* q, std::span<const AttentionToken> tokens,
-                 const AttentionShape& shape, float* out) override {
+  void attention(const KvCache& cache, std::int64_t layer, const float* q, const AttentionShape& shape,
+                 float* out) override {
+    const auto tokens = step_.attention;
     const auto hd = shape.head_dim;
     const auto group = shape.n_heads / shape.n_kv_heads;
     const float inv_sqrt = 1.0f / std::sqrt(static_cast<float>(hd));
-    collect_slots(cache, tokens);
     const std::int64_t* slots = slots_.data();
     const float* keys = cache.key(layer, 0);
     const float* values = cache.value(layer, 0);
@@ -99,6 +112,20 @@ class CpuDevice final : public Device {
                 [&](std::int64_t begin, std::int64_t end) { cpu::add(y + begin, x + begin, end - begin); });
   }
 
+  void gather_sample_rows(float* x, std::int64_t dim) override {
+    std::int64_t row = 0;
+    for (auto t : step_.sample_rows) {
+      if (t != row) std::memcpy(x + row * dim, x + t * dim, static_cast<std::size_t>(dim) * sizeof(float));
+      ++row;
+    }
+  }
+
+  void argmax(const float* logits, std::int64_t rows, std::int64_t vocab, std::int32_t* ids) override {
+    for (std::int64_t r = 0; r < rows; ++r) {
+      ids[r] = local_engine::argmax(logits + r * vocab, static_cast<std::int32_t>(vocab));
+    }
+  }
+
  private:
   // fn(begin, end) over [0, count) in pieces of at least `grain` elements.
   template <typename Fn>
@@ -130,6 +157,7 @@ class CpuDevice final : public Device {
   }
 
   ThreadPool pool_;
+  StepInputs step_;
   // Reused across calls: they only grow, so a warm engine does not allocate.
   std::vector<std::int64_t> slots_;
   std::vector<std::size_t> slot_begin_;

@@ -98,7 +98,8 @@ struct Engine::State {
   State(const Model& model, const EngineConfig& config, Device& device, std::int64_t max_len, std::int64_t blocks)
       : max_model_len(max_len),
         allocator(blocks, config.block_size, config.prefix_caching),
-        cache(model.params.n_layers, blocks, config.block_size, model.params.n_kv_heads * model.params.head_dim()),
+        cache(model.params.n_layers, blocks, config.block_size, model.params.n_kv_heads * model.params.head_dim(),
+              [&device](std::size_t bytes) { return device.allocate(bytes); }),
         scheduler({config.max_num_seqs, config.max_num_batched_tokens}, allocator),
         forward(model, device, cache, std::max(config.max_num_batched_tokens, config.max_num_seqs)) {
     batch.reserve(static_cast<std::size_t>(config.max_num_batched_tokens));
@@ -112,6 +113,34 @@ struct Engine::State {
   std::map<std::uint64_t, std::unique_ptr<Live>> live;
   std::vector<BatchToken> batch;
 };
+
+namespace {
+
+std::string gib(std::size_t bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.2f GiB", static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0));
+  return text;
+}
+
+// A model the device cannot hold is refused before anything is uploaded.
+void check_fits(const Model& model, const EngineConfig& config, Device& device) {
+  const auto free = device.free_memory();
+  if (!free) return;
+  const auto& p = model.params;
+  const auto weights = ForwardPass::weight_bytes(model);
+  const auto kv = static_cast<std::size_t>(config.kv_cache_bytes);
+  const auto tokens = static_cast<std::size_t>(std::max(config.max_num_batched_tokens, config.max_num_seqs));
+  const auto activations =
+      tokens * sizeof(float) *
+      static_cast<std::size_t>(5 * p.dim + 2 * p.n_kv_heads * p.head_dim() + 2 * p.hidden_dim + p.vocab_size);
+  if (weights + kv + activations > *free) {
+    throw ModelError(model.name + " does not fit on " + device.name() + ": weights " + gib(weights) + ", KV cache " +
+                     gib(kv) + ", activations " + gib(activations) + "; " + gib(*free) +
+                     " free (lower kv_cache_bytes, max_model_len or max_num_seqs, or use a smaller model)");
+  }
+}
+
+}  // namespace
 
 Engine::Engine(Model model, EngineConfig config, std::unique_ptr<Device> device, EngineObserver* observer)
     : model_(std::move(model)),
@@ -136,6 +165,7 @@ Engine::Engine(Model model, EngineConfig config, std::unique_ptr<Device> device,
   }
   const auto blocks = resolved_kv_blocks(model_, config_, max_len);
   config_.kv_cache_bytes = blocks * KvCache::block_bytes(p.n_layers, config_.block_size, p.n_kv_heads * p.head_dim());
+  check_fits(model_, config_, *device_);
   state_ = std::make_unique<State>(model_, config_, *device_, max_len, blocks);
   thread_ = std::thread([this] { run(); });
 }
@@ -269,7 +299,14 @@ void Engine::step() {
           {live.tokens[static_cast<std::size_t>(i)], i, &live.blocks, c.samples && i == c.start + c.count - 1});
     }
   }
-  std::span<float> logits = s.forward.run(s.batch);
+  // When every sampling sequence is plainly greedy and wants no logprobs,
+  // the device picks the tokens and only their ids come back.
+  bool ids_only = true;
+  for (const auto& c : out.chunks) {
+    const auto& live = static_cast<const Live&>(*c.request);
+    if (c.samples && (live.logprobs >= 0 || !live.sampler.params().plain_greedy())) ids_only = false;
+  }
+  StepOutput result = s.forward.run(s.batch, ids_only);
   s.scheduler.update_from_output(out);
 
   const auto vocab = static_cast<std::int32_t>(model_.params.vocab_size);
@@ -277,7 +314,11 @@ void Engine::step() {
   for (const auto& c : out.chunks) {
     if (!c.samples) continue;
     auto& live = static_cast<Live&>(*c.request);
-    float* l = logits.data() + row++ * static_cast<std::size_t>(vocab);
+    if (ids_only) {
+      emit_token(live, result.ids[row++]);
+      continue;
+    }
+    float* l = result.logits.data() + row++ * static_cast<std::size_t>(vocab);
     if (live.logprobs >= 0) live.raw_logits.assign(l, l + vocab);
     emit_token(live, live.sampler.sample(l, vocab));
   }

@@ -1,33 +1,70 @@
 #include "local_engine/forward.hpp"
 
-#include <cstring>
 #include <stdexcept>
 #include <string>
 
 namespace tollgate::local_engine {
 
+namespace {
+
+template <typename Fn>
+void for_each_weight(const Model& model, Fn&& fn) {
+  fn(model.token_embedding);
+  fn(model.output_norm);
+  if (model.output.data != model.token_embedding.data) fn(model.output);
+  for (const auto& l : model.layers) {
+    for (const Tensor* t : {&l.attn_norm, &l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_norm, &l.w_gate, &l.w_down, &l.w_up}) {
+      fn(*t);
+    }
+  }
+}
+
+}  // namespace
+
+std::size_t ForwardPass::weight_bytes(const Model& model) {
+  std::size_t bytes = 0;
+  for_each_weight(model, [&](const Tensor& t) { bytes += t.bytes(); });
+  return bytes;
+}
+
 ForwardPass::ForwardPass(const Model& model, Device& device, KvCache& cache, std::int64_t max_tokens)
     : model_(model), device_(device), cache_(cache), max_tokens_(max_tokens) {
   const auto& p = model.params;
   shape_ = {p.n_heads, p.n_kv_heads, p.head_dim()};
+
+  token_embedding_ = device.upload(model.token_embedding);
+  output_norm_ = device.upload(model.output_norm);
+  // A tied classifier is the embedding itself: uploaded once.
+  output_ = model.output.data == model.token_embedding.data ? token_embedding_ : device.upload(model.output);
+  for (const auto& w : model.layers) {
+    layers_.push_back({device.upload(w.attn_norm), device.upload(w.wq), device.upload(w.wk), device.upload(w.wv),
+                       device.upload(w.wo), device.upload(w.ffn_norm), device.upload(w.w_gate),
+                       device.upload(w.w_down), device.upload(w.w_up)});
+  }
+
+  auto floats = [&](std::int64_t per_token) {
+    return device.allocate(static_cast<std::size_t>(max_tokens * per_token) * sizeof(float));
+  };
+  const auto kv_dim = p.n_kv_heads * p.head_dim();
+  x_ = floats(p.dim);
+  xb_ = floats(p.dim);
+  q_ = floats(p.dim);
+  k_ = floats(kv_dim);
+  v_ = floats(kv_dim);
+  att_ = floats(p.dim);
+  gate_ = floats(p.hidden_dim);
+  up_ = floats(p.hidden_dim);
+  logits_ = floats(p.vocab_size);
   auto n = static_cast<std::size_t>(max_tokens);
-  auto kv_dim = static_cast<std::size_t>(p.n_kv_heads * p.head_dim());
-  x_.resize(n * p.dim);
-  xb_.resize(n * p.dim);
-  q_.resize(n * p.dim);
-  k_.resize(n * kv_dim);
-  v_.resize(n * kv_dim);
-  att_.resize(n * p.dim);
-  gate_.resize(n * p.hidden_dim);
-  up_.resize(n * p.hidden_dim);
-  logits_.resize(n * p.vocab_size);
   ids_.reserve(n);
+  sampled_.resize(n);
   positions_.reserve(n);
   slots_.reserve(n);
+  sample_rows_.reserve(n);
   attention_tokens_.reserve(n);
 }
 
-std::span<float> ForwardPass::run(std::span<const BatchToken> batch) {
+StepOutput ForwardPass::run(std::span<const BatchToken> batch, bool ids_only) {
   const auto& p = model_.params;
   const auto n = static_cast<std::int64_t>(batch.size());
   if (n <= 0 || n > max_tokens_) {
@@ -40,48 +77,62 @@ std::span<float> ForwardPass::run(std::span<const BatchToken> batch) {
   ids_.clear();
   positions_.clear();
   slots_.clear();
+  sample_rows_.clear();
   attention_tokens_.clear();
-  for (const auto& t : batch) {
-    ids_.push_back(t.token);
-    positions_.push_back(t.pos);
-    slots_.push_back(cache_.slot(*t.table, t.pos));
-    attention_tokens_.push_back({t.pos, t.table});
+  for (std::int64_t t = 0; t < n; ++t) {
+    const auto& token = batch[static_cast<std::size_t>(t)];
+    ids_.push_back(token.token);
+    positions_.push_back(token.pos);
+    slots_.push_back(cache_.slot(*token.table, token.pos));
+    attention_tokens_.push_back({token.pos, token.table});
+    if (token.wants_logits) sample_rows_.push_back(t);
   }
+  device_.begin_step({ids_, positions_, slots_, attention_tokens_, sample_rows_}, cache_);
 
-  device_.embed(model_.token_embedding, ids_, x_.data());
-  for (std::int64_t l = 0; l < p.n_layers; ++l) {
-    const auto& w = model_.layers[static_cast<std::size_t>(l)];
-    device_.rmsnorm(x_.data(), w.attn_norm, n, p.rms_eps, xb_.data());
-    device_.matmul(w.wq, xb_.data(), n, q_.data());
-    device_.matmul(w.wk, xb_.data(), n, k_.data());
-    device_.matmul(w.wv, xb_.data(), n, v_.data());
-    device_.rope(q_.data(), k_.data(), positions_, shape_, p.rope_theta);
+  auto* x = x_.as<float>();
+  auto* xb = xb_.as<float>();
+  auto* q = q_.as<float>();
+  auto* k = k_.as<float>();
+  auto* v = v_.as<float>();
+  auto* att = att_.as<float>();
+  auto* gate = gate_.as<float>();
+  auto* up = up_.as<float>();
+  device_.embed(token_embedding_, x);
+  for (const auto& w : layers_) {
+    const auto l = &w - layers_.data();
+    device_.rmsnorm(x, w.attn_norm, n, p.rms_eps, xb);
+    device_.matmul(w.wq, xb, n, q);
+    device_.matmul(w.wk, xb, n, k);
+    device_.matmul(w.wv, xb, n, v);
+    device_.rope(q, k, shape_, p.rope_theta);
     // All of the step's keys and values go in first, so a prefill chunk's
     // tokens attend to each other (causally, by position).
-    device_.store_kv(cache_, l, k_.data(), v_.data(), slots_);
-    device_.attention(cache_, l, q_.data(), attention_tokens_, shape_, att_.data());
-    device_.matmul(w.wo, att_.data(), n, xb_.data());
-    device_.add(x_.data(), xb_.data(), n * dim);
+    device_.store_kv(cache_, l, k, v);
+    device_.attention(cache_, l, q, shape_, att);
+    device_.matmul(w.wo, att, n, xb);
+    device_.add(x, xb, n * dim);
 
-    device_.rmsnorm(x_.data(), w.ffn_norm, n, p.rms_eps, xb_.data());
-    device_.matmul(w.w_gate, xb_.data(), n, gate_.data());
-    device_.matmul(w.w_up, xb_.data(), n, up_.data());
-    device_.silu_mul(gate_.data(), up_.data(), n * p.hidden_dim);
-    device_.matmul(w.w_down, gate_.data(), n, xb_.data());
-    device_.add(x_.data(), xb_.data(), n * dim);
+    device_.rmsnorm(x, w.ffn_norm, n, p.rms_eps, xb);
+    device_.matmul(w.w_gate, xb, n, gate);
+    device_.matmul(w.w_up, xb, n, up);
+    device_.silu_mul(gate, up, n * p.hidden_dim);
+    device_.matmul(w.w_down, gate, n, xb);
+    device_.add(x, xb, n * dim);
   }
 
   // Only the tokens that sample need the classifier: gather their rows.
-  std::int64_t rows = 0;
-  for (std::int64_t t = 0; t < n; ++t) {
-    if (!batch[static_cast<std::size_t>(t)].wants_logits) continue;
-    if (rows != t) std::memcpy(&x_[rows * dim], &x_[t * dim], static_cast<std::size_t>(dim) * sizeof(float));
-    ++rows;
-  }
+  const auto rows = static_cast<std::int64_t>(sample_rows_.size());
   if (rows == 0) return {};
-  device_.rmsnorm(x_.data(), model_.output_norm, rows, p.rms_eps, xb_.data());
-  device_.matmul(model_.output, xb_.data(), rows, logits_.data());
-  return {logits_.data(), static_cast<std::size_t>(rows * p.vocab_size)};
+  device_.gather_sample_rows(x, dim);
+  device_.rmsnorm(x, output_norm_, rows, p.rms_eps, xb);
+  auto* logits = logits_.as<float>();
+  device_.matmul(output_, xb, rows, logits);
+  if (ids_only) {
+    device_.argmax(logits, rows, p.vocab_size, sampled_.data());
+    return {{}, {sampled_.data(), static_cast<std::size_t>(rows)}};
+  }
+  const auto count = rows * p.vocab_size;
+  return {{device_.read(logits, count, staging_), static_cast<std::size_t>(count)}, {}};
 }
 
 }  // namespace tollgate::local_engine

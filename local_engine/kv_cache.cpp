@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <bit>
 #include <cassert>
+#include <cstdlib>
+#include <new>
 
 namespace tollgate::local_engine {
 namespace {
@@ -198,11 +200,20 @@ void KvBlockAllocator::erase(std::uint64_t hash) {
   table_blocks_[i] = kNone;
 }
 
-KvCache::KvCache(std::int64_t n_layers, std::int64_t num_blocks, std::int64_t block_size, std::int64_t kv_dim)
+KvCache::KvCache(std::int64_t n_layers, std::int64_t num_blocks, std::int64_t block_size, std::int64_t kv_dim,
+                 const Allocate& allocate)
     : block_size_(block_size),
       slots_(num_blocks * block_size),
       kv_dim_(kv_dim),
-      keys_(new float[static_cast<std::size_t>(n_layers * slots_ * kv_dim)]),
-      values_(new float[static_cast<std::size_t>(n_layers * slots_ * kv_dim)]) {}
+      keys_(allocate(static_cast<std::size_t>(n_layers * slots_ * kv_dim) * sizeof(float))),
+      values_(allocate(static_cast<std::size_t>(n_layers * slots_ * kv_dim) * sizeof(float))) {}
+
+DeviceBuffer host_buffer(std::size_t bytes) {
+  constexpr std::size_t kAlign = 64;
+  const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + kAlign - 1) / kAlign * kAlign;
+  void* p = std::aligned_alloc(kAlign, rounded);
+  if (p == nullptr) throw std::bad_alloc();
+  return {p, bytes, [](void* q) { std::free(q); }};
+}
 
 }  // namespace tollgate::local_engine

@@ -3,9 +3,11 @@
 #pragma once
 
 #include <cstdint>
-#include <memory>
+#include <functional>
 #include <optional>
 #include <vector>
+
+#include "local_engine/device_buffer.hpp"
 
 namespace tollgate::local_engine {
 
@@ -84,20 +86,26 @@ class KvBlockAllocator {
   std::vector<std::int32_t> table_blocks_;
 };
 
-// The storage: per layer, one key and one value vector (kv_dim floats) per slot.
+// The storage: per layer, one key and one value vector (kv_dim floats) per
+// slot, in memory of the device that computes on it (`allocate`, e.g.
+// Device::allocate; host memory by default). Not zeroed: a slot is read only
+// after its position was written, and untouched host pages cost no memory.
 class KvCache {
  public:
-  KvCache(std::int64_t n_layers, std::int64_t num_blocks, std::int64_t block_size, std::int64_t kv_dim);
+  using Allocate = std::function<DeviceBuffer(std::size_t bytes)>;
+  KvCache(std::int64_t n_layers, std::int64_t num_blocks, std::int64_t block_size, std::int64_t kv_dim,
+          const Allocate& allocate = host_buffer);
 
   // A physical slot index: block * block_size + offset.
   std::int64_t slot(const KvBlockTable& table, std::int64_t pos) const {
     return static_cast<std::int64_t>(table.blocks[static_cast<std::size_t>(pos / block_size_)]) * block_size_ +
            pos % block_size_;
   }
-  float* key(std::int64_t layer, std::int64_t slot) { return &keys_[index(layer, slot)]; }
-  float* value(std::int64_t layer, std::int64_t slot) { return &values_[index(layer, slot)]; }
-  const float* key(std::int64_t layer, std::int64_t slot) const { return &keys_[index(layer, slot)]; }
-  const float* value(std::int64_t layer, std::int64_t slot) const { return &values_[index(layer, slot)]; }
+  // Addresses in the device's memory: dereference them only on the host device.
+  float* key(std::int64_t layer, std::int64_t slot) { return keys_.as<float>() + index(layer, slot); }
+  float* value(std::int64_t layer, std::int64_t slot) { return values_.as<float>() + index(layer, slot); }
+  const float* key(std::int64_t layer, std::int64_t slot) const { return keys_.as<float>() + index(layer, slot); }
+  const float* value(std::int64_t layer, std::int64_t slot) const { return values_.as<float>() + index(layer, slot); }
   std::int64_t block_size() const { return block_size_; }
   std::int64_t kv_dim() const { return kv_dim_; }
 
@@ -113,10 +121,8 @@ class KvCache {
   std::int64_t block_size_;
   std::int64_t slots_;
   std::int64_t kv_dim_;
-  // Not zeroed: a slot is read only after its position was written, and
-  // untouched pages cost no memory.
-  std::unique_ptr<float[]> keys_;
-  std::unique_ptr<float[]> values_;
+  DeviceBuffer keys_;
+  DeviceBuffer values_;
 };
 
 }  // namespace tollgate::local_engine

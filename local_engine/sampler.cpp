@@ -7,13 +7,9 @@
 
 namespace tollgate::local_engine {
 
-namespace {
-
-// The largest logit's id, the lowest id on ties, so the choice never depends
-// on the scan order; NaNs never win. The maximum first, in eight independent
-// lanes, then its first position: std::max_element's one compare chain
-// through memory took several cycles a logit, the largest single-threaded
-// cost of a batched step.
+// The maximum first, in eight independent lanes, then its first position:
+// std::max_element's one compare chain through memory took several cycles a
+// logit, the largest single-threaded cost of a batched step.
 std::int32_t argmax(const float* logits, std::int32_t vocab) {
   constexpr int kLanes = 8;
   float lanes[kLanes];
@@ -29,8 +25,6 @@ std::int32_t argmax(const float* logits, std::int32_t vocab) {
   }
   return 0;
 }
-
-}  // namespace
 
 Sampler::Sampler(SamplingParams params, const std::vector<std::int32_t>& prompt)
     : params_(params), rng_(params.seed), seen_(prompt) {}

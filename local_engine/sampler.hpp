@@ -21,6 +21,11 @@ struct SamplingParams {
   float repetition_penalty = 1.0f;  // llama.cpp's, over prompt and generated tokens
   std::uint64_t seed = 0;
   bool greedy() const { return temperature <= 0.0f; }
+  // Greedy with nothing that changes logits first: the token is the raw
+  // logits' argmax, which a device can pick without sending the logits back.
+  bool plain_greedy() const {
+    return greedy() && presence_penalty == 0.0f && frequency_penalty == 0.0f && repetition_penalty == 1.0f;
+  }
 };
 
 // One request's sampler. Its random stream belongs to the request, so the
@@ -33,6 +38,7 @@ class Sampler {
   std::int32_t sample(float* logits, std::int32_t vocab);
   // Records a generated token for the penalties.
   void accept(std::int32_t token);
+  const SamplingParams& params() const { return params_; }
 
  private:
   void apply_penalties(float* logits, std::int32_t vocab);
@@ -56,6 +62,10 @@ struct TokenLogprobs {
 };
 
 // The log-softmax of `logits` at `chosen`, and the `top` most likely tokens.
+// The largest logit's id, the lowest id on ties, so the choice never depends
+// on the scan order; NaNs never win.
+std::int32_t argmax(const float* logits, std::int32_t vocab);
+
 TokenLogprobs token_logprobs(const float* logits, std::int32_t vocab, std::int32_t chosen, std::int32_t top);
 
 // Finds stop sequences in streamed text, across token boundaries: text that

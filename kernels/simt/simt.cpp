@@ -38,10 +38,82 @@ constexpr std::size_t kStackBytes = 128 * 1024;
 #endif
 constexpr int kMaxThreadsPerBlock = 1024;
 
+// Switching fibers: on x86-64 and arm64 a few instructions that save the
+// callee-saved registers on the old stack and restore them from the new one
+// (swapcontext also saves the signal mask: a system call each way, which made
+// it the emulation's largest cost); ucontext elsewhere.
+#if defined(__x86_64__) || defined(__aarch64__)
+#define SIMT_FAST_SWITCH 1
+extern "C" void simt_switch_stack(void** save_sp, void* load_sp);
+#if defined(__x86_64__)
+asm(R"(
+  .text
+  .globl simt_switch_stack
+  .type simt_switch_stack, @function
+simt_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size simt_switch_stack, .-simt_switch_stack
+)");
+constexpr std::size_t kSavedWords = 6;  // below the return address
+#else
+asm(R"(
+  .text
+  .globl simt_switch_stack
+  .type simt_switch_stack, %function
+simt_switch_stack:
+  sub sp, sp, #160
+  stp x19, x20, [sp, #0]
+  stp x21, x22, [sp, #16]
+  stp x23, x24, [sp, #32]
+  stp x25, x26, [sp, #48]
+  stp x27, x28, [sp, #64]
+  stp x29, x30, [sp, #80]
+  stp d8, d9, [sp, #96]
+  stp d10, d11, [sp, #112]
+  stp d12, d13, [sp, #128]
+  stp d14, d15, [sp, #144]
+  mov x2, sp
+  str x2, [x0]
+  mov sp, x1
+  ldp x19, x20, [sp, #0]
+  ldp x21, x22, [sp, #16]
+  ldp x23, x24, [sp, #32]
+  ldp x25, x26, [sp, #48]
+  ldp x27, x28, [sp, #64]
+  ldp x29, x30, [sp, #80]
+  ldp d8, d9, [sp, #96]
+  ldp d10, d11, [sp, #112]
+  ldp d12, d13, [sp, #128]
+  ldp d14, d15, [sp, #144]
+  add sp, sp, #160
+  ret
+  .size simt_switch_stack, .-simt_switch_stack
+)");
+#endif
+#endif
+
 enum class State { runnable, block_barrier, warp_barrier, done };
 
 struct Fiber {
+#ifdef SIMT_FAST_SWITCH
+  void* sp = nullptr;
+#else
   ucontext_t context{};
+#endif
   void* stack = nullptr;  // the usable part, above the guard page
   dim3 thread_idx;
   int linear = 0;
@@ -53,6 +125,39 @@ struct Warp {
   std::uint64_t slots[kWarpSize] = {};
 };
 
+// The stacks of a launching host thread, mapped once (guard pages and all)
+// and reused by every later launch on it.
+class Stacks {
+ public:
+  ~Stacks() {
+    if (mapping_ != nullptr) munmap(mapping_, count_ * (kStackBytes + page_));
+  }
+  char* stack(std::size_t i) { return mapping_ + i * (kStackBytes + page_) + page_; }
+  void reserve(std::size_t count) {
+    if (count <= count_) return;
+    if (mapping_ != nullptr) munmap(mapping_, count_ * (kStackBytes + page_));
+    mapping_ = nullptr;
+    count_ = 0;
+    page_ = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    void* mapping = mmap(nullptr, count * (kStackBytes + page_), PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mapping == MAP_FAILED) throw std::bad_alloc();
+    mapping_ = static_cast<char*>(mapping);
+    count_ = count;
+    for (std::size_t i = 0; i < count; ++i) mprotect(mapping_ + i * (kStackBytes + page_), page_, PROT_NONE);
+  }
+
+ private:
+  char* mapping_ = nullptr;
+  std::size_t count_ = 0;
+  std::size_t page_ = 4096;
+};
+
+thread_local Stacks stacks;
+
+class Block;
+thread_local Block* running = nullptr;
+
 class Block {
  public:
   Block(dim3 grid, dim3 block, std::size_t shared_bytes)
@@ -61,25 +166,18 @@ class Block {
     if (threads == 0 || threads > kMaxThreadsPerBlock) {
       throw std::invalid_argument("simt: a block of " + std::to_string(threads) + " threads (1 to 1024)");
     }
-    page_ = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
     fibers_.resize(threads);
     warps_.resize((threads + kWarpSize - 1) / kWarpSize);
-    mapping_bytes_ = threads * (kStackBytes + page_);
-    void* mapping = mmap(nullptr, mapping_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                         -1, 0);
-    if (mapping == MAP_FAILED) throw std::bad_alloc();
-    mapping_ = static_cast<char*>(mapping);
+    // Always room for a full block: a later, larger launch does not remap.
+    stacks.reserve(kMaxThreadsPerBlock / 4 > threads ? kMaxThreadsPerBlock / 4 : threads);
     for (std::size_t i = 0; i < threads; ++i) {
-      char* base = mapping_ + i * (kStackBytes + page_);
-      mprotect(base, page_, PROT_NONE);
       auto& f = fibers_[i];
-      f.stack = base + page_;
+      f.stack = stacks.stack(i);
       f.linear = static_cast<int>(i);
       f.thread_idx = dim3(static_cast<unsigned>(i % block.x), static_cast<unsigned>(i / block.x % block.y),
                           static_cast<unsigned>(i / (std::size_t{block.x} * block.y)));
     }
   }
-  ~Block() { munmap(mapping_, mapping_bytes_); }
   Block(const Block&) = delete;
   Block& operator=(const Block&) = delete;
 
@@ -117,8 +215,9 @@ class Block {
   void* dynamic_shared() { return shared_.data(); }
 
  private:
-  static void entry(unsigned high, unsigned low) {
-    auto* self = reinterpret_cast<Block*>((static_cast<std::uintptr_t>(high) << 32) | low);
+  // Where every fiber starts; it never returns (its last act is to switch away).
+  static void entry() {
+    Block* self = running;
     Fiber& f = *self->current_;
 #ifdef SIMT_ASAN
     __sanitizer_finish_switch_fiber(nullptr, &self->scheduler_bottom_, &self->scheduler_size_);
@@ -126,6 +225,37 @@ class Block {
     (*self->body_)();
     f.state = State::done;
     self->switch_to_scheduler(f, true);
+    std::abort();  // a finished fiber is never resumed
+  }
+#ifndef SIMT_FAST_SWITCH
+  static void entry_ucontext() { entry(); }
+#endif
+
+  void start(Fiber& f) {
+    f.state = State::runnable;
+#ifdef SIMT_FAST_SWITCH
+    // The frame simt_switch_stack pops: saved registers (zero), then the
+    // address it returns to. The stack is 16-byte aligned as a call leaves it.
+    auto top = reinterpret_cast<std::uintptr_t>(f.stack) + kStackBytes;
+    top &= ~std::uintptr_t{15};
+    auto* words = reinterpret_cast<void**>(top);
+#if defined(__x86_64__)
+    *--words = nullptr;                                     // entry's (never used) return address
+    *--words = reinterpret_cast<void*>(&Block::entry);      // where simt_switch_stack returns
+    for (std::size_t i = 0; i < kSavedWords; ++i) *--words = nullptr;
+#else
+    words -= 20;  // 160 bytes: x19..x28, x29, x30 (= entry), d8..d15
+    for (int i = 0; i < 20; ++i) words[i] = nullptr;
+    words[11] = reinterpret_cast<void*>(&Block::entry);
+#endif
+    f.sp = words;
+#else
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, &Block::entry_ucontext, 0);
+#endif
   }
 
   void switch_to_scheduler(Fiber& f, bool finished) {
@@ -134,7 +264,11 @@ class Block {
 #else
     (void)finished;
 #endif
+#ifdef SIMT_FAST_SWITCH
+    simt_switch_stack(&f.sp, scheduler_sp_);
+#else
     swapcontext(&f.context, &scheduler_);
+#endif
 #ifdef SIMT_ASAN
     __sanitizer_finish_switch_fiber(f.fake_stack, &scheduler_bottom_, &scheduler_size_);
 #endif
@@ -146,7 +280,11 @@ class Block {
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
 #endif
+#ifdef SIMT_FAST_SWITCH
+    simt_switch_stack(&scheduler_sp_, f.sp);
+#else
     swapcontext(&scheduler_, &f.context);
+#endif
 #ifdef SIMT_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -154,16 +292,7 @@ class Block {
   }
 
   void run_block() {
-    auto self = reinterpret_cast<std::uintptr_t>(this);
-    for (auto& f : fibers_) {
-      getcontext(&f.context);
-      f.context.uc_stack.ss_sp = f.stack;
-      f.context.uc_stack.ss_size = kStackBytes;
-      f.context.uc_link = nullptr;
-      makecontext(&f.context, reinterpret_cast<void (*)()>(&Block::entry), 2, static_cast<unsigned>(self >> 32),
-                  static_cast<unsigned>(self & 0xffffffffu));
-      f.state = State::runnable;
-    }
+    for (auto& f : fibers_) start(f);
     for (;;) {
       bool ran = false;
       for (auto& f : fibers_) {
@@ -219,17 +348,18 @@ class Block {
   std::vector<std::byte> shared_;
   std::vector<Fiber> fibers_;
   std::vector<Warp> warps_;
-  std::size_t page_ = 4096;
-  char* mapping_ = nullptr;
-  std::size_t mapping_bytes_ = 0;
+#ifdef SIMT_FAST_SWITCH
+  void* scheduler_sp_ = nullptr;
+#else
   ucontext_t scheduler_{};
+#endif
   Fiber* current_ = nullptr;
   const std::function<void()>* body_ = nullptr;
   const void* scheduler_bottom_ = nullptr;
   std::size_t scheduler_size_ = 0;
 };
 
-thread_local Block* running = nullptr;
+
 
 Block& block() {
   if (!running) std::abort();  // a device function called outside a launch

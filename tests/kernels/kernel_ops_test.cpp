@@ -125,6 +125,12 @@ le::Device& cpu() {
   return *device;
 }
 
+// Hands the CPU device a step's arrays (ops without a cache get a token one).
+void begin_step(const le::StepInputs& step, const le::KvCache* cache = nullptr) {
+  static const le::KvCache none(1, 1, 1, 1);
+  cpu().begin_step(step, cache != nullptr ? *cache : none);
+}
+
 }  // namespace
 
 TEST_CASE("kernels: embedding rows of every type", "[kernels][ops]") {
@@ -135,7 +141,8 @@ TEST_CASE("kernels: embedding rows of every type", "[kernels][ops]") {
       auto w = make_weights(type, rows, cols, rng);
       std::vector<std::int32_t> ids{3, 0, 49, 3, 17, 8, 22};
       std::vector<float> want(ids.size() * static_cast<std::size_t>(cols));
-      cpu().embed(w.tensor, ids, want.data());
+      begin_step({.tokens = ids});
+      cpu().embed(w.tensor, want.data());
       Buffer<std::uint8_t> table(w.bytes);
       Buffer<std::int32_t> d_ids(ids);
       Buffer<float> out(want.size());
@@ -175,7 +182,8 @@ TEST_CASE("kernels: rope over GQA shapes, head sizes and far positions", "[kerne
     auto q = random_floats(static_cast<std::size_t>(n * s.heads * s.head_dim), rng);
     auto kk = random_floats(static_cast<std::size_t>(n * s.kv_heads * s.head_dim), rng);
     auto want_q = q, want_k = kk;
-    cpu().rope(want_q.data(), want_k.data(), positions, {s.heads, s.kv_heads, s.head_dim}, 10000.0f);
+    begin_step({.positions = positions});
+    cpu().rope(want_q.data(), want_k.data(), {s.heads, s.kv_heads, s.head_dim}, 10000.0f);
     std::vector<std::int32_t> pos32(positions.begin(), positions.end());
     Buffer<float> d_q(q), d_k(kk);
     Buffer<std::int32_t> d_pos(pos32);
@@ -301,7 +309,8 @@ TEST_CASE("kernels: paged attention over block tables, decode and prefill tokens
     const auto n = static_cast<std::int64_t>(tokens.size());
     auto q = random_floats(static_cast<std::size_t>(n * s.heads * s.head_dim), rng);
     std::vector<float> want(q.size());
-    cpu().attention(cache, 0, q.data(), tokens, {s.heads, s.kv_heads, s.head_dim}, want.data());
+    begin_step({.attention = tokens}, &cache);
+    cpu().attention(cache, 0, q.data(), {s.heads, s.kv_heads, s.head_dim}, want.data());
 
     // The device's arrays: the block tables flattened, an offset and a position per token.
     std::vector<std::int32_t> flat, offsets, positions;
@@ -351,7 +360,8 @@ TEST_CASE("kernels: store_kv writes keys and values to their slots", "[kernels][
   std::vector<float> zeros(storage, 0.0f);
   std::memcpy(cache.key(0, 0), zeros.data(), storage * sizeof(float));
   std::memcpy(cache.value(0, 0), zeros.data(), storage * sizeof(float));
-  cpu().store_kv(cache, 0, kk.data(), vv.data(), slots);
+  begin_step({.slots = slots}, &cache);
+  cpu().store_kv(cache, 0, kk.data(), vv.data());
   Buffer<float> d_keys(zeros), d_values(zeros), d_k(kk), d_v(vv);
   Buffer<std::int64_t> d_slots(slots);
   dev::store_kv(d_keys.get(), d_values.get(), d_k.get(), d_v.get(), d_slots.get(), n, kv_dim, nullptr);

@@ -18,7 +18,8 @@ std::vector<float> last_logits(const le::Model& model, const std::vector<std::in
   auto device = le::make_cpu_device(2);
   const auto& p = model.params;
   le::KvBlockAllocator blocks(64, 16);
-  le::KvCache cache(p.n_layers, 64, 16, p.n_kv_heads * p.head_dim());
+  le::KvCache cache(p.n_layers, 64, 16, p.n_kv_heads * p.head_dim(),
+                    [&](std::size_t bytes) { return device->allocate(bytes); });
   le::ForwardPass forward(model, *device, cache, 64);
   le::KvBlockTable table;
   REQUIRE(blocks.allocate_slots(table, static_cast<std::int64_t>(tokens.size())));
@@ -27,11 +28,11 @@ std::vector<float> last_logits(const le::Model& model, const std::vector<std::in
   for (std::size_t i = 0; i < tokens.size(); ++i) {
     batch.push_back({tokens[i], static_cast<std::int64_t>(i), &table, i + 1 == tokens.size()});
     if (!one_step) {
-      logits = forward.run(batch);
+      logits = forward.run(batch).logits;
       batch.clear();
     }
   }
-  if (one_step) logits = forward.run(batch);
+  if (one_step) logits = forward.run(batch).logits;
   REQUIRE(logits.size() == static_cast<std::size_t>(p.vocab_size));
   return {logits.begin(), logits.end()};
 }
