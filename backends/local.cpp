@@ -141,7 +141,15 @@ class LocalBackend final : public Backend {
     }
     std::fprintf(stderr, "tollgate: backend '%s': %s\n", config.name.c_str(), why.c_str());
     auto model = le::load_model(config.model_path, config.tokenizer_path);
-    if (config.metrics) metrics_ = std::make_unique<EngineMetrics>(*config.metrics, config.name);
+    if (config.metrics) {
+      metrics_ = std::make_unique<EngineMetrics>(*config.metrics, config.name);
+      // Which device runs the backend, as an info metric (value 1).
+      config.metrics
+          ->gauge("tollgate_engine_device_info", "The device the local engine runs on (always 1).",
+                  {"backend", "device"})
+          .labels({config.name, device->name()})
+          .set(1);
+    }
     engine_ = std::make_unique<le::Engine>(std::move(model), config.engine, std::move(device), metrics_.get());
     chat_format_ = le::detect_chat_format(engine_->model().vocab.chat_template);
   }

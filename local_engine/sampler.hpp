@@ -61,11 +61,11 @@ struct TokenLogprobs {
   std::vector<TokenCandidate> top;  // most likely first, ties to the lower id
 };
 
-// The log-softmax of `logits` at `chosen`, and the `top` most likely tokens.
 // The largest logit's id, the lowest id on ties, so the choice never depends
 // on the scan order; NaNs never win.
 std::int32_t argmax(const float* logits, std::int32_t vocab);
 
+// The log-softmax of `logits` at `chosen`, and the `top` most likely tokens.
 TokenLogprobs token_logprobs(const float* logits, std::int32_t vocab, std::int32_t chosen, std::int32_t top);
 
 // Finds stop sequences in streamed text, across token boundaries: text that
