@@ -392,3 +392,73 @@ TEST_CASE("the embedded default serves the demo model it writes itself", "[e2e][
   REQUIRE(r.status == 200);
   CHECK(r.json().at("usage").at("completion_tokens").as_int64() >= 1);
 }
+
+TEST_CASE("device: cuda-emulated serves through the gateway the CPU device's greedy completions, 16 at once",
+          "[e2e][local][device]") {
+  const std::vector<std::string> prompts = {"The cat", "Once upon a time", "Lily saw a big dog", "", "Tom and Sue",
+                                            "One day, a little bird", "The sun", "She was happy",
+                                            "Once upon a time, there was a little girl named Lily. She loved to play",
+                                            "The dog ran", "Mom said", "A boy", "They went to the park", "The car",
+                                            "It was a sunny day", "Ben"};
+  auto run_all = [&](const std::string& device) {
+    TempDir dir;
+    GatewayProcess gw(dir, gateway_options(stories_config(", device: " + device + ", max_num_seqs: 16")));
+    auto key = create_key(gw.db(), "alice");
+    wait_for_key(gw.port(), key);
+    std::vector<std::string> texts(prompts.size());
+    std::vector<std::thread> threads;
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      threads.emplace_back([&, i] {
+        HttpClient client(gw.port(), 120s);
+        auto r = client.post("/v1/completions", key, completion_body(prompts[i], 24, i % 2 == 0));
+        if (r.status != 200) return;
+        texts[i] = i % 2 == 0 ? parse_sse(r.body).text
+                              : std::string(r.json().at("choices").at(0).at("text").as_string());
+      });
+    }
+    for (auto& t : threads) t.join();
+    auto info = metric(gw.port(), "tollgate_engine_generation_tokens_total{backend=\"local\"}");
+    HttpClient client(gw.port());
+    auto metrics = client.get("/metrics").body;
+    CHECK(metrics.find("tollgate_engine_device_info{backend=\"local\",device=\"" + device) != std::string::npos);
+    CHECK(gw.log().find("device: " + device) != std::string::npos);
+    CHECK(info.value_or(0) >= 16);
+    return texts;
+  };
+  auto cpu = run_all("cpu");
+  auto emulated = run_all("cuda-emulated");
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    INFO("prompt '" << prompts[i] << "'");
+    CHECK_FALSE(cpu[i].empty());
+    CHECK(emulated[i] == cpu[i]);
+  }
+}
+
+TEST_CASE("tollgate generate --device: cuda-emulated prints the reference, cuda without a GPU says why",
+          "[e2e][local][device]") {
+  auto ids = run_tollgate({"generate", "--model", shared_model("stories260K.bin"), "--tokenizer",
+                           shared_model("tok512.bin"), "--prompt", "The cat", "--temperature", "0", "--max-tokens",
+                           "100", "--ids", "--device", "cuda-emulated"},
+                          120s);
+  REQUIRE(ids.exit_code == 0);
+  auto expected = reference_ids("stories260K-The_cat-t0-n256.ids");
+  std::string expected_line;
+  for (std::size_t i = 0; i < 103 && i < expected.size(); ++i) expected_line += std::to_string(expected[i]) + " ";
+  CHECK(trim_right(ids.out) == trim_right(expected_line));  // 3 prompt ids after BOS, then 100 generated
+  CHECK(ids.err.find("on cuda-emulated") != std::string::npos);
+
+  auto info = run_tollgate({"model", "info", shared_model("stories260K.gguf"), "--device", "cpu"});
+  REQUIRE(info.exit_code == 0);
+  CHECK(info.out.find("device: cpu") != std::string::npos);
+
+  auto cuda = run_tollgate({"generate", "--model", shared_model("stories260K.gguf"), "--device", "cuda"});
+  auto auto_info = run_tollgate({"model", "info", shared_model("stories260K.gguf")});
+  REQUIRE(auto_info.exit_code == 0);
+  if (auto_info.out.find("device: cuda (") != std::string::npos) {
+    CHECK(cuda.exit_code == 0);  // a machine with a GPU
+  } else {
+    CHECK(auto_info.out.find("device: auto -> cpu (") != std::string::npos);  // and the reason
+    CHECK(cuda.exit_code != 0);
+    CHECK(cuda.err.find("device: cuda, but") != std::string::npos);
+  }
+}

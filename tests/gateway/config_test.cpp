@@ -159,7 +159,8 @@ TEST_CASE("a local backend's engine settings are read and checked", "[gateway][c
   CHECK(b->engine.prefix_caching);
   CHECK_FALSE(b->create_demo);
   CHECK(contains(config_error("backends: [{name: l, type: local}]"), "missing key 'path'"));
-  CHECK(contains(config_error("backends: [{name: l, type: local, path: x, device: tpu}]"), "expected auto, cpu or cuda"));
+  CHECK(contains(config_error("backends: [{name: l, type: local, path: x, device: tpu}]"),
+                 "expected auto, cpu, cuda or cuda-emulated"));
   CHECK(contains(config_error("backends: [{name: l, type: local, path: x, max_num_seqs: 0}]"), "max_num_seqs"));
   CHECK(contains(config_error("backends: [{name: l, type: local, path: x, max_num_seq: 2}]"), "unknown key 'max_num_seq'"));
 }
