@@ -98,6 +98,8 @@ std::unique_ptr<Device> make_cuda_device();
 std::unique_ptr<Device> make_emulated_cuda_device();
 // Whether make_cuda_device() would succeed; when not, why.
 bool cuda_device_available(std::string& why);
+// The first GPU's peak memory bandwidth in bytes/s (0 without one), for benchmarks.
+double cuda_peak_bandwidth();
 
 // By name, as the config and `tollgate generate --device` say it: "cpu",
 // "cuda", "auto" (CUDA when a usable GPU is present, the CPU otherwise) or

@@ -26,6 +26,16 @@ bool cuda_device_available(std::string& why) {
 #endif
 }
 
+double cuda_peak_bandwidth() {
+  std::string why;
+  if (!cuda_device_available(why)) return 0;
+#ifdef TOLLGATE_WITH_CUDA
+  return kernels::cuda::device_info().peak_bandwidth;
+#else
+  return 0;
+#endif
+}
+
 std::unique_ptr<Device> make_cuda_device() {
 #ifdef TOLLGATE_WITH_CUDA
   return make_gpu_device_cuda();
