@@ -7,7 +7,8 @@
 #include "kernels/common.cuh"
 
 #ifdef __CUDACC__
-#include <cublas_v2.h>
+#include <cublas_v2.h>  // types only: the library is opened at run time
+#include <dlfcn.h>
 #endif
 
 namespace tollgate::kernels::TG_KERNEL_NS {
@@ -37,12 +38,42 @@ void check(cublasStatus_t status, const char* what) {
   }
 }
 
+// cuBLAS, opened at run time: the binary links no CUDA library dynamically,
+// so it starts where none is installed; without it, the matmul kernels take
+// prefill batches too.
+struct Cublas {
+  decltype(&cublasCreate_v2) create = nullptr;
+  decltype(&cublasDestroy_v2) destroy = nullptr;
+  decltype(&cublasSetStream_v2) set_stream = nullptr;
+  // cublasGemmEx is overloaded in C++ (cudaDataType or cublasComputeType_t): the C one.
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int, const void*,
+                            const void*, cudaDataType, int, const void*, cudaDataType, int, const void*, void*,
+                            cudaDataType, int, cublasComputeType_t, cublasGemmAlgo_t) = nullptr;
+  Cublas() {
+    void* lib = nullptr;
+    for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
+      if ((lib = dlopen(name, RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
+    }
+    if (lib == nullptr) return;
+    create = reinterpret_cast<decltype(create)>(dlsym(lib, "cublasCreate_v2"));
+    destroy = reinterpret_cast<decltype(destroy)>(dlsym(lib, "cublasDestroy_v2"));
+    set_stream = reinterpret_cast<decltype(set_stream)>(dlsym(lib, "cublasSetStream_v2"));
+    gemm_ex = reinterpret_cast<decltype(gemm_ex)>(dlsym(lib, "cublasGemmEx"));
+  }
+  bool loaded() const { return create && destroy && set_stream && gemm_ex; }
+};
+
+const Cublas& cublas() {
+  static const Cublas library;
+  return library;
+}
+
 // One handle per thread (the engine's), destroyed with it.
 cublasHandle_t handle() {
   struct Handle {
     cublasHandle_t h = nullptr;
-    Handle() { check(cublasCreate(&h), "cublasCreate"); }
-    ~Handle() { cublasDestroy(h); }
+    Handle() { check(cublas().create(&h), "cublasCreate"); }
+    ~Handle() { cublas().destroy(h); }
   };
   thread_local Handle handle;
   return handle.h;
@@ -52,8 +83,8 @@ void multiply(const void* a, const void* b, cudaDataType type, std::int64_t m, s
               float* c, std::int64_t ldc, cudaStream_t stream) {
   const float alpha = 1.0f, beta = 0.0f;
   cublasHandle_t h = handle();
-  check(cublasSetStream(h, stream), "cublasSetStream");
-  check(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
+  check(cublas().set_stream(h, stream), "cublasSetStream");
+  check(cublas().gemm_ex(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
                      &alpha, a, type, static_cast<int>(k), b, type, static_cast<int>(k), &beta, c, CUDA_R_32F,
                      static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
         "cublasGemmEx");
@@ -83,6 +114,14 @@ void multiply(const Element* a, const Element* b, std::int64_t m, std::int64_t n
 #endif
 
 }  // namespace
+
+bool gemm_available() {
+#ifdef __CUDACC__
+  return cublas().loaded();
+#else
+  return true;  // the reference GEMM
+#endif
+}
 
 void gemm(const GemmArgs& args, cudaStream_t stream) {
   if (args.n <= 0 || args.rows <= 0) return;

@@ -40,6 +40,9 @@ constexpr std::size_t gemm_workspace_bytes(Type type, std::int64_t n, std::int64
 // out (rows x cols of F16 bits) = rows [first, first + rows) of `w` (any Type) dequantised.
 TG_KERNEL_API(void to_half(const void* w, Type type, std::int64_t first, std::int64_t rows, std::int64_t cols,
                            std::uint16_t* out, cudaStream_t stream))
+// Whether gemm() can run: cuBLAS (libcublas.so.13 or .12, opened at run time)
+// was found; always true in the emulation.
+TG_KERNEL_API(bool gemm_available())
 TG_KERNEL_API(void gemm(const GemmArgs& args, cudaStream_t stream))
 
 }  // namespace tollgate::kernels

@@ -48,11 +48,12 @@ void reserve(DeviceBuffer& buffer, std::size_t bytes) {
 
 class GpuDevice final : public Device {
  public:
-  GpuDevice() : stream_(kd::create_stream()) {
+  GpuDevice() : stream_(kd::create_stream()), gemm_(kd::gemm_available()) {
     const auto info = kd::device_info();
     name_ = kEmulated ? "cuda-emulated (" + info.name + ")"
                       : "cuda (" + info.name + ", sm_" + std::to_string(info.major) + std::to_string(info.minor) +
-                            ", " + std::to_string(info.total_memory >> 20) + " MiB)";
+                            ", " + std::to_string(info.total_memory >> 20) + " MiB" +
+                            (gemm_ ? "" : "; no cuBLAS found: prefill on the matmul kernels") + ")";
   }
   ~GpuDevice() override {
     try {
@@ -135,7 +136,7 @@ class GpuDevice final : public Device {
 
   void matmul(const Tensor& w, const float* x, std::int64_t n, float* y) override {
     const auto type = static_cast<k::Type>(w.type);
-    if (n >= k::kGemmMinTokens) {
+    if (gemm_ && n >= k::kGemmMinTokens) {
       reserve(workspace_, k::gemm_workspace_bytes(type, n, w.rows, w.cols));
       kd::gemm({w.data, type, w.rows, w.cols, x, n, y, workspace_.get()}, stream_);
       return;
@@ -206,6 +207,7 @@ class GpuDevice final : public Device {
  private:
   std::string name_;
   cudaStream_t stream_;
+  bool gemm_;  // cuBLAS (or, emulated, the reference GEMM) takes prefill batches
   std::vector<DeviceBuffer> weights_;
   DeviceBuffer step_, workspace_, attention_workspace_, ids_;
   std::vector<std::int32_t> ints_;
