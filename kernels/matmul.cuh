@@ -3,8 +3,8 @@
 // quantised to Q8_0 per row (as on the CPU) and blocks multiply with int8 dot
 // products (__dp4a). One warp per weight row, applied to up to kMatmulTokens
 // tokens at a time, so each weight row is read once per group of tokens.
-// (On a GPU, prefill-sized batches belong to cuBLAS on F16 tiles; that path
-// does not exist yet, so they run here too: correct, and slower.)
+// The CUDA device sends batches of kGemmMinTokens or more to gemm.cuh
+// (cuBLAS) instead, and these too when cuBLAS is not installed.
 #pragma once
 #include "kernels/types.hpp"
 

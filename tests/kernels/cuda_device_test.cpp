@@ -4,22 +4,20 @@
 // same engine (scheduler, paged KV cache, prefix caching, sampling) must
 // produce the same greedy tokens, alone and among 16 concurrent sequences,
 // for stories260K (F32) and random-weight GQA models (Q8_0, F16, Q4_0).
-#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
-#include <filesystem>
-#include <mutex>
-#include <optional>
 #include <string>
 #include <vector>
 
 #include "local_engine/engine.hpp"
+#include "tests/local_engine/engine_support.hpp"
 #include "tests/local_engine/reference.hpp"
 
 namespace le = tollgate::local_engine;
+using tollgate::test::Collector;
+using tollgate::test::TempFile;
 
 namespace {
 
@@ -37,31 +35,6 @@ std::unique_ptr<le::Device> device_under_test() {
   if (std::string_view(TG_STRING(TG_TEST_KERNELS)) == "cuda") return le::make_cuda_device();
   return le::make_emulated_cuda_device();
 }
-
-struct Collector {
-  std::mutex mutex;
-  std::condition_variable cv;
-  std::vector<le::TokenLogprobs> logprobs;
-  std::optional<le::GenerationEvent> last;
-
-  le::GenerationCallback callback() {
-    return [this](le::GenerationEvent e) {
-      std::lock_guard lock(mutex);
-      if (e.type == le::GenerationEvent::Type::text) {
-        logprobs.insert(logprobs.end(), e.logprobs.begin(), e.logprobs.end());
-        return;
-      }
-      last = std::move(e);
-      cv.notify_all();
-    };
-  }
-  const le::GenerationEvent& wait() {
-    std::unique_lock lock(mutex);
-    REQUIRE(cv.wait_for(lock, std::chrono::seconds(240), [&] { return last.has_value(); }));
-    REQUIRE(last->type == le::GenerationEvent::Type::done);
-    return *last;
-  }
-};
 
 // Prompts of many lengths: short ones, ones that share a long beginning (the
 // prefix cache hands their first blocks over), and ones of 32+ tokens, whose
@@ -107,10 +80,12 @@ std::vector<Run> generate(const std::string& path, const std::string& tokenizer,
     r.max_tokens = kTokens;
     r.logprobs = logprobs;
     REQUIRE(engine.submit(std::move(r), collectors[i].callback()).refusal == le::Engine::Refusal::none);
-    if (!together) collectors[i].wait();
+    if (!together) collectors[i].wait(std::chrono::seconds(240));
   }
   for (std::size_t i = 0; i < prompts.size(); ++i) {
-    runs[i].tokens = collectors[i].wait().tokens;
+    const auto& done = collectors[i].wait(std::chrono::seconds(240));
+    REQUIRE(done.type == le::GenerationEvent::Type::done);
+    runs[i].tokens = done.tokens;
     runs[i].logprobs = collectors[i].logprobs;
   }
   return runs;
@@ -177,17 +152,6 @@ void check_same_tokens(const std::string& path, const std::string& tokenizer, bo
   INFO(agreed << " of " << total << " tokens agreed");
   CHECK(agreed * 2 >= total);
 }
-
-class TempFile {
- public:
-  explicit TempFile(const std::string& name)
-      : path_((std::filesystem::temp_directory_path() / (std::to_string(::getpid()) + "-" + name)).string()) {}
-  ~TempFile() { std::filesystem::remove(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 le::Hyperparams gqa_params() {
   le::Hyperparams p;
@@ -260,14 +224,8 @@ TEST_CASE("cuda device: a model that does not fit in device memory is refused at
     std::string name() const override { return "small test device"; }
     bool supports(le::DType t) const override { return inner_->supports(t); }
     std::optional<std::size_t> free_memory() const override { return 64 * 1024; }
-    le::DeviceBuffer allocate(std::size_t bytes) override {
-      ++allocations;
-      return inner_->allocate(bytes);
-    }
-    le::Tensor upload(const le::Tensor& host) override {
-      ++allocations;
-      return inner_->upload(host);
-    }
+    le::DeviceBuffer allocate(std::size_t bytes) override { return inner_->allocate(bytes); }
+    le::Tensor upload(const le::Tensor& host) override { return inner_->upload(host); }
     float* read(float* src, std::int64_t count, std::vector<float>& staging) override {
       return inner_->read(src, count, staging);
     }
@@ -291,17 +249,13 @@ TEST_CASE("cuda device: a model that does not fit in device memory is refused at
     void argmax(const float* l, std::int64_t rows, std::int64_t vocab, std::int32_t* ids) override {
       inner_->argmax(l, rows, vocab, ids);
     }
-    int allocations = 0;
-
    private:
     std::unique_ptr<le::Device> inner_;
   };
-  auto device = std::make_unique<Small>();
-  auto* small = device.get();
   try {
     le::Engine engine(le::load_model(tollgate::test::shared_model("stories260K.bin"),
                                      tollgate::test::shared_model("tok512.bin")),
-                      {}, std::move(device));
+                      {}, std::make_unique<Small>());
     FAIL("the engine started");
   } catch (const le::ModelError& e) {
     const std::string message = e.what();
@@ -310,7 +264,6 @@ TEST_CASE("cuda device: a model that does not fit in device memory is refused at
     CHECK(message.find("KV cache") != std::string::npos);
     CHECK(message.find("free") != std::string::npos);
   }
-  (void)small;  // destroyed with the refused engine's arguments
 }
 
 TEST_CASE("devices by name: cpu, cuda-emulated, auto falls back to the CPU and says why, cuda refuses",

@@ -14,43 +14,15 @@
 #include <thread>
 
 #include "local_engine/gguf.hpp"
+#include "engine_support.hpp"
 #include "reference.hpp"
 
 namespace le = tollgate::local_engine;
+using tollgate::test::Collector;
 using tollgate::test::reference_ids;
 using tollgate::test::shared_model;
 
 namespace {
-
-// Collects one request's events and waits (bounded) for its end.
-struct Collector {
-  std::mutex mutex;
-  std::condition_variable cv;
-  std::string text;
-  std::vector<std::string> pieces;
-  std::vector<le::TokenLogprobs> logprobs;
-  std::optional<le::GenerationEvent> last;
-
-  le::GenerationCallback callback() {
-    return [this](le::GenerationEvent e) {
-      std::lock_guard lock(mutex);
-      if (e.type == le::GenerationEvent::Type::text) {
-        text += e.text;
-        pieces.push_back(e.text);
-        logprobs.insert(logprobs.end(), e.logprobs.begin(), e.logprobs.end());
-        return;
-      }
-      REQUIRE_FALSE(last.has_value());  // exactly one final event
-      last = std::move(e);
-      cv.notify_all();
-    };
-  }
-  const le::GenerationEvent& wait() {
-    std::unique_lock lock(mutex);
-    REQUIRE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return last.has_value(); }));
-    return *last;
-  }
-};
 
 le::Model stories() { return le::load_model(shared_model("stories260K.bin"), shared_model("tok512.bin")); }
 

@@ -6,9 +6,11 @@
 #include <cmath>
 #include <filesystem>
 
+#include "engine_support.hpp"
 #include "reference.hpp"
 
 namespace le = tollgate::local_engine;
+using tollgate::test::TempFile;
 
 namespace {
 
@@ -46,17 +48,6 @@ double nmse(const std::vector<float>& reference, const std::vector<float>& x) {
   }
   return err / energy;
 }
-
-class TempFile {
- public:
-  explicit TempFile(const std::string& name)
-      : path_((std::filesystem::temp_directory_path() / (std::to_string(::getpid()) + "-" + name)).string()) {}
-  ~TempFile() { std::filesystem::remove(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
 
 }  // namespace
 
