@@ -76,8 +76,8 @@ class GpuDevice final : public Device {
 
   Tensor upload(const Tensor& host) override {
     DeviceBuffer buffer = device_buffer(host.bytes());
+    // From pageable memory the copy has read the host bytes when it returns.
     kd::copy_to_device(buffer.get(), host.data, host.bytes(), stream_);
-    kd::synchronize(stream_);  // the host copy may be a mapping that goes away
     Tensor t = host;
     t.data = buffer.get();
     t.interleaved = nullptr;  // the CPU's rearranged copy means nothing here
