@@ -4,7 +4,8 @@
 # whole-model tests on the device, then measures on generated 1.1B-parameter
 # models (F16 and Q8_0) single-stream decode (as a fraction of the GPU's peak
 # memory bandwidth, from cudaGetDeviceProperties), 16- and 64-stream aggregate
-# decode, and prefill tokens/s. Exits non-zero when no GPU is found.
+# decode, and prefill tokens/s, then decode again with CUDA graphs off.
+# Exits non-zero when no GPU is found.
 #   ./bench/gpu.sh
 #   TOKENS=128 ./bench/gpu.sh
 # Targets: single-stream decode >= 70% of peak bandwidth; 64 streams >= 20x one.
@@ -33,4 +34,7 @@ for type in f16 q8_0; do
   [ -f "$model" ] || "$BUILD/tollgate" model init --preset bench-1b --type "$type" --out "$model" >/dev/null
   echo "== bench-1b $type on the GPU"
   DEVICE=cuda "$BUILD/bench/tollgate_engine_bench" "$model" "$TOKENS" 1 16 64
+  # The same decode without CUDA graphs: what launching ~15 kernels a layer costs.
+  echo "== bench-1b $type on the GPU, graphs off"
+  TOLLGATE_CUDA_GRAPHS=0 DEVICE=cuda "$BUILD/bench/tollgate_engine_bench" "$model" "$TOKENS" 1 16
 done

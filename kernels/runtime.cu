@@ -94,4 +94,44 @@ void synchronize(cudaStream_t stream) {
   check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
 }
 
+void* host_alloc(std::size_t bytes) {
+  void* p = nullptr;
+  check(cudaMallocHost(&p, bytes == 0 ? 1 : bytes), "cudaMallocHost");
+  return p;
+}
+void host_free(void* p) { cudaFreeHost(p); }
+
+struct Graph {
+  cudaGraphExec_t exec = nullptr;
+};
+
+// Relaxed: a buffer that must grow during the capture may still be
+// allocated (the caller frees the old one only after the capture).
+void begin_capture(cudaStream_t stream) {
+  check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed), "cudaStreamBeginCapture");
+}
+
+Graph* end_capture(cudaStream_t stream) {
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
+  if (ended != cudaSuccess) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    check(ended, "cudaStreamEndCapture");
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  check(instantiated, "cudaGraphInstantiate");
+  return new Graph{exec};
+}
+
+void launch_graph(Graph* graph, cudaStream_t stream) { check(cudaGraphLaunch(graph->exec, stream), "cudaGraphLaunch"); }
+
+void destroy_graph(Graph* graph) {
+  if (graph == nullptr) return;
+  cudaGraphExecDestroy(graph->exec);
+  delete graph;
+}
+
 }  // namespace tollgate::kernels::cuda

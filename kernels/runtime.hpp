@@ -36,4 +36,22 @@ TG_KERNEL_API(void copy_to_host(void* dst, const void* src, std::size_t bytes, c
 TG_KERNEL_API(void copy_on_device(void* dst, const void* src, std::size_t bytes, cudaStream_t stream))
 TG_KERNEL_API(void synchronize(cudaStream_t stream))  // throws std::runtime_error on a kernel's failure
 
+// Page-locked host memory: copies to and from it are truly asynchronous (and
+// may be captured). Throws std::runtime_error when none is left.
+TG_KERNEL_API(void* host_alloc(std::size_t bytes))
+TG_KERNEL_API(void host_free(void* p))
+
+// Stream capture into an executable graph (CUDA graphs). Between
+// begin_capture and end_capture the launches and copies on `stream` are
+// recorded, not run; launch_graph runs them again with the arguments they had
+// when recorded, so whatever changes between launches must be read from
+// device memory. The emulation records the calling thread's launches and
+// copies (simt::Recording). end_capture throws std::runtime_error when the
+// capture failed; the stream has left capture mode either way.
+TG_KERNEL_API(struct Graph)
+TG_KERNEL_API(void begin_capture(cudaStream_t stream))
+TG_KERNEL_API(Graph* end_capture(cudaStream_t stream))
+TG_KERNEL_API(void launch_graph(Graph* graph, cudaStream_t stream))
+TG_KERNEL_API(void destroy_graph(Graph* graph))
+
 }  // namespace tollgate::kernels

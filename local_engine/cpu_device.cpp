@@ -23,11 +23,12 @@ class CpuDevice final : public Device {
   std::optional<std::size_t> free_memory() const override { return std::nullopt; }
   DeviceBuffer allocate(std::size_t bytes) override { return host_buffer(bytes); }
   Tensor upload(const Tensor& host) override { return host; }
-  float* read(float* src, std::int64_t, std::vector<float>&) override { return src; }
+  float* read(float* src, std::int64_t) override { return src; }
 
-  void begin_step(const StepInputs& step, const KvCache& cache) override {
+  bool begin_step(const StepInputs& step, const KvCache& cache) override {
     step_ = step;
     collect_slots(cache, step.attention);
+    return false;
   }
 
   void matmul(const Tensor& w, const float* x, std::int64_t n, float* y) override { cpu::matmul(pool_, w, x, n, y); }

@@ -40,6 +40,7 @@ struct StepInputs {
   std::span<const std::int64_t> slots{};        // the cache slot each token's key and value go to
   std::span<const AttentionToken> attention{};  // what each token attends to
   std::span<const std::int64_t> sample_rows{};  // the tokens whose logits are wanted, ascending
+  bool ids_only = false;                        // the step ends in argmax, not read
 };
 
 class Device {
@@ -57,13 +58,23 @@ class Device {
   // The weight on the device, in its own type; the device keeps the copy for
   // its lifetime. The CPU device returns `host` itself.
   virtual Tensor upload(const Tensor& host) = 0;
-  // `count` floats of device memory, readable on the host once this returns:
-  // `src` itself on the CPU, a copy in `staging` elsewhere.
-  virtual float* read(float* src, std::int64_t count, std::vector<float>& staging) = 0;
+  // `count` floats of device memory, readable on the host once this returns
+  // and until the next step: `src` itself on the CPU, a host copy the device
+  // owns elsewhere.
+  virtual float* read(float* src, std::int64_t count) = 0;
 
   // --- one step -------------------------------------------------------------
-  // The step's arrays, for the ops below (the CUDA device copies them over in one transfer).
-  virtual void begin_step(const StepInputs& step, const KvCache& cache) = 0;
+  // The step's arrays, for the ops below (the CUDA device copies them over in
+  // one transfer). A step is the ops called after it, ending in argmax or read
+  // (or in none, when no row samples).
+  //
+  // Returns true when the device replays a recording of an earlier step of
+  // the same shape instead (the CUDA device's graphs for decode steps): the
+  // caller then calls only the step's closing argmax or read. A caller must
+  // therefore call the same ops with the same buffers for steps alike in
+  // their number of tokens, sample rows and ids_only; what else differs
+  // (ids, positions, slots, block tables) reaches the device through here.
+  virtual bool begin_step(const StepInputs& step, const KvCache& cache) = 0;
 
   // y (n x w.rows) = x (n x w.cols) · Wᵀ
   virtual void matmul(const Tensor& w, const float* x, std::int64_t n, float* y) = 0;

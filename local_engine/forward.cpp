@@ -72,7 +72,6 @@ StepOutput ForwardPass::run(std::span<const BatchToken> batch, bool ids_only) {
     throw std::logic_error("forward pass: a step of " + std::to_string(n) + " tokens (at most " +
                            std::to_string(max_tokens_) + ")");
   }
-  const auto dim = p.dim;
 
   ids_.clear();
   positions_.clear();
@@ -87,8 +86,24 @@ StepOutput ForwardPass::run(std::span<const BatchToken> batch, bool ids_only) {
     attention_tokens_.push_back({token.pos, token.table});
     if (token.wants_logits) sample_rows_.push_back(t);
   }
-  device_.begin_step({ids_, positions_, slots_, attention_tokens_, sample_rows_}, cache_);
+  const bool recorded =
+      device_.begin_step({ids_, positions_, slots_, attention_tokens_, sample_rows_, ids_only}, cache_);
+  if (!recorded) compute(n);
 
+  const auto rows = static_cast<std::int64_t>(sample_rows_.size());
+  if (rows == 0) return {};
+  auto* logits = logits_.as<float>();
+  if (ids_only) {
+    device_.argmax(logits, rows, p.vocab_size, sampled_.data());
+    return {{}, {sampled_.data(), static_cast<std::size_t>(rows)}};
+  }
+  const auto count = rows * p.vocab_size;
+  return {{device_.read(logits, count), static_cast<std::size_t>(count)}, {}};
+}
+
+void ForwardPass::compute(std::int64_t n) {
+  const auto& p = model_.params;
+  const auto dim = p.dim;
   auto* x = x_.as<float>();
   auto* xb = xb_.as<float>();
   auto* q = q_.as<float>();
@@ -122,17 +137,10 @@ StepOutput ForwardPass::run(std::span<const BatchToken> batch, bool ids_only) {
 
   // Only the tokens that sample need the classifier: gather their rows.
   const auto rows = static_cast<std::int64_t>(sample_rows_.size());
-  if (rows == 0) return {};
+  if (rows == 0) return;
   device_.gather_sample_rows(x, dim);
   device_.rmsnorm(x, output_norm_, rows, p.rms_eps, xb);
-  auto* logits = logits_.as<float>();
-  device_.matmul(output_, xb, rows, logits);
-  if (ids_only) {
-    device_.argmax(logits, rows, p.vocab_size, sampled_.data());
-    return {{}, {sampled_.data(), static_cast<std::size_t>(rows)}};
-  }
-  const auto count = rows * p.vocab_size;
-  return {{device_.read(logits, count, staging_), static_cast<std::size_t>(count)}, {}};
+  device_.matmul(output_, xb, rows, logits_.as<float>());
 }
 
 }  // namespace tollgate::local_engine

@@ -43,6 +43,10 @@ class ForwardPass {
   static std::size_t weight_bytes(const Model& model);
 
  private:
+  // The step's ops up to the sampled rows' logits (in logits_), or only its
+  // keys and values when no row samples.
+  void compute(std::int64_t n);
+
   struct Layer {
     Tensor attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_down, w_up;
   };
@@ -57,7 +61,6 @@ class ForwardPass {
   std::vector<std::int32_t> ids_, sampled_;
   std::vector<std::int64_t> positions_, slots_, sample_rows_;
   std::vector<AttentionToken> attention_tokens_;
-  std::vector<float> staging_;
 };
 
 }  // namespace tollgate::local_engine

@@ -402,9 +402,17 @@ std::uint32_t warp_ballot(bool predicate) {
   return mask;
 }
 
+namespace {
+thread_local Recording* recording_into = nullptr;
+}  // namespace
+
 void run(const std::function<void()>& body, dim3 grid, dim3 block_shape, std::size_t shared_bytes) {
   if (running) throw std::logic_error("simt: a launch inside a kernel");
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  if (recording_into != nullptr) {
+    recording_into->push_back([body, grid, block_shape, shared_bytes] { run(body, grid, block_shape, shared_bytes); });
+    return;
+  }
   Block b(grid, block_shape, shared_bytes);
   running = &b;
   struct Reset {
@@ -414,6 +422,21 @@ void run(const std::function<void()>& body, dim3 grid, dim3 block_shape, std::si
 }
 
 }  // namespace simt::detail
+
+namespace simt {
+
+void begin_recording(Recording& into) {
+  if (detail::recording_into != nullptr) throw std::logic_error("simt: this thread records already");
+  detail::recording_into = &into;
+}
+void end_recording() { detail::recording_into = nullptr; }
+bool recording() { return detail::recording_into != nullptr; }
+void record(std::function<void()> work) {
+  if (detail::recording_into == nullptr) throw std::logic_error("simt: record() while not recording");
+  detail::recording_into->push_back(std::move(work));
+}
+
+}  // namespace simt
 
 __half __float2half(float f) {
   std::uint32_t bits = std::bit_cast<std::uint32_t>(f);

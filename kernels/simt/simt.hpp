@@ -29,6 +29,7 @@
 #include <cstring>
 #include <functional>
 #include <type_traits>
+#include <vector>
 
 namespace simt {
 
@@ -95,6 +96,17 @@ template <typename... Params>
 Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared_bytes) {
   return {kernel, grid, block, shared_bytes};
 }
+
+// Stream capture as the emulation models it (the runtime's graphs,
+// kernels/runtime_emu.cpp): while a host thread records, its launches are kept
+// instead of run, each with its arguments as they were at the launch; running
+// the recording launches them again in order, reading memory as it is then.
+// Other work (the runtime's copies) is kept with record().
+using Recording = std::vector<std::function<void()>>;
+void begin_recording(Recording& into);  // throws std::logic_error when this thread already records
+void end_recording();
+bool recording();
+void record(std::function<void()> work);  // keeps `work`; only while recording
 
 }  // namespace simt
 

@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -66,10 +67,11 @@ struct Run {
 
 // Every prompt through one engine, all submitted at once (or one after another).
 std::vector<Run> generate(const std::string& path, const std::string& tokenizer, std::unique_ptr<le::Device> device,
-                          const std::vector<std::vector<std::int32_t>>& prompts, bool together, int logprobs) {
+                          const std::vector<std::vector<std::int32_t>>& prompts, bool together, int logprobs,
+                          std::int64_t max_model_len = 128) {
   le::EngineConfig config;
   config.max_num_seqs = 16;
-  config.max_model_len = 128;
+  config.max_model_len = max_model_len;
   le::Engine engine(le::load_model(path, tokenizer), config, std::move(device));
   std::vector<Collector> collectors(prompts.size());
   std::vector<Run> runs(prompts.size());
@@ -165,6 +167,43 @@ le::Hyperparams gqa_params() {
   return p;
 }
 
+// A device that hands every call to another one; tests override what they observe.
+class Forwarding : public le::Device {
+ public:
+  explicit Forwarding(std::unique_ptr<le::Device> inner) : inner_(std::move(inner)) {}
+  std::string name() const override { return inner_->name(); }
+  bool supports(le::DType t) const override { return inner_->supports(t); }
+  std::optional<std::size_t> free_memory() const override { return inner_->free_memory(); }
+  le::DeviceBuffer allocate(std::size_t bytes) override { return inner_->allocate(bytes); }
+  le::Tensor upload(const le::Tensor& host) override { return inner_->upload(host); }
+  float* read(float* src, std::int64_t count) override { return inner_->read(src, count); }
+  bool begin_step(const le::StepInputs& step, const le::KvCache& cache) override {
+    return inner_->begin_step(step, cache);
+  }
+  void matmul(const le::Tensor& w, const float* x, std::int64_t n, float* y) override { inner_->matmul(w, x, n, y); }
+  void embed(const le::Tensor& table, float* out) override { inner_->embed(table, out); }
+  void rmsnorm(const float* x, const le::Tensor& w, std::int64_t n, float eps, float* out) override {
+    inner_->rmsnorm(x, w, n, eps, out);
+  }
+  void rope(float* q, float* k, const le::AttentionShape& s, float theta) override { inner_->rope(q, k, s, theta); }
+  void store_kv(le::KvCache& c, std::int64_t l, const float* k, const float* v) override {
+    inner_->store_kv(c, l, k, v);
+  }
+  void attention(const le::KvCache& c, std::int64_t l, const float* q, const le::AttentionShape& s,
+                 float* out) override {
+    inner_->attention(c, l, q, s, out);
+  }
+  void silu_mul(float* g, const float* u, std::int64_t n) override { inner_->silu_mul(g, u, n); }
+  void add(float* y, const float* x, std::int64_t n) override { inner_->add(y, x, n); }
+  void gather_sample_rows(float* x, std::int64_t dim) override { inner_->gather_sample_rows(x, dim); }
+  void argmax(const float* l, std::int64_t rows, std::int64_t vocab, std::int32_t* ids) override {
+    inner_->argmax(l, rows, vocab, ids);
+  }
+
+ private:
+  std::unique_ptr<le::Device> inner_;
+};
+
 }  // namespace
 
 TEST_CASE("cuda device: stories260K generates the CPU device's greedy tokens", "[kernels][device]") {
@@ -214,43 +253,58 @@ TEST_CASE("cuda device: logprobs come back with the logits rows, close to the CP
   }
 }
 
+// Decode steps run as graphs (captured the second time a shape is seen,
+// replayed after): the replays must give the CPU's tokens while everything
+// the kernels read changes between them (ids, positions, slots, block
+// tables), also when a sequence's context grows past an attention partition
+// (256 positions: a new shape) and with graphs off.
+TEST_CASE("cuda device: decode steps replay graphs and generate the CPU device's greedy tokens",
+          "[kernels][device]") {
+  class Replays final : public Forwarding {
+   public:
+    Replays(std::unique_ptr<le::Device> inner, int& count) : Forwarding(std::move(inner)), count_(count) {}
+    bool begin_step(const le::StepInputs& step, const le::KvCache& cache) override {
+      const bool replayed = Forwarding::begin_step(step, cache);
+      count_ += replayed ? 1 : 0;
+      return replayed;
+    }
+
+   private:
+    int& count_;
+  };
+  const auto path = tollgate::test::shared_model("stories260K.bin");
+  const auto tokenizer = tollgate::test::shared_model("tok512.bin");
+  auto all = prompts(le::load_model(path, tokenizer), 3);
+  int replays = 0;
+  SECTION("graphs on") {
+    // The first prompt ends just before position 256, so its decode crosses it.
+    while (all[0].size() < 252) all[0].push_back(static_cast<std::int32_t>(3 + (all[0].size() * 7) % 500));
+    const auto cpu = generate(path, tokenizer, le::make_cpu_device(2), all, true, -1, 300);
+    const auto device = generate(path, tokenizer, std::make_unique<Replays>(device_under_test(), replays), all, true,
+                                 -1, 300);
+    for (std::size_t i = 0; i < all.size(); ++i) CHECK(device[i].tokens == cpu[i].tokens);
+    CHECK(replays >= 2);
+  }
+  SECTION("graphs off") {
+    const auto cpu = generate(path, tokenizer, le::make_cpu_device(2), all, true, -1);
+    ::setenv("TOLLGATE_CUDA_GRAPHS", "0", 1);
+    auto inner = device_under_test();
+    ::unsetenv("TOLLGATE_CUDA_GRAPHS");
+    const auto device = generate(path, tokenizer, std::make_unique<Replays>(std::move(inner), replays), all, true, -1);
+    for (std::size_t i = 0; i < all.size(); ++i) CHECK(device[i].tokens == cpu[i].tokens);
+    CHECK(replays == 0);
+  }
+}
+
 // A device that reports little free memory: the engine must refuse the model
 // at start, with the sizes, before it uploads anything.
 TEST_CASE("cuda device: a model that does not fit in device memory is refused at start with the sizes",
           "[kernels][device]") {
-  class Small final : public le::Device {
+  class Small final : public Forwarding {
    public:
-    Small() : inner_(le::make_cpu_device(1)) {}
+    Small() : Forwarding(le::make_cpu_device(1)) {}
     std::string name() const override { return "small test device"; }
-    bool supports(le::DType t) const override { return inner_->supports(t); }
     std::optional<std::size_t> free_memory() const override { return 64 * 1024; }
-    le::DeviceBuffer allocate(std::size_t bytes) override { return inner_->allocate(bytes); }
-    le::Tensor upload(const le::Tensor& host) override { return inner_->upload(host); }
-    float* read(float* src, std::int64_t count, std::vector<float>& staging) override {
-      return inner_->read(src, count, staging);
-    }
-    void begin_step(const le::StepInputs& step, const le::KvCache& cache) override { inner_->begin_step(step, cache); }
-    void matmul(const le::Tensor& w, const float* x, std::int64_t n, float* y) override { inner_->matmul(w, x, n, y); }
-    void embed(const le::Tensor& table, float* out) override { inner_->embed(table, out); }
-    void rmsnorm(const float* x, const le::Tensor& w, std::int64_t n, float eps, float* out) override {
-      inner_->rmsnorm(x, w, n, eps, out);
-    }
-    void rope(float* q, float* k, const le::AttentionShape& s, float theta) override { inner_->rope(q, k, s, theta); }
-    void store_kv(le::KvCache& c, std::int64_t l, const float* k, const float* v) override {
-      inner_->store_kv(c, l, k, v);
-    }
-    void attention(const le::KvCache& c, std::int64_t l, const float* q, const le::AttentionShape& s,
-                   float* out) override {
-      inner_->attention(c, l, q, s, out);
-    }
-    void silu_mul(float* g, const float* u, std::int64_t n) override { inner_->silu_mul(g, u, n); }
-    void add(float* y, const float* x, std::int64_t n) override { inner_->add(y, x, n); }
-    void gather_sample_rows(float* x, std::int64_t dim) override { inner_->gather_sample_rows(x, dim); }
-    void argmax(const float* l, std::int64_t rows, std::int64_t vocab, std::int32_t* ids) override {
-      inner_->argmax(l, rows, vocab, ids);
-    }
-   private:
-    std::unique_ptr<le::Device> inner_;
   };
   try {
     le::Engine engine(le::load_model(tollgate::test::shared_model("stories260K.bin"),

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/common.cuh"
+#include "kernels/runtime.hpp"
 
 namespace {
 
@@ -97,6 +98,13 @@ __global__ void dynamic_shared_sum(const int* in, int* out) {
     for (unsigned i = 0; i < blockDim.x; ++i) s += values[i];
     *out = s;
   }
+}
+
+
+// data[i] = data[i] * scale + add[i]: a kernel argument and a memory read.
+__global__ void scale_add(float* data, const float* add, float scale, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) data[i] = data[i] * scale + add[i];
 }
 
 }  // namespace
@@ -193,6 +201,36 @@ TEST_CASE("simt: dynamic shared memory and __dp4a", "[kernels][simt]") {
   TG_LAUNCH(dot4, 1, 2, 0, nullptr)(a.data(), b.data(), out.data());
   CHECK(out[0] == 7 + 5 - 12 - 21 + 128);
   CHECK(out[1] == 7 + 127 * 127 - 127 + 128 * 128 - 128);
+}
+
+// Stream capture, as the runtime's graphs use it: nothing runs while
+// capturing; a launch keeps the arguments it had, a copy and a kernel read
+// memory as it is when the graph runs, and the graph runs as often as launched.
+TEST_CASE("simt: a captured graph replays its launches and copies with their arguments", "[kernels][simt]") {
+  namespace emu = tollgate::kernels::emu;
+  std::vector<float> data(40, 1.0f), add(40, 0.0f), host(40, 2.0f);
+  float scale = 3.0f;
+  emu::begin_capture(nullptr);
+  emu::copy_to_device(add.data(), host.data(), host.size() * sizeof(float), nullptr);
+  TG_LAUNCH(scale_add, 2, 32, 0, nullptr)(data.data(), add.data(), scale, 40);
+  emu::Graph* graph = emu::end_capture(nullptr);
+  scale = 100.0f;  // not the captured argument
+  CHECK(data[0] == 1.0f);
+  CHECK(add[0] == 0.0f);
+
+  emu::launch_graph(graph, nullptr);
+  CHECK(std::all_of(data.begin(), data.end(), [](float v) { return v == 1.0f * 3 + 2; }));
+  std::fill(host.begin(), host.end(), 10.0f);  // read when the graph runs
+  emu::launch_graph(graph, nullptr);
+  CHECK(std::all_of(data.begin(), data.end(), [](float v) { return v == 5.0f * 3 + 10; }));
+  emu::destroy_graph(graph);
+
+  // Outside a capture, launches run at once again; captures do not nest.
+  TG_LAUNCH(scale_add, 2, 32, 0, nullptr)(data.data(), add.data(), 0.0f, 40);
+  CHECK(data[39] == 10.0f);
+  emu::begin_capture(nullptr);
+  CHECK_THROWS_AS(emu::begin_capture(nullptr), std::logic_error);
+  emu::destroy_graph(emu::end_capture(nullptr));
 }
 
 TEST_CASE("simt: a barrier some threads can never reach is reported", "[kernels][simt]") {
