@@ -65,6 +65,13 @@ __device__ __forceinline__ float load_element(const void* data, Type type, std::
   return 0.0f;
 }
 
+// Sixteen bytes at a 16-byte-aligned address in one load (ld.global.v4 on
+// the GPU): a lane's share of a weight row, so loads in flight carry 16 bytes.
+struct alignas(16) Bytes16 {
+  std::uint32_t word[4];
+};
+__device__ __forceinline__ Bytes16 load16(const void* p) { return *static_cast<const Bytes16*>(p); }
+
 // Four bytes at a 2-byte-aligned address (a quantised block's values start
 // after its 2-byte scale) as one int, for __dp4a.
 __device__ __forceinline__ int load_int_b2(const void* p, int i) {

@@ -137,6 +137,14 @@ void gemm(const GemmArgs& args, cudaStream_t stream) {
   auto* x_half = static_cast<std::uint16_t*>(args.workspace);
   auto* tile = x_half + args.n * args.cols;
   to_half(args.x, Type::f32, 0, args.n, args.cols, x_half, stream);
+  if (args.type == Type::f16) {  // already what cuBLAS takes: no tiles
+#ifdef __CUDACC__
+    multiply(args.w, x_half, CUDA_R_16F, args.rows, args.n, args.cols, args.y, args.rows, stream);
+#else
+    multiply(static_cast<const std::uint16_t*>(args.w), x_half, args.rows, args.n, args.cols, args.y, args.rows);
+#endif
+    return;
+  }
   const std::int64_t tile_rows = gemm_tile_rows(args.rows, args.cols);
   for (std::int64_t first = 0; first < args.rows; first += tile_rows) {
     const std::int64_t rows = first + tile_rows <= args.rows ? tile_rows : args.rows - first;

@@ -55,7 +55,8 @@ __device__ __forceinline__ float dot_q4_0(const BlockQ4_0& wb, const BlockQ8_0& 
 }
 
 // Block (row group, token group): warp w takes weight row blockIdx.x * 4 + w
-// for tokens blockIdx.y * kMatmulTokens onward; its lanes stride along the row.
+// for tokens blockIdx.y * kMatmulTokens onward; its lanes stride along the
+// row (F32/F16/BF16: 16 bytes a lane at a time when the row splits so).
 static __global__ void __launch_bounds__(kWarpsPerBlock * 32) matmul_rows(MatmulArgs a) {
   const std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (r >= a.rows) return;  // whole warps leave together
@@ -77,8 +78,34 @@ static __global__ void __launch_bounds__(kWarpsPerBlock * 32) matmul_rows(Matmul
         }
       }
       break;
-    default:
-      for (std::int64_t c = lane; c < a.cols; c += 32) {
+    default: {
+      // 16 bytes a lane a load (8 halves or 4 floats) where rows split so.
+      const int width = a.type == Type::f32 ? 4 : 8;
+      const std::int64_t wide_cols = a.cols % width == 0 ? a.cols : 0;
+      for (std::int64_t c = static_cast<std::int64_t>(lane) * width; c < wide_cols; c += 32 * width) {
+        const Bytes16 chunk = load16(row + static_cast<std::size_t>(c) * (a.type == Type::f32 ? 4 : 2));
+        float w[8];
+        for (int i = 0; i < 4; ++i) {
+          const std::uint32_t word = chunk.word[i];
+          if (a.type == Type::f32) {
+            w[i] = __uint_as_float(word);
+          } else if (a.type == Type::f16) {
+            w[2 * i] = half_bits_to_float(static_cast<std::uint16_t>(word & 0xffffu));
+            w[2 * i + 1] = half_bits_to_float(static_cast<std::uint16_t>(word >> 16));
+          } else {
+            w[2 * i] = bf16_bits_to_float(static_cast<std::uint16_t>(word & 0xffffu));
+            w[2 * i + 1] = bf16_bits_to_float(static_cast<std::uint16_t>(word >> 16));
+          }
+        }
+        for (int t = 0; t < kMatmulTokens; ++t) {
+          if (t >= tokens) break;
+          const float* xt = a.x + (t0 + t) * a.cols + c;
+          float sum = 0.0f;
+          for (int i = 0; i < width; ++i) sum += w[i] * xt[i];
+          acc[t] += sum;
+        }
+      }
+      for (std::int64_t c = lane; wide_cols == 0 && c < a.cols; c += 32) {
         float w;
         if (a.type == Type::f32) {
           w = reinterpret_cast<const float*>(row)[c];
@@ -93,6 +120,7 @@ static __global__ void __launch_bounds__(kWarpsPerBlock * 32) matmul_rows(Matmul
         }
       }
       break;
+    }
   }
   for (int t = 0; t < kMatmulTokens; ++t) {
     if (t >= tokens) break;  // the same for the whole warp

@@ -20,6 +20,7 @@
 #include "kernels/argmax.cuh"
 #include "kernels/attention.cuh"
 #include "kernels/embed.cuh"
+#include "kernels/gemm.cuh"
 #include "kernels/matmul.cuh"
 #include "kernels/rmsnorm.cuh"
 #include "kernels/rope.cuh"
@@ -215,7 +216,9 @@ TEST_CASE("kernels: matmul on every weight type, ragged batches", "[kernels][ops
   std::mt19937 rng(5);
   for (auto type : kTypes) {
     for (std::int64_t rows : {1, 37}) {
-      for (std::int64_t cols : {64, 320}) {
+      // 36 and 30: rows that do not split into 16-byte loads (float types only).
+      for (std::int64_t cols : {64, 320, 36, 30}) {
+        if (cols % 32 != 0 && (type == le::DType::q8_0 || type == le::DType::q4_0)) continue;
         for (std::int64_t n : {1, 9}) {
           auto w = make_weights(type, rows, cols, rng);
           auto x = random_floats(static_cast<std::size_t>(n * cols), rng);
@@ -231,6 +234,43 @@ TEST_CASE("kernels: matmul on every weight type, ragged batches", "[kernels][ops
           // Quantised types round x the same way on both sides: only the
           // order of the float sums differs.
           CHECK(nmse(d_y.read(), want) < 1e-10);
+        }
+      }
+    }
+  }
+}
+
+// Prefill-sized batches: W dequantised to F16 tiles (F16 as stored, F32 as
+// F32), x rounded to F16, the GEMM (cuBLAS on a GPU, the reference GEMM in the
+// emulation). F16 rounding of x, and of W for the quantised types, bounds the
+// error; the CPU rounds x to Q8_0 for those instead.
+TEST_CASE("kernels: gemm on every weight type, prefill-sized batches", "[kernels][ops]") {
+  if (!dev::gemm_available()) {
+    WARN("no cuBLAS found: the GEMM path is not tested here");
+    return;
+  }
+  std::mt19937 rng(6);
+  for (auto type : kTypes) {
+    for (std::int64_t rows : {37, 64}) {
+      for (std::int64_t cols : {64, 320}) {
+        for (std::int64_t n : {k::kGemmMinTokens, 45}) {
+          auto w = make_weights(type, rows, cols, rng);
+          auto x = random_floats(static_cast<std::size_t>(n * cols), rng);
+          std::vector<float> want(static_cast<std::size_t>(n * rows));
+          cpu().matmul(w.tensor, x.data(), n, want.data());
+          Buffer<std::uint8_t> d_w(w.bytes);
+          Buffer<float> d_x(x), d_y(want.size());
+          Buffer<std::uint8_t> scratch(k::gemm_workspace_bytes(static_cast<k::Type>(type), n, rows, cols) + 1);
+          dev::gemm({d_w.get(), static_cast<k::Type>(type), rows, cols, d_x.get(), n, d_y.get(), scratch.get()},
+                    nullptr);
+          INFO(le::dtype_name(type) << " " << rows << "x" << cols << ", n " << n);
+          // F32: only the order of the sums differs. F16/BF16: x's F16
+          // rounding. Q8_0/Q4_0: the CPU's Q8_0 rounding of x (measured
+          // 2.5e-5 to 3.1e-5; a wrong element would give ~1).
+          const double tolerance = type == le::DType::f32                                 ? 1e-10
+                                   : type == le::DType::q8_0 || type == le::DType::q4_0 ? 1e-4
+                                                                                          : 2e-5;
+          CHECK(nmse(d_y.read(), want) < tolerance);
         }
       }
     }
