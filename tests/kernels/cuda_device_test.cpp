@@ -12,10 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "kernels/gemm.cuh"
 #include "local_engine/engine.hpp"
 #include "tests/local_engine/engine_support.hpp"
 #include "tests/local_engine/reference.hpp"
 
+namespace k = tollgate::kernels;
 namespace le = tollgate::local_engine;
 using tollgate::test::Collector;
 using tollgate::test::TempFile;
@@ -68,10 +70,11 @@ struct Run {
 // Every prompt through one engine, all submitted at once (or one after another).
 std::vector<Run> generate(const std::string& path, const std::string& tokenizer, std::unique_ptr<le::Device> device,
                           const std::vector<std::vector<std::int32_t>>& prompts, bool together, int logprobs,
-                          std::int64_t max_model_len = 128) {
+                          std::int64_t max_model_len = 128, std::int64_t step_tokens = 512) {
   le::EngineConfig config;
   config.max_num_seqs = 16;
   config.max_model_len = max_model_len;
+  config.max_num_batched_tokens = step_tokens;
   le::Engine engine(le::load_model(path, tokenizer), config, std::move(device));
   std::vector<Collector> collectors(prompts.size());
   std::vector<Run> runs(prompts.size());
@@ -103,8 +106,7 @@ std::vector<Run> generate(const std::string& path, const std::string& tokenizer,
 // logits by a few hundredths of a nat (measured up to 0.045); the CPU rounds
 // activations to Q8_0 instead.
 void compare(const std::vector<Run>& cpu, const std::vector<Run>& device, bool exact, std::size_t& agreed,
-             std::size_t& total) {
-  constexpr float tie = 0.1f;
+             std::size_t& total, float tie = 0.1f) {
   for (std::size_t i = 0; i < cpu.size(); ++i) {
     INFO("prompt " << i);
     const auto& want = cpu[i].tokens;
@@ -149,6 +151,18 @@ void check_same_tokens(const std::string& path, const std::string& tokenizer, bo
     auto cpu = generate(path, tokenizer, le::make_cpu_device(2), all, true, 5);
     auto device = generate(path, tokenizer, device_under_test(), all, true, -1);
     compare(cpu, device, exact, agreed, total);
+  }
+  // Steps of fewer tokens than the GEMM takes (prompts prefill in chunks):
+  // every matmul rounds x to Q8_0 as the CPU does and only the order of float
+  // sums differs, so the sequences may part only at a far closer tie (a
+  // last-bit difference can still flip one activation's Q8_0 rounding; one
+  // sequence in 16 parts at a 0.0007-nat tie, measured, on random weights).
+  // (stories260K agrees exactly either way: random weights are the test.)
+  if (!exact) SECTION("among 16 concurrent sequences, steps under the GEMM's size") {
+    const auto step_tokens = k::kGemmMinTokens - 1;
+    auto cpu = generate(path, tokenizer, le::make_cpu_device(2), all, true, 5, 128, step_tokens);
+    auto device = generate(path, tokenizer, device_under_test(), all, true, -1, 128, step_tokens);
+    compare(cpu, device, false, agreed, total, 0.01f);
   }
   // Parting at near-ties is the exception, not the rule (random weights: 2 in 3 tokens agree, measured).
   INFO(agreed << " of " << total << " tokens agreed");
