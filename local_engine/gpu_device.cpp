@@ -112,10 +112,7 @@ class GpuDevice final : public Device {
   float* read(float* src, std::int64_t count) override {
     finish_recorded();
     const auto bytes = static_cast<std::size_t>(count) * sizeof(float);
-    if (host_logits_.bytes() < bytes) {
-      host_logits_ = {};  // the stream is idle: the last step ended with a synchronisation
-      host_logits_ = pinned_buffer(bytes);
-    }
+    reserve_pinned(host_logits_, bytes);
     kd::copy_to_host(host_logits_.get(), src, bytes, stream_);
     end_step();
     return host_logits_.as<float>();
@@ -155,10 +152,7 @@ class GpuDevice final : public Device {
 
     const std::size_t slot_bytes = step.slots.size() * sizeof(std::int64_t);
     const std::size_t bytes = slot_bytes + ints_.size() * sizeof(std::int32_t);
-    if (host_step_.bytes() < bytes) {
-      host_step_ = {};
-      host_step_ = pinned_buffer(std::max<std::size_t>(2 * bytes, 4096));
-    }
+    reserve_pinned(host_step_, bytes);
     auto* packed = static_cast<std::byte*>(host_step_.get());
     std::memcpy(packed, step.slots.data(), slot_bytes);
     std::memcpy(packed + slot_bytes, ints_.data(), ints_.size() * sizeof(std::int32_t));
@@ -257,10 +251,7 @@ class GpuDevice final : public Device {
       issue([=, this] { kd::argmax(logits, rows, vocab, out, stream_); });
     }
     finish_recorded();
-    if (host_ids_.bytes() < bytes) {
-      host_ids_ = {};
-      host_ids_ = pinned_buffer(std::max<std::size_t>(bytes, 1024));
-    }
+    reserve_pinned(host_ids_, bytes);
     kd::copy_to_host(host_ids_.get(), ids_.get(), bytes, stream_);
     end_step();
     std::memcpy(ids, host_ids_.get(), bytes);
@@ -394,6 +385,14 @@ class GpuDevice final : public Device {
       bytes = std::max(bytes, 2 * retired_.back().bytes());
     }
     buffer = device_buffer(std::max<std::size_t>(bytes, 256));
+  }
+
+  // Grows a page-locked buffer to at least `bytes` (twice that: allocating
+  // page-locked memory is slow). Only between copies: no copy in flight uses it.
+  static void reserve_pinned(DeviceBuffer& buffer, std::size_t bytes) {
+    if (buffer.bytes() >= bytes) return;
+    buffer = {};
+    buffer = pinned_buffer(std::max<std::size_t>(2 * bytes, 4096));
   }
 
   std::string name_;
