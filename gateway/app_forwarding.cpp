@@ -35,6 +35,20 @@ void set_forwarded_headers(const http::request_header<>& req, std::string_view p
   }
 }
 
+// Whether `name` spells, with an underscore for a hyphen, a header the
+// gateway vouches for: CGI, WSGI, Rack and PHP read X_Tollgate_User and
+// X-Tollgate-User as one (HTTP_X_TOLLGATE_USER), so either could win there.
+bool vouched_alias(std::string_view name) {
+  if (name.find('_') == std::string_view::npos) return false;
+  std::string hyphenated(name);
+  for (char& c : hyphenated) {
+    if (c == '_') c = '-';
+  }
+  if (beast::iequals(std::string_view(hyphenated).substr(0, 11), "X-Tollgate-")) return true;
+  if (beast::iequals(std::string_view(hyphenated).substr(0, 12), "X-Forwarded-")) return true;
+  return beast::iequals(hyphenated, "X-Real-IP");
+}
+
 }  // namespace
 
 std::optional<HeadViolation> plan_app_request(const http::request_header<>& req, const std::optional<AppCaller>& caller,
@@ -52,6 +66,11 @@ std::optional<HeadViolation> plan_app_request(const http::request_header<>& req,
   std::string_view used = caller ? caller->presented_key : std::string_view{};
   for (const auto& f : req) {
     auto value = f.value();
+    if (vouched_alias(f.name_string())) {
+      auto name = f.name_string();
+      how.drop_request.add({name.data(), name.size()});
+      continue;
+    }
     if (!holds_tollgate_key({value.data(), value.size()}, used)) continue;
     if (f.name() == http::field::host) return HeadViolation{400, "a key in the Host header", "bad_http"};
     auto name = f.name_string();

@@ -23,11 +23,12 @@ constexpr auto as_tuple = net::as_tuple(net::use_awaitable);
 }  // namespace
 
 // The completion flow's client: an HTTP answer on this session's connection,
-// streamed as chunked SSE or written whole.
+// streamed as chunked SSE (to an HTTP/1.0 client, which knows no chunked
+// coding, as a body the closing connection ends) or written whole.
 class HttpCompletionClient final : public CompletionClient {
  public:
   HttpCompletionClient(Session& session, const Request& req, Exchange& x)
-      : session_(session), req_(req), x_(x), head_{http::status::ok, req.version()} {}
+      : session_(session), req_(req), x_(x), head_{http::status::ok, req.version()}, chunked_(req.version() >= 11) {}
 
   awaitable<std::optional<std::deque<backends::CompletionEvent>>> next_events(EventQueue& queue, bool watch) override {
     co_return co_await session_.next_events(queue, watch);
@@ -42,17 +43,22 @@ class HttpCompletionClient final : public CompletionClient {
       head_.set(http::field::cache_control, "no-cache");
       head_.set("x-accel-buffering", "no");
       set_rate_limit_headers(head_, x_.admission->status);
-      head_.keep_alive(req_.keep_alive() && !session_.gw_.stopping);
-      head_.chunked(true);
+      head_.keep_alive(chunked_ && req_.keep_alive() && !session_.gw_.stopping);
+      head_.chunked(chunked_);
       serializer_.emplace(head_);
       auto [ec, n] = co_await http::async_write_header(stream, *serializer_, as_tuple);
       if (ec) co_return false;
+    }
+    if (!chunked_) {
+      auto [ec, n] = co_await net::async_write(stream, net::buffer(sse), as_tuple);
+      co_return !ec;
     }
     auto [ec, n] = co_await net::async_write(stream, http::make_chunk(net::buffer(sse)), as_tuple);
     co_return !ec;
   }
 
   awaitable<bool> end_stream() override {
+    if (!chunked_) co_return false;  // closing the connection ends the body
     auto& stream = session_.stream();
     stream.expires_after(session_.limits().idle_timeout);
     auto [ec, n] = co_await net::async_write(stream, http::make_chunk_last(), as_tuple);
@@ -82,6 +88,7 @@ class HttpCompletionClient final : public CompletionClient {
   const Request& req_;
   Exchange& x_;
   http::response<http::empty_body> head_;
+  bool chunked_;
   std::optional<http::response_serializer<http::empty_body>> serializer_;
 };
 

@@ -63,6 +63,40 @@ TEST_CASE("streamed completion sends SSE chunks, usage when asked, and [DONE]", 
   CHECK(events[4].at("usage").at("prompt_tokens") == 4);
 }
 
+// HTTP/1.0 has no chunked coding (RFC 9112 6.1): a stream to a 1.0 client
+// (nginx's default toward upstreams) is a body the closing connection ends.
+TEST_CASE("a streamed answer to an HTTP/1.0 client is not chunked and ends with the connection",
+          "[e2e][completions]") {
+  TempDir dir;
+  GatewayProcess gw(dir);
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  for (std::string connection : {"", "Connection: keep-alive\r\n"}) {
+    INFO("connection header: " << connection);
+    HttpClient client(gw.port());
+    const std::string body = R"({"model":"echo","prompt":"one two three","stream":true})";
+    REQUIRE(client.send_raw("POST /v1/completions HTTP/1.0\r\nAuthorization: Bearer " + key + "\r\n" + connection +
+                            "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+                            "\r\n\r\n" + body));
+    std::string raw;
+    for (int i = 0; i < 50 && raw.find("[DONE]\n\n") == std::string::npos; ++i) raw += client.read_some(100ms);
+    INFO(raw);
+    CHECK(client.wait_closed(2s));
+    REQUIRE(raw.starts_with("HTTP/1.0 200 OK\r\n"));
+    const auto head_end = raw.find("\r\n\r\n");
+    REQUIRE(head_end != std::string::npos);
+    std::string head = raw.substr(0, head_end);
+    for (char& c : head) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    CHECK(head.find("transfer-encoding") == std::string::npos);
+    CHECK(head.find("content-length") == std::string::npos);
+    CHECK(head.find("keep-alive") == std::string::npos);
+    const std::string sse = raw.substr(head_end + 4);
+    CHECK(sse.starts_with("data: {"));
+    CHECK(sse.ends_with("data: [DONE]\n\n"));
+    CHECK(sse.find("\"text\":\"one\"") != std::string::npos);
+  }
+}
+
 TEST_CASE("a client that hangs up before a non-streamed answer cancels the work at once", "[e2e][completions]") {
   TempDir dir;
   GatewayProcess::Options options;

@@ -111,3 +111,19 @@ TEST_CASE("app forwarding: X-Forwarded-* are kept only from a trusted proxy", "[
     CHECK(how.target == "/app/x?q=1");
   }
 }
+
+TEST_CASE("app forwarding: underscore spellings of vouched headers never reach the app", "[gateway][app]") {
+  auto req = request();
+  req.set("X_Tollgate_User", "admin");
+  req.set("x_tollgate_key-id", "forged");
+  req.set("X_Forwarded_Proto", "https");
+  req.set("X_Real_Ip", "10.0.0.1");
+  req.set("X_Custom_Thing", "kept");
+  proxy::AppForward how;
+  REQUIRE_FALSE(plan_app_request(req, alice(), "127.0.0.1", false, how));
+  CHECK(how.drop_request.contains("X_Tollgate_User"));
+  CHECK(how.drop_request.contains("x_tollgate_key-id"));
+  CHECK(how.drop_request.contains("X_Forwarded_Proto"));
+  CHECK(how.drop_request.contains("X_Real_Ip"));
+  CHECK_FALSE(how.drop_request.contains("X_Custom_Thing"));
+}
