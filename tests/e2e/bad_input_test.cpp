@@ -3,6 +3,7 @@
 // server keeps serving everybody else afterwards.
 #include <catch2/catch.hpp>
 
+#include <cstdio>
 #include <memory>
 #include <optional>
 #include <thread>
@@ -285,6 +286,50 @@ TEST_CASE("protocol garbage gets 400 and a close", "[e2e][bad_input]") {
     client.send_raw(noise + "\r\n\r\n");
     check_status_or_closed(client, 400);
   }
+  check_still_serving(gw.port(), key);
+}
+
+// The gateway's own routes read chunked bodies through Beast, which parses a
+// chunk line only once its CRLF arrives: bare line feeds and endless chunk
+// lines must be refused at once (400 and a close), not held until
+// body_timeout (a minute here) and closed in silence.
+TEST_CASE("chunked bodies with bare line feeds or endless chunk lines get 400 at once", "[e2e][bad_input]") {
+  TempDir dir;
+  GatewayProcess gw(dir, with_config(config_with_limits("body_timeout: 60s")));
+  auto key = create_key(gw.db(), "mallory");
+  wait_for_key(gw.port(), key);
+  const std::string body = chat_body("echo", "hi");
+  auto hex = [](std::size_t n) {
+    char out[32];
+    std::snprintf(out, sizeof out, "%zx", n);
+    return std::string(out);
+  };
+  const std::string head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + key +
+                           "\r\nTransfer-Encoding: chunked\r\n\r\n";
+  struct Case {
+    std::string name, bytes;
+  };
+  const std::vector<Case> cases = {
+      {"bare LF everywhere", hex(body.size()) + "\n" + body + "\n0\n\n"},
+      {"a bare LF after the size, the rest still to come", hex(body.size()) + "\n" + body.substr(0, 5)},
+      {"a bare LF after a trailer", hex(body.size()) + "\r\n" + body + "\r\n0\r\nX-T: 1\n"},
+      {"a chunk extension longer than any header", "5;" + std::string(70'000, 'a')},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    HttpClient client(gw.port(), 20s);
+    client.send_raw(head + c.bytes);
+    auto r = client.read_response();
+    REQUIRE(r);
+    check_error(*r, 400, "bad_body");
+    CHECK(client.wait_closed(10s));
+  }
+  // Well-formed chunked bodies still pass, trailers and all.
+  HttpClient client(gw.port());
+  REQUIRE(client.send_raw(head + hex(body.size()) + "\r\n" + body + "\r\n0\r\nX-T: 1\r\n\r\n"));
+  auto r = client.read_response();
+  REQUIRE(r);
+  CHECK(r->status == 200);
   check_still_serving(gw.port(), key);
 }
 
