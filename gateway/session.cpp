@@ -212,9 +212,7 @@ awaitable<bool> Session::read_body(RequestParser& parser, Exchange& x) {
   stream().expires_after(limits().body_timeout);
   const auto ec = co_await read_rest(parser);
   if (ec == http::error::body_limit) {
-    // g++ 12 destroys a braced temporary inside a co_await twice: name it first.
-    auto too_large = too_large_error(limits().max_body);
-    co_await respond_error(req, x, too_large, true);
+    co_await respond_too_large(req, x);
     co_return false;
   }
   if (ec) {
@@ -228,6 +226,18 @@ awaitable<bool> Session::read_body(RequestParser& parser, Exchange& x) {
     co_return false;
   }
   co_return true;
+}
+
+// 413, and a close. A known key's request is admitted first (with nothing
+// reserved), so it counts against the key's limits: a flood of oversized
+// bodies meets the same 429 as any other.
+awaitable<bool> Session::respond_too_large(const Request& req, Exchange& x) {
+  if (x.caller && !x.admission) {
+    if (auto refused = co_await admit(x, 0)) co_return co_await respond_error(req, x, *refused, true);
+  }
+  // g++ 12 destroys a braced temporary inside a co_await twice: name it first.
+  auto too_large = too_large_error(limits().max_body);
+  co_return co_await respond_error(req, x, too_large, true);
 }
 
 // A small body is read so the connection stays usable; a large one is left
@@ -273,10 +283,14 @@ awaitable<bool> Session::handle(RequestParser& parser) {
   if (gw_.app && !route) co_return co_await handle_app(parser, x, path);
   // The gateway's own routes buffer their bodies: those are capped.
   parser.body_limit(limits().max_body);
-  if (parser.content_length() && *parser.content_length() > limits().max_body) {
-    auto too_large = too_large_error(limits().max_body);
-    co_return co_await respond_error(req, x, too_large, true);
+  const bool too_large = parser.content_length() && *parser.content_length() > limits().max_body;
+  if (too_large && route && route->auth == RouteAuth::key) {
+    // Whose it is first: a known key's oversized request is metered and
+    // counts against its limits, like any bad request. A stranger's is not read.
+    if (auto e = co_await authenticate(req, x)) co_return co_await respond_error(req, x, *e, true);
+    co_return co_await respond_too_large(req, x);
   }
+  if (too_large) co_return co_await respond_too_large(req, x);
   if (!route) {
     if (!co_await read_body(parser, x)) co_return false;
     auto no_route = not_found("no route for " + metering::excerpt(path), "unknown_route");

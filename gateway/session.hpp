@@ -66,6 +66,7 @@ class Session {
   // Refuses a request before its body is needed (reading a small one to keep the connection).
   boost::asio::awaitable<bool> refuse(RequestParser& parser, Exchange& x, ApiError error);
   boost::asio::awaitable<bool> read_body(RequestParser& parser, Exchange& x);
+  boost::asio::awaitable<bool> respond_too_large(const Request& req, Exchange& x);
   boost::asio::awaitable<boost::beast::error_code> read_rest(RequestParser& parser);
   boost::asio::awaitable<std::optional<ApiError>> authenticate(const Request& req, Exchange& x);
   // Admits the request against its limits into x.admission, reserving

@@ -186,6 +186,34 @@ TEST_CASE("a body over max_body gets 413", "[e2e][bad_input]") {
       CHECK(client.post("/v1/chat/completions", key, chat_body("echo", "small enough")).status == 200);
     }
     check_still_serving(gw.port(), key);
+    // Both 413s are the key's calls: metered (one usage row each).
+    auto deadline = Clock::now() + 10s;
+    while (count_usage_rows(gw.db(), "status = 413") < 2 && Clock::now() < deadline) std::this_thread::sleep_for(50ms);
+    CHECK(count_usage_rows(gw.db(), "status = 413") == 2);
+  }
+
+  SECTION("oversized bodies count against the key's request limit") {
+    GatewayProcess gw(dir, with_config(config_with_limits("max_body: 1KiB")));
+    auto key = create_key(gw.db(), "mallory", {"--rpm", "4"});
+    wait_for_key(gw.port(), key);  // the first of the four
+    std::string body = chat_body("echo", std::string(2048, 'a'));
+    for (int i = 0; i < 3; ++i) {
+      HttpClient client(gw.port());
+      REQUIRE(client.send_raw(post_head(key, body.size()) + body));
+      auto r = client.read_response();
+      REQUIRE(r);
+      check_error(*r, 413, "request_too_large");
+      CHECK(r->header("x-ratelimit-remaining-requests") == std::to_string(2 - i));
+    }
+    HttpClient client(gw.port());
+    auto r = client.post("/v1/chat/completions", key, chat_body("echo", "small"));
+    check_error(r, 429);
+    // A stranger's oversized body is refused as a stranger's: 401.
+    HttpClient stranger(gw.port());
+    REQUIRE(stranger.send_raw(post_head("tg-nobody-AAAAAAAAAAAAAAAAAAAAAAAA", body.size()) + body));
+    auto s = stranger.read_response();
+    REQUIRE(s);
+    CHECK(s->status == 401);
   }
 }
 
