@@ -220,9 +220,10 @@ int keys_list(Args& args) {
   for (const auto& k : store->list_keys(user ? std::optional<std::string_view>(*user) : std::nullopt)) {
     std::string models;
     for (const auto& m : k.models) models += (models.empty() ? "" : ",") + m;
-    std::printf("%-14s %-20s %-10s %-10s %-10s %-20s %s\n", k.prefix.c_str(), k.user_name.c_str(),
+    std::printf("%-14s %-20s %-10s %-10s %-10s %-20s %s\n", k.prefix.c_str(), metering::printable(k.user_name).c_str(),
                 metering::day_string(k.created_at).c_str(), time_text(k.expires_at).c_str(),
-                time_text(k.revoked_at).c_str(), models.empty() ? "all" : models.c_str(), limit_text(k.limits).c_str());
+                time_text(k.revoked_at).c_str(), models.empty() ? "all" : metering::printable(models).c_str(),
+                limit_text(k.limits).c_str());
   }
   return 0;
 }
@@ -286,8 +287,11 @@ int usage(Args& args) {
   std::printf("%-24s %-10s %-24s %10s %8s %14s %14s\n", "USER", "DAY", "MODEL", "REQUESTS", "ERRORS", "PROMPT_TOK",
               "COMPLETION_TOK");
   for (const auto& r : rows) {
-    std::printf("%-24s %-10s %-24s %10lld %8lld %14lld %14lld\n", r.user.c_str(), r.day.empty() ? "*" : r.day.c_str(),
-                r.model.empty() ? "*" : r.model.c_str(), static_cast<long long>(r.requests),
+    // A model name is the client's string: escaped. By model, "-" is a call
+    // that named none (refused before its body was read); otherwise "*" is all.
+    const std::string model = !r.model.empty() ? metering::printable(r.model) : query.by_model ? "-" : "*";
+    std::printf("%-24s %-10s %-24s %10lld %8lld %14lld %14lld\n", metering::printable(r.user).c_str(),
+                r.day.empty() ? "*" : r.day.c_str(), model.c_str(), static_cast<long long>(r.requests),
                 static_cast<long long>(r.errors), static_cast<long long>(r.prompt_tokens),
                 static_cast<long long>(r.completion_tokens));
   }

@@ -57,6 +57,48 @@ std::string excerpt(std::string_view s, std::size_t max_bytes) {
   return std::string(truncate_utf8(s, max_bytes)) + "…";
 }
 
+std::string printable(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  auto escape = [&out](unsigned char c) {
+    static constexpr char kHex[] = "0123456789abcdef";
+    out += "\\x";
+    out += kHex[c >> 4];
+    out += kHex[c & 15];
+  };
+  for (std::size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c == '\\') {
+      out += "\\\\";
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (c == '\r') {
+      out += "\\r";
+    } else if (c < 0x20 || c == 0x7F) {
+      escape(c);
+    } else if (c >= 0x80) {
+      // A whole UTF-8 sequence passes, except a C1 control (U+0080..U+009F).
+      std::size_t len = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+      const bool whole = len > 1 && i + len <= s.size() && valid_utf8(s.substr(i, len));
+      const bool c1 = whole && c == 0xC2 && static_cast<unsigned char>(s[i + 1]) <= 0x9F;
+      if (!whole || c1) {
+        for (std::size_t j = 0; j < (c1 ? 2 : 1); ++j) escape(static_cast<unsigned char>(s[i + j]));
+        i += c1 ? 2 : 1;
+        continue;
+      }
+      out.append(s.substr(i, len));
+      i += len;
+      continue;
+    } else {
+      out += static_cast<char>(c);
+    }
+    ++i;
+  }
+  return out;
+}
+
 std::optional<std::string> user_name_problem(std::string_view name) {
   if (name.empty()) return "a user name must not be empty";
   if (name.size() > kMaxUserName) {

@@ -24,6 +24,11 @@ std::string_view truncate_utf8(std::string_view s, std::size_t max_bytes);
 // `s` for a message: whole when it is short, else its first `max_bytes` and "…".
 std::string excerpt(std::string_view s, std::size_t max_bytes = 64);
 
+// `s` safe to print on a terminal: control characters (C0, DEL, C1) and
+// bytes that are not UTF-8 become escapes (\n, \t, \x1b ...), a backslash
+// becomes two. Reports show client-chosen strings (model names) through it.
+std::string printable(std::string_view s);
+
 // Why `name` cannot be a user name, or nullopt when it can: 1..kMaxUserName
 // bytes of valid UTF-8, no control characters (C0, DEL, C1), no leading or
 // trailing whitespace.

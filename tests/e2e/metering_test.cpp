@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <sqlite3.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -274,4 +275,31 @@ TEST_CASE("the schema carries a version after start", "[e2e][metering]") {
     CHECK(sql_int(gw.db(), std::string("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '") + table +
                                "'") == 1);
   }
+}
+
+// Model names are the client's strings: the operator's report must show them
+// escaped, never act on them (newlines forging rows, terminal escapes, NULs).
+TEST_CASE("usage --by-model escapes client-chosen model names", "[e2e][metering]") {
+  TempDir dir;
+  auto db = dir.file("usage.db");
+  auto mallory = create_key(db, "mallory");
+  GatewayProcess gw(dir, {config_with_flush("100ms"), db, {}});
+  wait_for_key(gw.port(), mallory);
+  HttpClient client(gw.port());
+  const std::string forged = R"(echo\n\u001b[31mred\u0000x\u009b)";
+  auto r = client.post("/v1/chat/completions", mallory,
+                       R"({"model":")" + forged + R"(","messages":[{"role":"user","content":"x"}]})");
+  CHECK(r.status == 404);
+  REQUIRE(gw.stop(SIGTERM) == 0);
+  auto report = run_tollgate({"usage", "--by-model", "--db", db});
+  REQUIRE(report.exit_code == 0);
+  INFO(report.out);
+  for (char c : report.out) {
+    const auto byte = static_cast<unsigned char>(c);
+    CHECK((c == '\n' || (byte >= 0x20 && byte != 0x7f)));
+  }
+  // The header, the key check's row (GET /v1/models names no model: "-") and the forged name's: three lines.
+  CHECK(std::count(report.out.begin(), report.out.end(), '\n') == 3);
+  CHECK(report.out.find("echo\\n\\x1b[31mred\\x00x\\xc2\\x9b") != std::string::npos);
+  CHECK(report.out.find(" - ") != std::string::npos);
 }

@@ -70,3 +70,16 @@ TEST_CASE("user_name_problem accepts ordinary names and names every refusal", "[
     CHECK_THAT(*problem, Catch::Contains(bad.says));
   }
 }
+
+TEST_CASE("printable escapes what a terminal would act on and keeps the rest", "[metering][text]") {
+  using tollgate::metering::printable;
+  CHECK(printable("gpt-4o mini") == "gpt-4o mini");
+  CHECK(printable("echo\n\x1b[31mred") == "echo\\n\\x1b[31mred");
+  CHECK(printable(std::string_view("a\0b", 3)) == "a\\x00b");
+  CHECK(printable("tab\there\r") == "tab\\there\\r");
+  CHECK(printable("back\\slash") == "back\\\\slash");
+  CHECK(printable("\x7f") == "\\x7f");
+  CHECK(printable("caf\xc3\xa9 \xe6\x97\xa5\xf0\x9f\x98\x80") == "caf\xc3\xa9 \xe6\x97\xa5\xf0\x9f\x98\x80");
+  CHECK(printable("\xc2\x9b" "31m") == "\\xc2\\x9b31m");       // C1 CSI
+  CHECK(printable("bad\xff\xc3") == "bad\\xff\\xc3");       // not UTF-8, cut sequence
+}
