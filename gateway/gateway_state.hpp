@@ -65,6 +65,9 @@ struct Gateway {
   std::string all_models_body;  // /v1/models for a key that may use every model
   std::unique_ptr<JobManager> jobs;  // the /v2 job API; set once the io contexts exist
 
+  // The models' "created": when this gateway started serving them (Unix seconds).
+  const std::int64_t started_s = metering::now_ms() / 1000;
+
   explicit Gateway(const Config& c) : config(c), metrics(c.metering.per_user_metrics) {}
 };
 
@@ -88,6 +91,7 @@ boost::asio::awaitable<std::invoke_result_t<F>> run_blocking(Gateway& gw, F f) {
 }
 
 // The /v1/models answer: every routed model, or those in `allowed` when it is not empty.
-std::string model_list_body(const backends::Router& router, const std::vector<std::string>& allowed);
+std::string model_list_body(const backends::Router& router, const std::vector<std::string>& allowed,
+                            std::int64_t created);
 
 }  // namespace tollgate::gateway

@@ -9,7 +9,8 @@ constexpr std::array kRoutes{
     Route{"/v1/chat/completions", false, kPost, RouteAuth::key, "/v1/chat/completions", RouteHandler::chat_completions},
     Route{"/v1/completions", false, kPost, RouteAuth::key, "/v1/completions", RouteHandler::completions},
     Route{"/v1/embeddings", false, kPost, RouteAuth::key, "/v1/embeddings", RouteHandler::embeddings},
-    Route{"/v1/models", false, kGet, RouteAuth::key, "/v1/models", RouteHandler::models},
+    // The list, and /v1/models/{id} (an id may hold slashes: org/name).
+    Route{"/v1/models", true, kGet, RouteAuth::key, "/v1/models", RouteHandler::models},
     Route{"/healthz", false, kGet, RouteAuth::none, "/healthz", RouteHandler::health},
     Route{"/readyz", false, kGet, RouteAuth::none, "/readyz", RouteHandler::readiness},
     Route{"/metrics", false, kGet, RouteAuth::none, "/metrics", RouteHandler::metrics},

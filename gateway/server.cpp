@@ -140,7 +140,7 @@ int run_server(const Config& config) {
     gw.router.add_route(std::move(route));
   }
 
-  gw.all_models_body = model_list_body(gw.router, {});
+  gw.all_models_body = model_list_body(gw.router, {}, gw.started_s);
 
   // Opening the store migrates the schema before anything else touches it.
   gw.admin_store = metering::open_store(config.database);

@@ -76,7 +76,7 @@ awaitable<bool> Session::write(Response res) {
   bool keep = res.keep_alive();
   // A string body is framed by hand in one buffer (see proxy::response_head).
   std::string wire = proxy::response_head(res);
-  wire += res.body();
+  if (!head_only_) wire += res.body();
   deadline_.arm(limits().idle_timeout);
   auto [ec, n] = co_await net::async_write(stream().socket(), net::buffer(wire), as_tuple);
   deadline_.disarm();
@@ -274,6 +274,8 @@ awaitable<std::optional<std::deque<backends::CompletionEvent>>> Session::next_ev
 // Dispatches one request whose headers have been read, by the route table.
 awaitable<bool> Session::handle(RequestParser& parser) {
   auto& req = parser.get();
+  // Whatever the gateway answers a HEAD with goes without its body.
+  head_only_ = req.method() == http::verb::head;
   std::string_view path = target_path(req.target());
   const Route* route = find_route(path);
   // Without job endpoints, /v2 is not the gateway's: an app behind it may use it.
@@ -303,14 +305,23 @@ awaitable<bool> Session::handle(RequestParser& parser) {
     if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
   }
   if (!co_await read_body(parser, x)) co_return false;
-  if (!method_allowed(route->methods, req.method())) {
+  // HEAD is GET without the body on the read-only routes (load balancers probe with it).
+  const bool read_only = route->handler == RouteHandler::models || route->handler == RouteHandler::health ||
+                         route->handler == RouteHandler::readiness || route->handler == RouteHandler::metrics;
+  if (!(read_only && head_only_) && !method_allowed(route->methods, req.method())) {
     ApiError wrong_method{405,
                           "use " + std::string(allowed_methods_text(route->methods)),
                           "invalid_request_error",
                           std::nullopt,
                           "method_not_allowed",
                           {}};
-    co_return co_await respond_error(req, x, wrong_method);
+    auto res = error_response(req, wrong_method);
+    std::string allow = route->methods & kGet ? (read_only ? "GET, HEAD" : "GET") : "";
+    if (route->methods & kPost) allow += allow.empty() ? "POST" : ", POST";
+    res.set(http::field::allow, allow);
+    if (x.caller) set_rate_limit_headers(res, x.admission ? x.admission->status : gw_.quotas.status(x.subject(), metering::now_ms()));
+    x.finish(405);
+    co_return co_await write(std::move(res));
   }
   switch (route->handler) {
     case RouteHandler::chat_completions:
@@ -318,7 +329,7 @@ awaitable<bool> Session::handle(RequestParser& parser) {
     case RouteHandler::embeddings:
       co_return co_await handle_completion(req, x, route->handler);
     case RouteHandler::models:
-      co_return co_await handle_models(req, x);
+      co_return co_await handle_models(req, x, path);
     case RouteHandler::health:
     case RouteHandler::readiness:
     case RouteHandler::metrics:
@@ -347,6 +358,7 @@ awaitable<void> Session::run() {
     first = false;
 
     RequestParser parser;
+    head_only_ = false;
     // No limit yet: bodies proxied to the app stream through unbounded;
     // handle() caps the gateway's own routes once the path is known.
     parser.body_limit(boost::none);

@@ -78,7 +78,7 @@ class Session {
   boost::asio::awaitable<bool> handle_status(const Request& req, Exchange& x, RouteHandler which);
   boost::asio::awaitable<bool> handle_admin_route(RequestParser& parser, Exchange& x);
   std::optional<ApiError> check_admin_key(const Request& req, Exchange& x);
-  boost::asio::awaitable<bool> handle_models(const Request& req, Exchange& x);
+  boost::asio::awaitable<bool> handle_models(const Request& req, Exchange& x, std::string_view path);
   boost::asio::awaitable<bool> handle_completion(const Request& req, Exchange& x, RouteHandler which);
   boost::asio::awaitable<bool> handle_app(RequestParser& parser, Exchange& x, std::string_view path);
   boost::asio::awaitable<bool> handle_jobs(const Request& req, Exchange& x);
@@ -100,6 +100,7 @@ class Session {
   // the socket directly; streamed answers use the stream's own expiry.
   proxy::IoDeadline deadline_;
   boost::beast::flat_buffer buffer_;
+  bool head_only_ = false;  // the request is a HEAD: the next answer goes without its body
   bool close_after_ = false;                      // the request's body was not read: framing is lost
   bool client_pipelined_ = false;                 // the client sent more: it is there, and its bytes wait their turn
   std::optional<boost::asio::ip::address> peer_;  // the client's address, looked up once

@@ -1,4 +1,6 @@
 // The gateway's small routes: health, readiness, metrics, the model list and the admin API.
+#include <boost/url/pct_string_view.hpp>
+
 #include "gateway/admin.hpp"
 #include "gateway/session.hpp"
 #include "metering/text_bounds.hpp"
@@ -34,12 +36,23 @@ std::string readiness_body(Gateway& gw) {
 
 }  // namespace
 
-std::string model_list_body(const backends::Router& router, const std::vector<std::string>& allowed) {
+namespace {
+
+boost::json::object model_object(std::string_view id, std::int64_t created) {
+  return {{"id", id}, {"object", "model"}, {"created", created}, {"owned_by", "tollgate"}};
+}
+
+bool may_use(const std::vector<std::string>& allowed, std::string_view model) {
+  return allowed.empty() || std::find(allowed.begin(), allowed.end(), model) != allowed.end();
+}
+
+}  // namespace
+
+std::string model_list_body(const backends::Router& router, const std::vector<std::string>& allowed,
+                            std::int64_t created) {
   boost::json::array data;
   for (const auto& route : router.routes()) {
-    if (!allowed.empty() && std::find(allowed.begin(), allowed.end(), route.model) == allowed.end()) continue;
-    data.push_back(
-        boost::json::object{{"id", route.model}, {"object", "model"}, {"created", 0}, {"owned_by", "tollgate"}});
+    if (may_use(allowed, route.model)) data.push_back(model_object(route.model, created));
   }
   return boost::json::serialize(boost::json::object{{"object", "list"}, {"data", std::move(data)}});
 }
@@ -62,13 +75,29 @@ awaitable<bool> Session::handle_status(const Request& req, Exchange& x, RouteHan
   co_return co_await write(std::move(res));
 }
 
-awaitable<bool> Session::handle_models(const Request& req, Exchange& x) {
+// GET /v1/models, and GET /v1/models/{id} (percent-decoded; a model this key
+// may not use is as absent as one that does not exist).
+awaitable<bool> Session::handle_models(const Request& req, Exchange& x, std::string_view path) {
   if (auto refused = co_await admit(x, 0)) {
     co_return co_await respond_error(req, x, *refused);
   }
   const auto& allowed = x.caller->key.models;
-  auto res = make_response(req, http::status::ok,
-                           allowed.empty() ? gw_.all_models_body : model_list_body(gw_.router, allowed));
+  std::string body;
+  if (path == "/v1/models") {
+    body = allowed.empty() ? gw_.all_models_body : model_list_body(gw_.router, allowed, gw_.started_s);
+  } else {
+    std::string id(path.substr(std::string_view("/v1/models/").size()));
+    if (auto decoded = boost::urls::make_pct_string_view(id)) id = decoded->decode();
+    x.event.model = id;
+    const auto& routes = gw_.router.routes();
+    const bool known = std::any_of(routes.begin(), routes.end(), [&](const auto& r) { return r.model == id; });
+    if (!known || !may_use(allowed, id)) {
+      auto missing = not_found("the model '" + metering::excerpt(id) + "' does not exist", "model_not_found");
+      co_return co_await respond_error(req, x, missing);
+    }
+    body = boost::json::serialize(model_object(id, gw_.started_s));
+  }
+  auto res = make_response(req, http::status::ok, std::move(body));
   set_rate_limit_headers(res, x.admission->status);
   x.finish(200);
   co_return co_await write(std::move(res));

@@ -477,7 +477,31 @@ TEST_CASE("wrong method gets 405 and an unknown path 404, as JSON", "[e2e][bad_i
   HttpClient client(gw.port());
   check_error(client.get("/v1/chat/completions", key), 405, "method_not_allowed");
   check_error(client.get("/v1/completions", key), 405, "method_not_allowed");
-  check_error(client.post("/v1/models", key, "{}"), 405, "method_not_allowed");
+  auto post_models = client.post("/v1/models", key, "{}");
+  check_error(post_models, 405, "method_not_allowed");
+  CHECK(post_models.header("allow") == "GET, HEAD");
+  CHECK(client.get("/v1/completions", key).header("allow") == "POST");
+  // HEAD: GET's status and headers without the body, on the read-only routes.
+  {
+    HttpClient raw(gw.port());
+    REQUIRE(raw.send_raw("HEAD /healthz HTTP/1.1\r\nHost: h\r\n\r\nHEAD /v1/models HTTP/1.1\r\nHost: h\r\n"
+                         "Authorization: Bearer " + key + "\r\n\r\nHEAD /v1/completions HTTP/1.1\r\nHost: h\r\n"
+                         "Authorization: Bearer " + key + "\r\n\r\nGET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"));
+    std::string all;
+    for (int i = 0; i < 30 && all.find("{\"status\":\"ok\"}") == std::string::npos; ++i) all += raw.read_some(100ms);
+    INFO(all);
+    // Four answers in order; only the last (the GET) has a body.
+    const auto first = all.find("HTTP/1.1 200 OK\r\n");
+    const auto second = all.find("HTTP/1.1 200 OK\r\n", first + 1);
+    const auto third = all.find("HTTP/1.1 405 Method Not Allowed\r\n", second + 1);
+    const auto fourth = all.find("HTTP/1.1 200 OK\r\n", third + 1);
+    REQUIRE(fourth != std::string::npos);
+    CHECK(all.substr(0, second).ends_with("\r\n\r\n"));
+    CHECK(all.substr(second, third - second).ends_with("\r\n\r\n"));
+    CHECK(all.substr(third, fourth - third).ends_with("\r\n\r\n"));
+    CHECK(all.substr(first, second - first).find("Content-Length: 15\r\n") != std::string::npos);
+    CHECK(all.ends_with("\r\n\r\n{\"status\":\"ok\"}"));
+  }
   check_error(client.get("/no/such/path", key), 404);
   check_error(client.post("/v1/nothing", key, "{}"), 404);
   check_error(client.get("/no/such/path"), 404);

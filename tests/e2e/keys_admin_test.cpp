@@ -306,6 +306,23 @@ TEST_CASE("a key restricted to some models: 404 for unknown models, 403 for othe
   auto open_models = client.get("/v1/models", open);
   REQUIRE(open_models.status == 200);
   CHECK(model_ids(open_models) == std::vector<std::string>{"echo", "other"});
+  CHECK(open_models.json().at("data").at(0).at("created").as_int64() > 1'700'000'000);
+
+  // One model (the SDKs' models.retrieve): the same object; a model the key
+  // may not use is as absent as one that does not exist.
+  auto one = client.get("/v1/models/echo", restricted);
+  REQUIRE(one.status == 200);
+  CHECK(one.json().at("id") == "echo");
+  CHECK(one.json().at("object") == "model");
+  CHECK(one.json().at("created") == open_models.json().at("data").at(0).at("created"));
+  CHECK(client.get("/v1/models/ec%68o", restricted).json().at("id") == "echo");  // percent-decoded
+  auto hidden = client.get("/v1/models/other", restricted);
+  CHECK(hidden.status == 404);
+  CHECK(error_code(hidden) == "model_not_found");
+  CHECK(client.get("/v1/models/other", open).status == 200);
+  CHECK(error_code(client.get("/v1/models/no-such-model", open)) == "model_not_found");
+  CHECK(client.get("/v1/models/", open).status == 404);
+  CHECK(client.get("/v1/models/echo").status == 401);
 }
 
 TEST_CASE("the admin key printed at first start opens /admin, user keys and no key do not", "[e2e][admin]") {
