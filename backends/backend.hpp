@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace tollgate::backends {
@@ -61,6 +62,13 @@ struct CompletionRequest {
   // Content parts other than text (images, audio) were sent: only a remote
   // backend can take them, from `body`.
   bool non_text_content = false;
+  // OpenAI's logit_bias: (token id, -100..100) added to that token's logit.
+  std::vector<std::pair<std::int32_t, float>> logit_bias;
+  // What only a backend that forwards `body` can honour; the local engine
+  // refuses a request that asks for it rather than ignore it.
+  bool tools = false;                // tools offered, and tool_choice not "none"
+  std::string response_format;       // its type when not "text": json_object, json_schema
+  bool echo = false, suffix = false;  // text completions: echo the prompt, insert before a suffix
   // The client's request body as it came: a remote OpenAI-compatible backend
   // forwards it (tools, response_format, images, ...), the model mapped.
   std::string body;

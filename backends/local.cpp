@@ -5,6 +5,7 @@
 #include <atomic>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 #include <random>
 #include <stdexcept>
 
@@ -168,12 +169,30 @@ class LocalBackend final : public Backend {
   }
   bool costly_prepare() const override { return true; }
 
+  // What this engine cannot honour, said rather than ignored: a client that
+  // needs a tool call or JSON must not get free text as if it had asked for it.
+  std::optional<std::string> unsupported(const CompletionRequest& request) const {
+    if (request.non_text_content) return "takes text only; its messages have other content parts";
+    if (request.tools) return "cannot call tools (send tool_choice \"none\" or no tools)";
+    if (!request.response_format.empty()) {
+      return "cannot constrain its output to " + request.response_format + " (response_format)";
+    }
+    if (request.echo) return "does not echo the prompt (echo)";
+    if (request.suffix) return "does not complete before a suffix (suffix)";
+    const auto vocab = engine_->model().params.vocab_size;
+    for (const auto& [token, bias] : request.logit_bias) {
+      if (token >= vocab) {
+        return "has no token " + std::to_string(token) + " in logit_bias (its vocabulary has " +
+               std::to_string(vocab) + ")";
+      }
+    }
+    return std::nullopt;
+  }
+
   std::unique_ptr<CompletionHandle> start(CompletionRequest request, std::shared_ptr<CompletionSink> sink) override {
     auto cancelled = std::make_shared<std::atomic<bool>>(false);
-    if (request.non_text_content) {
-      sink->on_event(
-          error_event(ErrorKind::bad_request,
-                      "the model '" + request.model + "' takes text only; its messages have other content parts"));
+    if (auto why = unsupported(request)) {
+      sink->on_event(error_event(ErrorKind::bad_request, "the model '" + request.model + "' " + *why));
       return std::make_unique<LocalHandle>(*engine_, 0, std::move(cancelled));
     }
     le::GenerationRequest g;
@@ -191,6 +210,7 @@ class LocalBackend final : public Backend {
     g.sampling.frequency_penalty = static_cast<float>(request.frequency_penalty);
     g.sampling.repetition_penalty = static_cast<float>(request.repetition_penalty);
     g.sampling.seed = request.seed ? *request.seed : std::random_device{}();
+    g.sampling.logit_bias = request.logit_bias;
     g.max_tokens = request.max_tokens.value_or(0);
     g.stop = request.stop;
     g.logprobs = request.logprobs.value_or(-1);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <boost/json.hpp>
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 namespace tollgate::gateway {
@@ -236,6 +237,80 @@ std::optional<ApiError> read_model(const json::object& o, backends::CompletionRe
   return std::nullopt;
 }
 
+// logit_bias: {"token id": bias in -100..100}, as OpenAI checks it.
+std::optional<ApiError> read_logit_bias(const json::object& o, backends::CompletionRequest& r) {
+  const json::value* bias = o.if_contains("logit_bias");
+  if (!bias || bias->is_null()) return std::nullopt;
+  if (!bias->is_object()) return bad_request("'logit_bias' must be an object", "logit_bias", "invalid_type");
+  constexpr std::size_t kMaxBiases = 1024;
+  if (bias->get_object().size() > kMaxBiases) {
+    return bad_request("'logit_bias' may hold at most " + std::to_string(kMaxBiases) + " tokens", "logit_bias");
+  }
+  for (const auto& [key, value] : bias->get_object()) {
+    std::int64_t id = -1;
+    const bool digits = !key.empty() && key.size() <= 10 &&
+                        std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (digits) id = std::stoll(std::string(key));
+    if (!digits || id > std::numeric_limits<std::int32_t>::max()) {
+      std::string shown = key.size() <= kMaxEchoedValue ? ", got '" + std::string(key) + "'" : "";
+      return bad_request("'logit_bias' keys must be token ids" + shown, "logit_bias", "invalid_value");
+    }
+    if (!value.is_number() || value.to_number<double>() < -100 || value.to_number<double>() > 100) {
+      return bad_request("'logit_bias' values must be numbers from -100 to 100", "logit_bias", "invalid_value");
+    }
+    r.logit_bias.emplace_back(static_cast<std::int32_t>(id), static_cast<float>(value.to_number<double>()));
+  }
+  return std::nullopt;
+}
+
+// tools, tool_choice, response_format, echo and suffix: checked for shape
+// here, forwarded in `body` to remote backends, refused by the local engine.
+std::optional<ApiError> read_forwarded_only(const json::object& o, bool chat, backends::CompletionRequest& r) {
+  bool has_tools = false;
+  if (const json::value* tools = o.if_contains("tools"); tools && !tools->is_null()) {
+    if (!tools->is_array()) return bad_request("'tools' must be an array", "tools", "invalid_type");
+    has_tools = !tools->get_array().empty();
+  }
+  std::string_view choice = has_tools ? "auto" : "none";
+  if (const json::value* tc = o.if_contains("tool_choice"); tc && !tc->is_null()) {
+    if (tc->is_string()) {
+      choice = tc->get_string();
+      if (choice != "none" && choice != "auto" && choice != "required") {
+        return bad_request("'tool_choice' must be none, auto, required or a named tool", "tool_choice",
+                           "invalid_value");
+      }
+    } else if (!tc->is_object()) {
+      return bad_request("'tool_choice' must be a string or an object", "tool_choice", "invalid_type");
+    } else {
+      choice = "named";
+    }
+    if (!has_tools && choice != "none") {
+      return bad_request("'tool_choice' is only allowed when 'tools' are specified", "tool_choice");
+    }
+  }
+  r.tools = has_tools && choice != "none";
+  if (const json::value* rf = o.if_contains("response_format"); rf && !rf->is_null()) {
+    const json::value* type = rf->is_object() ? rf->get_object().if_contains("type") : nullptr;
+    if (!type || !type->is_string()) {
+      return bad_request("'response_format' must be an object with a 'type'", "response_format", "invalid_type");
+    }
+    const std::string_view t = type->get_string();
+    if (t != "text" && t != "json_object" && t != "json_schema") {
+      return bad_request("'response_format.type' must be text, json_object or json_schema", "response_format.type",
+                         "invalid_value");
+    }
+    if (t != "text") r.response_format = t;
+  }
+  if (!chat) {
+    if (auto e = read_bool(o, "echo", r.echo)) return e;
+    if (const json::value* suffix = o.if_contains("suffix"); suffix && !suffix->is_null()) {
+      if (!suffix->is_string()) return bad_request("'suffix' must be a string", "suffix", "invalid_type");
+      r.suffix = !suffix->get_string().empty();
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 Result parse_embeddings_request(std::string_view body) {
@@ -307,6 +382,8 @@ Result parse_completion_request(std::string_view body, bool chat) {
   }
   if (auto e = read_bool(*o, "stream", r.stream)) return *e;
   if (auto e = read_logprobs(*o, chat, r)) return *e;
+  if (auto e = read_logit_bias(*o, r)) return *e;
+  if (auto e = read_forwarded_only(*o, chat, r)) return *e;
 
   if (const json::value* n = o->if_contains("n"); n && !n->is_null()) {
     if (!n->is_number()) return bad_request("'n' must be an integer", "n", "invalid_type");

@@ -35,6 +35,9 @@ void Sampler::accept(std::int32_t token) {
 }
 
 void Sampler::apply_penalties(float* logits, std::int32_t vocab) {
+  for (const auto& [token, bias] : params_.logit_bias) {
+    if (token >= 0 && token < vocab) logits[token] += bias;
+  }
   if (params_.repetition_penalty != 1.0f) {
     penalised_.assign(static_cast<std::size_t>(vocab), 0);
     for (auto t : seen_) {

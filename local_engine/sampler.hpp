@@ -7,6 +7,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace tollgate::local_engine {
@@ -20,11 +21,14 @@ struct SamplingParams {
   float frequency_penalty = 0.0f;   // OpenAI's, over generated tokens
   float repetition_penalty = 1.0f;  // llama.cpp's, over prompt and generated tokens
   std::uint64_t seed = 0;
+  // OpenAI's logit_bias: added to these tokens' logits before anything else.
+  std::vector<std::pair<std::int32_t, float>> logit_bias;
   bool greedy() const { return temperature <= 0.0f; }
   // Greedy with nothing that changes logits first: the token is the raw
   // logits' argmax, which a device can pick without sending the logits back.
   bool plain_greedy() const {
-    return greedy() && presence_penalty == 0.0f && frequency_penalty == 0.0f && repetition_penalty == 1.0f;
+    return greedy() && presence_penalty == 0.0f && frequency_penalty == 0.0f && repetition_penalty == 1.0f &&
+           logit_bias.empty();
   }
 };
 

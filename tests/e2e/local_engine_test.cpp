@@ -296,6 +296,55 @@ TEST_CASE("a local model refuses content parts it cannot read", "[e2e][local]") 
   CHECK(r.status == 200);
 }
 
+// What the engine cannot do is refused with the reason, never ignored (a
+// client needing a tool call or JSON must not get free text as if it had
+// asked for it); logit_bias it applies.
+TEST_CASE("a local model applies logit_bias and refuses tools, JSON formats, echo and suffix", "[e2e][local]") {
+  TempDir dir;
+  GatewayProcess gw(dir, gateway_options(stories_config()));
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port(), 60s);
+
+  // +100 on one token: every generated token is that one.
+  auto forced = client.post("/v1/completions", key,
+                            R"({"model":"stories","prompt":"Once upon a time","max_tokens":5,"temperature":0,)"
+                            R"("logit_bias":{"300":100}})");
+  REQUIRE(forced.status == 200);
+  const std::string text(forced.json().at("choices").at(0).at("text").as_string());
+  CHECK(forced.json().at("usage").at("completion_tokens") == 5);
+  REQUIRE(!text.empty());
+  REQUIRE(text.size() % 5 == 0);
+  const auto piece = text.substr(0, text.size() / 5);
+  CHECK(text == piece + piece + piece + piece + piece);
+  // -100 on it, and on nothing else: the unbiased greedy answer comes back unless it used that token.
+  auto plain = client.post("/v1/completions", key,
+                           R"({"model":"stories","prompt":"Once upon a time","max_tokens":5,"temperature":0})");
+  REQUIRE(plain.status == 200);
+  CHECK(plain.json().at("choices").at(0).at("text").as_string() != text);
+
+  auto refused = [&](const std::string& route, const std::string& body, const std::string& says) {
+    INFO(body);
+    auto r = client.post(route, key, body);
+    CHECK(r.status == 400);
+    CHECK(r.json().at("error").at("type") == "invalid_request_error");
+    CHECK(r.json().at("error").at("message").as_string().find(says) != std::string::npos);
+  };
+  const std::string msgs = R"("model":"stories","messages":[{"role":"user","content":"hi"}])";
+  const std::string tool = R"("tools":[{"type":"function","function":{"name":"f","parameters":{}}}])";
+  refused("/v1/chat/completions", "{" + msgs + "," + tool + "}", "tools");
+  refused("/v1/chat/completions", "{" + msgs + "," + tool + R"(,"tool_choice":"required"})", "tools");
+  refused("/v1/chat/completions", "{" + msgs + R"(,"response_format":{"type":"json_object"}})", "json_object");
+  refused("/v1/completions", R"({"model":"stories","prompt":"hi","echo":true})", "echo");
+  refused("/v1/completions", R"({"model":"stories","prompt":"hi","suffix":"The end."})", "suffix");
+  refused("/v1/completions", R"({"model":"stories","prompt":"hi","logit_bias":{"100000":5}})", "no token 100000");
+  // tool_choice none, response_format text and echo false are what it does anyway.
+  auto fine = client.post("/v1/chat/completions", key,
+                          "{" + msgs + "," + tool + R"(,"tool_choice":"none","response_format":{"type":"text"},)" +
+                              R"("max_tokens":3})");
+  CHECK(fine.status == 200);
+}
+
 TEST_CASE("a client that disconnects mid-stream frees its sequence, a full queue answers 503", "[e2e][local]") {
   TempDir dir;
   GatewayProcess gw(dir, gateway_options(stories_config(", max_num_seqs: 1, max_waiting: 1")));

@@ -2,7 +2,10 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <string>
+#include <utility>
+#include <vector>
 
 using tollgate::gateway::ApiError;
 using tollgate::gateway::parse_completion_request;
@@ -351,4 +354,46 @@ TEST_CASE("embeddings: model and input are checked, the body is kept whole", "[g
   bad(R"({"model":"e","input":[["x"]]})", "input");
   bad(R"({"model":"e","input":[{"a":1}]})", "input");
   bad("not json", std::nullopt);
+}
+
+TEST_CASE("logit_bias: token ids to -100..100, checked as OpenAI does", "[gateway][request]") {
+  auto p = parse_ok(chat(R"("logit_bias":{"5":100,"0":-100,"42":0.5})"));
+  auto bias = p.request.logit_bias;
+  std::sort(bias.begin(), bias.end());
+  CHECK(bias == std::vector<std::pair<std::int32_t, float>>{{0, -100.0f}, {5, 100.0f}, {42, 0.5f}});
+  CHECK(parse_ok(chat(R"("logit_bias":{})")).request.logit_bias.empty());
+  check_bad(chat(R"("logit_bias":[1,2])"), "logit_bias");
+  check_bad(chat(R"("logit_bias":{"abc":1})"), "logit_bias");
+  check_bad(chat(R"("logit_bias":{"-1":1})"), "logit_bias");
+  check_bad(chat(R"("logit_bias":{"5":500})"), "logit_bias");
+  check_bad(chat(R"("logit_bias":{"5":"1"})"), "logit_bias");
+  check_bad(chat(R"("logit_bias":{"99999999999":1})"), "logit_bias");
+  CHECK(parse_error(chat(R"("logit_bias":{"abc":1})")).message.find("'abc'") != std::string::npos);
+}
+
+TEST_CASE("tools, tool_choice, response_format, echo and suffix: shapes checked, what is asked recorded",
+          "[gateway][request]") {
+  const std::string tool = R"("tools":[{"type":"function","function":{"name":"f","parameters":{}}}])";
+  CHECK(parse_ok(chat(tool)).request.tools);
+  CHECK(parse_ok(chat(tool + R"(,"tool_choice":"required")")).request.tools);
+  CHECK(parse_ok(chat(tool + R"(,"tool_choice":{"type":"function","function":{"name":"f"}})")).request.tools);
+  CHECK_FALSE(parse_ok(chat(tool + R"(,"tool_choice":"none")")).request.tools);
+  CHECK_FALSE(parse_ok(chat(R"("tools":[],"tool_choice":"none")")).request.tools);
+  check_bad(chat(R"("tool_choice":"required")"), "tool_choice");
+  check_bad(chat(R"("tools":[],"tool_choice":"auto")"), "tool_choice");
+  check_bad(chat(tool + R"(,"tool_choice":"always")"), "tool_choice");
+  check_bad(chat(R"("tools":{"f":1})"), "tools");
+
+  CHECK(parse_ok(chat(R"("response_format":{"type":"text"})")).request.response_format.empty());
+  CHECK(parse_ok(chat(R"("response_format":{"type":"json_object"})")).request.response_format == "json_object");
+  CHECK(parse_ok(chat(R"("response_format":{"type":"json_schema","json_schema":{"name":"x"}})"))
+            .request.response_format == "json_schema");
+  check_bad(chat(R"("response_format":"json")"), "response_format");
+  check_bad(chat(R"("response_format":{"type":"yaml"})"), "response_format.type");
+
+  CHECK(parse_ok(R"({"model":"m","prompt":"p","echo":true,"suffix":"end"})", false).request.echo);
+  CHECK(parse_ok(R"({"model":"m","prompt":"p","echo":true,"suffix":"end"})", false).request.suffix);
+  CHECK_FALSE(parse_ok(R"({"model":"m","prompt":"p","echo":false,"suffix":""})", false).request.suffix);
+  check_bad(R"({"model":"m","prompt":"p","echo":"yes"})", "echo", false);
+  check_bad(R"({"model":"m","prompt":"p","suffix":3})", "suffix", false);
 }

@@ -40,6 +40,22 @@ TEST_CASE("greedy takes the largest logit, the lowest id on ties") {
   CHECK(s.sample(big.data(), 1003) == 1001);
 }
 
+TEST_CASE("logit_bias moves tokens before any choice: +100 forces one, -100 bans one") {
+  std::vector<float> logits = {0.1f, 3.0f, -1.0f, 2.5f};
+  le::SamplingParams p;
+  p.temperature = 0;
+  p.logit_bias = {{1, -100.0f}};
+  CHECK_FALSE(p.plain_greedy());  // the device's argmax alone would miss the bias
+  auto l = logits;
+  CHECK(le::Sampler(p, {}).sample(l.data(), 4) == 3);
+  p.logit_bias = {{2, 100.0f}, {99, 100.0f}};  // an id past the vocabulary changes nothing
+  l = logits;
+  CHECK(le::Sampler(p, {}).sample(l.data(), 4) == 2);
+  p.temperature = 1;
+  p.logit_bias = {{0, 100.0f}};
+  CHECK(histogram(p, logits, 200)[0] == 200);
+}
+
 TEST_CASE("top-k, top-p and min-p keep only the likely tokens") {
   std::vector<float> logits = {2.0f, 1.9f, 0.0f, -5.0f, 1.8f};
   le::SamplingParams p;
