@@ -12,6 +12,7 @@
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/write.hpp>
 #include <cerrno>
+#include <ctime>
 
 #include "gateway/http_rules.hpp"
 #include "gateway/proxy/app_upstream.hpp"
@@ -53,9 +54,24 @@ bool method_allowed(std::uint8_t methods, http::verb verb) {
 
 }  // namespace
 
+std::string_view http_date() {
+  // Formatted once a second per thread: every answer carries it (RFC 9110 6.6.1).
+  thread_local std::time_t cached = -1;
+  thread_local char text[40];
+  const std::time_t now = std::time(nullptr);
+  if (now != cached) {
+    std::tm utc{};
+    gmtime_r(&now, &utc);
+    std::strftime(text, sizeof text, "%a, %d %b %Y %H:%M:%S GMT", &utc);
+    cached = now;
+  }
+  return text;
+}
+
 Response make_response(const Request& req, http::status status, std::string body, std::string_view content_type) {
   Response res{status, req.version()};
   res.set(http::field::server, "tollgate");
+  res.set(http::field::date, http_date());
   res.set(http::field::content_type, content_type);
   res.keep_alive(req.keep_alive());
   res.body() = std::move(body);

@@ -27,6 +27,8 @@ using Request = boost::beast::http::request<boost::beast::http::string_body>;
 using Response = boost::beast::http::response<boost::beast::http::string_body>;
 using RequestParser = boost::beast::http::request_parser<boost::beast::http::string_body>;
 
+// The Date header's value now (IMF-fixdate).
+std::string_view http_date();
 Response make_response(const Request& req, boost::beast::http::status status, std::string body,
                        std::string_view content_type = "application/json");
 void set_rate_limit_headers(boost::beast::http::fields& fields, const metering::RateLimitStatus& status);

@@ -39,6 +39,7 @@ class HttpCompletionClient final : public CompletionClient {
     stream.expires_after(session_.limits().idle_timeout);
     if (!serializer_) {
       head_.set(http::field::server, "tollgate");
+      head_.set(http::field::date, http_date());
       head_.set(http::field::content_type, "text/event-stream");
       head_.set(http::field::cache_control, "no-cache");
       head_.set("x-accel-buffering", "no");

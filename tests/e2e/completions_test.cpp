@@ -1,6 +1,7 @@
 // The OpenAI-compatible routes through the real binary.
 #include <catch2/catch.hpp>
 
+#include <regex>
 #include <thread>
 
 #include "harness.hpp"
@@ -26,6 +27,12 @@ TEST_CASE("chat completion, non-streaming, answers in OpenAI's shape with usage"
   CHECK(body.at("usage").at("prompt_tokens") == 3);
   CHECK(body.at("usage").at("completion_tokens") == 3);
   CHECK(body.at("usage").at("total_tokens") == 6);
+  // Every answer is dated (RFC 9110: an origin server with a clock sends Date).
+  const std::regex imf_fixdate(R"([A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT)");
+  CHECK(std::regex_match(r.header("date"), imf_fixdate));
+  CHECK(std::regex_match(client.get("/healthz").header("date"), imf_fixdate));
+  auto streamed = client.post("/v1/chat/completions", key, chat_body("echo", "hi", R"("stream":true)"));
+  CHECK(std::regex_match(streamed.header("date"), imf_fixdate));
 }
 
 TEST_CASE("streamed completion sends SSE chunks, usage when asked, and [DONE]", "[e2e][completions]") {
