@@ -108,9 +108,16 @@ struct Usage {
 enum class ErrorKind { bad_request, not_found, overloaded, upstream_failed, timeout, rate_limited, internal };
 
 struct BackendError {
+  BackendError() = default;
+  BackendError(ErrorKind k, std::string m, std::optional<std::int64_t> retry = std::nullopt)
+      : kind(k), message(std::move(m)), retry_after_s(retry) {}
   ErrorKind kind = ErrorKind::internal;
   std::string message;
   std::optional<std::int64_t> retry_after_s;
+  // A bad request's OpenAI code and param when the backend knows them (e.g.
+  // context_length_exceeded, which clients act on); empty: the generic ones.
+  std::string code;
+  std::optional<std::string> param;
 };
 
 // Text deltas, then exactly one `done` or `error`. Usage rides on both final

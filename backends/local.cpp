@@ -244,7 +244,13 @@ class LocalBackend final : public Backend {
       case le::Engine::Refusal::overloaded:
         sink->on_event(error_event(ErrorKind::overloaded, submission.message, {prompt_tokens, 0, false}));
         break;
-      case le::Engine::Refusal::too_long:
+      case le::Engine::Refusal::too_long: {
+        auto e = error_event(ErrorKind::bad_request, submission.message, {prompt_tokens, 0, false});
+        e.error.code = "context_length_exceeded";  // OpenAI's code, which clients trim their history on
+        e.error.param = request.chat() ? "messages" : "prompt";
+        sink->on_event(std::move(e));
+        break;
+      }
       case le::Engine::Refusal::invalid:
         sink->on_event(error_event(ErrorKind::bad_request, submission.message, {prompt_tokens, 0, false}));
         break;

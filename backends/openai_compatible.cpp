@@ -85,11 +85,15 @@ struct Call {
   }
 
   void fail(ErrorKind kind, std::string message, std::optional<std::int64_t> retry_after = std::nullopt) {
+    fail(BackendError{kind, std::move(message), retry_after});
+  }
+  void fail(BackendError error) {
     CompletionEvent event;
     event.type = CompletionEvent::Type::error;
     // Every error message passes here: whatever upstream text it quotes, no
     // credential of ours reaches the client (or a log line made from it).
-    event.error = {kind, scrub ? (*scrub)(std::move(message)) : std::move(message), retry_after};
+    if (scrub) error.message = (*scrub)(std::move(error.message));
+    event.error = std::move(error);
     event.usage = usage();
     emit(std::move(event));
     sink.reset();
@@ -162,6 +166,31 @@ std::string error_message(const std::string& body, const SecretScrubber& scrub) 
   return bounded(scrub(body), kMaxQuotedBody);
 }
 
+// The upstream error's code and param, when they are short identifiers (a
+// client acts on context_length_exceeded; anything else is not relayed).
+void error_code_and_param(const std::string& body, BackendError& out) {
+  boost::system::error_code ec;
+  auto v = json::parse(body, ec);
+  const json::object* error = nullptr;
+  if (!ec && v.is_object()) {
+    if (auto* e = v.get_object().if_contains("error")) error = e->if_object();
+  }
+  if (error == nullptr) return;
+  auto identifier = [](const json::value* field) -> std::optional<std::string> {
+    if (field == nullptr || !field->is_string()) return std::nullopt;
+    const std::string_view s = field->get_string();
+    if (s.empty() || s.size() > 64) return std::nullopt;
+    for (char c : s) {
+      const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+                      c == '.' || c == '-' || c == '[' || c == ']';
+      if (!ok) return std::nullopt;
+    }
+    return std::string(s);
+  };
+  if (auto code = identifier(error->if_contains("code"))) out.code = *code;
+  out.param = identifier(error->if_contains("param"));
+}
+
 std::optional<std::int64_t> parse_retry_after(std::string_view value) {
   std::int64_t seconds = 0;
   if (value.empty()) return std::nullopt;
@@ -186,7 +215,11 @@ BackendError upstream_status_error(int status, const std::string& body, std::str
   }
   if (status == 404) return {ErrorKind::not_found, prefix + message, std::nullopt};
   if (status == 408) return {ErrorKind::timeout, prefix + message, std::nullopt};
-  if (status == 400 || status == 413 || status == 422) return {ErrorKind::bad_request, prefix + message, std::nullopt};
+  if (status == 400 || status == 413 || status == 422) {
+    BackendError e{ErrorKind::bad_request, prefix + message, std::nullopt};
+    error_code_and_param(body, e);
+    return e;
+  }
   return {ErrorKind::upstream_failed, prefix + message, std::nullopt};
 }
 
@@ -512,7 +545,7 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
     if (call->cancelled) co_return;
     std::string retry_after(parser->get()[http::field::retry_after]);
     auto error = upstream_status_error(status, parser->get().body(), retry_after, up->scrub);
-    call->fail(error.kind, std::move(error.message), error.retry_after_s);
+    call->fail(std::move(error));
     if (!ec && parser->keep_alive()) up->client->release(std::move(conn));
     co_return;
   }

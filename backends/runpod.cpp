@@ -276,15 +276,18 @@ struct Call {
   }
 
   void fail(ErrorKind kind, std::string message, std::optional<std::int64_t> retry_after = std::nullopt) {
+    fail(BackendError{kind, std::move(message), retry_after});
+  }
+  void fail(BackendError error) {
     CompletionEvent event;
     event.type = CompletionEvent::Type::error;
     // Every error message passes here: no credential of ours reaches the client.
-    event.error = {kind, scrub ? (*scrub)(std::move(message)) : std::move(message), retry_after};
+    if (scrub) error.message = (*scrub)(std::move(error.message));
+    event.error = std::move(error);
     event.usage = usage();
     emit(std::move(event));
     sink.reset();
   }
-  void fail(BackendError error) { fail(error.kind, std::move(error.message), error.retry_after_s); }
 };
 
 class CallHandle final : public CompletionHandle {

@@ -36,7 +36,8 @@ ApiError from_backend(const backends::BackendError& error) {
   using backends::ErrorKind;
   switch (error.kind) {
     case ErrorKind::bad_request:
-      return bad_request(error.message);
+      return error.code.empty() ? bad_request(error.message, error.param)
+                                : bad_request(error.message, error.param, error.code);
     case ErrorKind::not_found:
       return not_found(error.message, "model_not_found");
     case ErrorKind::overloaded:

@@ -223,7 +223,10 @@ class Handler(BaseHTTPRequestHandler):
             messages = {"429": "Rate limit reached for model", "500": "internal failure upstream",
                         "400": "bad thing: temperature", "404": "The model does not exist"}
             extra = {"Retry-After": "7"} if model == "429" else None
-            return self.send_json(int(model), {"error": {"message": messages[model], "type": "x", "code": None}}, extra)
+            error = {"message": messages[model], "type": "x", "code": None}
+            if model == "400":
+                error.update({"param": "temperature", "code": "invalid_value"})
+            return self.send_json(int(model), {"error": error}, extra)
         if self.path.endswith("/embeddings"):
             inputs = req["input"] if isinstance(req["input"], list) else [req["input"]]
             data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.25, float(i)]}

@@ -193,6 +193,8 @@ TEST_CASE("chat completions, stop sequences and sampling parameters reach the en
   auto too_long = client.post("/v1/completions", key, completion_body(std::string(4000, 'x'), 10, false));
   CHECK(too_long.status == 400);
   CHECK(too_long.json().at("error").at("message").as_string().find("context length") != std::string::npos);
+  CHECK(too_long.json().at("error").at("code") == "context_length_exceeded");
+  CHECK(too_long.json().at("error").at("param") == "prompt");
 }
 
 TEST_CASE("logprobs from the engine: chat and legacy, whole and streamed, spelling the text",

@@ -434,6 +434,8 @@ TEST_CASE("openai backend: upstream failures map to 502, 504, 429, 400, 404 and 
   r = client.post("/v1/chat/completions", key, chat_body("m-400", "hi"));
   CHECK(r.status == 400);
   CHECK(std::string(r.json().at("error").at("message").as_string()).find("bad thing") != std::string::npos);
+  CHECK(r.json().at("error").at("param") == "temperature");  // the upstream's code and param come through
+  CHECK(r.json().at("error").at("code") == "invalid_value");
 
   r = client.post("/v1/chat/completions", key, chat_body("m-404", "hi"));
   CHECK(r.status == 404);
