@@ -132,7 +132,7 @@ struct CompletionEvent {
   std::string extra_json;
   std::string finish_reason;  // done: "stop" or "length"
   std::string body;           // done, from Backend::embed: the whole answer, OpenAI's JSON
-  Usage usage;                // done, error
+  Usage usage;                // done, error; on a delta, a running count when the producer keeps one (local)
   BackendError error;         // error
 };
 

@@ -131,10 +131,17 @@ awaitable<bool> run_completion(CompletionContext ctx, CompletionJob job, Complet
         switch (ev.type) {
           case backends::CompletionEvent::Type::delta:
             // Kept current so a request cut short (disconnect, forced shutdown)
-            // is metered with what it produced.
-            usage.prompt_tokens = job.prompt_estimate;
-            usage.completion_tokens = answer.deltas + 1;
-            usage.estimated = true;
+            // is metered with what it produced: the producer's running count
+            // where it keeps one (the local engine), else estimated.
+            if (ev.usage.completion_tokens > 0) {
+              usage.prompt_tokens = ev.usage.prompt_tokens;
+              usage.completion_tokens = ev.usage.completion_tokens;
+              usage.estimated = ev.usage.estimated;
+            } else {
+              usage.prompt_tokens = job.prompt_estimate;
+              usage.completion_tokens = answer.deltas + 1;
+              usage.estimated = true;
+            }
             if (answer.deltas++ == 0 && stream) {
               usage.ttft_us = micros_since(ctx.started);
               ctx.metrics.time_to_first_token.labels({usage.model, usage.backend})

@@ -90,6 +90,9 @@ struct Engine::Live : ScheduledRequest {
     GenerationEvent e;
     e.text = std::move(text);
     e.logprobs = std::exchange(unsent, {});
+    // The running count: a request cut short is metered with what it produced.
+    e.prompt_tokens = num_prompt;
+    e.completion_tokens = generated();
     callback(std::move(e));
   }
 };

@@ -367,6 +367,12 @@ TEST_CASE("a client that disconnects mid-stream frees its sequence, a full queue
   }
   CHECK(metric(gw.port(), "tollgate_engine_kv_cache_usage_perc{backend=\"local\"}") == 0.0);
   CHECK(metric(gw.port(), "tollgate_engine_num_requests_running{backend=\"local\"}") == 0.0);
+  // Metered as a 499 with the engine's own count of what it produced, not an estimate.
+  const std::string exact = "status = 499 AND estimated = 0 AND prompt_tokens = 1 AND completion_tokens > 0";
+  while (count_usage_rows(gw.db(), exact) == 0 && std::chrono::steady_clock::now() < deadline + 5s) {
+    std::this_thread::sleep_for(50ms);
+  }
+  CHECK(count_usage_rows(gw.db(), exact) == 1);
 
   // One running, one waiting: a third concurrent request is refused with 503 and Retry-After.
   // Connected first and sent together, so all six overlap the first one's generation.
