@@ -66,8 +66,8 @@ struct CompletionRequest {
   std::vector<std::pair<std::int32_t, float>> logit_bias;
   // What only a backend that forwards `body` can honour; the local engine
   // refuses a request that asks for it rather than ignore it.
-  bool tools = false;                // tools offered, and tool_choice not "none"
-  std::string response_format;       // its type when not "text": json_object, json_schema
+  bool tools = false;                 // tools offered, and tool_choice not "none"
+  std::string response_format;        // its type when not "text": json_object, json_schema
   bool echo = false, suffix = false;  // text completions: echo the prompt, insert before a suffix
   // The client's request body as it came: a remote OpenAI-compatible backend
   // forwards it (tools, response_format, images, ...), the model mapped.

@@ -182,8 +182,8 @@ class LocalBackend final : public Backend {
     const auto vocab = engine_->model().params.vocab_size;
     for (const auto& [token, bias] : request.logit_bias) {
       if (token >= vocab) {
-        return "has no token " + std::to_string(token) + " in logit_bias (its vocabulary has " +
-               std::to_string(vocab) + ")";
+        return "has no token " + std::to_string(token) + " in logit_bias (its vocabulary has " + std::to_string(vocab) +
+               ")";
       }
     }
     return std::nullopt;

@@ -1,5 +1,6 @@
 #include "gateway/admin.hpp"
 
+#include <algorithm>
 #include <boost/json.hpp>
 #include <boost/url/parse.hpp>
 #include <boost/url/url_view.hpp>
@@ -276,10 +277,15 @@ AdminResponse handle_admin(metering::Store& store, std::string_view method, std:
       if (parts.size() >= 3) {
         if (auto e = key_prefix_problem(parts[2])) return error(*e);
       }
-      if (parts.size() == 3 && method == "DELETE") {
-        return ok(key_json(store.revoke_key(parts[2], now)), 200, true);
-      }
-      if (parts.size() == 4 && parts[3] == "revoke" && method == "POST") {
+      const bool revoke =
+          (parts.size() == 3 && method == "DELETE") || (parts.size() == 4 && parts[3] == "revoke" && method == "POST");
+      if (revoke) {
+        const auto keys = store.list_keys();
+        // A prefix of a prefix, as the store resolves it (it refuses an ambiguous one: 400).
+        const bool known =
+            std::any_of(keys.begin(), keys.end(), [&](const auto& k) { return k.prefix.starts_with(parts[2]); });
+        if (!known)
+          return error(not_found("no key with prefix '" + metering::excerpt(parts[2]) + "'", "key_not_found"));
         return ok(key_json(store.revoke_key(parts[2], now)), 200, true);
       }
       if (parts.size() == 4 && parts[3] == "quota" && (method == "PUT" || method == "PATCH")) {

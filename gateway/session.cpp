@@ -335,7 +335,9 @@ awaitable<bool> Session::handle(RequestParser& parser) {
     std::string allow = route->methods & kGet ? (read_only ? "GET, HEAD" : "GET") : "";
     if (route->methods & kPost) allow += allow.empty() ? "POST" : ", POST";
     res.set(http::field::allow, allow);
-    if (x.caller) set_rate_limit_headers(res, x.admission ? x.admission->status : gw_.quotas.status(x.subject(), metering::now_ms()));
+    if (x.caller)
+      set_rate_limit_headers(res,
+                             x.admission ? x.admission->status : gw_.quotas.status(x.subject(), metering::now_ms()));
     x.finish(405);
     co_return co_await write(std::move(res));
   }

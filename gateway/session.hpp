@@ -102,7 +102,7 @@ class Session {
   // the socket directly; streamed answers use the stream's own expiry.
   proxy::IoDeadline deadline_;
   boost::beast::flat_buffer buffer_;
-  bool head_only_ = false;  // the request is a HEAD: the next answer goes without its body
+  bool head_only_ = false;                        // the request is a HEAD: the next answer goes without its body
   bool close_after_ = false;                      // the request's body was not read: framing is lost
   bool client_pipelined_ = false;                 // the client sent more: it is there, and its bytes wait their turn
   std::optional<boost::asio::ip::address> peer_;  // the client's address, looked up once

@@ -81,17 +81,18 @@ awaitable<bool> Session::handle_app(RequestParser& parser, Exchange& x, std::str
   }
   Request head{http::verb::get, "", version};
   head.keep_alive(keep_alive);
-  ApiError failed =
-      out.failure == Failure::timeout
-          ? ApiError{504,
-                     "the app did not answer in time (" + out.detail + ")",
-                     "server_error",
-                     std::nullopt,
-                     "app_timeout",
-                     {}}
-          : ApiError{
-                502, "the app is unreachable (" + out.detail + ")", "server_error", std::nullopt, "app_unreachable",
-                {}};
+  ApiError failed{502, "", "server_error", std::nullopt, "", {}};
+  if (out.failure == Failure::timeout) {
+    failed.status = 504;
+    failed.message = "the app did not answer in time (" + out.detail + ")";
+    failed.code = "app_timeout";
+  } else if (out.failure == Failure::malformed) {
+    failed.message = "the app sent a malformed response (" + out.detail + ")";
+    failed.code = "app_bad_response";
+  } else {
+    failed.message = "the app is unreachable (" + out.detail + ")";
+    failed.code = "app_unreachable";
+  }
   // An unread request body leaves the connection without framing: it closes.
   co_return co_await respond_error(head, x, failed, !out.request_body_read);
 }

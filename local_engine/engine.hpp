@@ -49,7 +49,7 @@ struct GenerationEvent {
   std::vector<TokenLogprobs> logprobs;  // text, when asked for: the tokens that produced it
   std::string finish_reason;            // done: "stop" (EOS or a stop sequence) or "length"
   std::string error;                    // error
-  std::int64_t prompt_tokens = 0;         // every event: the counts so far (text: a running count)
+  std::int64_t prompt_tokens = 0;       // every event: the counts so far (text: a running count)
   std::int64_t completion_tokens = 0;
   std::int64_t cached_prompt_tokens = 0;  // done: of the prompt, found in the prefix cache
   std::vector<std::int32_t> tokens;       // done: the generated ids

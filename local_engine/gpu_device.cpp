@@ -182,7 +182,8 @@ class GpuDevice final : public Device {
   }
 
   void embed(const Tensor& table, float* out) override {
-    issue([=, this] { kd::embed(table.data, static_cast<k::Type>(table.type), table.cols, tokens_, n_, out, stream_); });
+    issue(
+        [=, this] { kd::embed(table.data, static_cast<k::Type>(table.type), table.cols, tokens_, n_, out, stream_); });
   }
 
   void rmsnorm(const float* x, const Tensor& weight, std::int64_t n, float eps, float* out) override {
@@ -190,9 +191,8 @@ class GpuDevice final : public Device {
   }
 
   void rope(float* q, float* k, const AttentionShape& shape, float theta) override {
-    issue([=, this] {
-      kd::rope(q, k, positions_, n_, shape.n_heads, shape.n_kv_heads, shape.head_dim, theta, stream_);
-    });
+    issue(
+        [=, this] { kd::rope(q, k, positions_, n_, shape.n_heads, shape.n_kv_heads, shape.head_dim, theta, stream_); });
   }
 
   void store_kv(KvCache& cache, std::int64_t layer, const float* k, const float* v) override {

@@ -467,7 +467,10 @@ awaitable<AppOutcome> AppUpstream::forward(beast::tcp_stream& client_stream, IoD
     }
     if (!upstream_ec) break;
     if (attempt == 0 && conn->reused && !has_body && is_stale_connection(upstream_ec)) continue;
-    out.failure = is_timeout(upstream_ec) ? AppOutcome::Failure::timeout : AppOutcome::Failure::unreachable;
+    out.failure = is_timeout(upstream_ec) ? AppOutcome::Failure::timeout
+                  : upstream_ec.category() == beast::error_code(http::error::bad_status).category()
+                      ? AppOutcome::Failure::malformed
+                      : AppOutcome::Failure::unreachable;
     out.detail = "waiting for the response: " + upstream_ec.message();
     out.upstream_time = elapsed();
     co_return out;

@@ -64,6 +64,7 @@ struct AppOutcome {
     none,
     unreachable,      // connect failed, or the app broke the exchange before answering: 502
     timeout,          // connect, first byte or idle timeout before answering: 504
+    malformed,        // the app's response head broke HTTP's rules (framing, syntax): 502
     broken_response,  // the app answered, then failed mid-body: the client connection is cut
     client_gone,      // the client vanished or stalled: nothing more can be sent
     bad_request,      // the client's body is malformed (chunk syntax): 400, and the connection closes

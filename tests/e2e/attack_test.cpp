@@ -604,4 +604,9 @@ TEST_CASE("attack: an app that answers more than it was asked never answers anot
   auto next = client.request("GET", "/chunked/x", "", {{"Authorization", "Bearer " + w.alice}});
   CHECK(next.status == 200);
   CHECK(next.body == "app-response-" + next.header("x-app-response"));
+  // An app answer with Content-Length and Transfer-Encoding is never relayed: 502, said as what it is.
+  auto unframed = client.request("GET", "/cl-te/x", "", {{"Authorization", "Bearer " + w.alice}});
+  CHECK(unframed.status == 502);
+  CHECK(unframed.json().at("error").at("code") == "app_bad_response");
+  CHECK(unframed.json().at("error").at("message").as_string().find("malformed") != std::string::npos);
 }

@@ -2,7 +2,6 @@
 // OpenAI-style error (or, for protocol garbage, a closed connection), and the
 // server keeps serving everybody else afterwards.
 #include <catch2/catch.hpp>
-
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -484,9 +483,13 @@ TEST_CASE("wrong method gets 405 and an unknown path 404, as JSON", "[e2e][bad_i
   // HEAD: GET's status and headers without the body, on the read-only routes.
   {
     HttpClient raw(gw.port());
-    REQUIRE(raw.send_raw("HEAD /healthz HTTP/1.1\r\nHost: h\r\n\r\nHEAD /v1/models HTTP/1.1\r\nHost: h\r\n"
-                         "Authorization: Bearer " + key + "\r\n\r\nHEAD /v1/completions HTTP/1.1\r\nHost: h\r\n"
-                         "Authorization: Bearer " + key + "\r\n\r\nGET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"));
+    REQUIRE(
+        raw.send_raw("HEAD /healthz HTTP/1.1\r\nHost: h\r\n\r\nHEAD /v1/models HTTP/1.1\r\nHost: h\r\n"
+                     "Authorization: Bearer " +
+                     key +
+                     "\r\n\r\nHEAD /v1/completions HTTP/1.1\r\nHost: h\r\n"
+                     "Authorization: Bearer " +
+                     key + "\r\n\r\nGET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"));
     std::string all;
     for (int i = 0; i < 30 && all.find("{\"status\":\"ok\"}") == std::string::npos; ++i) all += raw.read_some(100ms);
     INFO(all);

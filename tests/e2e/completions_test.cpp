@@ -1,6 +1,5 @@
 // The OpenAI-compatible routes through the real binary.
 #include <catch2/catch.hpp>
-
 #include <regex>
 #include <thread>
 
@@ -72,8 +71,7 @@ TEST_CASE("streamed completion sends SSE chunks, usage when asked, and [DONE]", 
 
 // HTTP/1.0 has no chunked coding (RFC 9112 6.1): a stream to a 1.0 client
 // (nginx's default toward upstreams) is a body the closing connection ends.
-TEST_CASE("a streamed answer to an HTTP/1.0 client is not chunked and ends with the connection",
-          "[e2e][completions]") {
+TEST_CASE("a streamed answer to an HTTP/1.0 client is not chunked and ends with the connection", "[e2e][completions]") {
   TempDir dir;
   GatewayProcess gw(dir);
   auto key = create_key(gw.db(), "alice");

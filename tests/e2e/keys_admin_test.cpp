@@ -438,6 +438,9 @@ TEST_CASE("the admin API creates, lists, limits and revokes keys and reports usa
                                      {{"Authorization", "Bearer " + admin}});
   CHECK(unknown_user.status == 404);
 
+  auto unknown = client.request("DELETE", "/admin/keys/tg-NoSuchKey", "", {{"Authorization", "Bearer " + admin}});
+  CHECK(unknown.status == 404);
+  CHECK(error_code(unknown) == "key_not_found");
   auto revoke = client.request("DELETE", "/admin/keys/" + prefix_of(key), "", {{"Authorization", "Bearer " + admin}});
   REQUIRE(revoke.status == 200);
   CHECK(!revoke.json().at("revoked_at").is_null());

@@ -341,9 +341,9 @@ TEST_CASE("a local model applies logit_bias and refuses tools, JSON formats, ech
   refused("/v1/completions", R"({"model":"stories","prompt":"hi","suffix":"The end."})", "suffix");
   refused("/v1/completions", R"({"model":"stories","prompt":"hi","logit_bias":{"100000":5}})", "no token 100000");
   // tool_choice none, response_format text and echo false are what it does anyway.
-  auto fine = client.post("/v1/chat/completions", key,
-                          "{" + msgs + "," + tool + R"(,"tool_choice":"none","response_format":{"type":"text"},)" +
-                              R"("max_tokens":3})");
+  auto fine = client.post(
+      "/v1/chat/completions", key,
+      "{" + msgs + "," + tool + R"(,"tool_choice":"none","response_format":{"type":"text"},)" + R"("max_tokens":3})");
   CHECK(fine.status == 200);
 }
 

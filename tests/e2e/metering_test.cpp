@@ -2,12 +2,11 @@
 // exactly one usage row across a graceful stop, a SIGKILL loses at most the
 // flush window and never corrupts the database, and the daily rollup agrees
 // with the event log.
-#include <catch2/catch.hpp>
-
 #include <signal.h>
 #include <sqlite3.h>
 
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <map>
 #include <mutex>
 #include <stdexcept>

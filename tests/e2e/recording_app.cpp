@@ -99,6 +99,7 @@ std::string response(int number, const std::string& target, bool head_request) {
   }
   std::string out = "HTTP/1.1 200 OK\r\n";
   if (target.starts_with("/conn-cl/")) out += "Connection: Content-Length, Transfer-Encoding\r\n";
+  if (target.starts_with("/cl-te/")) out += "Transfer-Encoding: chunked\r\n";  // beside Content-Length: unframed
   out += "Content-Length: " + std::to_string(body.size()) + "\r\nX-App-Response: " + n + "\r\n\r\n";
   if (!head_request) out += body;
   if (target.starts_with("/extra/")) {

@@ -159,11 +159,11 @@ void check_same_tokens(const std::string& path, const std::string& tokenizer, bo
   // sequence in 16 parts at a 0.0007-nat tie, measured, on random weights).
   // (stories260K agrees exactly either way: random weights are the test.)
   if (!exact) SECTION("among 16 concurrent sequences, steps under the GEMM's size") {
-    const auto step_tokens = k::kGemmMinTokens - 1;
-    auto cpu = generate(path, tokenizer, le::make_cpu_device(2), all, true, 5, 128, step_tokens);
-    auto device = generate(path, tokenizer, device_under_test(), all, true, -1, 128, step_tokens);
-    compare(cpu, device, false, agreed, total, 0.01f);
-  }
+      const auto step_tokens = k::kGemmMinTokens - 1;
+      auto cpu = generate(path, tokenizer, le::make_cpu_device(2), all, true, 5, 128, step_tokens);
+      auto device = generate(path, tokenizer, device_under_test(), all, true, -1, 128, step_tokens);
+      compare(cpu, device, false, agreed, total, 0.01f);
+    }
   // Parting at near-ties is the exception, not the rule (random weights: 2 in 3 tokens agree, measured).
   INFO(agreed << " of " << total << " tokens agreed");
   CHECK(agreed * 2 >= total);
@@ -272,8 +272,7 @@ TEST_CASE("cuda device: logprobs come back with the logits rows, close to the CP
 // the kernels read changes between them (ids, positions, slots, block
 // tables), also when a sequence's context grows past an attention partition
 // (256 positions: a new shape) and with graphs off.
-TEST_CASE("cuda device: decode steps replay graphs and generate the CPU device's greedy tokens",
-          "[kernels][device]") {
+TEST_CASE("cuda device: decode steps replay graphs and generate the CPU device's greedy tokens", "[kernels][device]") {
   class Replays final : public Forwarding {
    public:
     Replays(std::unique_ptr<le::Device> inner, int& count) : Forwarding(std::move(inner)), count_(count) {}
@@ -294,8 +293,8 @@ TEST_CASE("cuda device: decode steps replay graphs and generate the CPU device's
     // The first prompt ends just before position 256, so its decode crosses it.
     while (all[0].size() < 252) all[0].push_back(static_cast<std::int32_t>(3 + (all[0].size() * 7) % 500));
     const auto cpu = generate(path, tokenizer, le::make_cpu_device(2), all, true, -1, 300);
-    const auto device = generate(path, tokenizer, std::make_unique<Replays>(device_under_test(), replays), all, true,
-                                 -1, 300);
+    const auto device =
+        generate(path, tokenizer, std::make_unique<Replays>(device_under_test(), replays), all, true, -1, 300);
     for (std::size_t i = 0; i < all.size(); ++i) CHECK(device[i].tokens == cpu[i].tokens);
     CHECK(replays >= 2);
   }

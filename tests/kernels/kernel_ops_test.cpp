@@ -5,9 +5,8 @@
 // Built twice: with TG_TEST_KERNELS=emu (the SIMT emulation, runs everywhere)
 // and, where nvcc is found, with TG_TEST_KERNELS=cuda (the real kernels; its
 // main reports the whole binary skipped when no GPU is present).
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -267,9 +266,9 @@ TEST_CASE("kernels: gemm on every weight type, prefill-sized batches", "[kernels
           // F32: only the order of the sums differs. F16/BF16: x's F16
           // rounding. Q8_0/Q4_0: the CPU's Q8_0 rounding of x (measured
           // 2.5e-5 to 3.1e-5; a wrong element would give ~1).
-          const double tolerance = type == le::DType::f32                                 ? 1e-10
+          const double tolerance = type == le::DType::f32                               ? 1e-10
                                    : type == le::DType::q8_0 || type == le::DType::q4_0 ? 1e-4
-                                                                                          : 2e-5;
+                                                                                        : 2e-5;
           CHECK(nmse(d_y.read(), want) < tolerance);
         }
       }

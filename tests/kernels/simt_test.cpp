@@ -1,8 +1,7 @@
 // The SIMT emulation on its own: barriers, shared memory, warp shuffles and
 // votes, atomics, half conversions and __dp4a behave as CUDA defines them.
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
@@ -99,7 +98,6 @@ __global__ void dynamic_shared_sum(const int* in, int* out) {
     *out = s;
   }
 }
-
 
 // data[i] = data[i] * scale + add[i]: a kernel argument and a memory read.
 __global__ void scale_add(float* data, const float* add, float scale, int n) {

@@ -80,6 +80,7 @@ TEST_CASE("printable escapes what a terminal would act on and keeps the rest", "
   CHECK(printable("back\\slash") == "back\\\\slash");
   CHECK(printable("\x7f") == "\\x7f");
   CHECK(printable("caf\xc3\xa9 \xe6\x97\xa5\xf0\x9f\x98\x80") == "caf\xc3\xa9 \xe6\x97\xa5\xf0\x9f\x98\x80");
-  CHECK(printable("\xc2\x9b" "31m") == "\\xc2\\x9b31m");       // C1 CSI
-  CHECK(printable("bad\xff\xc3") == "bad\\xff\\xc3");       // not UTF-8, cut sequence
+  CHECK(printable("\xc2\x9b"
+                  "31m") == "\\xc2\\x9b31m");          // C1 CSI
+  CHECK(printable("bad\xff\xc3") == "bad\\xff\\xc3");  // not UTF-8, cut sequence
 }
