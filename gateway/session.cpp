@@ -195,9 +195,10 @@ awaitable<beast::error_code> Session::read_rest(RequestParser& parser) {
   beast::error_code ec;
   while (!parser.is_done()) {
     if (buffer_.size() > 0) {
-      buffer_.consume(parser.put(buffer_.data(), ec));
+      const auto used = parser.put(buffer_.data(), ec);
+      buffer_.consume(used);
+      if (!ec && used > 0) continue;  // a piece parsed: what is buffered may hold more
       if (ec && ec != http::error::need_more) co_return ec;
-      if (parser.is_done()) break;
       if (ec == http::error::need_more && parser.chunked()) {
         const auto pending = buffer_.data();
         // A chunk line (or trailer) longer than a whole header is no client's.
