@@ -387,8 +387,17 @@ awaitable<void> Session::run() {
     // So the header is parsed here, with the limit shrinking as it is consumed.
     beast::error_code ec;
     std::size_t header_bytes = 0;
+    std::size_t empty_lines = 0;
     for (;;) {
-      if (buffer_.size() > 0) {
+      // Empty lines before a request line are ignored (RFC 9112 2.2: some
+      // clients end a body with an extra CRLF), a few of them.
+      while (header_bytes == 0 && empty_lines < 8 && buffer_.size() >= 2 &&
+             std::string_view(static_cast<const char*>(buffer_.data().data()), 2) == "\r\n") {
+        buffer_.consume(2);
+        ++empty_lines;
+      }
+      if (buffer_.size() > 0 && !(header_bytes == 0 && empty_lines < 8 && buffer_.size() == 1 &&
+                                  *static_cast<const char*>(buffer_.data().data()) == '\r')) {
         parser.header_limit(static_cast<std::uint32_t>(limits().max_header - header_bytes));
         std::size_t used = parser.put(buffer_.data(), ec);
         buffer_.consume(used);

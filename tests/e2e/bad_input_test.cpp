@@ -360,6 +360,39 @@ TEST_CASE("chunked bodies with bare line feeds or endless chunk lines get 400 at
   check_still_serving(gw.port(), key);
 }
 
+// RFC 9112 2.2: a server SHOULD ignore at least one empty line before a
+// request line (clients that end a POST body with an extra CRLF).
+TEST_CASE("empty lines before a request line are ignored, a flood of them is not", "[e2e][bad_input]") {
+  TempDir dir;
+  GatewayProcess gw(dir);
+  auto key = create_key(gw.db(), "alice");
+  wait_for_key(gw.port(), key);
+  HttpClient client(gw.port());
+  const std::string body = chat_body("echo", "after the body");
+  REQUIRE(client.send_raw("\r\n" + post_head(key, body.size()) + body + "\r\n\r\nGET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"));
+  auto first = client.read_response();
+  REQUIRE(first);
+  CHECK(first->status == 200);
+  CHECK(first->json().at("choices").at(0).at("message").at("content") == "after the body");
+  auto second = client.read_response();
+  REQUIRE(second);
+  CHECK(second->status == 200);
+  CHECK(second->body == R"({"status":"ok"})");
+  // Split across reads: a lone CR waits for its LF.
+  REQUIRE(client.send_raw("\r"));
+  std::this_thread::sleep_for(100ms);
+  REQUIRE(client.send_raw("\nGET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"));
+  auto third = client.read_response();
+  REQUIRE(third);
+  CHECK(third->status == 200);
+  // Past a few, empty lines are garbage: 400 and a close.
+  HttpClient flood(gw.port());
+  std::string lines;
+  for (int i = 0; i < 20; ++i) lines += "\r\n";
+  REQUIRE(flood.send_raw(lines + "GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"));
+  check_status_or_closed(flood, 400);
+}
+
 TEST_CASE("two pipelined requests in one send are answered in order", "[e2e][bad_input]") {
   TempDir dir;
   GatewayProcess gw(dir);
