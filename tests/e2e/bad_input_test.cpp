@@ -369,7 +369,8 @@ TEST_CASE("empty lines before a request line are ignored, a flood of them is not
   wait_for_key(gw.port(), key);
   HttpClient client(gw.port());
   const std::string body = chat_body("echo", "after the body");
-  REQUIRE(client.send_raw("\r\n" + post_head(key, body.size()) + body + "\r\n\r\nGET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"));
+  REQUIRE(client.send_raw("\r\n" + post_head(key, body.size()) + body +
+                          "\r\n\r\nGET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"));
   auto first = client.read_response();
   REQUIRE(first);
   CHECK(first->status == 200);
