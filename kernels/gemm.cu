@@ -101,14 +101,25 @@ float to_float(Element e) {
 }
 
 template <typename Element>
-void multiply(const Element* a, const Element* b, std::int64_t m, std::int64_t n, std::int64_t k, float* c,
-              std::int64_t ldc) {
+void multiply_now(const Element* a, const Element* b, std::int64_t m, std::int64_t n, std::int64_t k, float* c,
+                  std::int64_t ldc) {
   for (std::int64_t j = 0; j < n; ++j) {
     for (std::int64_t i = 0; i < m; ++i) {
       float sum = 0.0f;
       for (std::int64_t p = 0; p < k; ++p) sum += to_float(a[i * k + p]) * to_float(b[j * k + p]);
       c[j * ldc + i] = sum;
     }
+  }
+}
+
+// Host work on the stream: recorded like a launch while a graph is captured.
+template <typename Element>
+void multiply(const Element* a, const Element* b, std::int64_t m, std::int64_t n, std::int64_t k, float* c,
+              std::int64_t ldc) {
+  if (simt::recording()) {
+    simt::record([=] { multiply_now(a, b, m, n, k, c, ldc); });
+  } else {
+    multiply_now(a, b, m, n, k, c, ldc);
   }
 }
 #endif

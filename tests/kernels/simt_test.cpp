@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/common.cuh"
+#include "kernels/gemm.cuh"
 #include "kernels/runtime.hpp"
 
 namespace {
@@ -222,6 +223,18 @@ TEST_CASE("simt: a captured graph replays its launches and copies with their arg
   emu::launch_graph(graph, nullptr);
   CHECK(std::all_of(data.begin(), data.end(), [](float v) { return v == 5.0f * 3 + 10; }));
   emu::destroy_graph(graph);
+
+  // The reference GEMM standing in for cuBLAS is host work: recorded too.
+  namespace k = tollgate::kernels;
+  std::vector<float> w(4 * 32, 0.5f), x(32 * 32, 1.0f), y(32 * 4, 0.0f);
+  std::vector<std::uint8_t> workspace(k::gemm_workspace_bytes(k::Type::f32, 32, 4, 32));
+  emu::begin_capture(nullptr);
+  emu::gemm({w.data(), k::Type::f32, 4, 32, x.data(), 32, y.data(), workspace.data()}, nullptr);
+  emu::Graph* product = emu::end_capture(nullptr);
+  CHECK(y[0] == 0.0f);
+  emu::launch_graph(product, nullptr);
+  CHECK(std::all_of(y.begin(), y.end(), [](float v) { return v == 16.0f; }));
+  emu::destroy_graph(product);
 
   // Outside a capture, launches run at once again; captures do not nest.
   TG_LAUNCH(scale_add, 2, 32, 0, nullptr)(data.data(), add.data(), 0.0f, 40);
