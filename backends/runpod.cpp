@@ -282,7 +282,11 @@ struct Call {
     CompletionEvent event;
     event.type = CompletionEvent::Type::error;
     // Every error message passes here: no credential of ours reaches the client.
-    if (scrub) error.message = (*scrub)(std::move(error.message));
+    if (scrub) {
+      error.message = (*scrub)(std::move(error.message));
+      if (!error.code.empty()) error.code = (*scrub)(std::move(error.code));
+      if (error.param) error.param = (*scrub)(std::move(*error.param));
+    }
     event.error = std::move(error);
     event.usage = usage();
     emit(std::move(event));

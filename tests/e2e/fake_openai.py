@@ -150,7 +150,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             return self.wfile.write(data)
-        error = {"error": {"message": "denied: " + self.quoted_headers(), "type": "x", "code": None}}
+        # The key in code and param too: short identifiers the gateway relays (scrubbed).
+        key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        error = {"error": {"message": "denied: " + self.quoted_headers(), "type": "x", "code": key, "param": key}}
         if status == "badjson":
             data = ("<html>oops " + self.quoted_headers()).encode()
             self.send_response(200)

@@ -148,6 +148,9 @@ TEST_CASE("secrets: canary keys leave no trace in responses, the log, /metrics o
     auto message = error_message(r);
     CHECK(message.find("***") != std::string::npos);  // the quote arrived, masked
     CHECK(message.find(kProviderKey.substr(0, 12)) == std::string::npos);
+    // The key as the upstream error's code and param: relayed on a 400, masked too.
+    CHECK(r.body.find(kProviderKey.substr(0, 12)) == std::string::npos);
+    if (status == 400) CHECK(r.json().at("error").at("code") == "***");
   }
   // The quoted headers' names survive: the quote was relayed, not dropped.
   CHECK(received.find("x-org-secret") != std::string::npos);
