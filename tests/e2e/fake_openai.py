@@ -240,7 +240,7 @@ class Handler(BaseHTTPRequestHandler):
         if model == "tools":
             return self.tool_call(req, usage)
         groq_usage = {"prompt_tokens": 17, "completion_tokens": 6, "total_tokens": 23}
-        if not req.get("stream"):
+        if not req.get("stream") or model == "jsononly":  # jsononly: a server that ignores "stream"
             text = "".join(REPLY)
             choice = {"index": 0, "finish_reason": "stop", "logprobs": logprobs_for(req, chat, REPLY)}
             if chat:
@@ -249,7 +249,7 @@ class Handler(BaseHTTPRequestHandler):
                 choice["text"] = text
             resp = {"id": "x", "object": "chat.completion" if chat else "text_completion", "model": model,
                     "choices": [choice]}
-            if model == "normal":
+            if model in ("normal", "jsononly"):
                 resp["usage"] = usage
             if model == "groq":
                 resp["x_groq"] = {"id": "g", "usage": groq_usage}

@@ -39,7 +39,7 @@ std::string fake_config(std::uint16_t port, const std::string& extra_backends = 
                      "    timeouts: {first_byte: 1s}\n" +
                      extra_backends + "models:\n";
   for (std::string m : {"normal", "groq", "nousage", "slow", "die", "flood", "429", "500", "400", "404", "tools",
-                        "longline", "longline-first", "longchunk", "huge"}) {
+                        "longline", "longline-first", "longchunk", "huge", "jsononly"}) {
     yaml += "  - {name: m-" + m + ", deployments: [{backend: up, model: '" + m + "'}]}\n";
   }
   yaml += "  - {name: m-hang, deployments: [{backend: up-impatient, model: hang}]}\n" + extra_models;
@@ -153,6 +153,18 @@ TEST_CASE("openai backend: completions with the upstream's exact usage, mapped m
                         "backend='up' AND model='m-normal' AND status=200 AND prompt_tokens=13 AND "
                         "completion_tokens=5 AND estimated=0",
                         3) == 3);
+
+  // An upstream that ignores "stream": true and answers whole JSON: the
+  // client still gets a stream, with the text, the usage and [DONE].
+  r = client.post("/v1/chat/completions", key, stream_body("m-jsononly", true));
+  REQUIRE(r.status == 200);
+  CHECK(r.header("content-type") == "text/event-stream");
+  s = parse_stream(r.body);
+  CHECK(s.text == "Hello from fake upstream");
+  CHECK(s.done);
+  REQUIRE(s.usage);
+  CHECK(s.usage->at("completion_tokens") == 5);
+  CHECK(fake.last().at("body").at("stream") == true);
 }
 
 TEST_CASE("openai backend: logprobs are asked for and relayed, chat and legacy, streamed and not",
