@@ -558,9 +558,7 @@ net::awaitable<void> call_upstream(Upstream* up, std::shared_ptr<Call> call, Com
   // An upstream that ignores "stream": true (some servers do) answers whole
   // JSON: read as a whole answer, it still reaches the client as a stream.
   const auto content_type = parser->get()[http::field::content_type];
-  const bool whole_json =
-      request.stream &&
-      boost::beast::iequals(content_type.substr(0, std::min<std::size_t>(content_type.size(), 16)), "application/json");
+  const bool whole_json = request.stream && boost::beast::iequals(content_type.substr(0, 16), "application/json");
   if (!request.stream || whole_json) {
     std::size_t cap = request.embeddings() ? kMaxEmbeddingsBody : kMaxCompletionBody;
     auto ec = co_await read_rest(*conn, *parser, cap, cfg.idle_timeout, total_deadline);

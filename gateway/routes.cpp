@@ -1,6 +1,7 @@
 #include "gateway/routes.hpp"
 
 #include <array>
+#include <utility>
 
 namespace tollgate::gateway {
 namespace {
@@ -10,10 +11,10 @@ constexpr std::array kRoutes{
     Route{"/v1/completions", false, kPost, RouteAuth::key, "/v1/completions", RouteHandler::completions},
     Route{"/v1/embeddings", false, kPost, RouteAuth::key, "/v1/embeddings", RouteHandler::embeddings},
     // The list, and /v1/models/{id} (an id may hold slashes: org/name).
-    Route{"/v1/models", true, kGet, RouteAuth::key, "/v1/models", RouteHandler::models},
-    Route{"/healthz", false, kGet, RouteAuth::none, "/healthz", RouteHandler::health},
-    Route{"/readyz", false, kGet, RouteAuth::none, "/readyz", RouteHandler::readiness},
-    Route{"/metrics", false, kGet, RouteAuth::none, "/metrics", RouteHandler::metrics},
+    Route{"/v1/models", true, kGet | kHead, RouteAuth::key, "/v1/models", RouteHandler::models},
+    Route{"/healthz", false, kGet | kHead, RouteAuth::none, "/healthz", RouteHandler::health},
+    Route{"/readyz", false, kGet | kHead, RouteAuth::none, "/readyz", RouteHandler::readiness},
+    Route{"/metrics", false, kGet | kHead, RouteAuth::none, "/metrics", RouteHandler::metrics},
     // The job API checks its own methods per operation.
     Route{"/v2", true, kGet | kPost, RouteAuth::key, "/v2", RouteHandler::jobs},
     // The admin API checks its own methods per resource.
@@ -43,7 +44,7 @@ std::string_view route_label(std::string_view path) {
 }
 
 std::string_view allowed_methods_text(std::uint8_t methods) {
-  switch (methods) {
+  switch (methods & ~kHead) {
     case kGet:
       return "GET";
     case kPost:
@@ -53,6 +54,14 @@ std::string_view allowed_methods_text(std::uint8_t methods) {
     default:
       return "another method";
   }
+}
+
+std::string allow_header(std::uint8_t methods) {
+  std::string allow;
+  for (auto [bit, name] : {std::pair{kGet, "GET"}, std::pair{kHead, "HEAD"}, std::pair{kPost, "POST"}}) {
+    if (methods & bit) allow += (allow.empty() ? "" : ", ") + std::string(name);
+  }
+  return allow;
 }
 
 }  // namespace tollgate::gateway

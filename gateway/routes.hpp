@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <string_view>
 
 namespace tollgate::gateway {
@@ -28,8 +29,9 @@ enum class RouteHandler {
   jobs,  // /v2/{endpoint}/...: only while job endpoints are configured
 };
 
-// HTTP methods a route accepts, as a bit set.
-enum Method : std::uint8_t { kGet = 1, kPost = 2, kAnyMethod = 0xff };
+// HTTP methods a route accepts, as a bit set. kHead: HEAD is GET without the
+// body (the read-only routes, which load balancers probe with it).
+enum Method : std::uint8_t { kGet = 1, kPost = 2, kHead = 4, kAnyMethod = 0xff };
 
 struct Route {
   std::string_view path;
@@ -52,5 +54,7 @@ std::string_view route_label(std::string_view path);
 
 // "GET", "POST", "GET or POST": what a 405 tells the client to use.
 std::string_view allowed_methods_text(std::uint8_t methods);
+// The 405's Allow header: "GET, HEAD", "POST", "GET, POST" ...
+std::string allow_header(std::uint8_t methods);
 
 }  // namespace tollgate::gateway

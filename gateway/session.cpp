@@ -49,7 +49,8 @@ ApiError too_large_error(std::size_t max_body) {
 
 bool method_allowed(std::uint8_t methods, http::verb verb) {
   if (methods == kAnyMethod) return true;
-  return ((methods & kGet) && verb == http::verb::get) || ((methods & kPost) && verb == http::verb::post);
+  return ((methods & kGet) && verb == http::verb::get) || ((methods & kPost) && verb == http::verb::post) ||
+         ((methods & kHead) && verb == http::verb::head);
 }
 
 }  // namespace
@@ -99,11 +100,17 @@ awaitable<bool> Session::write(Response res) {
   co_return !ec && keep;
 }
 
-awaitable<bool> Session::respond_error(const Request& req, Exchange& x, const ApiError& e, bool close) {
-  if (close) close_after_ = true;
+// An error answer; a known caller's carries its rate-limit headers.
+Response Session::caller_error_response(const Request& req, Exchange& x, const ApiError& e) {
   auto res = error_response(req, e);
   if (x.caller)
     set_rate_limit_headers(res, x.admission ? x.admission->status : gw_.quotas.status(x.subject(), metering::now_ms()));
+  return res;
+}
+
+awaitable<bool> Session::respond_error(const Request& req, Exchange& x, const ApiError& e, bool close) {
+  if (close) close_after_ = true;
+  auto res = caller_error_response(req, x, e);
   x.finish(e.status);
   co_return co_await write(std::move(res));
 }
@@ -322,23 +329,15 @@ awaitable<bool> Session::handle(RequestParser& parser) {
     if (auto e = co_await authenticate(req, x)) co_return co_await refuse(parser, x, *e);
   }
   if (!co_await read_body(parser, x)) co_return false;
-  // HEAD is GET without the body on the read-only routes (load balancers probe with it).
-  const bool read_only = route->handler == RouteHandler::models || route->handler == RouteHandler::health ||
-                         route->handler == RouteHandler::readiness || route->handler == RouteHandler::metrics;
-  if (!(read_only && head_only_) && !method_allowed(route->methods, req.method())) {
+  if (!method_allowed(route->methods, req.method())) {
     ApiError wrong_method{405,
                           "use " + std::string(allowed_methods_text(route->methods)),
                           "invalid_request_error",
                           std::nullopt,
                           "method_not_allowed",
                           {}};
-    auto res = error_response(req, wrong_method);
-    std::string allow = route->methods & kGet ? (read_only ? "GET, HEAD" : "GET") : "";
-    if (route->methods & kPost) allow += allow.empty() ? "POST" : ", POST";
-    res.set(http::field::allow, allow);
-    if (x.caller)
-      set_rate_limit_headers(res,
-                             x.admission ? x.admission->status : gw_.quotas.status(x.subject(), metering::now_ms()));
+    auto res = caller_error_response(req, x, wrong_method);
+    res.set(http::field::allow, allow_header(route->methods));
     x.finish(405);
     co_return co_await write(std::move(res));
   }

@@ -69,6 +69,7 @@ class Session {
   boost::asio::awaitable<bool> refuse(RequestParser& parser, Exchange& x, ApiError error);
   boost::asio::awaitable<bool> read_body(RequestParser& parser, Exchange& x);
   boost::asio::awaitable<bool> respond_too_large(const Request& req, Exchange& x);
+  Response caller_error_response(const Request& req, Exchange& x, const ApiError& e);
   boost::asio::awaitable<boost::beast::error_code> read_rest(RequestParser& parser);
   boost::asio::awaitable<std::optional<ApiError>> authenticate(const Request& req, Exchange& x);
   // Admits the request against its limits into x.admission, reserving

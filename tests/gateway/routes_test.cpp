@@ -44,9 +44,13 @@ TEST_CASE("every gateway route says who may call it and how", "[gateway][routes]
   CHECK(find_route("/v1/completions")->auth == RouteAuth::key);
   CHECK(find_route("/v1/completions")->methods == kPost);
   CHECK(find_route("/v1/models")->auth == RouteAuth::key);
-  CHECK(find_route("/v1/models")->methods == kGet);
+  CHECK(find_route("/v1/models")->methods == (kGet | kHead));
   CHECK(find_route("/admin/keys")->auth == RouteAuth::admin);
   CHECK(find_route("/metrics")->auth == RouteAuth::none);
   CHECK(allowed_methods_text(kGet) == "GET");
   CHECK(allowed_methods_text(kPost) == "POST");
+  CHECK(allowed_methods_text(kGet | kHead) == "GET");
+  CHECK(allow_header(kGet | kHead) == "GET, HEAD");
+  CHECK(allow_header(kPost) == "POST");
+  CHECK(allow_header(kGet | kPost) == "GET, POST");
 }

@@ -125,6 +125,24 @@ le::Device& cpu() {
   return *device;
 }
 
+// A random `type` weight (rows x cols) and x (n x cols) on the device, and
+// the CPU device's y = x · Wᵀ to compare with.
+struct MatmulCase {
+  Weights w;
+  std::vector<float> want;
+  Buffer<std::uint8_t> d_w;
+  Buffer<float> d_x, d_y;
+  MatmulCase(le::DType type, std::int64_t rows, std::int64_t cols, std::int64_t n, std::mt19937& rng)
+      : w(make_weights(type, rows, cols, rng)),
+        want(static_cast<std::size_t>(n * rows)),
+        d_w(w.bytes),
+        d_x(random_floats(static_cast<std::size_t>(n * cols), rng)),
+        d_y(want.size()) {
+    const auto x = d_x.read();
+    cpu().matmul(w.tensor, x.data(), n, want.data());
+  }
+};
+
 // Hands the CPU device a step's arrays (ops without a cache get a token one).
 void begin_step(const le::StepInputs& step, const le::KvCache* cache = nullptr) {
   static const le::KvCache none(1, 1, 1, 1);
@@ -219,20 +237,17 @@ TEST_CASE("kernels: matmul on every weight type, ragged batches", "[kernels][ops
       for (std::int64_t cols : {64, 320, 36, 30}) {
         if (cols % 32 != 0 && (type == le::DType::q8_0 || type == le::DType::q4_0)) continue;
         for (std::int64_t n : {1, 9}) {
-          auto w = make_weights(type, rows, cols, rng);
-          auto x = random_floats(static_cast<std::size_t>(n * cols), rng);
-          std::vector<float> want(static_cast<std::size_t>(n * rows));
-          cpu().matmul(w.tensor, x.data(), n, want.data());
-          Buffer<std::uint8_t> d_w(w.bytes);
-          Buffer<float> d_x(x), d_y(want.size());
+          MatmulCase c(type, rows, cols, n, rng);
           Buffer<std::uint8_t> scratch(k::matmul_workspace_bytes(static_cast<k::Type>(type), n, cols) + 1);
-          k::MatmulArgs args{d_w.get(), static_cast<k::Type>(type), rows, cols, d_x.get(), n, d_y.get(),
-                             reinterpret_cast<k::BlockQ8_0*>(scratch.get())};
+          k::MatmulArgs args{c.d_w.get(), static_cast<k::Type>(type),
+                             rows,        cols,
+                             c.d_x.get(), n,
+                             c.d_y.get(), reinterpret_cast<k::BlockQ8_0*>(scratch.get())};
           dev::matmul(args, nullptr);
           INFO(le::dtype_name(type) << " " << rows << "x" << cols << ", n " << n);
           // Quantised types round x the same way on both sides: only the
           // order of the float sums differs.
-          CHECK(nmse(d_y.read(), want) < 1e-10);
+          CHECK(nmse(c.d_y.read(), c.want) < 1e-10);
         }
       }
     }
@@ -253,14 +268,9 @@ TEST_CASE("kernels: gemm on every weight type, prefill-sized batches", "[kernels
     for (std::int64_t rows : {37, 64}) {
       for (std::int64_t cols : {64, 320}) {
         for (std::int64_t n : {k::kGemmMinTokens, 45}) {
-          auto w = make_weights(type, rows, cols, rng);
-          auto x = random_floats(static_cast<std::size_t>(n * cols), rng);
-          std::vector<float> want(static_cast<std::size_t>(n * rows));
-          cpu().matmul(w.tensor, x.data(), n, want.data());
-          Buffer<std::uint8_t> d_w(w.bytes);
-          Buffer<float> d_x(x), d_y(want.size());
+          MatmulCase c(type, rows, cols, n, rng);
           Buffer<std::uint8_t> scratch(k::gemm_workspace_bytes(static_cast<k::Type>(type), n, rows, cols) + 1);
-          dev::gemm({d_w.get(), static_cast<k::Type>(type), rows, cols, d_x.get(), n, d_y.get(), scratch.get()},
+          dev::gemm({c.d_w.get(), static_cast<k::Type>(type), rows, cols, c.d_x.get(), n, c.d_y.get(), scratch.get()},
                     nullptr);
           INFO(le::dtype_name(type) << " " << rows << "x" << cols << ", n " << n);
           // F32: only the order of the sums differs. F16/BF16: x's F16
@@ -269,7 +279,7 @@ TEST_CASE("kernels: gemm on every weight type, prefill-sized batches", "[kernels
           const double tolerance = type == le::DType::f32                               ? 1e-10
                                    : type == le::DType::q8_0 || type == le::DType::q4_0 ? 1e-4
                                                                                         : 2e-5;
-          CHECK(nmse(d_y.read(), want) < tolerance);
+          CHECK(nmse(c.d_y.read(), c.want) < tolerance);
         }
       }
     }
